@@ -1,0 +1,169 @@
+//! Command line and environment: every `serve` flag is also read from
+//! `REGPROXY_<FLAG>`. Validation happens here, before anything is bound.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use http::Uri;
+
+/// regproxy: a pull-through caching registry proxy for every node of a cluster.
+#[derive(Debug, Parser)]
+#[command(name = "regproxy", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the registry API on a node, pulling through from the upstream registry.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address the registry API listens on (where dockerd and containerd connect).
+    #[arg(long, env = "REGPROXY_LISTEN", default_value = "127.0.0.1:5000")]
+    pub listen: SocketAddr,
+
+    /// The real registry, `http://host[:port]` or `https://host[:port]`.
+    #[arg(long, env = "REGPROXY_UPSTREAM", value_parser = parse_upstream)]
+    pub upstream: Uri,
+
+    /// Directory of the node cache; created if missing.
+    #[arg(long, env = "REGPROXY_CACHE_DIR", default_value = "/var/lib/regproxy")]
+    pub cache_dir: PathBuf,
+
+    /// Most bytes the cache keeps on disk: `300MB`, `20GiB`, `1073741824`.
+    #[arg(long, env = "REGPROXY_CACHE_SIZE", default_value = "10GiB", value_parser = parse_size)]
+    pub cache_size: u64,
+
+    /// Address of `/metrics`, `/healthz` and `/readyz`; none when unset.
+    #[arg(long, env = "REGPROXY_ADMIN_LISTEN")]
+    pub admin_listen: Option<SocketAddr>,
+
+    /// PEM file of extra CA certificates trusted for an https upstream
+    /// (added to the built-in Mozilla roots).
+    #[arg(long, env = "REGPROXY_UPSTREAM_CA")]
+    pub upstream_ca: Option<PathBuf>,
+
+    /// Time allowed to open a TCP connection to the upstream.
+    #[arg(long, env = "REGPROXY_CONNECT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub connect_timeout: Duration,
+
+    /// Time allowed for upstream response headers, and between two reads of an
+    /// upstream body; a stalled upstream past this fails over or gives 504.
+    #[arg(long, env = "REGPROXY_UPSTREAM_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub upstream_timeout: Duration,
+
+    /// How many times a blob download that broke off is resumed (with a
+    /// `Range` request from the byte where it stopped) before the fill fails.
+    #[arg(long, env = "REGPROXY_UPSTREAM_RETRIES", default_value_t = 5)]
+    pub upstream_retries: u32,
+
+    /// After SIGTERM, how long transfers in flight may run before they are cut.
+    #[arg(long, env = "REGPROXY_SHUTDOWN_GRACE", default_value = "25s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+
+    /// Log lines as human text or one JSON object each.
+    #[arg(long, env = "REGPROXY_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+
+    /// Log filter (`info`, `regproxy=debug`, ...); `RUST_LOG` wins when set.
+    #[arg(long, env = "REGPROXY_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+}
+
+/// Accepts only `http` and `https` URLs with a host and no path, query or userinfo.
+pub fn parse_upstream(s: &str) -> Result<Uri, String> {
+    let uri: Uri = s.parse().map_err(|e| format!("not a URL: {e}"))?;
+    match uri.scheme_str() {
+        Some("http") | Some("https") => {}
+        _ => return Err("the upstream must start with http:// or https://".into()),
+    }
+    let authority = uri.authority().ok_or("the upstream URL has no host")?;
+    if authority.as_str().contains('@') {
+        return Err("credentials do not belong in the upstream URL".into());
+    }
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        return Err("the upstream URL must be scheme://host[:port] without a path".into());
+    }
+    Ok(uri)
+}
+
+/// Parses `300MB` (decimal), `20GiB` (binary), `512` (bytes); suffixes are case-insensitive.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let num: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size such as 300MB, 20GiB or 1048576"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1000,
+        "m" | "mb" => 1000u64.pow(2),
+        "g" | "gb" => 1000u64.pow(3),
+        "t" | "tb" => 1000u64.pow(4),
+        "ki" | "kib" => 1 << 10,
+        "mi" | "mib" => 1 << 20,
+        "gi" | "gib" => 1 << 30,
+        "ti" | "tib" => 1 << 40,
+        other => return Err(format!("unknown size unit `{other}` (use B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)")),
+    };
+    num.checked_mul(mult)
+        .ok_or_else(|| format!("`{s}` is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_decimal_binary_and_plain() {
+        assert_eq!(parse_size("300MB"), Ok(300_000_000));
+        assert_eq!(parse_size("20GiB"), Ok(20 << 30));
+        assert_eq!(parse_size("1048576"), Ok(1 << 20));
+        assert_eq!(parse_size("64mib"), Ok(64 << 20));
+        assert_eq!(parse_size("10 KB"), Ok(10_000));
+        assert!(parse_size("MB").is_err(), "a size needs a number");
+        assert!(parse_size("5XB").is_err(), "unknown units are refused");
+        assert!(parse_size("99999999999TiB").is_err(), "overflow is refused, not wrapped");
+    }
+
+    #[test]
+    fn upstream_must_be_a_bare_http_url() {
+        assert!(parse_upstream("http://127.0.0.1:5000").is_ok());
+        assert!(parse_upstream("https://registry.example").is_ok());
+        assert!(parse_upstream("ftp://x").is_err());
+        assert!(parse_upstream("http://u:p@x").is_err());
+        assert!(parse_upstream("http://x/v2/").is_err());
+    }
+
+    #[test]
+    fn every_serve_flag_reads_its_env_var() {
+        use clap::CommandFactory;
+        let cmd = Cli::command();
+        let serve = cmd.find_subcommand("serve").expect("serve exists");
+        for arg in serve.get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            if long == "help" || long == "version" {
+                continue;
+            }
+            let want = format!("REGPROXY_{}", long.replace('-', "_").to_ascii_uppercase());
+            assert_eq!(
+                arg.get_env().and_then(|e| e.to_str()),
+                Some(want.as_str()),
+                "--{long} should also be read from {want}"
+            );
+        }
+    }
+}

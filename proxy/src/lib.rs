@@ -1,0 +1,28 @@
+//! regproxy: a pull-through caching registry proxy that runs on every node.
+//!
+//! A request flows `server` → `api` → (`cache` | `upstream`):
+//!
+//! - [`config`]: the command line (clap), every flag also an env var.
+//! - [`server`]: binds the listeners, the accept loop, the admin endpoints
+//!   (`/metrics`, `/healthz`, `/readyz`) and graceful shutdown on SIGTERM.
+//! - [`api`]: the OCI distribution routes, what is served from the cache and
+//!   what is relayed.
+//! - [`cache`]: the content-addressed store on disk, its byte-weighted LRU
+//!   index, and single-flight fills that every reader follows while the bytes
+//!   arrive, verified against the digest before commit.
+//! - [`upstream`]: the HTTP(S) client to the real registry, timeouts, redirects.
+//! - [`digest`]: digests, repository names and references, parsed strictly.
+//! - [`error`]: typed errors and their OCI error responses, in one place.
+//! - [`body`]: the response body type.
+//! - [`metrics`]: counters in the Prometheus text format.
+#![deny(unsafe_code)]
+
+pub mod api;
+pub mod body;
+pub mod cache;
+pub mod config;
+pub mod digest;
+pub mod error;
+pub mod metrics;
+pub mod server;
+pub mod upstream;

@@ -1,0 +1,131 @@
+//! Counters and gauges, rendered in the Prometheus text format on the admin port.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+
+/// What a request was about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Blob,
+    Manifest,
+    Tag,
+    Other,
+}
+
+/// How it was answered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// From the node cache.
+    Hit,
+    /// Started a fill from upstream.
+    Miss,
+    /// Joined a fill another request had started.
+    Coalesced,
+    /// Relayed to upstream without caching.
+    Passthrough,
+    /// Answered with an error.
+    Error,
+}
+
+const KINDS: [(Kind, &str); 4] = [
+    (Kind::Blob, "blob"),
+    (Kind::Manifest, "manifest"),
+    (Kind::Tag, "tag"),
+    (Kind::Other, "other"),
+];
+const OUTCOMES: [(Outcome, &str); 5] = [
+    (Outcome::Hit, "hit"),
+    (Outcome::Miss, "miss"),
+    (Outcome::Coalesced, "coalesced"),
+    (Outcome::Passthrough, "passthrough"),
+    (Outcome::Error, "error"),
+];
+
+#[derive(Default)]
+pub struct Metrics {
+    requests: [[AtomicU64; 5]; 4],
+    /// Body bytes sent to clients out of the node cache (including followers of a fill).
+    pub served_cache_bytes: Arc<AtomicU64>,
+    /// Body bytes relayed from upstream without going through the cache.
+    pub served_upstream_bytes: Arc<AtomicU64>,
+    /// Body bytes received from upstream.
+    pub upstream_bytes: Arc<AtomicU64>,
+    pub upstream_requests: AtomicU64,
+    pub upstream_errors: AtomicU64,
+    pub upstream_resumes: AtomicU64,
+    pub digest_mismatches: AtomicU64,
+    pub fills_started: AtomicU64,
+    pub fills_inflight: AtomicU64,
+    pub cache_bytes: AtomicU64,
+    pub cache_entries: AtomicU64,
+    pub cache_capacity: AtomicU64,
+    pub evictions: AtomicU64,
+    pub evicted_bytes: AtomicU64,
+    pub commits: AtomicU64,
+    pub uncached_fills: AtomicU64,
+}
+
+impl Metrics {
+    pub fn request(&self, kind: Kind, outcome: Outcome) {
+        self.requests[kind as usize][outcome as usize].fetch_add(1, Relaxed);
+    }
+
+    pub fn requests(&self, kind: Kind, outcome: Outcome) -> u64 {
+        self.requests[kind as usize][outcome as usize].load(Relaxed)
+    }
+
+    pub fn render(&self) -> String {
+        let mut s = String::with_capacity(4096);
+        s.push_str("# HELP regproxy_requests_total Registry API requests by kind and how they were answered.\n");
+        s.push_str("# TYPE regproxy_requests_total counter\n");
+        for (k, kn) in KINDS {
+            for (o, on) in OUTCOMES {
+                let _ = writeln!(
+                    s,
+                    "regproxy_requests_total{{kind=\"{kn}\",result=\"{on}\"}} {}",
+                    self.requests(k, o)
+                );
+            }
+        }
+        let mut one = |name: &str, kind: &str, help: &str, v: u64| {
+            let _ = write!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n");
+        };
+        let g = |a: &AtomicU64| a.load(Relaxed);
+        one("regproxy_served_cache_bytes_total", "counter", "Body bytes sent to clients from the node cache.", g(&self.served_cache_bytes));
+        one("regproxy_served_upstream_bytes_total", "counter", "Body bytes relayed to clients straight from upstream, not through the cache.", g(&self.served_upstream_bytes));
+        one("regproxy_upstream_bytes_total", "counter", "Body bytes received from the upstream registry.", g(&self.upstream_bytes));
+        one("regproxy_upstream_requests_total", "counter", "Requests sent to the upstream registry.", g(&self.upstream_requests));
+        one("regproxy_upstream_errors_total", "counter", "Upstream requests that failed: unreachable, timed out, 5xx or cut off.", g(&self.upstream_errors));
+        one("regproxy_upstream_resumes_total", "counter", "Blob downloads resumed with a Range request after the upstream connection broke.", g(&self.upstream_resumes));
+        one("regproxy_digest_mismatches_total", "counter", "Upstream content that did not match its digest or size, and was thrown away.", g(&self.digest_mismatches));
+        one("regproxy_fills_total", "counter", "Blob fills started from upstream.", g(&self.fills_started));
+        one("regproxy_fills_inflight", "gauge", "Blob fills running now.", g(&self.fills_inflight));
+        one("regproxy_uncached_fills_total", "counter", "Fills streamed without being kept: larger than the cache, or no room next to other fills.", g(&self.uncached_fills));
+        one("regproxy_cache_commits_total", "counter", "Verified blobs and manifests committed to the cache.", g(&self.commits));
+        one("regproxy_cache_bytes", "gauge", "Bytes held in the cache, including room reserved for fills in flight.", g(&self.cache_bytes));
+        one("regproxy_cache_entries", "gauge", "Blobs and manifests held in the cache.", g(&self.cache_entries));
+        one("regproxy_cache_capacity_bytes", "gauge", "The cache size cap.", g(&self.cache_capacity));
+        one("regproxy_cache_evictions_total", "counter", "Least recently used entries evicted to stay under the cap.", g(&self.evictions));
+        one("regproxy_cache_evicted_bytes_total", "counter", "Bytes evicted to stay under the cap.", g(&self.evicted_bytes));
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn render_lists_every_series() {
+        let m = Metrics::default();
+        m.request(Kind::Blob, Outcome::Coalesced);
+        let text = m.render();
+        assert!(text.contains("regproxy_requests_total{kind=\"blob\",result=\"coalesced\"} 1"), "{text}");
+        assert!(text.contains("regproxy_digest_mismatches_total 0"));
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let (_, v) = line.rsplit_once(' ').expect("name value");
+            v.parse::<u64>().expect("every sample is a number");
+        }
+    }
+}
