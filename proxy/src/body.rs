@@ -46,12 +46,16 @@ impl Body {
     }
 
     pub fn full(b: impl Into<Bytes>) -> Body {
-        Body { kind: Kind::Full(Some(b.into())) }
+        Body {
+            kind: Kind::Full(Some(b.into())),
+        }
     }
 
     /// Serves `data`; each chunk sent is added to `counter`.
     pub fn mapped(data: Bytes, counter: Option<Arc<AtomicU64>>) -> Body {
-        Body { kind: Kind::Mapped { data, counter } }
+        Body {
+            kind: Kind::Mapped { data, counter },
+        }
     }
 
     /// A body of exactly `len` bytes, when known, from `stream`.
@@ -59,11 +63,18 @@ impl Body {
         stream: impl Stream<Item = Result<Bytes, BoxError>> + Send + 'static,
         len: Option<u64>,
     ) -> Body {
-        Body { kind: Kind::Stream { stream: Box::pin(stream), len } }
+        Body {
+            kind: Kind::Stream {
+                stream: Box::pin(stream),
+                len,
+            },
+        }
     }
 
     pub fn upstream(b: Incoming) -> Body {
-        Body { kind: Kind::Upstream(b) }
+        Body {
+            kind: Kind::Upstream(b),
+        }
     }
 }
 
@@ -77,7 +88,11 @@ impl http_body::Body for Body {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match &mut self.kind {
             Kind::Empty => Poll::Ready(None),
-            Kind::Full(b) => Poll::Ready(b.take().filter(|b| !b.is_empty()).map(|b| Ok(Frame::data(b)))),
+            Kind::Full(b) => Poll::Ready(
+                b.take()
+                    .filter(|b| !b.is_empty())
+                    .map(|b| Ok(Frame::data(b))),
+            ),
             Kind::Mapped { data, counter } => {
                 if data.is_empty() {
                     return Poll::Ready(None);

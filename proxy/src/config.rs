@@ -117,7 +117,11 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "mi" | "mib" => 1 << 20,
         "gi" | "gib" => 1 << 30,
         "ti" | "tib" => 1 << 40,
-        other => return Err(format!("unknown size unit `{other}` (use B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)")),
+        other => {
+            return Err(format!(
+                "unknown size unit `{other}` (use B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)"
+            ))
+        }
     };
     num.checked_mul(mult)
         .ok_or_else(|| format!("`{s}` is too large"))
@@ -136,7 +140,10 @@ mod tests {
         assert_eq!(parse_size("10 KB"), Ok(10_000));
         assert!(parse_size("MB").is_err(), "a size needs a number");
         assert!(parse_size("5XB").is_err(), "unknown units are refused");
-        assert!(parse_size("99999999999TiB").is_err(), "overflow is refused, not wrapped");
+        assert!(
+            parse_size("99999999999TiB").is_err(),
+            "overflow is refused, not wrapped"
+        );
     }
 
     #[test]

@@ -17,7 +17,10 @@ pub struct Digest {
 impl Digest {
     pub fn parse(s: &str) -> Result<Digest, Error> {
         let Some((algo, hex)) = s.split_once(':') else {
-            return Err(Error::DigestInvalid(format!("`{}` is not algorithm:hex", clip(s))));
+            return Err(Error::DigestInvalid(format!(
+                "`{}` is not algorithm:hex",
+                clip(s)
+            )));
         };
         if algo != "sha256" {
             let known = matches!(algo, "sha384" | "sha512");
@@ -26,15 +29,27 @@ impl Digest {
                     .bytes()
                     .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"+._-".contains(&b));
             return Err(if known || valid_algo {
-                Error::Unsupported(format!("digest algorithm `{}` is not supported, only sha256", clip(algo)))
+                Error::Unsupported(format!(
+                    "digest algorithm `{}` is not supported, only sha256",
+                    clip(algo)
+                ))
             } else {
                 Error::DigestInvalid(format!("`{}` is not a digest", clip(s)))
             });
         }
-        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
-            return Err(Error::DigestInvalid(format!("`{}` is not 64 lowercase hex digits", clip(hex))));
+        if hex.len() != 64
+            || !hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            return Err(Error::DigestInvalid(format!(
+                "`{}` is not 64 lowercase hex digits",
+                clip(hex)
+            )));
         }
-        Ok(Digest { hex: hex.to_owned() })
+        Ok(Digest {
+            hex: hex.to_owned(),
+        })
     }
 
     pub fn hex(&self) -> &str {
@@ -47,7 +62,9 @@ impl Digest {
     }
 
     pub fn from_hasher(h: Sha256) -> Digest {
-        Digest { hex: hex(&h.finalize()) }
+        Digest {
+            hex: hex(&h.finalize()),
+        }
     }
 }
 
@@ -90,7 +107,10 @@ pub fn validate_name(name: &str) -> Result<(), Error> {
     if ok {
         Ok(())
     } else {
-        Err(Error::NameInvalid(format!("invalid repository name `{}`", clip(name))))
+        Err(Error::NameInvalid(format!(
+            "invalid repository name `{}`",
+            clip(name)
+        )))
     }
 }
 
@@ -165,16 +185,32 @@ mod tests {
     fn digests_parse_and_hash() {
         let d = Digest::parse(EMPTY).unwrap();
         assert_eq!(d.to_string(), EMPTY);
-        assert_eq!(Digest::of(b""), d, "the digest of no bytes is the well-known one");
+        assert_eq!(
+            Digest::of(b""),
+            d,
+            "the digest of no bytes is the well-known one"
+        );
     }
 
     #[test]
     fn bad_digests_are_refused_with_the_right_code() {
-        for bad in ["sha256:abc", "sha256:../../etc/passwd", "nocolon", "sha256:E3B0C44298FC1C149AFBF4C8996FB92427AE41E4649B934CA495991B7852B855", "SHA256:00"] {
-            assert!(matches!(Digest::parse(bad), Err(Error::DigestInvalid(_))), "{bad} should be DIGEST_INVALID");
+        for bad in [
+            "sha256:abc",
+            "sha256:../../etc/passwd",
+            "nocolon",
+            "sha256:E3B0C44298FC1C149AFBF4C8996FB92427AE41E4649B934CA495991B7852B855",
+            "SHA256:00",
+        ] {
+            assert!(
+                matches!(Digest::parse(bad), Err(Error::DigestInvalid(_))),
+                "{bad} should be DIGEST_INVALID"
+            );
         }
         let sha512 = format!("sha512:{}", "a".repeat(128));
-        assert!(matches!(Digest::parse(&sha512), Err(Error::Unsupported(_))), "sha512 is valid but unsupported");
+        assert!(
+            matches!(Digest::parse(&sha512), Err(Error::Unsupported(_))),
+            "sha512 is valid but unsupported"
+        );
     }
 
     #[test]
@@ -182,16 +218,39 @@ mod tests {
         for good in ["app", "team/app", "a.b_c__d---e/f0", "library/ubuntu"] {
             assert!(validate_name(good).is_ok(), "{good} is a valid name");
         }
-        for bad in ["", "..", "team/../etc", "a//b", "/a", "a/", "A", "a%2e", "a..b", "a___b", "-a", "a-", "a.-b"] {
+        for bad in [
+            "",
+            "..",
+            "team/../etc",
+            "a//b",
+            "/a",
+            "a/",
+            "A",
+            "a%2e",
+            "a..b",
+            "a___b",
+            "-a",
+            "a-",
+            "a.-b",
+        ] {
             assert!(validate_name(bad).is_err(), "{bad} is not a valid name");
         }
-        assert!(validate_name(&"a".repeat(256)).is_err(), "names are capped at 255 characters");
+        assert!(
+            validate_name(&"a".repeat(256)).is_err(),
+            "names are capped at 255 characters"
+        );
     }
 
     #[test]
     fn references_are_tags_or_digests() {
-        assert_eq!(Reference::parse("v1.0-rc_1").unwrap(), Reference::Tag("v1.0-rc_1".into()));
-        assert!(matches!(Reference::parse(EMPTY).unwrap(), Reference::Digest(_)));
+        assert_eq!(
+            Reference::parse("v1.0-rc_1").unwrap(),
+            Reference::Tag("v1.0-rc_1".into())
+        );
+        assert!(matches!(
+            Reference::parse(EMPTY).unwrap(),
+            Reference::Digest(_)
+        ));
         assert!(Reference::parse(".hidden").is_err());
         assert!(Reference::parse(&"t".repeat(129)).is_err());
         assert!(Reference::parse("a/b").is_err());

@@ -80,7 +80,10 @@ impl Error {
         let mut resp = Response::new(Body::full(Bytes::from(body.to_string())));
         *resp.status_mut() = status;
         let h = resp.headers_mut();
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         h.insert(
             "Docker-Distribution-API-Version",
             HeaderValue::from_static("registry/2.0"),
@@ -105,8 +108,14 @@ mod tests {
         assert_eq!(resp.status(), StatusCode::NOT_FOUND);
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
-        assert_eq!(v["errors"][0]["code"], "BLOB_UNKNOWN", "the code is the OCI one");
-        assert!(v["errors"][0]["message"].as_str().unwrap().contains("sha256:00"));
+        assert_eq!(
+            v["errors"][0]["code"], "BLOB_UNKNOWN",
+            "the code is the OCI one"
+        );
+        assert!(v["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("sha256:00"));
     }
 
     #[test]
@@ -117,7 +126,10 @@ mod tests {
             Error::UpstreamTimeout("x".into()),
         ] {
             let s = e.status_and_code().0;
-            assert!(s == StatusCode::BAD_GATEWAY || s == StatusCode::GATEWAY_TIMEOUT, "{e} gave {s}");
+            assert!(
+                s == StatusCode::BAD_GATEWAY || s == StatusCode::GATEWAY_TIMEOUT,
+                "{e} gave {s}"
+            );
         }
     }
 }

@@ -89,25 +89,103 @@ impl Metrics {
             }
         }
         let mut one = |name: &str, kind: &str, help: &str, v: u64| {
-            let _ = write!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n");
+            let _ = write!(
+                s,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"
+            );
         };
         let g = |a: &AtomicU64| a.load(Relaxed);
-        one("regproxy_served_cache_bytes_total", "counter", "Body bytes sent to clients from the node cache.", g(&self.served_cache_bytes));
-        one("regproxy_served_upstream_bytes_total", "counter", "Body bytes relayed to clients straight from upstream, not through the cache.", g(&self.served_upstream_bytes));
-        one("regproxy_upstream_bytes_total", "counter", "Body bytes received from the upstream registry.", g(&self.upstream_bytes));
-        one("regproxy_upstream_requests_total", "counter", "Requests sent to the upstream registry.", g(&self.upstream_requests));
-        one("regproxy_upstream_errors_total", "counter", "Upstream requests that failed: unreachable, timed out, 5xx or cut off.", g(&self.upstream_errors));
-        one("regproxy_upstream_resumes_total", "counter", "Blob downloads resumed with a Range request after the upstream connection broke.", g(&self.upstream_resumes));
-        one("regproxy_digest_mismatches_total", "counter", "Upstream content that did not match its digest or size, and was thrown away.", g(&self.digest_mismatches));
-        one("regproxy_fills_total", "counter", "Blob fills started from upstream.", g(&self.fills_started));
-        one("regproxy_fills_inflight", "gauge", "Blob fills running now.", g(&self.fills_inflight));
+        one(
+            "regproxy_served_cache_bytes_total",
+            "counter",
+            "Body bytes sent to clients from the node cache.",
+            g(&self.served_cache_bytes),
+        );
+        one(
+            "regproxy_served_upstream_bytes_total",
+            "counter",
+            "Body bytes relayed to clients straight from upstream, not through the cache.",
+            g(&self.served_upstream_bytes),
+        );
+        one(
+            "regproxy_upstream_bytes_total",
+            "counter",
+            "Body bytes received from the upstream registry.",
+            g(&self.upstream_bytes),
+        );
+        one(
+            "regproxy_upstream_requests_total",
+            "counter",
+            "Requests sent to the upstream registry.",
+            g(&self.upstream_requests),
+        );
+        one(
+            "regproxy_upstream_errors_total",
+            "counter",
+            "Upstream requests that failed: unreachable, timed out, 5xx or cut off.",
+            g(&self.upstream_errors),
+        );
+        one(
+            "regproxy_upstream_resumes_total",
+            "counter",
+            "Blob downloads resumed with a Range request after the upstream connection broke.",
+            g(&self.upstream_resumes),
+        );
+        one(
+            "regproxy_digest_mismatches_total",
+            "counter",
+            "Upstream content that did not match its digest or size, and was thrown away.",
+            g(&self.digest_mismatches),
+        );
+        one(
+            "regproxy_fills_total",
+            "counter",
+            "Blob fills started from upstream.",
+            g(&self.fills_started),
+        );
+        one(
+            "regproxy_fills_inflight",
+            "gauge",
+            "Blob fills running now.",
+            g(&self.fills_inflight),
+        );
         one("regproxy_uncached_fills_total", "counter", "Fills streamed without being kept: larger than the cache, or no room next to other fills.", g(&self.uncached_fills));
-        one("regproxy_cache_commits_total", "counter", "Verified blobs and manifests committed to the cache.", g(&self.commits));
-        one("regproxy_cache_bytes", "gauge", "Bytes held in the cache, including room reserved for fills in flight.", g(&self.cache_bytes));
-        one("regproxy_cache_entries", "gauge", "Blobs and manifests held in the cache.", g(&self.cache_entries));
-        one("regproxy_cache_capacity_bytes", "gauge", "The cache size cap.", g(&self.cache_capacity));
-        one("regproxy_cache_evictions_total", "counter", "Least recently used entries evicted to stay under the cap.", g(&self.evictions));
-        one("regproxy_cache_evicted_bytes_total", "counter", "Bytes evicted to stay under the cap.", g(&self.evicted_bytes));
+        one(
+            "regproxy_cache_commits_total",
+            "counter",
+            "Verified blobs and manifests committed to the cache.",
+            g(&self.commits),
+        );
+        one(
+            "regproxy_cache_bytes",
+            "gauge",
+            "Bytes held in the cache, including room reserved for fills in flight.",
+            g(&self.cache_bytes),
+        );
+        one(
+            "regproxy_cache_entries",
+            "gauge",
+            "Blobs and manifests held in the cache.",
+            g(&self.cache_entries),
+        );
+        one(
+            "regproxy_cache_capacity_bytes",
+            "gauge",
+            "The cache size cap.",
+            g(&self.cache_capacity),
+        );
+        one(
+            "regproxy_cache_evictions_total",
+            "counter",
+            "Least recently used entries evicted to stay under the cap.",
+            g(&self.evictions),
+        );
+        one(
+            "regproxy_cache_evicted_bytes_total",
+            "counter",
+            "Bytes evicted to stay under the cap.",
+            g(&self.evicted_bytes),
+        );
         s
     }
 }
@@ -121,7 +199,10 @@ mod tests {
         let m = Metrics::default();
         m.request(Kind::Blob, Outcome::Coalesced);
         let text = m.render();
-        assert!(text.contains("regproxy_requests_total{kind=\"blob\",result=\"coalesced\"} 1"), "{text}");
+        assert!(
+            text.contains("regproxy_requests_total{kind=\"blob\",result=\"coalesced\"} 1"),
+            "{text}"
+        );
         assert!(text.contains("regproxy_digest_mismatches_total 0"));
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let (_, v) = line.rsplit_once(' ').expect("name value");

@@ -1,0 +1,533 @@
+//! The node cache: content-addressed files on disk, a byte-weighted LRU index
+//! in memory, and single-flight fills.
+//!
+//! Layout under the cache dir (pinned by a test):
+//!
+//! ```text
+//! sha256/<hex[0..2]>/<hex>        verified content, never written after its rename
+//! sha256/<hex[0..2]>/<hex>.type   media type of a cached manifest
+//! tmp/<n>.part                    fills in flight; swept at start-up
+//! ```
+//!
+//! A file only appears under `sha256/` by a rename after its bytes matched the
+//! digest and were synced, so a crash at any moment leaves either nothing or a
+//! whole, verified file. Eviction unlinks files (never truncates them), so a
+//! reader that has a file mapped keeps reading the bytes it was promised.
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use lru::LruCache;
+
+use crate::digest::Digest;
+use crate::metrics::Metrics;
+
+pub mod fill;
+
+pub use fill::{Failure, Fill};
+
+/// A committed entry in the index.
+#[derive(Clone, Copy, Debug)]
+struct Entry {
+    size: u64,
+    /// Whether a `.type` sidecar says this content is a manifest.
+    manifest: bool,
+}
+
+struct State {
+    index: LruCache<Digest, Entry>,
+    /// Bytes of committed entries.
+    committed: u64,
+    /// Bytes promised to fills in flight; counted against the cap so that the
+    /// cap holds on disk while they write.
+    reserved: u64,
+    fills: HashMap<Digest, Arc<Fill>>,
+}
+
+pub struct Cache {
+    root: PathBuf,
+    cap: u64,
+    state: Mutex<State>,
+    metrics: Arc<Metrics>,
+    tmp_seq: AtomicU64,
+}
+
+/// Content opened from the cache.
+pub struct Hit {
+    /// The whole file, memory-mapped.
+    pub data: Bytes,
+    /// For manifests, the media type stored with it.
+    pub media_type: Option<String>,
+}
+
+/// What a reader should do about a digest that was not in the index.
+pub enum Join {
+    /// It was committed meanwhile: open it.
+    Committed,
+    /// A fill was started for this request: the caller runs it.
+    Leader(Arc<Fill>),
+    /// Another request's fill is running: follow it.
+    Follower(Arc<Fill>),
+}
+
+impl Cache {
+    /// Opens the cache at `root`, sweeping leftovers of a crash and rebuilding
+    /// the index from what is on disk (recency from mtime).
+    pub fn open(root: &Path, cap: u64, metrics: Arc<Metrics>) -> io::Result<Cache> {
+        fs::create_dir_all(root.join("sha256"))?;
+        let tmp = root.join("tmp");
+        let _ = fs::remove_dir_all(&tmp);
+        fs::create_dir_all(&tmp)?;
+
+        let mut found: Vec<(SystemTime, Digest, Entry)> = Vec::new();
+        for fan in fs::read_dir(root.join("sha256"))? {
+            let fan = fan?;
+            if !fan.file_type()?.is_dir() {
+                continue;
+            }
+            let mut types = Vec::new();
+            for f in fs::read_dir(fan.path())? {
+                let f = f?;
+                let name = f.file_name();
+                let name = name.to_string_lossy();
+                if let Some(hex) = name.strip_suffix(".type") {
+                    types.push(hex.to_owned());
+                    continue;
+                }
+                let meta = f.metadata()?;
+                match Digest::parse(&format!("sha256:{name}")) {
+                    Ok(d)
+                        if meta.is_file()
+                            && name.starts_with(fan.file_name().to_string_lossy().as_ref()) =>
+                    {
+                        let mtime = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+                        found.push((
+                            mtime,
+                            d,
+                            Entry {
+                                size: meta.len(),
+                                manifest: false,
+                            },
+                        ));
+                    }
+                    _ => {
+                        tracing::warn!(path = %f.path().display(), "ignoring a file that is not cache content")
+                    }
+                }
+            }
+            for hex in types {
+                if let Some(e) = found.iter_mut().find(|(_, d, _)| d.hex() == hex) {
+                    e.2.manifest = true;
+                } else {
+                    let _ = fs::remove_file(fan.path().join(format!("{hex}.type")));
+                }
+            }
+        }
+        found.sort_by_key(|(t, _, _)| *t);
+
+        let mut state = State {
+            index: LruCache::unbounded(),
+            committed: 0,
+            reserved: 0,
+            fills: HashMap::new(),
+        };
+        for (_, d, e) in found {
+            state.committed += e.size;
+            state.index.put(d, e);
+        }
+        let cache = Cache {
+            root: root.to_owned(),
+            cap,
+            state: Mutex::new(state),
+            metrics,
+            tmp_seq: AtomicU64::new(0),
+        };
+        cache.metrics.cache_capacity.store(cap, Relaxed);
+        let evicted = {
+            let mut st = cache.lock();
+            let ev = cache.evict_until(&mut st, 0);
+            cache.publish(&st);
+            ev
+        };
+        cache.unlink(evicted);
+        let st = cache.lock();
+        tracing::info!(
+            entries = st.index.len(),
+            bytes = st.committed,
+            cap,
+            "cache index rebuilt from disk"
+        );
+        drop(st);
+        Ok(cache)
+    }
+
+    pub fn capacity(&self) -> u64 {
+        self.cap
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the index inconsistent
+        // with the disk in a way that matters more than stopping service.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Path of committed content for `d`.
+    pub fn path(&self, d: &Digest) -> PathBuf {
+        content_path(&self.root, d)
+    }
+
+    /// Opens committed content. `manifest` asks for the stored media type too;
+    /// content cached only as a blob is then a miss.
+    pub async fn get(self: &Arc<Self>, d: &Digest, manifest: bool) -> Option<Hit> {
+        {
+            let mut st = self.lock();
+            let e = *st.index.get(d)?;
+            if manifest && !e.manifest {
+                return None;
+            }
+        }
+        let this = Arc::clone(self);
+        let d2 = d.clone();
+        let opened = tokio::task::spawn_blocking(move || this.open_file(&d2, manifest)).await;
+        match opened {
+            Ok(Ok(hit)) => Some(hit),
+            Ok(Err(e)) => {
+                tracing::warn!(digest = %d, error = %e, "cached content could not be opened; dropping it from the index");
+                self.forget(d);
+                None
+            }
+            Err(_) => None,
+        }
+    }
+
+    fn open_file(&self, d: &Digest, manifest: bool) -> io::Result<Hit> {
+        let path = self.path(d);
+        let file = File::open(&path)?;
+        // Recency survives a restart through the mtime; failing to set it only
+        // costs accuracy of the LRU order after a restart.
+        let _ = file.set_modified(SystemTime::now());
+        let data = map(&file)?;
+        let media_type = if manifest {
+            Some(fs::read_to_string(type_path(&path))?)
+        } else {
+            None
+        };
+        Ok(Hit { data, media_type })
+    }
+
+    fn forget(&self, d: &Digest) {
+        let mut st = self.lock();
+        if let Some(e) = st.index.pop(d) {
+            st.committed -= e.size;
+        }
+        self.publish(&st);
+    }
+
+    /// Called after a miss: joins the fill of `d` in flight or starts one.
+    pub fn join(&self, d: &Digest) -> Join {
+        let mut st = self.lock();
+        if st.index.contains(d) {
+            return Join::Committed;
+        }
+        if let Some(f) = st.fills.get(d) {
+            return Join::Follower(Arc::clone(f));
+        }
+        let f = Arc::new(Fill::new(d.clone()));
+        st.fills.insert(d.clone(), Arc::clone(&f));
+        Join::Leader(f)
+    }
+
+    /// Reserves room for `size` bytes, evicting least recently used entries.
+    /// False when the blob cannot be kept: larger than the cap, or the cap is
+    /// taken by other fills in flight.
+    fn reserve(&self, size: u64) -> bool {
+        if size > self.cap {
+            return false;
+        }
+        let (ok, evicted) = {
+            let mut st = self.lock();
+            let evicted = self.evict_until(&mut st, size);
+            let ok = st.committed + st.reserved + size <= self.cap;
+            if ok {
+                st.reserved += size;
+            }
+            self.publish(&st);
+            (ok, evicted)
+        };
+        self.unlink(evicted);
+        ok
+    }
+
+    fn evict_until(&self, st: &mut State, need: u64) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        while st.committed + st.reserved + need > self.cap {
+            let Some((d, e)) = st.index.pop_lru() else {
+                break;
+            };
+            st.committed -= e.size;
+            self.metrics.evictions.fetch_add(1, Relaxed);
+            self.metrics.evicted_bytes.fetch_add(e.size, Relaxed);
+            tracing::debug!(digest = %d, size = e.size, "evicted");
+            let p = self.path(&d);
+            if e.manifest {
+                out.push(type_path(&p));
+            }
+            out.push(p);
+        }
+        out
+    }
+
+    fn unlink(&self, paths: Vec<PathBuf>) {
+        for p in paths {
+            if let Err(e) = fs::remove_file(&p) {
+                if e.kind() != io::ErrorKind::NotFound {
+                    tracing::warn!(path = %p.display(), error = %e, "could not remove evicted file");
+                }
+            }
+        }
+    }
+
+    fn publish(&self, st: &State) {
+        self.metrics
+            .cache_bytes
+            .store(st.committed + st.reserved, Relaxed);
+        self.metrics
+            .cache_entries
+            .store(st.index.len() as u64, Relaxed);
+    }
+
+    /// A fresh temp file in the cache dir, on the same file system as its
+    /// final place so that the commit is a rename.
+    fn temp_file(&self) -> io::Result<(File, PathBuf)> {
+        let n = self.tmp_seq.fetch_add(1, Relaxed);
+        let path = self
+            .root
+            .join("tmp")
+            .join(format!("{}-{n}.part", std::process::id()));
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)?;
+        Ok((file, path))
+    }
+
+    /// Moves a verified temp file into place and indexes it, turning its
+    /// reservation into committed bytes. Ends the fill's single-flight entry
+    /// under the same lock, so a request sees either the fill or the entry.
+    fn commit(
+        &self,
+        d: &Digest,
+        size: u64,
+        temp: &Path,
+        file: &File,
+        media_type: Option<&str>,
+    ) -> io::Result<()> {
+        let ends_fill = media_type.is_none();
+        let fin = self.path(d);
+        let res = (|| {
+            file.sync_data()?;
+            fs::create_dir_all(fin.parent().expect("content paths have a parent"))?;
+            if let Some(t) = media_type {
+                let (mut tf, tp) = self.temp_file()?;
+                tf.write_all(t.as_bytes())?;
+                tf.sync_data()?;
+                fs::rename(&tp, type_path(&fin))?;
+            }
+            fs::rename(temp, &fin)
+        })();
+        // Fills are only committed as blobs; manifests are stored whole and
+        // carry their media type.
+        let mut st = self.lock();
+        st.reserved -= size;
+        if ends_fill {
+            st.fills.remove(d);
+        }
+        if res.is_ok() {
+            let prev = st.index.put(
+                d.clone(),
+                Entry {
+                    size,
+                    manifest: media_type.is_some(),
+                },
+            );
+            st.committed += size;
+            if let Some(p) = prev {
+                st.committed -= p.size;
+            }
+            self.metrics.commits.fetch_add(1, Relaxed);
+        }
+        self.publish(&st);
+        drop(st);
+        if res.is_err() {
+            let _ = fs::remove_file(temp);
+        }
+        res
+    }
+
+    /// Ends a fill that will not be committed, releasing its reservation.
+    fn abandon(&self, d: &Digest, reserved: u64, temp: Option<&Path>) {
+        if let Some(t) = temp {
+            let _ = fs::remove_file(t);
+        }
+        let mut st = self.lock();
+        st.reserved -= reserved;
+        st.fills.remove(d);
+        self.publish(&st);
+    }
+
+    /// Stores a verified manifest (small, already in memory).
+    pub async fn put_manifest(self: &Arc<Self>, d: Digest, media_type: String, bytes: Bytes) {
+        let this = Arc::clone(self);
+        let size = bytes.len() as u64;
+        let _ = tokio::task::spawn_blocking(move || {
+            if !this.reserve(size) {
+                return;
+            }
+            let res = this.temp_file().and_then(|(mut f, p)| {
+                f.write_all(&bytes)?;
+                this.commit(&d, size, &p, &f, Some(&media_type))
+            });
+            if let Err(e) = res {
+                tracing::warn!(digest = %d, error = %e, "could not cache manifest");
+            }
+        })
+        .await;
+    }
+}
+
+pub(crate) fn content_path(root: &Path, d: &Digest) -> PathBuf {
+    root.join("sha256").join(&d.hex()[..2]).join(d.hex())
+}
+
+fn type_path(content: &Path) -> PathBuf {
+    let mut s = content.as_os_str().to_owned();
+    s.push(".type");
+    PathBuf::from(s)
+}
+
+/// Maps `file` read-only as `Bytes`; an empty file is an empty buffer.
+#[allow(unsafe_code)]
+fn map(file: &File) -> io::Result<Bytes> {
+    if file.metadata()?.len() == 0 {
+        return Ok(Bytes::new());
+    }
+    // SAFETY: a mapping is undefined behaviour only if the file changes under
+    // it. Committed cache files are never written after their rename and are
+    // removed by unlink, never truncated. A fill's temp file is sized once,
+    // before it is mapped, and only the range past what readers were told is
+    // written afterwards; readers never look past that. Nobody else may write
+    // into the cache dir (documented in the README).
+    let m = unsafe { memmap2::Mmap::map(file)? };
+    Ok(Bytes::from_owner(m))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn digest(b: &[u8]) -> Digest {
+        Digest::of(b)
+    }
+
+    #[test]
+    fn layout_is_pinned() {
+        let d = Digest::parse(
+            "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+        )
+        .unwrap();
+        assert_eq!(
+            content_path(Path::new("/c"), &d),
+            PathBuf::from(
+                "/c/sha256/e3/e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+            ),
+            "the on-disk layout is part of the upgrade contract"
+        );
+    }
+
+    #[tokio::test]
+    async fn index_is_rebuilt_and_leftovers_swept() {
+        let dir = tempdir();
+        let m = Arc::new(Metrics::default());
+        let c = Arc::new(Cache::open(&dir, 1 << 20, m.clone()).unwrap());
+        c.put_manifest(
+            digest(b"{}"),
+            "application/vnd.oci.image.manifest.v1+json".into(),
+            Bytes::from_static(b"{}"),
+        )
+        .await;
+        fs::write(dir.join("tmp/leftover.part"), b"half a blob").unwrap();
+        drop(c);
+
+        let c = Arc::new(Cache::open(&dir, 1 << 20, m).unwrap());
+        assert!(
+            !dir.join("tmp/leftover.part").exists(),
+            "temp files are swept at start"
+        );
+        let hit = c
+            .get(&digest(b"{}"), true)
+            .await
+            .expect("the manifest survives a restart");
+        assert_eq!(&hit.data[..], b"{}");
+        assert_eq!(
+            hit.media_type.as_deref(),
+            Some("application/vnd.oci.image.manifest.v1+json")
+        );
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn cap_evicts_least_recently_used() {
+        let dir = tempdir();
+        let m = Arc::new(Metrics::default());
+        let c = Arc::new(Cache::open(&dir, 10, m.clone()).unwrap());
+        for b in [&b"aaaa"[..], b"bbbb"] {
+            c.put_manifest(digest(b), "t".into(), Bytes::copy_from_slice(b))
+                .await;
+        }
+        assert!(
+            c.get(&digest(b"aaaa"), true).await.is_some(),
+            "aaaa is now the most recent"
+        );
+        c.put_manifest(digest(b"cccc"), "t".into(), Bytes::from_static(b"cccc"))
+            .await;
+        assert!(
+            c.get(&digest(b"bbbb"), true).await.is_none(),
+            "bbbb was least recently used and is evicted"
+        );
+        assert!(c.get(&digest(b"aaaa"), true).await.is_some());
+        assert!(
+            !c.path(&digest(b"bbbb")).exists(),
+            "eviction removes the file"
+        );
+        assert_eq!(m.evictions.load(Relaxed), 1);
+        c.put_manifest(
+            digest(b"much too large"),
+            "t".into(),
+            Bytes::from_static(b"much too large"),
+        )
+        .await;
+        assert!(
+            c.get(&digest(b"much too large"), true).await.is_none(),
+            "content larger than the cap is not kept"
+        );
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    fn tempdir() -> PathBuf {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "regproxy-cache-test-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Relaxed)
+        ));
+        let _ = fs::remove_dir_all(&p);
+        p
+    }
+}

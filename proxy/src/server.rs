@@ -1,0 +1,245 @@
+//! Listeners, the accept loops, the admin endpoints and graceful shutdown.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, Response, StatusCode};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tracing::Instrument;
+
+use crate::api::App;
+use crate::body::Body;
+use crate::cache::Cache;
+use crate::config::{LogFormat, ServeArgs};
+use crate::metrics::Metrics;
+use crate::upstream::Upstream;
+
+pub fn init_tracing(args: &ServeArgs) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&args.log_level));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match args.log_format {
+        LogFormat::Text => b.init(),
+        LogFormat::Json => b.json().flatten_event(true).init(),
+    }
+}
+
+/// Validates the configuration, opens the cache, binds, and serves until
+/// SIGTERM or SIGINT.
+pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::default());
+    let via = instance_token();
+    let upstream = Upstream::new(
+        args.upstream.clone(),
+        args.upstream_ca.as_deref(),
+        args.connect_timeout,
+        args.upstream_timeout,
+        &via,
+        Arc::clone(&metrics),
+    )?;
+    refuse_self_upstream(&args).await?;
+    let dir = args.cache_dir.clone();
+    let (cap, m) = (args.cache_size, Arc::clone(&metrics));
+    let cache = tokio::task::spawn_blocking(move || Cache::open(&dir, cap, m))
+        .await?
+        .map_err(|e| anyhow::anyhow!("cannot open cache dir {}: {e}", args.cache_dir.display()))?;
+
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
+    let admin = match args.admin_listen {
+        Some(a) => Some(
+            TcpListener::bind(a)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on {a}: {e}"))?,
+        ),
+        None => None,
+    };
+    let app = Arc::new(App {
+        cache: Arc::new(cache),
+        upstream: Arc::new(upstream),
+        metrics,
+        via,
+        retries: args.upstream_retries,
+    });
+    tracing::info!(
+        addr = %listener.local_addr()?,
+        upstream = %args.upstream,
+        cache_dir = %args.cache_dir.display(),
+        cache_size = args.cache_size,
+        "regproxy listening"
+    );
+    run(listener, admin, app, shutdown_signal(), args.shutdown_grace).await;
+    Ok(())
+}
+
+/// A token that names this process in `Via` headers.
+fn instance_token() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    format!("regproxy-{:016x}", h.finish())
+}
+
+/// Refuses an upstream that resolves to our own listen address: on a node
+/// whose `/etc/hosts` maps the registry name to this proxy, that is a loop.
+async fn refuse_self_upstream(args: &ServeArgs) -> anyhow::Result<()> {
+    let host = args
+        .upstream
+        .host()
+        .unwrap_or_default()
+        .trim_matches(['[', ']']);
+    let port = args
+        .upstream
+        .port_u16()
+        .unwrap_or(if args.upstream.scheme_str() == Some("https") {
+            443
+        } else {
+            80
+        });
+    let Ok(addrs) = tokio::net::lookup_host((host, port)).await else {
+        // Not resolvable now: the proxy still starts and answers 502 until it is.
+        tracing::warn!(host, "upstream host does not resolve yet");
+        return Ok(());
+    };
+    let l = args.listen;
+    for a in addrs {
+        let same_ip = a.ip() == l.ip()
+            || (l.ip().is_unspecified() && (a.ip().is_loopback() || a.ip().is_unspecified()));
+        if same_ip && a.port() == l.port() {
+            anyhow::bail!(
+                "the upstream {} resolves to {a}, which is this proxy's own --listen address: \
+                 that is a loop (is the registry name mapped to the proxy in /etc/hosts?); \
+                 point --upstream at a name or address that reaches the real registry",
+                args.upstream
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+    }
+}
+
+/// Serves the API on `listener` (and the admin endpoints on `admin`) until
+/// `shutdown` completes; then stops accepting, reports not-ready, and lets
+/// transfers in flight finish for at most `grace`.
+pub async fn run(
+    listener: TcpListener,
+    admin: Option<TcpListener>,
+    app: Arc<App>,
+    shutdown: impl Future<Output = ()>,
+    grace: Duration,
+) {
+    let ready = Arc::new(AtomicBool::new(true));
+    let graceful = GracefulShutdown::new();
+    let admin_task = admin.map(|l| {
+        if let Ok(a) = l.local_addr() {
+            tracing::info!(addr = %a, "admin listening");
+        }
+        tokio::spawn(admin_loop(l, Arc::clone(&app), Arc::clone(&ready)))
+    });
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = &mut shutdown => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off, keep serving.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let app = Arc::clone(&app);
+        let svc = service_fn(move |req| {
+            let app = Arc::clone(&app);
+            async move { Ok::<_, std::convert::Infallible>(app.handle(req).await) }
+        });
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(30))
+            .serve_connection(TokioIo::new(stream), svc);
+        let conn = graceful.watch(conn);
+        tokio::spawn(
+            async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+            }
+            .instrument(tracing::debug_span!("conn", client.addr = %peer)),
+        );
+    }
+    drop(listener);
+    ready.store(false, Ordering::SeqCst);
+    tracing::info!(grace = ?grace, "stopped accepting; waiting for transfers in flight");
+    tokio::select! {
+        _ = graceful.shutdown() => tracing::info!("all connections closed"),
+        _ = tokio::time::sleep(grace) => tracing::warn!("grace period over; cutting remaining transfers"),
+    }
+    if let Some(t) = admin_task {
+        t.abort();
+    }
+}
+
+async fn admin_loop(listener: TcpListener, app: Arc<App>, ready: Arc<AtomicBool>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let (app, ready) = (Arc::clone(&app), Arc::clone(&ready));
+        let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+            let resp = admin_response(req.uri().path(), &app, ready.load(Ordering::SeqCst));
+            async move { Ok::<_, std::convert::Infallible>(resp) }
+        });
+        tokio::spawn(async move {
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+fn admin_response(path: &str, app: &App, ready: bool) -> Response<Body> {
+    let (status, ctype, body) = match path {
+        "/metrics" => (
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            app.metrics.render(),
+        ),
+        "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
+        "/readyz" if ready => (StatusCode::OK, "text/plain", "ready\n".to_owned()),
+        "/readyz" => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "shutting down\n".to_owned(),
+        ),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found\n".to_owned(),
+        ),
+    };
+    let mut r = Response::new(Body::full(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, http::HeaderValue::from_static(ctype));
+    r
+}
