@@ -20,6 +20,9 @@ pub struct Cli {
 pub enum Command {
     /// Serve the registry API on a node, pulling through from the upstream registry.
     Serve(ServeArgs),
+    /// Set a node up for the proxy, or undo it: the `/etc/hosts` entry and
+    /// containerd's `hosts.toml` for the registry name.
+    Hosts(crate::hosts::HostsArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -129,7 +129,7 @@ pub enum HostsError {
 }
 
 impl HostsError {
-    fn io(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> HostsError + '_ {
+    fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> HostsError + 'a {
         move |source| HostsError::Io {
             op,
             path: path.to_owned(),
@@ -145,7 +145,9 @@ pub enum Outcome {
     Updated,
     Unchanged,
     /// An entry not written by regproxy already maps the name as wanted.
-    PresentUnmanaged { line: usize },
+    PresentUnmanaged {
+        line: usize,
+    },
     Removed,
     Absent,
     /// A file with the name's configuration exists but is not ours.
@@ -157,7 +159,10 @@ pub fn run(args: HostsArgs) -> Result<(), HostsError> {
     let (what, outcome) = match args.action {
         HostsAction::Ensure(a) => {
             let outcome = ensure_hosts_file(&a.hosts_file, &a.name, a.address)?;
-            (format!("{} {} in {}", a.address, a.name, a.hosts_file.display()), outcome)
+            (
+                format!("{} {} in {}", a.address, a.name, a.hosts_file.display()),
+                outcome,
+            )
         }
         HostsAction::Remove(a) => {
             let outcome = remove_from_hosts_file(&a.hosts_file, &a.name)?;
@@ -166,7 +171,10 @@ pub fn run(args: HostsArgs) -> Result<(), HostsError> {
         HostsAction::Containerd(ContainerdAction::Ensure(a)) => {
             let outcome = ensure_containerd(&a.certs_dir, &a.name, &a.endpoint)?;
             let path = containerd_hosts_toml(&a.certs_dir, &a.name);
-            (format!("{} -> {} in {}", a.name, a.endpoint, path.display()), outcome)
+            (
+                format!("{} -> {} in {}", a.name, a.endpoint, path.display()),
+                outcome,
+            )
         }
         HostsAction::Containerd(ContainerdAction::Remove(a)) => {
             let outcome = remove_containerd(&a.certs_dir, &a.name)?;
@@ -351,7 +359,8 @@ fn edit_in_place(
         .map_err(HostsError::io("open", path))?;
     lock_exclusive(&file, path)?;
     let mut old = Vec::new();
-    file.read_to_end(&mut old).map_err(HostsError::io("read", path))?;
+    file.read_to_end(&mut old)
+        .map_err(HostsError::io("read", path))?;
     let (new, outcome) = edit(&old)?;
     if let Some(new) = new {
         let same = old.iter().zip(&new).take_while(|(a, b)| a == b).count();
@@ -409,7 +418,11 @@ pub fn hosts_toml(name: &str, endpoint: &str) -> String {
 
 /// Writes our `hosts.toml` for `name` (atomically: temp file, then rename),
 /// unless an identical one is there; refuses to replace one we did not write.
-pub fn ensure_containerd(certs_dir: &Path, name: &str, endpoint: &str) -> Result<Outcome, HostsError> {
+pub fn ensure_containerd(
+    certs_dir: &Path,
+    name: &str,
+    endpoint: &str,
+) -> Result<Outcome, HostsError> {
     let dir = certs_dir.join(name);
     let path = containerd_hosts_toml(certs_dir, name);
     let wanted = hosts_toml(name, endpoint);
@@ -467,7 +480,9 @@ pub fn parse_host_name(s: &str) -> Result<String, String> {
             && label.len() <= 63
             && !label.starts_with('-')
             && !label.ends_with('-')
-            && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-');
         if !ok {
             return Err(bad());
         }
@@ -497,11 +512,20 @@ pub fn parse_endpoint(s: &str) -> Result<String, String> {
     if !matches!(uri.scheme_str(), Some("http") | Some("https")) {
         return Err(format!("`{s}` must start with http:// or https://"));
     }
-    let authority = uri.authority().ok_or_else(|| format!("`{s}` has no host"))?;
-    if authority.as_str().contains('@') || !matches!(uri.path(), "" | "/") || uri.query().is_some() {
-        return Err(format!("`{s}` must be scheme://host[:port] and nothing more"));
+    let authority = uri
+        .authority()
+        .ok_or_else(|| format!("`{s}` has no host"))?;
+    if authority.as_str().contains('@') || !matches!(uri.path(), "" | "/") || uri.query().is_some()
+    {
+        return Err(format!(
+            "`{s}` must be scheme://host[:port] and nothing more"
+        ));
     }
-    Ok(format!("{}://{}", uri.scheme_str().unwrap_or("http"), authority))
+    Ok(format!(
+        "{}://{}",
+        uri.scheme_str().unwrap_or("http"),
+        authority
+    ))
 }
 
 #[cfg(test)]
@@ -515,7 +539,8 @@ mod tests {
     }
 
     fn ensure(old: &str, addr: &str) -> (Option<String>, Outcome) {
-        let (new, outcome) = ensure_entry(old.as_bytes(), NAME, ip(addr), Path::new("hosts")).unwrap();
+        let (new, outcome) =
+            ensure_entry(old.as_bytes(), NAME, ip(addr), Path::new("hosts")).unwrap();
         (new.map(|n| String::from_utf8(n).unwrap()), outcome)
     }
 
@@ -530,10 +555,24 @@ mod tests {
         let (added, outcome) = ensure(original, "127.0.0.2");
         let added = added.expect("a missing entry should be added");
         assert_eq!(outcome, Outcome::Added);
-        assert_eq!(added, format!("{original}127.0.0.2 {NAME} # regproxy-managed\n"));
-        assert_eq!(ensure(&added, "127.0.0.2"), (None, Outcome::Unchanged), "a second ensure should change nothing");
-        assert_eq!(remove(&added), (Some(original.to_owned()), Outcome::Removed));
-        assert_eq!(remove(original), (None, Outcome::Absent), "removing twice should change nothing");
+        assert_eq!(
+            added,
+            format!("{original}127.0.0.2 {NAME} # regproxy-managed\n")
+        );
+        assert_eq!(
+            ensure(&added, "127.0.0.2"),
+            (None, Outcome::Unchanged),
+            "a second ensure should change nothing"
+        );
+        assert_eq!(
+            remove(&added),
+            (Some(original.to_owned()), Outcome::Removed)
+        );
+        assert_eq!(
+            remove(original),
+            (None, Outcome::Absent),
+            "removing twice should change nothing"
+        );
     }
 
     #[test]
@@ -541,20 +580,31 @@ mod tests {
         let original = "127.0.0.1 localhost\n10.0.0.1 node1";
         let (added, _) = ensure(original, "127.0.0.2");
         let added = added.unwrap();
-        assert_eq!(added, format!("{original}\n127.0.0.2 {NAME} # regproxy-managed eol-added\n"));
-        assert_eq!(remove(&added).0.as_deref(), Some(original), "remove should restore the file without its final newline");
+        assert_eq!(
+            added,
+            format!("{original}\n127.0.0.2 {NAME} # regproxy-managed eol-added\n")
+        );
+        assert_eq!(
+            remove(&added).0.as_deref(),
+            Some(original),
+            "remove should restore the file without its final newline"
+        );
     }
 
     #[test]
     fn empty_file_round_trips() {
         let (added, _) = ensure("", "127.0.0.2");
-        assert_eq!(added.as_deref(), Some(format!("127.0.0.2 {NAME} # regproxy-managed\n").as_str()));
+        assert_eq!(
+            added.as_deref(),
+            Some(format!("127.0.0.2 {NAME} # regproxy-managed\n").as_str())
+        );
         assert_eq!(remove(&added.unwrap()).0.as_deref(), Some(""));
     }
 
     #[test]
     fn a_changed_address_rewrites_our_line_where_it_stands() {
-        let before = format!("127.0.0.1 localhost\n127.0.0.2 {NAME} # regproxy-managed\n10.0.0.9 later\n");
+        let before =
+            format!("127.0.0.1 localhost\n127.0.0.2 {NAME} # regproxy-managed\n10.0.0.9 later\n");
         let (new, outcome) = ensure(&before, "127.0.0.3");
         assert_eq!(outcome, Outcome::Updated);
         assert_eq!(
@@ -566,10 +616,15 @@ mod tests {
 
     #[test]
     fn duplicates_of_our_line_collapse_to_one() {
-        let before = format!("a b\n127.0.0.2 {NAME} # regproxy-managed\nc d\n127.0.0.2 {NAME} # regproxy-managed\n");
+        let before = format!(
+            "a b\n127.0.0.2 {NAME} # regproxy-managed\nc d\n127.0.0.2 {NAME} # regproxy-managed\n"
+        );
         let (new, outcome) = ensure(&before, "127.0.0.2");
         assert_eq!(outcome, Outcome::Updated);
-        assert_eq!(new.unwrap(), format!("a b\n127.0.0.2 {NAME} # regproxy-managed\nc d\n"));
+        assert_eq!(
+            new.unwrap(),
+            format!("a b\n127.0.0.2 {NAME} # regproxy-managed\nc d\n")
+        );
     }
 
     #[test]
@@ -587,22 +642,49 @@ mod tests {
     #[test]
     fn someone_elses_entry_for_the_name_is_never_touched() {
         let same = format!("127.0.0.2 {NAME}\n");
-        assert_eq!(ensure(&same, "127.0.0.2"), (None, Outcome::PresentUnmanaged { line: 1 }));
-        assert_eq!(remove(&same), (None, Outcome::Absent), "remove should leave an admin's own line alone");
+        assert_eq!(
+            ensure(&same, "127.0.0.2"),
+            (None, Outcome::PresentUnmanaged { line: 1 })
+        );
+        assert_eq!(
+            remove(&same),
+            (None, Outcome::Absent),
+            "remove should leave an admin's own line alone"
+        );
 
-        let other = format!("# c\n10.96.0.5   foo {}  # seed set-up\n", NAME.to_uppercase());
-        let err = ensure_entry(other.as_bytes(), NAME, ip("127.0.0.2"), Path::new("/etc/hosts")).unwrap_err();
+        let other = format!(
+            "# c\n10.96.0.5   foo {}  # seed set-up\n",
+            NAME.to_uppercase()
+        );
+        let err = ensure_entry(
+            other.as_bytes(),
+            NAME,
+            ip("127.0.0.2"),
+            Path::new("/etc/hosts"),
+        )
+        .unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("line 2") && msg.contains("10.96.0.5"), "the conflict should name the line: {msg}");
-        assert_eq!(ensure(&format!("# 10.0.0.1 {NAME}\n"), "127.0.0.2").1, Outcome::Added, "a commented-out mapping is no conflict");
+        assert!(
+            msg.contains("line 2") && msg.contains("10.96.0.5"),
+            "the conflict should name the line: {msg}"
+        );
+        assert_eq!(
+            ensure(&format!("# 10.0.0.1 {NAME}\n"), "127.0.0.2").1,
+            Outcome::Added,
+            "a commented-out mapping is no conflict"
+        );
     }
 
     #[test]
     fn other_names_and_look_alike_lines_are_not_ours() {
-        let before = "127.0.0.2 other.example # regproxy-managed\n127.0.0.2 x y # regproxy-managed\n";
+        let before =
+            "127.0.0.2 other.example # regproxy-managed\n127.0.0.2 x y # regproxy-managed\n";
         let (new, outcome) = ensure(before, "127.0.0.2");
         assert_eq!(outcome, Outcome::Added);
-        assert!(new.unwrap().starts_with(before), "lines for other names should stay");
+        assert!(
+            new.unwrap().starts_with(before),
+            "lines for other names should stay"
+        );
         assert_eq!(remove(before).1, Outcome::Absent);
     }
 
@@ -625,29 +707,50 @@ mod tests {
         let toml = hosts_toml(NAME, "http://127.0.0.2:80");
         assert!(toml.starts_with(TOML_MARK));
         assert!(toml.contains(&format!("server = \"http://{NAME}\"\n")));
-        assert!(toml.contains("[host.\"http://127.0.0.2:80\"]\n  capabilities = [\"pull\", \"resolve\"]\n"));
+        assert!(toml.contains(
+            "[host.\"http://127.0.0.2:80\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
+        ));
     }
 
     #[test]
     fn containerd_files_round_trip_and_foreign_ones_are_kept() {
         let dir = tempfile::tempdir().unwrap();
         let certs = dir.path();
-        assert_eq!(ensure_containerd(certs, NAME, "http://127.0.0.2:80").unwrap(), Outcome::Added);
-        assert_eq!(ensure_containerd(certs, NAME, "http://127.0.0.2:80").unwrap(), Outcome::Unchanged);
-        assert_eq!(ensure_containerd(certs, NAME, "http://127.0.0.3:80").unwrap(), Outcome::Updated);
+        assert_eq!(
+            ensure_containerd(certs, NAME, "http://127.0.0.2:80").unwrap(),
+            Outcome::Added
+        );
+        assert_eq!(
+            ensure_containerd(certs, NAME, "http://127.0.0.2:80").unwrap(),
+            Outcome::Unchanged
+        );
+        assert_eq!(
+            ensure_containerd(certs, NAME, "http://127.0.0.3:80").unwrap(),
+            Outcome::Updated
+        );
         let written = std::fs::read_to_string(containerd_hosts_toml(certs, NAME)).unwrap();
         assert!(written.contains("127.0.0.3"));
         assert_eq!(remove_containerd(certs, NAME).unwrap(), Outcome::Removed);
-        assert!(!certs.join(NAME).exists(), "the folder we created should go when empty");
+        assert!(
+            !certs.join(NAME).exists(),
+            "the folder we created should go when empty"
+        );
         assert_eq!(remove_containerd(certs, NAME).unwrap(), Outcome::Absent);
 
         std::fs::create_dir_all(certs.join("mine.example")).unwrap();
-        std::fs::write(containerd_hosts_toml(certs, "mine.example"), "server = \"https://x\"\n").unwrap();
+        std::fs::write(
+            containerd_hosts_toml(certs, "mine.example"),
+            "server = \"https://x\"\n",
+        )
+        .unwrap();
         assert!(matches!(
             ensure_containerd(certs, "mine.example", "http://127.0.0.2:80"),
             Err(HostsError::NotOurs { .. })
         ));
-        assert_eq!(remove_containerd(certs, "mine.example").unwrap(), Outcome::LeftAlone);
+        assert_eq!(
+            remove_containerd(certs, "mine.example").unwrap(),
+            Outcome::LeftAlone
+        );
         assert!(containerd_hosts_toml(certs, "mine.example").exists());
     }
 
@@ -655,12 +758,18 @@ mod tests {
     fn names_and_endpoints_are_checked() {
         assert!(parse_host_name(NAME).is_ok());
         for bad in ["", "a..b", "-a.b", "a/b", "../etc", "a b", "a_b"] {
-            assert!(parse_host_name(bad).is_err(), "`{bad}` should be refused as a host name");
+            assert!(
+                parse_host_name(bad).is_err(),
+                "`{bad}` should be refused as a host name"
+            );
         }
         assert!(parse_registry_host("localhost:5000").is_ok());
         assert!(parse_registry_host("localhost:0").is_err());
         assert!(parse_registry_host("../x:5000").is_err());
-        assert_eq!(parse_endpoint("http://127.0.0.2:80/").unwrap(), "http://127.0.0.2:80");
+        assert_eq!(
+            parse_endpoint("http://127.0.0.2:80/").unwrap(),
+            "http://127.0.0.2:80"
+        );
         assert!(parse_endpoint("http://127.0.0.2:80/v2").is_err());
         assert!(parse_endpoint("unix:///x").is_err());
     }

@@ -15,6 +15,10 @@
 //! - [`error`]: typed errors and their OCI error responses, in one place.
 //! - [`body`]: the response body type.
 //! - [`metrics`]: counters in the Prometheus text format.
+//! - [`resolve`]: upstream name resolution, `getaddrinfo` or DNS only (never
+//!   the node's `/etc/hosts`, where the registry name points back at us).
+//! - [`hosts`]: node set-up, `regproxy hosts ...`: the `/etc/hosts` line and
+//!   containerd's `hosts.toml`, written and removed in place.
 #![deny(unsafe_code)]
 
 pub mod api;
@@ -23,6 +27,8 @@ pub mod cache;
 pub mod config;
 pub mod digest;
 pub mod error;
+pub mod hosts;
 pub mod metrics;
+pub mod resolve;
 pub mod server;
 pub mod upstream;

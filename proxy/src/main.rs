@@ -11,5 +11,13 @@ fn main() -> anyhow::Result<()> {
                 .build()?;
             rt.block_on(regproxy::server::serve(args))
         }
+        Command::Hosts(args) => {
+            // One line on stderr, for the init container's log.
+            if let Err(e) = regproxy::hosts::run(args) {
+                eprintln!("regproxy hosts: {e}");
+                std::process::exit(1);
+            }
+            Ok(())
+        }
     }
 }

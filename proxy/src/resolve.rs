@@ -12,6 +12,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use hickory_resolver::config::ResolveHosts;
@@ -32,7 +33,7 @@ pub enum ResolverMode {
 #[derive(Clone)]
 pub enum Resolver {
     System(GaiResolver),
-    Dns(TokioResolver),
+    Dns(Arc<TokioResolver>),
 }
 
 impl std::fmt::Debug for Resolver {
@@ -59,13 +60,15 @@ impl Resolver {
     }
 
     fn dns_from(
-        mut builder: hickory_resolver::ResolverBuilder<hickory_resolver::net::runtime::TokioRuntimeProvider>,
+        mut builder: hickory_resolver::ResolverBuilder<
+            hickory_resolver::net::runtime::TokioRuntimeProvider,
+        >,
     ) -> io::Result<Self> {
         builder.options_mut().use_hosts_file = ResolveHosts::Never;
         let resolver = builder
             .build()
             .map_err(|e| io::Error::other(format!("setting up the DNS resolver: {e}")))?;
-        Ok(Resolver::Dns(resolver))
+        Ok(Resolver::Dns(Arc::new(resolver)))
     }
 
     /// Every address `host` resolves to, with `port`; an IP literal (IPv6 with
@@ -98,11 +101,13 @@ impl Resolver {
             Resolver::Dns(dns) => {
                 let dns = dns.clone();
                 Box::pin(async move {
-                    let lookup = dns
-                        .lookup_ip(name.as_str())
-                        .await
-                        .map_err(|e| io::Error::other(format!("resolving {name} through DNS: {e}")))?;
-                    non_empty(&name, lookup.iter().map(|ip| SocketAddr::new(ip, 0)).collect())
+                    let lookup = dns.lookup_ip(name.as_str()).await.map_err(|e| {
+                        io::Error::other(format!("resolving {name} through DNS: {e}"))
+                    })?;
+                    non_empty(
+                        &name,
+                        lookup.iter().map(|ip| SocketAddr::new(ip, 0)).collect(),
+                    )
                 })
             }
         }
@@ -119,7 +124,8 @@ fn non_empty(name: &Name, addrs: Vec<SocketAddr>) -> io::Result<std::vec::IntoIt
     Ok(addrs.into_iter())
 }
 
-type ResolveFuture = Pin<Box<dyn Future<Output = io::Result<std::vec::IntoIter<SocketAddr>>> + Send>>;
+type ResolveFuture =
+    Pin<Box<dyn Future<Output = io::Result<std::vec::IntoIter<SocketAddr>>> + Send>>;
 
 /// Addresses come back with port 0; `HttpConnector` sets the URL's port.
 impl tower_service::Service<Name> for Resolver {
@@ -156,8 +162,12 @@ mod tests {
         tokio::spawn(async move {
             let mut buf = vec![0u8; 4096];
             for _ in 0..64 {
-                let Ok((n, peer)) = socket.recv_from(&mut buf).await else { return };
-                let Ok(query) = Message::from_vec(&buf[..n]) else { continue };
+                let Ok((n, peer)) = socket.recv_from(&mut buf).await else {
+                    return;
+                };
+                let Ok(query) = Message::from_vec(&buf[..n]) else {
+                    continue;
+                };
                 let mut reply = Message::response(query.metadata.id, query.metadata.op_code);
                 reply.metadata.message_type = MessageType::Response;
                 reply.metadata.response_code = ResponseCode::NoError;
@@ -166,9 +176,11 @@ mod tests {
                 for q in query.queries.iter() {
                     reply.queries.push(q.clone());
                     if q.query_type() == RecordType::A {
-                        reply
-                            .answers
-                            .push(Record::from_rdata(q.name().clone(), 60, RData::A(A(ANSWER))));
+                        reply.answers.push(Record::from_rdata(
+                            q.name().clone(),
+                            60,
+                            RData::A(A(ANSWER)),
+                        ));
                     }
                 }
                 let _ = socket.send_to(&reply.to_vec().unwrap(), peer).await;
@@ -182,7 +194,12 @@ mod tests {
         conn.port = server.port();
         let ns = NameServerConfig::new(server.ip(), true, vec![conn]);
         let config = ResolverConfig::from_name_servers(vec![ns]);
-        let builder = hickory_resolver::Resolver::builder_with_config(config, TokioRuntimeProvider::default());
+        let mut builder = hickory_resolver::Resolver::builder_with_config(
+            config,
+            TokioRuntimeProvider::default(),
+        );
+        builder.options_mut().timeout = std::time::Duration::from_millis(300);
+        builder.options_mut().attempts = 1;
         Resolver::dns_from(builder).unwrap()
     }
 
@@ -190,19 +207,34 @@ mod tests {
     async fn ip_literals_need_no_lookup() {
         for mode in [ResolverMode::System, ResolverMode::Dns] {
             let r = Resolver::new(mode).unwrap();
-            assert_eq!(r.resolve("127.0.0.2", 80).await.unwrap(), vec!["127.0.0.2:80".parse().unwrap()]);
-            assert_eq!(r.resolve("[::1]", 5000).await.unwrap(), vec!["[::1]:5000".parse().unwrap()]);
-            assert_eq!(r.resolve("::1", 5000).await.unwrap(), vec!["[::1]:5000".parse().unwrap()]);
+            assert_eq!(
+                r.resolve("127.0.0.2", 80).await.unwrap(),
+                vec!["127.0.0.2:80".parse().unwrap()]
+            );
+            assert_eq!(
+                r.resolve("[::1]", 5000).await.unwrap(),
+                vec!["[::1]:5000".parse().unwrap()]
+            );
+            assert_eq!(
+                r.resolve("::1", 5000).await.unwrap(),
+                vec!["[::1]:5000".parse().unwrap()]
+            );
         }
     }
 
     #[tokio::test]
     async fn localhost_resolves_to_loopback_in_both_modes() {
         for mode in [ResolverMode::System, ResolverMode::Dns] {
-            let addrs = Resolver::new(mode).unwrap().resolve("localhost", 5000).await.unwrap();
+            let addrs = Resolver::new(mode)
+                .unwrap()
+                .resolve("localhost", 5000)
+                .await
+                .unwrap();
             assert!(!addrs.is_empty(), "{mode:?} should resolve localhost");
             assert!(
-                addrs.iter().all(|a| a.ip().is_loopback() && a.port() == 5000),
+                addrs
+                    .iter()
+                    .all(|a| a.ip().is_loopback() && a.port() == 5000),
                 "{mode:?} should give only loopback addresses with our port: {addrs:?}"
             );
         }
@@ -211,7 +243,10 @@ mod tests {
     #[tokio::test]
     async fn dns_mode_asks_the_name_server_and_never_reads_etc_hosts() {
         let r = dns_resolver_at(name_server().await).await;
-        let addrs = r.resolve("knative.registry.svc.cluster.local", 80).await.unwrap();
+        let addrs = r
+            .resolve("knative.registry.svc.cluster.local", 80)
+            .await
+            .unwrap();
         assert_eq!(addrs, vec![SocketAddr::new(ANSWER.into(), 80)]);
 
         // Every name this machine's /etc/hosts maps must still come from DNS.
@@ -220,7 +255,9 @@ mod tests {
             .lines()
             .map(|l| l.split('#').next().unwrap_or_default())
             .flat_map(|l| l.split_ascii_whitespace().skip(1))
-            .filter(|n| !n.contains("localhost") && !n.ends_with('.') && n.parse::<IpAddr>().is_err())
+            .filter(|n| {
+                !n.contains("localhost") && !n.ends_with('.') && n.parse::<IpAddr>().is_err()
+            })
             .take(5)
             .map(str::to_owned)
             .collect::<Vec<_>>();
@@ -238,7 +275,10 @@ mod tests {
     async fn the_connector_interface_gives_port_zero_addresses() {
         let mut r = dns_resolver_at(name_server().await).await;
         let name = Name::from_str("upstream.example").unwrap();
-        let addrs: Vec<_> = tower_service::Service::call(&mut r, name).await.unwrap().collect();
+        let addrs: Vec<_> = tower_service::Service::call(&mut r, name)
+            .await
+            .unwrap()
+            .collect();
         assert_eq!(addrs, vec![SocketAddr::new(ANSWER.into(), 0)]);
     }
 
@@ -251,6 +291,9 @@ mod tests {
         };
         let r = dns_resolver_at(gone).await;
         let err = r.resolve("nowhere.example", 80).await.unwrap_err();
-        assert!(err.to_string().contains("nowhere.example"), "the error should name the host: {err}");
+        assert!(
+            err.to_string().contains("nowhere.example"),
+            "the error should name the host: {err}"
+        );
     }
 }
