@@ -49,6 +49,11 @@ fn route(path: &str) -> Result<Route<'_>, Error> {
         return Ok(Route::Ping);
     }
     let rest = path.strip_prefix("/v2/").ok_or(Error::NotFound)?;
+    if rest.split('/').any(|seg| seg == ".." || seg == ".") {
+        return Err(Error::NameInvalid(
+            "dot segments are not allowed in a path".into(),
+        ));
+    }
     if rest == "_catalog" {
         return Ok(Route::Listing);
     }
@@ -194,9 +199,12 @@ impl App {
                 Join::Committed => continue,
                 Join::Follower(f) => (f, Outcome::Coalesced),
                 Join::Leader(f) => {
+                    // The fill fetches the whole blob, whatever range this client wants.
+                    let mut headers = req.headers().clone();
+                    headers.remove(header::RANGE);
                     let fr = FillRequest {
                         name: name.to_owned(),
-                        headers: req.headers().clone(),
+                        headers,
                         retries: self.retries,
                     };
                     tokio::spawn(fill::run(
@@ -223,12 +231,17 @@ impl App {
                 }
                 Err(Failure::Relay {
                     status,
-                    headers,
+                    mut headers,
                     body,
-                }) => Ok((
-                    Outcome::Passthrough,
-                    relayed(status, &headers, Body::full(body)),
-                )),
+                }) => {
+                    // The body was read (and may be cut short); hyper sets its length.
+                    headers.remove(header::CONTENT_LENGTH);
+                    Ok((
+                        Outcome::Passthrough,
+                        relayed(status, &headers, Body::full(body)),
+                    ))
+                }
+
                 Err(Failure::Error(e)) => Err(clone_error(&e)),
                 Err(Failure::Uncached) => self
                     .blob_uncached(req, name, d)

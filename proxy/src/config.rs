@@ -16,8 +16,11 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once at start; boxing the large variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
+
     /// Serve the registry API on a node, pulling through from the upstream registry.
     Serve(ServeArgs),
     /// Set a node up for the proxy, or undo it: the `/etc/hosts` entry and

@@ -19,12 +19,14 @@ use crate::body::Body;
 use crate::error::Error;
 use crate::metrics::Metrics;
 
-/// Request headers relayed from a client to the upstream.
-const FORWARDED: [HeaderName; 4] = [
+/// Request headers relayed from a client to the upstream. `Via` is relayed so
+/// that a chain of proxies that loops back on itself is seen.
+const FORWARDED: [HeaderName; 5] = [
     header::ACCEPT,
     header::AUTHORIZATION,
     header::RANGE,
     header::USER_AGENT,
+    header::VIA,
 ];
 
 /// How many redirects a blob GET follows (S3, GCS and CDN storage redirect).

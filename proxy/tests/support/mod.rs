@@ -1,0 +1,704 @@
+//! Real processes for black-box tests, each on loopback ports, each stopped
+//! when its handle is dropped: Debian's `docker-registry` (Distribution 2.8)
+//! as the upstream, the `regproxy` binary, `dockerd`, and a TCP gate that
+//! lets a test pause or cut the upstream's bytes mid-transfer.
+#![allow(dead_code)] // each test binary uses a different part of this module
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener as StdListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use sha2::{Digest as _, Sha256};
+
+pub const REGISTRY_NAME: &str = "knative.registry.svc.cluster.local";
+
+/// A fresh directory under the system temp dir, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "regproxy-test-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A loopback port that was free a moment ago (for programs that cannot
+/// report the port they bound).
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_for_port(addr: SocketAddr, child: &mut Child, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if TcpStream::connect(addr).is_ok() {
+            return;
+        }
+        if let Ok(Some(st)) = child.try_wait() {
+            panic!("{what} exited with {st} before listening on {addr}");
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    panic!("{what} did not listen on {addr} within 20s");
+}
+
+pub fn sha256_digest(data: &[u8]) -> String {
+    let h = Sha256::digest(data);
+    let hex: String = h.iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256:{hex}")
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so blobs differ per seed.
+pub fn blob(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+/// Debian's `docker-registry`, filesystem storage in a temp dir, access log on.
+pub struct Registry {
+    pub addr: SocketAddr,
+    pub dir: TempDir,
+    child: Option<Child>,
+    log: PathBuf,
+    config: PathBuf,
+}
+
+impl Registry {
+    pub fn start() -> Registry {
+        Registry::start_with("")
+    }
+
+    /// `extra` is YAML appended at the top level of the config.
+    pub fn start_with(extra: &str) -> Registry {
+        let dir = TempDir::new("upstream");
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let config = dir.path().join("config.yml");
+        let storage = dir.path().join("data");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n{extra}",
+                storage.display()
+            ),
+        )
+        .unwrap();
+        let log = dir.path().join("registry.log");
+        let mut r = Registry {
+            addr,
+            dir,
+            child: None,
+            log,
+            config,
+        };
+        r.restart();
+        r
+    }
+
+    /// Starts the registry (again) on the same address and storage.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "registry is already running");
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let mut child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&self.config)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("docker-registry is installed (scripts/deps.sh)");
+        wait_for_port(self.addr, &mut child, "docker-registry");
+        self.child = Some(child);
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Everything the registry logged.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// How many `GET`s for blob `digest` the registry's access log shows.
+    pub fn blob_gets(&self, digest: &str) -> usize {
+        let needle = format!("/blobs/{digest} HTTP/1.1\"");
+        self.log()
+            .lines()
+            .filter(|l| l.contains("\"GET /v2/") && l.contains(&needle))
+            .count()
+    }
+
+    /// How many `GET`s of any blob the access log shows.
+    pub fn all_blob_gets(&self) -> usize {
+        self.log()
+            .lines()
+            .filter(|l| l.contains("\"GET /v2/") && l.contains("/blobs/sha256:"))
+            .count()
+    }
+
+    /// Where the registry keeps the bytes of blob `digest`.
+    pub fn blob_data_path(&self, digest: &str) -> PathBuf {
+        let hex = digest.strip_prefix("sha256:").unwrap();
+        self.dir
+            .path()
+            .join("data/docker/registry/v2/blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .join("data")
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The `regproxy` binary under test.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub cache_dir: PathBuf,
+    child: Child,
+    logs: Arc<Mutex<Vec<String>>>,
+}
+
+pub fn regproxy_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_regproxy")
+}
+
+impl Proxy {
+    /// Starts `regproxy serve` on port 0 in front of `upstream` with `args` added.
+    pub fn start(upstream: &str, cache_dir: &Path, args: &[&str]) -> Proxy {
+        Proxy::start_on("127.0.0.1:0", upstream, cache_dir, args)
+    }
+
+    pub fn start_on(listen: &str, upstream: &str, cache_dir: &Path, args: &[&str]) -> Proxy {
+        let mut child = Command::new(regproxy_bin())
+            .args([
+                "serve",
+                "--listen",
+                listen,
+                "--admin-listen",
+                "127.0.0.1:0",
+                "--log-format",
+                "json",
+                "--upstream",
+                upstream,
+            ])
+            .arg("--cache-dir")
+            .arg(cache_dir)
+            .args(args)
+            .env("RUST_LOG", "regproxy=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let l2 = Arc::clone(&logs);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                    let msg = v["message"].as_str().unwrap_or("");
+                    if msg == "regproxy listening" || msg == "admin listening" {
+                        let _ =
+                            tx.send((msg.to_owned(), v["addr"].as_str().unwrap_or("").to_owned()));
+                    }
+                }
+                l2.lock().unwrap().push(line);
+            }
+        });
+        let (mut addr, mut admin) = (None, None);
+        while addr.is_none() || admin.is_none() {
+            match rx.recv_timeout(Duration::from_secs(20)) {
+                Ok((m, a)) if m == "regproxy listening" => addr = Some(a.parse().unwrap()),
+                Ok((_, a)) => admin = Some(a.parse().unwrap()),
+                Err(_) => panic!(
+                    "regproxy did not start; it logged:\n{}",
+                    logs.lock().unwrap().join("\n")
+                ),
+            }
+        }
+        Proxy {
+            addr: addr.unwrap(),
+            admin: admin.unwrap(),
+            cache_dir: cache_dir.to_owned(),
+            child,
+            logs,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn logs(&self) -> String {
+        self.logs.lock().unwrap().join("\n")
+    }
+
+    /// The metrics as name{labels} → value.
+    pub async fn metrics(&self) -> HashMap<String, u64> {
+        let (status, _, body) = get(&format!("http://{}/metrics", self.admin), &[]).await;
+        assert_eq!(status, StatusCode::OK);
+        String::from_utf8(body.unwrap().to_vec())
+            .unwrap()
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| {
+                l.rsplit_once(' ')
+                    .map(|(k, v)| (k.to_owned(), v.parse().unwrap()))
+            })
+            .collect()
+    }
+
+    pub async fn metric(&self, name: &str) -> u64 {
+        *self
+            .metrics()
+            .await
+            .get(name)
+            .unwrap_or_else(|| panic!("metric {name} exists"))
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let st = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+
+    /// Waits for the process to exit and returns whether it exited 0.
+    pub fn wait_exit(&mut self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st.success();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "regproxy did not exit within {within:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Bytes of all files under the cache dir's content tree.
+    pub fn cached_bytes(&self) -> u64 {
+        fn walk(p: &Path) -> u64 {
+            let Ok(rd) = std::fs::read_dir(p) else {
+                return 0;
+            };
+            rd.flatten()
+                .map(|e| {
+                    let m = e.metadata().unwrap();
+                    if m.is_dir() {
+                        walk(&e.path())
+                    } else {
+                        m.len()
+                    }
+                })
+                .sum()
+        }
+        walk(&self.cache_dir.join("sha256"))
+    }
+
+    pub fn cache_path(&self, digest: &str) -> PathBuf {
+        let hex = digest.strip_prefix("sha256:").unwrap();
+        self.cache_dir.join("sha256").join(&hex[..2]).join(hex)
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn client() -> Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// A request; returns status, headers, and the whole body or the error that
+/// cut it short.
+pub async fn request(
+    method: Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+) -> (StatusCode, HeaderMap, Result<Bytes, String>) {
+    let mut b = Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    let resp = client()
+        .request(b.body(Full::new(body)).unwrap())
+        .await
+        .unwrap_or_else(|e| panic!("{url}: {e:?}"));
+    let (parts, body) = resp.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .map_err(|e| format!("{e:?}"));
+    (parts.status, parts.headers, body)
+}
+
+pub async fn get(
+    url: &str,
+    headers: &[(&str, &str)],
+) -> (StatusCode, HeaderMap, Result<Bytes, String>) {
+    request(Method::GET, url, headers, Bytes::new()).await
+}
+
+/// Pushes `data` as a blob of `repo` with a monolithic upload; returns its digest.
+pub async fn push_blob(registry: &str, repo: &str, data: &[u8]) -> String {
+    let digest = sha256_digest(data);
+    let (st, h, _) = request(
+        Method::POST,
+        &format!("{registry}/v2/{repo}/blobs/uploads/"),
+        &[],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(st, StatusCode::ACCEPTED, "the upstream accepts an upload");
+    let loc = h["location"].to_str().unwrap();
+    let loc = if loc.starts_with("http") {
+        loc.to_owned()
+    } else {
+        format!("{registry}{loc}")
+    };
+    let sep = if loc.contains('?') { '&' } else { '?' };
+    let (st, _, _) = request(
+        Method::PUT,
+        &format!("{loc}{sep}digest={digest}"),
+        &[("content-type", "application/octet-stream")],
+        Bytes::copy_from_slice(data),
+    )
+    .await;
+    assert_eq!(st, StatusCode::CREATED, "the upstream stores the blob");
+    digest
+}
+
+/// Pushes an OCI image manifest for `layers` (blobs already pushed) under
+/// `tag`; returns the manifest bytes and digest.
+pub async fn push_manifest(
+    registry: &str,
+    repo: &str,
+    tag: &str,
+    config: &[u8],
+    layers: &[&[u8]],
+) -> (Vec<u8>, String) {
+    let cfg = push_blob(registry, repo, config).await;
+    let mut ls = Vec::new();
+    for l in layers {
+        let d = push_blob(registry, repo, l).await;
+        ls.push(serde_json::json!({"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": d, "size": l.len()}));
+    }
+    let m = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cfg, "size": config.len()},
+        "layers": ls,
+    });
+    let bytes = serde_json::to_vec_pretty(&m).unwrap();
+    let (st, _, body) = request(
+        Method::PUT,
+        &format!("{registry}/v2/{repo}/manifests/{tag}"),
+        &[("content-type", "application/vnd.oci.image.manifest.v1+json")],
+        Bytes::from(bytes.clone()),
+    )
+    .await;
+    assert_eq!(st, StatusCode::CREATED, "manifest push: {body:?}");
+    let d = sha256_digest(&bytes);
+    (bytes, d)
+}
+
+/// A TCP relay in front of the upstream that passes requests freely but
+/// meters the bytes coming back: a test can hold them at a budget (a stalled
+/// uplink) or cut every connection once the budget is spent (a broken one).
+pub struct Gate {
+    pub addr: SocketAddr,
+    state: Arc<GateState>,
+}
+
+struct GateState {
+    /// Response bytes relayed so far, over all connections.
+    passed: AtomicU64,
+    /// Response bytes allowed through; `u64::MAX` is open.
+    budget: AtomicU64,
+    /// When set, connections are closed (not paused) once the budget is spent;
+    /// the gate then opens for later connections.
+    cut: std::sync::atomic::AtomicBool,
+    /// Connections accepted so far.
+    conns: AtomicU64,
+}
+
+impl Gate {
+    pub async fn start(upstream: SocketAddr) -> Gate {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let state = Arc::new(GateState {
+            passed: AtomicU64::new(0),
+            budget: AtomicU64::new(u64::MAX),
+            cut: false.into(),
+            conns: AtomicU64::new(0),
+        });
+        let st = Arc::clone(&state);
+        tokio::spawn(async move {
+            loop {
+                let Ok((down, _)) = l.accept().await else {
+                    return;
+                };
+                st.conns.fetch_add(1, Ordering::SeqCst);
+                let st = Arc::clone(&st);
+                tokio::spawn(async move {
+                    let Ok(up) = tokio::net::TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    let (mut dr, mut dw) = down.into_split();
+                    let (mut ur, mut uw) = up.into_split();
+                    let req = tokio::spawn(async move {
+                        let _ = tokio::io::copy(&mut dr, &mut uw).await;
+                    });
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    let mut buf = vec![0u8; 64 << 10];
+                    loop {
+                        let passed = st.passed.load(Ordering::SeqCst);
+                        let budget = st.budget.load(Ordering::SeqCst);
+                        if passed >= budget {
+                            if st.cut.load(Ordering::SeqCst) {
+                                st.cut.store(false, Ordering::SeqCst);
+                                st.budget.store(u64::MAX, Ordering::SeqCst);
+                                break;
+                            }
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                            continue;
+                        }
+                        let room = (budget - passed).min(buf.len() as u64) as usize;
+                        let n = match ur.read(&mut buf[..room]).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        st.passed.fetch_add(n as u64, Ordering::SeqCst);
+                        if dw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                    req.abort();
+                });
+            }
+        });
+        Gate { addr, state }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Lets `n` more response bytes through, then holds the rest.
+    pub fn hold_after(&self, n: u64) {
+        let p = self.state.passed.load(Ordering::SeqCst);
+        self.state.budget.store(p + n, Ordering::SeqCst);
+    }
+
+    /// Lets `n` more response bytes through, then closes that connection once.
+    pub fn cut_after(&self, n: u64) {
+        self.state.cut.store(true, Ordering::SeqCst);
+        self.hold_after(n);
+    }
+
+    pub fn open(&self) {
+        self.state.budget.store(u64::MAX, Ordering::SeqCst);
+    }
+
+    pub fn passed(&self) -> u64 {
+        self.state.passed.load(Ordering::SeqCst)
+    }
+
+    pub fn connections(&self) -> u64 {
+        self.state.conns.load(Ordering::SeqCst)
+    }
+}
+
+/// A `dockerd` of its own (vfs storage, no networking of its own), in a
+/// private mount namespace whose `/etc/hosts` maps the registry name to
+/// loopback, exactly as the node set-up does.
+pub struct Dockerd {
+    pub dir: TempDir,
+    pub sock: PathBuf,
+    child: Child,
+}
+
+impl Dockerd {
+    pub fn start() -> Dockerd {
+        let dir = TempDir::new("dockerd");
+        let d = dir.path();
+        let hosts = d.join("hosts");
+        let mut f = std::fs::File::create(&hosts).unwrap();
+        writeln!(
+            f,
+            "127.0.0.1 localhost\n::1 localhost\n127.0.0.1 {REGISTRY_NAME}"
+        )
+        .unwrap();
+        let sock = d.join("docker.sock");
+        let script = format!(
+            "mount --bind {hosts} /etc/hosts && exec dockerd --data-root {d}/data --exec-root {d}/exec --pidfile {d}/docker.pid \
+             -H unix://{sock} --iptables=false --ip6tables=false --bridge=none --storage-driver=vfs --containerd-namespace regproxy-test-{pid} \
+             --containerd-plugins-namespace regproxy-test-plugins-{pid}",
+            hosts = hosts.display(),
+            d = d.display(),
+            sock = sock.display(),
+            pid = std::process::id(),
+        );
+        let log = std::fs::File::create(d.join("dockerd.log")).unwrap();
+        let mut child = Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("unshare and dockerd are installed");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let dk = Dockerd::cli_at(&sock).arg("version").output().unwrap();
+            if dk.status.success() {
+                break;
+            }
+            if let Ok(Some(st)) = child.try_wait() {
+                panic!(
+                    "dockerd exited with {st}:\n{}",
+                    std::fs::read_to_string(d.join("dockerd.log")).unwrap_or_default()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "dockerd did not come up:\n{}",
+                std::fs::read_to_string(d.join("dockerd.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Dockerd { dir, sock, child }
+    }
+
+    fn cli_at(sock: &Path) -> Command {
+        // Debian's client, matched to Debian's dockerd.
+        let mut c = Command::new("/usr/bin/docker");
+        c.env("DOCKER_HOST", format!("unix://{}", sock.display()));
+        c.env("DOCKER_CONFIG", sock.parent().unwrap().join("client"));
+        c
+    }
+
+    /// Runs `docker args...`; panics with its output unless it succeeds.
+    pub fn docker(&self, args: &[&str]) -> String {
+        let out = Dockerd::cli_at(&self.sock).args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "docker {args:?} should succeed; it said:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Runs `sh -c script` with `DOCKER_HOST` set to this daemon.
+    pub fn sh(&self, script: &str) -> String {
+        let out = Command::new("sh")
+            .args(["-c", script])
+            .env("DOCKER_HOST", format!("unix://{}", self.sock.display()))
+            .env("DOCKER_CONFIG", self.dir.path().join("client"))
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{script} should succeed; it said:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    pub fn image_id(&self, image: &str) -> String {
+        self.docker(&["image", "inspect", "-f", "{{.Id}}", image])
+            .trim()
+            .to_owned()
+    }
+}
+
+impl Drop for Dockerd {
+    fn drop(&mut self) {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // vfs layers are plain directories; containerd may hold mounts under exec-root.
+        let _ = Command::new("umount")
+            .arg("-R")
+            .arg(self.dir.path().join("exec"))
+            .status();
+    }
+}
