@@ -268,7 +268,11 @@ impl App {
             .await?;
         if resp.status() != StatusCode::OK {
             let (parts, body) = resp.into_parts();
-            return Ok(relayed(parts.status, &parts.headers, Body::upstream(body)));
+            return Ok(relayed(
+                parts.status,
+                &parts.headers,
+                Body::upstream(body, Arc::clone(&self.metrics)),
+            ));
         }
         let size = resp
             .headers()
@@ -320,7 +324,11 @@ impl App {
             let (parts, body) = resp.into_parts();
             return Ok((
                 Outcome::Passthrough,
-                relayed(parts.status, &parts.headers, Body::upstream(body)),
+                relayed(
+                    parts.status,
+                    &parts.headers,
+                    Body::upstream(body, Arc::clone(&self.metrics)),
+                ),
             ));
         }
         let (parts, body) = resp.into_parts();
@@ -375,7 +383,11 @@ impl App {
             .send(req.method().clone(), pq, req.headers(), &[])
             .await?;
         let (parts, body) = resp.into_parts();
-        Ok(relayed(parts.status, &parts.headers, Body::upstream(body)))
+        Ok(relayed(
+            parts.status,
+            &parts.headers,
+            Body::upstream(body, Arc::clone(&self.metrics)),
+        ))
     }
 }
 

@@ -13,6 +13,8 @@ use futures_util::Stream;
 use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
 
+use crate::metrics::Metrics;
+
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Largest slice of a mapped file handed to hyper at once: large enough that
@@ -37,7 +39,8 @@ enum Kind {
         stream: BoxStream<'static, Result<Bytes, BoxError>>,
         len: Option<u64>,
     },
-    Upstream(Incoming),
+    /// Relayed from upstream; each chunk is counted in `metrics`.
+    Upstream(Incoming, Arc<Metrics>),
 }
 
 impl Body {
@@ -71,9 +74,9 @@ impl Body {
         }
     }
 
-    pub fn upstream(b: Incoming) -> Body {
+    pub fn upstream(b: Incoming, metrics: Arc<Metrics>) -> Body {
         Body {
-            kind: Kind::Upstream(b),
+            kind: Kind::Upstream(b, metrics),
         }
     }
 }
@@ -115,7 +118,18 @@ impl http_body::Body for Body {
                 Poll::Ready(None) => Poll::Ready(None),
                 Poll::Pending => Poll::Pending,
             },
-            Kind::Upstream(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            Kind::Upstream(b, m) => {
+                let f = Pin::new(b).poll_frame(cx).map_err(Into::into);
+                if let Poll::Ready(Some(Ok(f))) = &f {
+                    if let Some(d) = f.data_ref() {
+                        m.upstream_bytes
+                            .fetch_add(d.len() as u64, Ordering::Relaxed);
+                        m.served_upstream_bytes
+                            .fetch_add(d.len() as u64, Ordering::Relaxed);
+                    }
+                }
+                f
+            }
         }
     }
 
@@ -125,7 +139,7 @@ impl http_body::Body for Body {
             Kind::Full(b) => b.as_ref().is_none_or(|b| b.is_empty()),
             Kind::Mapped { data, .. } => data.is_empty(),
             Kind::Stream { len, .. } => *len == Some(0),
-            Kind::Upstream(b) => b.is_end_stream(),
+            Kind::Upstream(b, _) => b.is_end_stream(),
         }
     }
 
@@ -136,7 +150,7 @@ impl http_body::Body for Body {
             Kind::Mapped { data, .. } => SizeHint::with_exact(data.len() as u64),
             Kind::Stream { len: Some(l), .. } => SizeHint::with_exact(*l),
             Kind::Stream { len: None, .. } => SizeHint::default(),
-            Kind::Upstream(b) => b.size_hint(),
+            Kind::Upstream(b, _) => b.size_hint(),
         }
     }
 }
