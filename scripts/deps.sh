@@ -13,6 +13,7 @@ PKGS=(
   apache2-utils     # htpasswd
   iproute2          # ip netns, tc
   curl
+  openssl           # test certificates for an https upstream
   ca-certificates
 )
 

@@ -99,6 +99,7 @@ pub struct Registry {
     child: Option<Child>,
     log: PathBuf,
     config: PathBuf,
+    scheme: &'static str,
 }
 
 impl Registry {
@@ -108,6 +109,20 @@ impl Registry {
 
     /// `extra` is YAML appended at the top level of the config.
     pub fn start_with(extra: &str) -> Registry {
+        Registry::start_config(extra, "", "http")
+    }
+
+    /// Serves HTTPS with `cert` and `key` (PEM files).
+    pub fn start_tls(cert: &Path, key: &Path) -> Registry {
+        let tls = format!(
+            "  tls:\n    certificate: {}\n    key: {}\n",
+            cert.display(),
+            key.display()
+        );
+        Registry::start_config("", &tls, "https")
+    }
+
+    fn start_config(extra: &str, http_extra: &str, scheme: &'static str) -> Registry {
         let dir = TempDir::new("upstream");
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let config = dir.path().join("config.yml");
@@ -115,7 +130,7 @@ impl Registry {
         std::fs::write(
             &config,
             format!(
-                "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n{extra}",
+                "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n{http_extra}{extra}",
                 storage.display()
             ),
         )
@@ -127,6 +142,7 @@ impl Registry {
             child: None,
             log,
             config,
+            scheme,
         };
         r.restart();
         r
@@ -160,10 +176,11 @@ impl Registry {
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", self.scheme, self.addr)
     }
 
     /// Everything the registry logged.
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

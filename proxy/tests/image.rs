@@ -1,0 +1,232 @@
+//! The image a cluster runs: `deploy/build-image.sh` builds it with a real
+//! dockerd (a static binary in a `FROM scratch` image, nothing pulled), and
+//! `docker run --network host` runs it in front of a real upstream, exactly
+//! as the DaemonSet does; that dockerd then pulls through it by the
+//! registry's cluster name.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use support::*;
+
+/// Removes a container when the test ends, however it ends, before the
+/// daemon goes (declare it after the `Dockerd`).
+struct Container<'a> {
+    docker: &'a Dockerd,
+    name: String,
+}
+
+impl Drop for Container<'_> {
+    fn drop(&mut self) {
+        let _ = Command::new("/usr/bin/docker")
+            .args(["rm", "-f", &self.name])
+            .env(
+                "DOCKER_HOST",
+                format!("unix://{}", self.docker.sock.display()),
+            )
+            .output();
+    }
+}
+
+/// `GET path` over HTTP/1.0; the status code, or `None` when nothing answers.
+fn status_of(addr: SocketAddr, path: &str) -> Option<u16> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut head = String::new();
+    s.take(64).read_to_string(&mut head).ok()?;
+    head.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn wait_ready(docker: &Dockerd, container: &str, admin: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if status_of(admin, "/readyz") == Some(200) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!(
+        "the container should be ready on {admin} within 30s; it logged:\n{}",
+        docker.sh(&format!("docker logs {container} 2>&1"))
+    );
+}
+
+/// Every path in the image's layers, from `docker save`.
+fn image_files(docker: &Dockerd, tag: &str) -> Vec<String> {
+    let dir = TempDir::new("saved");
+    docker.sh(&format!(
+        "docker save {tag} | tar -x -C {}",
+        dir.path().display()
+    ));
+    let layers = docker.sh(&format!(
+        "cd {} && find . -name layer.tar",
+        dir.path().display()
+    ));
+    let mut files = Vec::new();
+    for layer in layers.lines() {
+        let listing = docker.sh(&format!("tar -t -f {}/{layer}", dir.path().display()));
+        files.extend(
+            listing
+                .lines()
+                .map(|l| l.trim_start_matches("./").to_owned()),
+        );
+    }
+    files.retain(|f| !f.is_empty() && !f.ends_with('/'));
+    files.sort();
+    files
+}
+
+#[test]
+fn the_scratch_image_runs_with_host_network_and_a_node_pulls_through_it() {
+    let docker = Dockerd::start();
+    let reg = Registry::start();
+    let tag = format!("regproxy:image-test-{}", std::process::id());
+
+    // Build the image exactly as an admin does, with this dockerd.
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/build-image.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .arg(&tag)
+        .env("DOCKER_HOST", format!("unix://{}", docker.sock.display()))
+        .env("DOCKER_CONFIG", docker.dir.path().join("client"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "deploy/build-image.sh should build the image; it said:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // FROM scratch: one layer holding the binary, the CA bundle, nsswitch.conf.
+    assert_eq!(
+        image_files(&docker, &tag),
+        [
+            "etc/nsswitch.conf",
+            "etc/ssl/certs/ca-certificates.crt",
+            "regproxy"
+        ],
+        "the image should hold nothing but regproxy and what it reads"
+    );
+    let version = docker.docker(&["run", "--rm", &tag, "--version"]);
+    assert!(
+        version.starts_with("regproxy "),
+        "the entrypoint should be regproxy: {version}"
+    );
+
+    // An image in the upstream, made without any network.
+    let root = TempDir::new("rootfs");
+    std::fs::create_dir_all(root.path().join("app")).unwrap();
+    std::fs::write(root.path().join("app/data.bin"), blob(2 << 20, 7)).unwrap();
+    let upstream_ref = format!("{}/team/image-test:v1", reg.addr);
+    docker.sh(&format!(
+        "tar c -C {} . | docker import - {upstream_ref}",
+        root.path().display()
+    ));
+    docker.docker(&["push", &upstream_ref]);
+    let id = docker.image_id(&upstream_ref);
+    docker.docker(&["rmi", &upstream_ref]);
+
+    // The proxy in the image, on the host's network, as on a node: read-only
+    // root, no capabilities, the cache on a host directory, and the upstream
+    // named `localhost` so the static binary has to resolve it.
+    let cache = TempDir::new("image-cache");
+    let (port, admin_port) = (free_port(), free_port());
+    let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
+    let name = format!("regproxy-image-test-{}", std::process::id());
+    let container = Container {
+        docker: &docker,
+        name: name.clone(),
+    };
+    docker.docker(&[
+        "run",
+        "-d",
+        "--name",
+        &name,
+        "--network",
+        "host",
+        "--read-only",
+        "--cap-drop",
+        "ALL",
+        "-v",
+        &format!("{}:/var/lib/regproxy", cache.path().display()),
+        &tag,
+        "serve",
+        &format!("--listen=127.0.0.1:{port}"),
+        &format!("--upstream=http://localhost:{}", reg.addr.port()),
+        "--cache-dir=/var/lib/regproxy",
+        &format!("--admin-listen={admin}"),
+        "--log-format=json",
+    ]);
+    wait_ready(&docker, &name, admin);
+
+    let node_ref = format!("{REGISTRY_NAME}:{port}/team/image-test:v1");
+    docker.docker(&["pull", &node_ref]);
+    assert_eq!(
+        docker.image_id(&node_ref),
+        id,
+        "the image pulled through the containerised proxy should be the upstream's"
+    );
+    let upstream_gets = reg.all_blob_gets();
+    assert!(
+        upstream_gets >= 2,
+        "the first pull should have fetched config and layer upstream"
+    );
+    docker.docker(&["rmi", &node_ref]);
+    docker.docker(&["pull", &node_ref]);
+    assert_eq!(docker.image_id(&node_ref), id);
+    assert_eq!(
+        reg.all_blob_gets(),
+        upstream_gets,
+        "the second pull should be served from the container's cache on the host directory"
+    );
+    drop(container);
+
+    // In the container /etc/hosts is the "node's", where the registry name is
+    // the proxy itself: pointed at that name, the proxy must refuse to start.
+    let looped = format!("regproxy-image-loop-{}", std::process::id());
+    let _looped_container = Container {
+        docker: &docker,
+        name: looped.clone(),
+    };
+    let loop_port = free_port();
+    let out = Command::new("timeout")
+        .args([
+            "60",
+            "/usr/bin/docker",
+            "run",
+            "--name",
+            &looped,
+            "--network",
+            "host",
+            "--read-only",
+        ])
+        .arg("-v")
+        .arg(format!("{}:/var/lib/regproxy", cache.path().display()))
+        .args([
+            &tag,
+            "serve",
+            &format!("--listen=127.0.0.1:{loop_port}"),
+            &format!("--upstream=http://{REGISTRY_NAME}:{loop_port}"),
+            "--cache-dir=/var/lib/regproxy",
+        ])
+        .env("DOCKER_HOST", format!("unix://{}", docker.sock.display()))
+        .env("DOCKER_CONFIG", docker.dir.path().join("client"))
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && out.status.code() != Some(124),
+        "a proxy whose upstream is itself should exit at once, not serve: {said}"
+    );
+    assert!(
+        said.contains("loop"),
+        "the refusal should say it is a loop: {said}"
+    );
+}
