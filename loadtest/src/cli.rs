@@ -1,0 +1,400 @@
+//! The command line: `seed`, `pull`, `compare`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+
+use crate::compare::{self, Params};
+use crate::procs::AccessLog;
+use crate::registry::Registry;
+use crate::size::{human, parse_size, parse_size_list};
+use crate::synth::{self, ImageSetShape, LAYER_TYPE};
+use crate::targets::{Kind, Tools};
+use crate::workload::{self, ImageRef};
+
+/// The edge-cluster pull workload, and regproxy compared with the alternatives.
+#[derive(Debug, Parser)]
+#[command(name = "loadtest", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Push synthetic images (shared base layers, a size mix, tags) to a registry.
+    Seed(SeedArgs),
+    /// Pull images through a registry with N concurrent clients, verifying every blob.
+    Pull(PullArgs),
+    /// Start the upstream and every target with fresh caches, run all scenarios, report.
+    Compare(Box<CompareArgs>),
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| e.to_string())
+}
+
+fn size(s: &str) -> Result<u64, String> {
+    parse_size(s).map_err(|e| e.to_string())
+}
+
+fn sizes(s: &str) -> Result<Vec<u64>, String> {
+    parse_size_list(s).map_err(|e| e.to_string())
+}
+
+#[derive(Debug, Args)]
+pub struct SeedArgs {
+    /// Registry to push to, `host:port`.
+    #[arg(long)]
+    pub registry: String,
+    /// Number of images, `<prefix>-<i>:v1`.
+    #[arg(long, default_value_t = 4)]
+    pub images: usize,
+    #[arg(long, default_value = "bench/app")]
+    pub prefix: String,
+    /// Layers every image shares (its base), comma-separated sizes.
+    #[arg(long, default_value = "48MiB,16MiB", value_parser = sizes)]
+    pub shared_layers: std::vec::Vec<u64>,
+    /// Layers of each image's own, comma-separated sizes.
+    #[arg(long, default_value = "24MiB,4MiB,512KiB", value_parser = sizes)]
+    pub unique_layers: std::vec::Vec<u64>,
+    /// Also push one standalone blob of this size to `bench/blobs` (repeatable).
+    #[arg(long = "blob", value_parser = size)]
+    pub blobs: Vec<u64>,
+    /// Distinguishes image sets: another seed gives other content.
+    #[arg(long, default_value_t = 10)]
+    pub seed: u64,
+    #[arg(long, default_value = "300s", value_parser = duration)]
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct PullArgs {
+    /// Registry to pull through, `host:port`.
+    #[arg(long)]
+    pub registry: String,
+    /// Images to pull, `name:tag`, comma-separated or repeated.
+    #[arg(long = "image", value_delimiter = ',', required = true)]
+    pub images: Vec<String>,
+    /// Clients pulling at the same time, each pulling every image.
+    #[arg(long, default_value_t = 8)]
+    pub clients: usize,
+    /// Blobs one client downloads at once (containerd's default is 3).
+    #[arg(long, default_value_t = 3)]
+    pub layer_concurrency: usize,
+    /// Distribution access log of the upstream, to count the bytes it sent.
+    #[arg(long)]
+    pub upstream_log: Option<PathBuf>,
+    /// regproxy's admin address, to read `regproxy_upstream_bytes_total`.
+    #[arg(long)]
+    pub metrics: Option<String>,
+    #[arg(long, default_value = "300s", value_parser = duration)]
+    pub timeout: Duration,
+    /// Write the results as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct CompareArgs {
+    /// Targets, in run order.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "regproxy,nginx,distribution,direct"
+    )]
+    pub targets: Vec<Kind>,
+    /// The big blob (warm single stream; cold concurrent).
+    #[arg(long, default_value = "256MiB", value_parser = size)]
+    pub big: u64,
+    /// The blob of the warm concurrent scenario.
+    #[arg(long, default_value = "16MiB", value_parser = size)]
+    pub medium: u64,
+    #[arg(long, default_value_t = 10)]
+    pub cold_clients: usize,
+    #[arg(long, default_value_t = 32)]
+    pub warm_clients: usize,
+    /// Timed repetitions of each warm scenario (median reported).
+    #[arg(long, default_value_t = 3)]
+    pub repeat: usize,
+    #[arg(long, default_value_t = 4)]
+    pub images: usize,
+    #[arg(long, default_value = "48MiB,16MiB", value_parser = sizes)]
+    pub shared_layers: std::vec::Vec<u64>,
+    #[arg(long, default_value = "24MiB,4MiB,512KiB", value_parser = sizes)]
+    pub unique_layers: std::vec::Vec<u64>,
+    #[arg(long, default_value_t = 8)]
+    pub image_clients: usize,
+    #[arg(long, default_value_t = 3)]
+    pub layer_concurrency: usize,
+    #[arg(long, default_value_t = 8)]
+    pub small_workers: usize,
+    #[arg(long, default_value = "3s", value_parser = duration)]
+    pub small_duration: Duration,
+    #[arg(long, default_value_t = 200_000)]
+    pub small_max: u64,
+    /// Uplink rate in Mbit/s (0 leaves the uplink scenario out).
+    #[arg(long, default_value_t = 100)]
+    pub uplink_mbit: u32,
+    #[arg(long, default_value_t = 3)]
+    pub uplink_images: usize,
+    #[arg(long, default_value = "12MiB", value_parser = sizes)]
+    pub uplink_shared: std::vec::Vec<u64>,
+    #[arg(long, default_value = "4MiB,512KiB", value_parser = sizes)]
+    pub uplink_unique: std::vec::Vec<u64>,
+    #[arg(long, default_value_t = 6)]
+    pub uplink_clients: usize,
+    #[arg(long, default_value = "120s", value_parser = duration)]
+    pub timeout: Duration,
+    #[arg(long, default_value = "300s", value_parser = duration)]
+    pub scenario_timeout: Duration,
+    /// The regproxy binary [default: `regproxy` next to this executable].
+    #[arg(long, env = "REGPROXY_BIN")]
+    pub regproxy_bin: Option<PathBuf>,
+    #[arg(long, default_value = "/usr/bin/docker-registry")]
+    pub registry_bin: PathBuf,
+    #[arg(long, default_value = "/usr/sbin/nginx")]
+    pub nginx_bin: PathBuf,
+    /// Where caches and logs go [default: a temp dir, removed afterwards].
+    #[arg(long)]
+    pub work_dir: Option<PathBuf>,
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    #[arg(long)]
+    pub svg: Option<PathBuf>,
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Seed(a) => seed(a).await,
+        Command::Pull(a) => pull(a).await,
+        Command::Compare(a) => compare(*a).await,
+    }
+}
+
+async fn seed(a: SeedArgs) -> anyhow::Result<()> {
+    let reg = Registry::new(&a.registry, a.timeout);
+    reg.wait_ready(Duration::from_secs(10)).await?;
+    let shape = ImageSetShape {
+        prefix: a.prefix.clone(),
+        images: a.images,
+        shared_layers: a.shared_layers.clone(),
+        unique_layers: a.unique_layers.clone(),
+        seed: a.seed,
+    };
+    let (images, blobs) = tokio::task::spawn_blocking(move || {
+        let blobs: Vec<_> = a
+            .blobs
+            .iter()
+            .enumerate()
+            .map(|(i, &s)| synth::blob(a.seed * 7919 + i as u64, s, LAYER_TYPE))
+            .collect();
+        (synth::image_set(&shape), blobs)
+    })
+    .await?;
+    let mut pushed = 0;
+    for b in &blobs {
+        if reg.push_blob("bench/blobs", b).await? {
+            pushed += b.size;
+        }
+        println!("bench/blobs@{} {}", b.digest, b.size);
+    }
+    for img in &images {
+        pushed += reg
+            .push_image(img)
+            .await
+            .with_context(|| format!("pushing {}", img.reference()))?;
+        println!("{}", img.reference());
+    }
+    eprintln!(
+        "seeded {} images ({} distinct blob bytes) and {} blobs; {} pushed",
+        images.len(),
+        human(synth::distinct_blob_bytes(&images)),
+        blobs.len(),
+        human(pushed)
+    );
+    Ok(())
+}
+
+/// Sum of `regproxy_upstream_bytes_total` over its labels.
+async fn upstream_metric(admin: &str) -> anyhow::Result<f64> {
+    let text = Registry::new(admin, Duration::from_secs(5))
+        .get_text("/metrics")
+        .await?;
+    Ok(text
+        .lines()
+        .filter(|l| l.starts_with("regproxy_upstream_bytes_total"))
+        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+        .sum())
+}
+
+async fn pull(a: PullArgs) -> anyhow::Result<()> {
+    let images = a
+        .images
+        .iter()
+        .map(|s| ImageRef::parse(s))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let log = a.upstream_log.clone().map(|path| AccessLog { path });
+    let mark = log.as_ref().map(AccessLog::mark);
+    let metric_before = match &a.metrics {
+        Some(m) => Some(upstream_metric(m).await?),
+        None => None,
+    };
+    let out = workload::pull_images(
+        &a.registry,
+        a.timeout,
+        &images,
+        a.clients,
+        a.layer_concurrency,
+    )
+    .await;
+    let upstream = match (&log, mark) {
+        (Some(l), Some(m)) => {
+            l.settle(Duration::from_millis(300), Duration::from_secs(5));
+            Some(l.usage(m, None))
+        }
+        _ => None,
+    };
+    let metric = match (&a.metrics, metric_before) {
+        (Some(m), Some(b)) => Some(upstream_metric(m).await? - b),
+        _ => None,
+    };
+    println!(
+        "{} clients × {} images: {:.2}s, {:.1} MiB/s, {} blobs verified, {} errors",
+        a.clients,
+        images.len(),
+        out.wall.as_secs_f64(),
+        out.mib_per_s(),
+        out.verified,
+        out.errors
+    );
+    println!(
+        "per image  p50 {:.1} ms  p99 {:.1} ms",
+        out.image_latency.percentile_ms(50.0),
+        out.image_latency.percentile_ms(99.0)
+    );
+    println!(
+        "per blob   p50 {:.1} ms  p99 {:.1} ms",
+        out.blob_latency.percentile_ms(50.0),
+        out.blob_latency.percentile_ms(99.0)
+    );
+    if let Some(u) = upstream {
+        println!(
+            "upstream (access log): {} blob GETs, {} of blobs, {} in all",
+            u.blob_gets,
+            human(u.blob_bytes),
+            human(u.bytes)
+        );
+    }
+    if let Some(m) = metric {
+        println!("upstream (regproxy metrics): {}", human(m as u64));
+    }
+    for e in &out.first_errors {
+        println!("error: {e}");
+    }
+    if let Some(path) = &a.json {
+        let v = serde_json::json!({
+            "clients": a.clients,
+            "images": images,
+            "wall_s": out.wall.as_secs_f64(),
+            "mib_per_s": out.mib_per_s(),
+            "bytes": out.bytes,
+            "verified": out.verified,
+            "errors": out.errors,
+            "first_errors": out.first_errors,
+            "image_p50_ms": out.image_latency.percentile_ms(50.0),
+            "image_p99_ms": out.image_latency.percentile_ms(99.0),
+            "blob_p50_ms": out.blob_latency.percentile_ms(50.0),
+            "blob_p99_ms": out.blob_latency.percentile_ms(99.0),
+            "upstream": upstream,
+            "upstream_bytes_metric": metric,
+        });
+        std::fs::write(path, serde_json::to_vec_pretty(&v)?)?;
+    }
+    if out.errors > 0 {
+        bail!("{} of {} requests failed", out.errors, out.requests);
+    }
+    Ok(())
+}
+
+fn default_regproxy() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    Ok(exe.with_file_name("regproxy"))
+}
+
+async fn compare(a: CompareArgs) -> anyhow::Result<()> {
+    let tools = Tools {
+        registry: a.registry_bin.clone(),
+        nginx: a.nginx_bin.clone(),
+        regproxy: match &a.regproxy_bin {
+            Some(p) => p.clone(),
+            None => default_regproxy()?,
+        },
+    };
+    for (needed, path) in [
+        (true, &tools.registry),
+        (a.targets.contains(&Kind::Nginx), &tools.nginx),
+        (a.targets.contains(&Kind::Regproxy), &tools.regproxy),
+    ] {
+        if needed && !path.is_file() {
+            bail!(
+                "{} is missing (scripts/deps.sh installs the peers; `cargo build --release -p regproxy` builds regproxy)",
+                path.display()
+            );
+        }
+    }
+    let params = Params {
+        targets: a.targets.clone(),
+        big: a.big,
+        medium: a.medium,
+        cold_clients: a.cold_clients,
+        warm_clients: a.warm_clients,
+        repeat: a.repeat,
+        images: a.images,
+        shared_layers: a.shared_layers.clone(),
+        unique_layers: a.unique_layers.clone(),
+        image_clients: a.image_clients,
+        layer_concurrency: a.layer_concurrency,
+        small_workers: a.small_workers,
+        small_duration: a.small_duration,
+        small_max: a.small_max,
+        uplink_mbit: a.uplink_mbit,
+        uplink_images: a.uplink_images,
+        uplink_shared: a.uplink_shared.clone(),
+        uplink_unique: a.uplink_unique.clone(),
+        uplink_clients: a.uplink_clients,
+        timeout: a.timeout,
+        scenario_timeout: a.scenario_timeout,
+    };
+    let temp;
+    let work = match &a.work_dir {
+        Some(w) => w.clone(),
+        None => {
+            temp = tempfile::Builder::new()
+                .prefix("loadtest-compare-")
+                .tempdir()?;
+            temp.path().to_path_buf()
+        }
+    };
+    let report = compare::run(params, tools, work).await?;
+    let checks = crate::report::checks(&report);
+    print!("{}", crate::report::table(&report));
+    println!();
+    print!("{}", crate::report::checks_text(&checks));
+    if let Some(path) = &a.json {
+        let v = serde_json::json!({ "report": report, "checks": checks });
+        std::fs::write(path, serde_json::to_vec_pretty(&v)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = &a.svg {
+        std::fs::write(path, crate::report::svg(&report))
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    let errors: u64 = report.rows.iter().map(|r| r.errors).sum();
+    if errors > 0 {
+        bail!("{errors} requests failed or did not verify (see the errors column and the JSON)");
+    }
+    Ok(())
+}

@@ -1,0 +1,530 @@
+//! `compare`: one run, one machine, every target with a fresh cache, the same
+//! scenarios in the same order. The upstream is seeded once; each target is
+//! started in front of it, measured, and stopped before the next starts.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde::Serialize;
+
+use crate::netns::Uplink;
+use crate::procs::{MemPeak, MemSampler, UpstreamUse};
+use crate::registry::Registry;
+use crate::synth::{self, BlobSpec, ImageSetShape, ImageSpec, LAYER_TYPE};
+use crate::targets::{start_target, start_upstream, Kind, Target, Tools, Upstream};
+use crate::workload::{self, ImageRef, Outcome};
+
+/// Sizes, counts and durations of a run; the defaults are the full benchmark.
+#[derive(Debug, Clone, Serialize)]
+pub struct Params {
+    pub targets: Vec<Kind>,
+    /// The large blob: warm single stream and cold concurrent.
+    pub big: u64,
+    /// The blob of the warm concurrent scenario.
+    pub medium: u64,
+    pub cold_clients: usize,
+    pub warm_clients: usize,
+    /// Timed repetitions of each warm scenario; the median is reported.
+    pub repeat: usize,
+    pub images: usize,
+    pub shared_layers: Vec<u64>,
+    pub unique_layers: Vec<u64>,
+    pub image_clients: usize,
+    pub layer_concurrency: usize,
+    pub small_workers: usize,
+    #[serde(with = "secs")]
+    pub small_duration: Duration,
+    pub small_max: u64,
+    /// Uplink rate in Mbit/s.
+    pub uplink_mbit: u32,
+    pub uplink_images: usize,
+    pub uplink_shared: Vec<u64>,
+    pub uplink_unique: Vec<u64>,
+    pub uplink_clients: usize,
+    /// Per request, and per blob body between two reads.
+    #[serde(with = "secs")]
+    pub timeout: Duration,
+    /// Each scenario as a whole.
+    #[serde(with = "secs")]
+    pub scenario_timeout: Duration,
+}
+
+mod secs {
+    pub fn serialize<S: serde::Serializer>(
+        d: &std::time::Duration,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64())
+    }
+}
+
+/// One scenario measured on one target.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    pub scenario: &'static str,
+    pub target: Kind,
+    pub clients: usize,
+    pub wall_s: f64,
+    pub mib_per_s: f64,
+    pub req_per_s: f64,
+    /// Per blob GET, or per request in the small-request scenario.
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub image_p50_ms: Option<f64>,
+    pub image_p99_ms: Option<f64>,
+    pub requests: u64,
+    pub verified: u64,
+    pub errors: u64,
+    pub first_errors: Vec<String>,
+    pub upstream: UpstreamUse,
+    /// Distinct blob bytes the scenario asks for (what one fetch each costs).
+    pub distinct_bytes: u64,
+    /// Upstream blob bytes ÷ distinct blob bytes.
+    pub amplification: f64,
+    /// Peak memory of the target's processes; `None` for direct.
+    pub memory: Option<MemPeak>,
+}
+
+/// Scenario ids in run order, with what the table and chart call them.
+pub const SCENARIOS: [(&str, &str); 8] = [
+    ("cold_concurrent", "cold N× big blob"),
+    ("images_cold", "image set, cold"),
+    ("images_warm", "image set, warm"),
+    ("warm_single", "warm 1× big blob"),
+    ("warm_concurrent", "warm N× medium blob"),
+    ("small_requests", "small requests"),
+    ("uplink_node1", "uplink, node 1"),
+    ("uplink_node2", "uplink, node 2"),
+];
+
+/// The machine a run was made on.
+#[derive(Debug, Clone, Serialize)]
+pub struct Machine {
+    pub nproc: usize,
+    pub cpu: String,
+    pub mem_total_gib: f64,
+    pub kernel: String,
+    pub started_utc: String,
+}
+
+impl Machine {
+    pub fn detect() -> Machine {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu = cpuinfo
+            .lines()
+            .find(|l| l.starts_with("model name"))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+            .unwrap_or_else(|| "unknown".into());
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let mem_kib: f64 = meminfo
+            .lines()
+            .find(|l| l.starts_with("MemTotal:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        let started_utc = std::process::Command::new("date")
+            .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default();
+        Machine {
+            nproc: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(0),
+            cpu,
+            mem_total_gib: mem_kib / (1024.0 * 1024.0),
+            kernel,
+            started_utc,
+        }
+    }
+}
+
+/// Everything a run produced.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub machine: Machine,
+    pub params: Params,
+    pub rows: Vec<Row>,
+}
+
+impl Report {
+    pub fn row(&self, scenario: &str, target: Kind) -> Option<&Row> {
+        self.rows
+            .iter()
+            .find(|r| r.scenario == scenario && r.target == target)
+    }
+}
+
+/// The content of a run, hashed before anything starts.
+struct Plan {
+    big: BlobSpec,
+    medium: BlobSpec,
+    images: Vec<ImageSpec>,
+    uplink_images: Vec<ImageSpec>,
+}
+
+const BLOB_REPO: &str = "bench/blobs";
+
+fn refs(images: &[ImageSpec]) -> Vec<ImageRef> {
+    images
+        .iter()
+        .map(|i| ImageRef {
+            name: i.name.clone(),
+            tag: i.tag.clone(),
+        })
+        .collect()
+}
+
+struct Ctx<'a> {
+    params: &'a Params,
+    sampler: &'a MemSampler,
+    rows: Vec<Row>,
+}
+
+impl Ctx<'_> {
+    /// Runs one scenario on `target`: memory peaks and upstream use are
+    /// measured from just before `run` to when the upstream log settles.
+    async fn measure<F>(
+        &mut self,
+        scenario: &'static str,
+        (target, upstream): (&Target, &Upstream),
+        clients: usize,
+        distinct_bytes: u64,
+        digest: Option<&str>,
+        run: F,
+    ) -> Row
+    where
+        F: std::future::Future<Output = Outcome>,
+    {
+        let mark = upstream.log.mark();
+        self.sampler.take();
+        let out = match tokio::time::timeout(self.params.scenario_timeout, run).await {
+            Ok(o) => o,
+            Err(_) => Outcome {
+                errors: 1,
+                first_errors: vec![format!(
+                    "scenario did not finish within {:?}",
+                    self.params.scenario_timeout
+                )],
+                wall: self.params.scenario_timeout,
+                ..Outcome::default()
+            },
+        };
+        let log = upstream.log.clone();
+        tokio::task::spawn_blocking(move || {
+            log.settle(Duration::from_millis(300), Duration::from_secs(5))
+        })
+        .await
+        .ok();
+        let usage = upstream.log.usage(mark, digest);
+        let memory = target.proc.as_ref().map(|_| self.sampler.take());
+        let wall = out.wall.as_secs_f64().max(1e-9);
+        let row = Row {
+            scenario,
+            target: target.kind,
+            clients,
+            wall_s: out.wall.as_secs_f64(),
+            mib_per_s: out.mib_per_s(),
+            req_per_s: out.requests as f64 / wall,
+            p50_ms: if out.blob_latency.is_empty() {
+                out.request_latency.percentile_ms(50.0)
+            } else {
+                out.blob_latency.percentile_ms(50.0)
+            },
+            p99_ms: if out.blob_latency.is_empty() {
+                out.request_latency.percentile_ms(99.0)
+            } else {
+                out.blob_latency.percentile_ms(99.0)
+            },
+            image_p50_ms: (!out.image_latency.is_empty())
+                .then(|| out.image_latency.percentile_ms(50.0)),
+            image_p99_ms: (!out.image_latency.is_empty())
+                .then(|| out.image_latency.percentile_ms(99.0)),
+            requests: out.requests,
+            verified: out.verified,
+            errors: out.errors,
+            first_errors: out.first_errors,
+            upstream: usage,
+            distinct_bytes,
+            amplification: if distinct_bytes == 0 {
+                0.0
+            } else {
+                usage.blob_bytes as f64 / distinct_bytes as f64
+            },
+            memory,
+        };
+        eprintln!(
+            "  {scenario:<16} {:<12} {:>8.2}s {:>9.1} MiB/s  upstream GETs {:>3}  errors {}{}",
+            target.kind.to_string(),
+            row.wall_s,
+            row.mib_per_s,
+            row.upstream.blob_gets,
+            row.errors,
+            row.first_errors
+                .first()
+                .map(|e| format!(" ({e})"))
+                .unwrap_or_default()
+        );
+        self.rows.push(row.clone());
+        row
+    }
+}
+
+/// Takes the median (by wall time) of `repeat` outcomes; errors of all count.
+fn median(mut outs: Vec<Outcome>) -> Outcome {
+    outs.sort_by_key(|o| o.wall);
+    let errors: u64 = outs.iter().map(|o| o.errors).sum();
+    let firsts: Vec<String> = outs
+        .iter()
+        .flat_map(|o| o.first_errors.clone())
+        .take(5)
+        .collect();
+    let mid = outs.len() / 2;
+    let mut m = outs.swap_remove(mid);
+    m.errors = errors;
+    m.first_errors = firsts;
+    m
+}
+
+/// Makes a blob warm: one GET, a pause for the target to commit what it
+/// fetched, and a second GET; the same for every target.
+async fn prime(addr: &str, timeout: Duration, blob: &BlobSpec) -> Outcome {
+    let mut first =
+        workload::concurrent_blob(addr, timeout, BLOB_REPO, &blob.digest, blob.size, 1).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let second =
+        workload::concurrent_blob(addr, timeout, BLOB_REPO, &blob.digest, blob.size, 1).await;
+    first.errors += second.errors;
+    first.first_errors.extend(second.first_errors);
+    first
+}
+
+/// Counts the errors of the untimed priming GET into the measured outcome.
+fn with_prime(mut m: Outcome, prime: Outcome) -> Outcome {
+    m.errors += prime.errors;
+    m.first_errors.extend(prime.first_errors);
+    m
+}
+
+/// Runs the whole comparison.
+pub async fn run(params: Params, tools: Tools, work: PathBuf) -> anyhow::Result<Report> {
+    let machine = Machine::detect();
+    std::fs::create_dir_all(&work)?;
+    let t0 = Instant::now();
+    eprintln!("hashing the synthetic content …");
+    let p = params.clone();
+    let plan = tokio::task::spawn_blocking(move || Plan {
+        big: synth::blob(1, p.big, LAYER_TYPE),
+        medium: synth::blob(2, p.medium, LAYER_TYPE),
+        images: synth::image_set(&ImageSetShape {
+            prefix: "bench/app".into(),
+            images: p.images,
+            shared_layers: p.shared_layers.clone(),
+            unique_layers: p.unique_layers.clone(),
+            seed: 10,
+        }),
+        uplink_images: synth::image_set(&ImageSetShape {
+            prefix: "bench/edge".into(),
+            images: p.uplink_images,
+            shared_layers: p.uplink_shared.clone(),
+            unique_layers: p.uplink_unique.clone(),
+            seed: 20,
+        }),
+    })
+    .await?;
+
+    let storage = work.join("upstream-storage");
+    std::fs::create_dir_all(&storage)?;
+    let up_addr = format!("127.0.0.1:{}", crate::procs::free_port()?);
+    let upstream = start_upstream(&tools, &work, &storage, &up_addr, None).await?;
+    eprintln!("seeding the upstream at {up_addr} …");
+    let reg = Registry::new(&up_addr, params.timeout);
+    reg.push_blob(BLOB_REPO, &plan.big).await?;
+    reg.push_blob(BLOB_REPO, &plan.medium).await?;
+    for img in plan.images.iter().chain(&plan.uplink_images) {
+        reg.push_image(img)
+            .await
+            .with_context(|| format!("seeding {}", img.reference()))?;
+    }
+    eprintln!("seeded in {:.1}s", t0.elapsed().as_secs_f64());
+
+    // The uplink's upstream serves the same storage from inside the namespace.
+    let uplink = if params.uplink_mbit > 0 {
+        let link = Uplink::create(params.uplink_mbit)?;
+        let addr = format!("{}:5000", link.upstream_ip);
+        let up = start_upstream(&tools, &work, &storage, &addr, Some(&link.ns)).await?;
+        Some((link, up))
+    } else {
+        None
+    };
+
+    let sampler = MemSampler::start(Duration::from_millis(10));
+    let mut ctx = Ctx {
+        params: &params,
+        sampler: &sampler,
+        rows: Vec::new(),
+    };
+    let image_refs = refs(&plan.images);
+    let uplink_refs = refs(&plan.uplink_images);
+    let image_distinct = synth::distinct_blob_bytes(&plan.images);
+    let uplink_distinct = synth::distinct_blob_bytes(&plan.uplink_images);
+    let to = params.timeout;
+
+    for &kind in &params.targets {
+        eprintln!("{kind}:");
+        let target = start_target(kind, &tools, &upstream.addr, &work, "loop").await?;
+        sampler.watch(target.pid().into_iter().collect());
+        let addr = target.addr.clone();
+        let (big, medium) = (&plan.big, &plan.medium);
+
+        ctx.measure(
+            "cold_concurrent",
+            (&target, &upstream),
+            params.cold_clients,
+            big.size,
+            Some(&big.digest),
+            workload::concurrent_blob(
+                &addr,
+                to,
+                BLOB_REPO,
+                &big.digest,
+                big.size,
+                params.cold_clients,
+            ),
+        )
+        .await;
+        ctx.measure(
+            "images_cold",
+            (&target, &upstream),
+            params.image_clients,
+            image_distinct,
+            None,
+            workload::pull_images(
+                &addr,
+                to,
+                &image_refs,
+                params.image_clients,
+                params.layer_concurrency,
+            ),
+        )
+        .await;
+        ctx.measure(
+            "images_warm",
+            (&target, &upstream),
+            params.image_clients,
+            image_distinct,
+            None,
+            workload::pull_images(
+                &addr,
+                to,
+                &image_refs,
+                params.image_clients,
+                params.layer_concurrency,
+            ),
+        )
+        .await;
+
+        let primed = prime(&addr, to, big).await;
+        ctx.measure(
+            "warm_single",
+            (&target, &upstream),
+            1,
+            big.size,
+            Some(&big.digest),
+            async {
+                let mut outs = Vec::new();
+                for _ in 0..params.repeat.max(1) {
+                    outs.push(
+                        workload::concurrent_blob(&addr, to, BLOB_REPO, &big.digest, big.size, 1)
+                            .await,
+                    );
+                }
+                with_prime(median(outs), primed)
+            },
+        )
+        .await;
+
+        let primed = prime(&addr, to, medium).await;
+        ctx.measure(
+            "warm_concurrent",
+            (&target, &upstream),
+            params.warm_clients,
+            medium.size,
+            Some(&medium.digest),
+            async {
+                let mut outs = Vec::new();
+                for _ in 0..params.repeat.max(1) {
+                    outs.push(
+                        workload::concurrent_blob(
+                            &addr,
+                            to,
+                            BLOB_REPO,
+                            &medium.digest,
+                            medium.size,
+                            params.warm_clients,
+                        )
+                        .await,
+                    );
+                }
+                with_prime(median(outs), primed)
+            },
+        )
+        .await;
+
+        ctx.measure(
+            "small_requests",
+            (&target, &upstream),
+            params.small_workers,
+            0,
+            None,
+            workload::small_requests(
+                &addr,
+                to,
+                &image_refs,
+                params.small_workers,
+                params.small_duration,
+                params.small_max,
+            ),
+        )
+        .await;
+        drop(target);
+
+        if let Some((_, up)) = &uplink {
+            for (scenario, label) in [("uplink_node1", "node1"), ("uplink_node2", "node2")] {
+                let node = start_target(kind, &tools, &up.addr, &work, label).await?;
+                sampler.watch(node.pid().into_iter().collect());
+                let addr = node.addr.clone();
+                ctx.measure(
+                    scenario,
+                    (&node, up),
+                    params.uplink_clients,
+                    uplink_distinct,
+                    None,
+                    workload::pull_images(
+                        &addr,
+                        to,
+                        &uplink_refs,
+                        params.uplink_clients,
+                        params.layer_concurrency,
+                    ),
+                )
+                .await;
+            }
+        }
+    }
+    let rows = ctx.rows;
+    drop(uplink);
+    drop(upstream);
+    eprintln!("compare finished in {:.1}s", t0.elapsed().as_secs_f64());
+    Ok(Report {
+        machine,
+        params,
+        rows,
+    })
+}

@@ -1,0 +1,28 @@
+//! The edge-cluster pull workload, and regproxy measured side by side against
+//! what users run instead.
+//!
+//! - [`cli`]: the `seed`, `pull` and `compare` subcommands and their flags.
+//! - [`size`]: byte sizes on the command line (`256MiB`, `16MB`, `1024`).
+//! - [`synth`]: deterministic synthetic blobs and image sets (what `seed` pushes).
+//! - [`registry`]: a small OCI registry client: push, resolve, verified blob GETs.
+//! - [`stats`]: latency percentiles.
+//! - [`workload`]: the client side of every scenario (N clients pulling at once).
+//! - [`procs`]: child processes (upstream, peers, regproxy), their memory, and the
+//!   upstream's access log.
+//! - [`targets`]: how each target (regproxy, Distribution proxy, nginx, direct) is
+//!   configured and started with a fresh cache.
+//! - [`netns`]: the bandwidth-limited uplink (network namespace, veth, `tc tbf`).
+//! - [`compare`]: the scenarios, run for every target in one run.
+//! - [`report`]: the table on stdout, the JSON, and the SVG chart.
+
+pub mod cli;
+pub mod compare;
+pub mod netns;
+pub mod procs;
+pub mod registry;
+pub mod report;
+pub mod size;
+pub mod stats;
+pub mod synth;
+pub mod targets;
+pub mod workload;

@@ -1,0 +1,202 @@
+//! A short `loadtest compare` on small blobs, against the real programs:
+//! Distribution as the upstream, regproxy, Distribution's proxy mode, nginx
+//! and direct, plus the shaped uplink in a network namespace. It checks that
+//! the harness works and that regproxy is correct (every blob verified, no
+//! errors, one upstream fetch for concurrent cold clients, amplification 1.00
+//! on the uplink), not how fast anything is.
+//!
+//! It needs root (for `ip netns`), `docker-registry` and `nginx` (installed
+//! by `scripts/deps.sh`), and builds the regproxy binary itself with cargo,
+//! in the profile this test was built in (`target/debug/regproxy` under
+//! `cargo test`); `REGPROXY_BIN` overrides that.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Builds regproxy next to the loadtest binary under test and returns its path.
+fn regproxy_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("REGPROXY_BIN") {
+        return PathBuf::from(p);
+    }
+    let loadtest = Path::new(env!("CARGO_BIN_EXE_loadtest"));
+    let dir = loadtest
+        .parent()
+        .expect("the loadtest binary has a directory");
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("loadtest/ is in the workspace");
+    let mut cargo = Command::new(env!("CARGO"));
+    cargo
+        .current_dir(workspace)
+        .args(["build", "-p", "regproxy", "--bin", "regproxy"]);
+    if dir.ends_with("release") {
+        cargo.arg("--release");
+    }
+    let status = cargo.status().expect("cargo should start");
+    assert!(
+        status.success(),
+        "building the regproxy binary should succeed"
+    );
+    let bin = dir.join("regproxy");
+    assert!(bin.is_file(), "cargo should have built {}", bin.display());
+    bin
+}
+
+fn rows<'a>(report: &'a Value, scenario: &str) -> Vec<&'a Value> {
+    report["report"]["rows"]
+        .as_array()
+        .expect("the JSON has rows")
+        .iter()
+        .filter(|r| r["scenario"] == scenario)
+        .collect()
+}
+
+fn row<'a>(report: &'a Value, scenario: &str, target: &str) -> &'a Value {
+    rows(report, scenario)
+        .into_iter()
+        .find(|r| r["target"] == target)
+        .unwrap_or_else(|| panic!("the report should have a {scenario} row for {target}"))
+}
+
+#[test]
+fn a_short_compare_verifies_everything_and_regproxy_fetches_once() {
+    let regproxy = regproxy_bin();
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let json = dir.path().join("compare.json");
+    let svg = dir.path().join("compare.svg");
+    let started = Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_loadtest"))
+        .args(["compare", "--targets", "regproxy,nginx,distribution,direct"])
+        .args(["--big", "4MiB", "--medium", "512KiB"])
+        .args([
+            "--cold-clients",
+            "10",
+            "--warm-clients",
+            "8",
+            "--repeat",
+            "1",
+        ])
+        .args([
+            "--images",
+            "2",
+            "--shared-layers",
+            "1MiB",
+            "--unique-layers",
+            "512KiB,4KiB",
+        ])
+        .args([
+            "--image-clients",
+            "3",
+            "--small-workers",
+            "4",
+            "--small-duration",
+            "500ms",
+        ])
+        .args([
+            "--uplink-mbit",
+            "400",
+            "--uplink-images",
+            "2",
+            "--uplink-shared",
+            "1MiB",
+        ])
+        .args(["--uplink-unique", "256KiB", "--uplink-clients", "4"])
+        .args(["--timeout", "30s", "--scenario-timeout", "60s"])
+        .arg("--regproxy-bin")
+        .arg(&regproxy)
+        .arg("--work-dir")
+        .arg(dir.path().join("work"))
+        .arg("--json")
+        .arg(&json)
+        .arg("--svg")
+        .arg(&svg)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .expect("loadtest should start");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "loadtest compare should finish without errors\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(120),
+        "a short compare should stay short, took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        stdout.contains("regproxy") && stdout.contains("×nginx"),
+        "the table should be printed:\n{stdout}"
+    );
+
+    let report: Value =
+        serde_json::from_slice(&std::fs::read(&json).expect("the JSON should be written"))
+            .expect("the JSON should parse");
+    let all = report["report"]["rows"].as_array().expect("rows");
+    assert_eq!(
+        all.len(),
+        4 * 8,
+        "every target should report all eight scenarios"
+    );
+    for r in all {
+        assert_eq!(
+            r["errors"], 0,
+            "no request should fail or fail to verify: {r}"
+        );
+        assert!(
+            r["verified"].as_u64().unwrap_or(0) > 0,
+            "every scenario should verify responses: {r}"
+        );
+        assert_eq!(
+            r["verified"], r["requests"],
+            "every request should have been verified: {r}"
+        );
+    }
+
+    let cold = row(&report, "cold_concurrent", "regproxy");
+    assert_eq!(
+        cold["verified"], 10,
+        "ten cold clients should each get the verified blob"
+    );
+    assert_eq!(
+        cold["upstream"]["blob_gets"], 1,
+        "ten concurrent cold clients through regproxy should make exactly one upstream GET"
+    );
+    assert_eq!(
+        row(&report, "cold_concurrent", "direct")["upstream"]["blob_gets"],
+        10,
+        "the upstream access log should count each of ten direct GETs (else the counter is broken)"
+    );
+    for node in ["uplink_node1", "uplink_node2"] {
+        let r = row(&report, node, "regproxy");
+        let amp = r["amplification"].as_f64().expect("amplification");
+        assert!(
+            (amp - 1.0).abs() < 1e-9,
+            "regproxy on {node} should fetch each distinct blob exactly once, amplification {amp}: {r}"
+        );
+    }
+    for scenario in ["cold_concurrent", "warm_concurrent"] {
+        let r = row(&report, scenario, "regproxy");
+        assert!(
+            r["memory"]["rss_kib"].as_u64().unwrap_or(0) > 0,
+            "regproxy's memory should have been sampled in {scenario}: {r}"
+        );
+    }
+    for r in rows(&report, "warm_concurrent")
+        .into_iter()
+        .filter(|r| r["target"] != "direct")
+    {
+        assert_eq!(
+            r["upstream"]["blob_gets"], 0,
+            "a warm blob should come from the cache: {r}"
+        );
+    }
+    let svg = std::fs::read_to_string(&svg).expect("the SVG should be written");
+    assert!(
+        svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"),
+        "the chart should be a whole SVG document"
+    );
+}
