@@ -1,0 +1,220 @@
+//! A real containerd pulls the registry name through regproxy because of the
+//! `hosts.toml` that `regproxy hosts containerd ensure` writes, and no longer
+//! once `remove` took it away. `ctr --hosts-dir` reads that file with the
+//! same code (`remotes/docker/config`) as the CRI's `config_path`.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use support::*;
+
+/// A containerd of its own: sockets, root and state in a temp dir, no CRI.
+struct Containerd {
+    dir: TempDir,
+    sock: PathBuf,
+    child: Child,
+}
+
+impl Containerd {
+    fn start() -> Containerd {
+        let dir = TempDir::new("containerd");
+        let config = dir.path().join("config.toml");
+        std::fs::write(
+            &config,
+            "version = 2\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n",
+        )
+        .unwrap();
+        let sock = dir.path().join("containerd.sock");
+        let log = std::fs::File::create(dir.path().join("containerd.log")).unwrap();
+        let mut child = Command::new("containerd")
+            .arg("--config")
+            .arg(&config)
+            .arg("--address")
+            .arg(&sock)
+            .arg("--root")
+            .arg(dir.path().join("root"))
+            .arg("--state")
+            .arg(dir.path().join("state"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("containerd is installed (scripts/deps.sh)");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let v = Command::new("ctr")
+                .arg("--address")
+                .arg(&sock)
+                .arg("version")
+                .output()
+                .unwrap();
+            if v.status.success() {
+                break;
+            }
+            if let Ok(Some(st)) = child.try_wait() {
+                panic!("containerd exited with {st}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "containerd should answer within 30s"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Containerd { dir, sock, child }
+    }
+
+    /// `ctr ARGS` in a mount namespace whose `/etc/hosts` maps the registry
+    /// name to loopback, as on a node: whatever containerd tries, it stays on
+    /// this machine.
+    fn ctr(&self, args: &[&str]) -> Output {
+        let hosts = self.dir.path().join("hosts");
+        std::fs::write(
+            &hosts,
+            format!("127.0.0.1 localhost\n127.0.0.1 {REGISTRY_NAME}\n"),
+        )
+        .unwrap();
+        let script = format!(
+            "mount --bind {} /etc/hosts && exec timeout 60 ctr --address {} \"$@\"",
+            hosts.display(),
+            self.sock.display()
+        );
+        Command::new("unshare")
+            .args([
+                "--mount",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                &script,
+                "ctr",
+            ])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn regproxy(args: &[&str]) -> String {
+    let out = Command::new(regproxy_bin()).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "regproxy {args:?} should succeed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn fetch(containerd: &Containerd, certs: &Path, image: &str) -> Output {
+    containerd.ctr(&[
+        "content",
+        "fetch",
+        "--hosts-dir",
+        certs.to_str().unwrap(),
+        image,
+    ])
+}
+
+#[test]
+fn containerd_pulls_the_registry_name_through_the_proxy_by_hosts_toml() {
+    let reg = Registry::start();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let layer = blob(1 << 20, 11);
+    let config =
+        br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
+    rt.block_on(push_manifest(
+        &reg.url(),
+        "team/ctr",
+        "v1",
+        config,
+        &[&layer],
+    ));
+    let layer_digest = sha256_digest(&layer);
+
+    let cache = TempDir::new("ctr-cache");
+    let proxy = Proxy::start(&reg.url(), cache.path(), &[]);
+    let containerd = Containerd::start();
+    let certs_dir = TempDir::new("certs.d");
+    let certs = certs_dir.path().to_str().unwrap();
+    let endpoint = format!("http://{}", proxy.addr);
+    // The image reference has no port, as on a node (the proxy is on :80 there).
+    let image = format!("{REGISTRY_NAME}/team/ctr:v1");
+
+    let said = regproxy(&[
+        "hosts",
+        "containerd",
+        "ensure",
+        "--certs-dir",
+        certs,
+        "--name",
+        REGISTRY_NAME,
+        "--endpoint",
+        &endpoint,
+    ]);
+    assert!(said.contains("added"), "{said}");
+
+    let out = fetch(&containerd, certs_dir.path(), &image);
+    assert!(
+        out.status.success(),
+        "containerd should pull {image} through the proxy; ctr said:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let content = containerd.ctr(&["content", "ls", "-q"]);
+    assert!(
+        String::from_utf8_lossy(&content.stdout).contains(&layer_digest),
+        "containerd's content store should hold the layer"
+    );
+    assert!(
+        proxy.cache_path(&layer_digest).exists(),
+        "the layer should have come through the proxy and into its cache"
+    );
+    assert_eq!(
+        reg.blob_gets(&layer_digest),
+        1,
+        "the proxy fetched the layer upstream once"
+    );
+
+    // Without the file containerd goes to https://NAME:443 (here: loopback,
+    // where nothing listens), so the pull fails: the file is what routes it.
+    let said = regproxy(&[
+        "hosts",
+        "containerd",
+        "remove",
+        "--certs-dir",
+        certs,
+        "--name",
+        REGISTRY_NAME,
+    ]);
+    assert!(said.contains("removed"), "{said}");
+    assert!(
+        std::fs::read_dir(certs).unwrap().next().is_none(),
+        "remove should leave certs.d as it was"
+    );
+    let rm = containerd.ctr(&["content", "rm", &layer_digest]);
+    assert!(rm.status.success(), "ctr content rm should succeed");
+    let out = fetch(&containerd, certs_dir.path(), &image);
+    assert!(
+        !out.status.success(),
+        "without hosts.toml containerd should no longer reach the registry name"
+    );
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("https://") && said.contains("127.0.0.1:443"),
+        "containerd should have fallen back to https on port 443: {said}"
+    );
+    assert_eq!(
+        reg.blob_gets(&layer_digest),
+        1,
+        "and nothing more should reach the upstream"
+    );
+}
