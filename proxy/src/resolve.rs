@@ -241,6 +241,36 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn hypers_connector_connects_through_it() {
+        use hyper_util::client::legacy::connect::HttpConnector;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        for mode in [ResolverMode::System, ResolverMode::Dns] {
+            let mut connector = HttpConnector::new_with_resolver(Resolver::new(mode).unwrap());
+            let uri: http::Uri = format!("http://localhost:{port}/").parse().unwrap();
+            let connected = tower_service::Service::call(&mut connector, uri);
+            let (conn, accepted) = tokio::join!(connected, listener.accept());
+            assert!(
+                conn.is_ok(),
+                "{mode:?}: the connector should reach localhost:{port}"
+            );
+            assert!(
+                accepted.is_ok(),
+                "{mode:?}: the listener should see the connection"
+            );
+        }
+    }
+
+    #[test]
+    fn a_resolver_built_before_the_runtime_works_inside_it() {
+        // main() parses and validates before it starts the runtime.
+        let r = Resolver::new(ResolverMode::Dns).unwrap();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let addrs = rt.block_on(r.resolve("localhost", 80)).unwrap();
+        assert!(addrs.iter().all(|a| a.ip().is_loopback()), "{addrs:?}");
+    }
+
+    #[tokio::test]
     async fn dns_mode_asks_the_name_server_and_never_reads_etc_hosts() {
         let r = dns_resolver_at(name_server().await).await;
         let addrs = r
