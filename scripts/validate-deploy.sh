@@ -41,5 +41,5 @@ for v in "${K8S_VERSIONS[@]}"; do
 done
 echo "schemas: deploy, its storage overlays and sysadmin/ pass --strict for Kubernetes ${K8S_VERSIONS[*]}"
 
-cargo build -q -p regproxy
+cargo build -q --locked -p regproxy
 "$venv/bin/python" scripts/check_deploy.py "$out/deploy.yaml" sysadmin target/debug/regproxy
