@@ -39,8 +39,8 @@ enum Kind {
         stream: BoxStream<'static, Result<Bytes, BoxError>>,
         len: Option<u64>,
     },
-    /// Relayed from upstream; each chunk is counted in `metrics`.
-    Upstream(Incoming, Arc<Metrics>),
+    /// Relayed (from upstream, or to it); each chunk is counted in `metrics` when given.
+    Upstream(Incoming, Option<Arc<Metrics>>),
 }
 
 impl Body {
@@ -74,7 +74,7 @@ impl Body {
         }
     }
 
-    pub fn upstream(b: Incoming, metrics: Arc<Metrics>) -> Body {
+    pub fn upstream(b: Incoming, metrics: Option<Arc<Metrics>>) -> Body {
         Body {
             kind: Kind::Upstream(b, metrics),
         }
@@ -120,7 +120,7 @@ impl http_body::Body for Body {
             },
             Kind::Upstream(b, m) => {
                 let f = Pin::new(b).poll_frame(cx).map_err(Into::into);
-                if let Poll::Ready(Some(Ok(f))) = &f {
+                if let (Poll::Ready(Some(Ok(f))), Some(m)) = (&f, m) {
                     if let Some(d) = f.data_ref() {
                         m.upstream_bytes
                             .fetch_add(d.len() as u64, Ordering::Relaxed);

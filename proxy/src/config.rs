@@ -20,7 +20,6 @@ pub struct Cli {
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
-
     /// Serve the registry API on a node, pulling through from the upstream registry.
     Serve(ServeArgs),
     /// Set a node up for the proxy, or undo it: the `/etc/hosts` entry and
@@ -79,7 +78,30 @@ pub struct ServeArgs {
     #[arg(long, env = "REGPROXY_SHUTDOWN_GRACE", default_value = "25s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
 
+    /// How the upstream's host name is resolved: `system` (getaddrinfo, which
+    /// reads /etc/hosts) or `dns` (DNS only, via /etc/resolv.conf). Use `dns`
+    /// on a node whose /etc/hosts maps the registry name to this proxy.
+    #[arg(
+        long,
+        env = "REGPROXY_UPSTREAM_RESOLVER",
+        value_enum,
+        default_value = "system"
+    )]
+    pub upstream_resolver: crate::resolve::ResolverMode,
+
+    /// How long a tag → digest answer is used without asking the upstream
+
+    /// again (`0s`: always revalidate). Past it, one `HEAD` per tag.
+    #[arg(long, env = "REGPROXY_TAG_TTL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub tag_ttl: Duration,
+
+    /// How long the upstream's yes to a credential for a repository lets
+    /// that credential read the repository's cached content without asking.
+    #[arg(long, env = "REGPROXY_AUTH_TTL", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub auth_ttl: Duration,
+
     /// Log lines as human text or one JSON object each.
+
     #[arg(long, env = "REGPROXY_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
 

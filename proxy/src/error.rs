@@ -16,6 +16,8 @@ pub enum Error {
     #[error("{0}")]
     TagInvalid(String),
     #[error("{0}")]
+    ManifestInvalid(String),
+    #[error("{0}")]
     Unsupported(String),
     #[error("method {0} is not supported on this path")]
     MethodNotAllowed(http::Method),
@@ -27,6 +29,13 @@ pub enum Error {
     BlobUnknown(String),
     #[error("manifest unknown: {0}")]
     ManifestUnknown(String),
+
+    /// The upstream refused this client: its status and auth challenge.
+    #[error("the upstream registry refused these credentials for this repository")]
+    Denied {
+        status: StatusCode,
+        challenge: Option<HeaderValue>,
+    },
 
     // Upstream.
     #[error("upstream registry unreachable: {0}")]
@@ -50,6 +59,7 @@ impl Error {
             DigestInvalid(_) => (StatusCode::BAD_REQUEST, "DIGEST_INVALID"),
             NameInvalid(_) => (StatusCode::BAD_REQUEST, "NAME_INVALID"),
             TagInvalid(_) => (StatusCode::BAD_REQUEST, "TAG_INVALID"),
+            ManifestInvalid(_) => (StatusCode::BAD_REQUEST, "MANIFEST_INVALID"),
             Unsupported(_) => (StatusCode::BAD_REQUEST, "UNSUPPORTED"),
             MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED"),
             NotFound => (StatusCode::NOT_FOUND, "NOT_FOUND"),
@@ -59,6 +69,8 @@ impl Error {
             UpstreamUnreachable(_) | UpstreamBad(_) => (StatusCode::BAD_GATEWAY, "UNAVAILABLE"),
             UpstreamTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, "UNAVAILABLE"),
             LoopDetected => (StatusCode::LOOP_DETECTED, "UNAVAILABLE"),
+            Denied { status, .. } if *status == StatusCode::FORBIDDEN => (*status, "DENIED"),
+            Denied { .. } => (StatusCode::UNAUTHORIZED, "UNAUTHORIZED"),
             ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE"),
         }
     }
@@ -88,11 +100,20 @@ impl Error {
             "Docker-Distribution-API-Version",
             HeaderValue::from_static("registry/2.0"),
         );
-        if let Error::RangeNotSatisfiable { size } = self {
-            if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
-                h.insert(header::CONTENT_RANGE, v);
+        match self {
+            Error::RangeNotSatisfiable { size } => {
+                if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
+                    h.insert(header::CONTENT_RANGE, v);
+                }
             }
+            Error::Denied {
+                challenge: Some(c), ..
+            } => {
+                h.insert(header::WWW_AUTHENTICATE, c);
+            }
+            _ => {}
         }
+
         resp
     }
 }

@@ -10,7 +10,12 @@
 //! - [`cache`]: the content-addressed store on disk, its byte-weighted LRU
 //!   index, and single-flight fills that every reader follows while the bytes
 //!   arrive, verified against the digest before commit.
+//! - [`tags`]: tag → digest with a TTL, persisted, served stale when the
+//!   upstream is down.
+//! - [`auth`]: who may read cached content: the upstream's yes, remembered
+//!   per credential and repository for a short time.
 //! - [`upstream`]: the HTTP(S) client to the real registry, timeouts, redirects.
+
 //! - [`digest`]: digests, repository names and references, parsed strictly.
 //! - [`error`]: typed errors and their OCI error responses, in one place.
 //! - [`body`]: the response body type.
@@ -22,6 +27,7 @@
 #![deny(unsafe_code)]
 
 pub mod api;
+pub mod auth;
 pub mod body;
 pub mod cache;
 pub mod config;
@@ -31,4 +37,5 @@ pub mod hosts;
 pub mod metrics;
 pub mod resolve;
 pub mod server;
+pub mod tags;
 pub mod upstream;

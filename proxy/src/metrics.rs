@@ -10,6 +10,8 @@ pub enum Kind {
     Blob,
     Manifest,
     Tag,
+    /// Uploads, manifest pushes and deletes relayed to upstream.
+    Push,
     Other,
 }
 
@@ -28,10 +30,11 @@ pub enum Outcome {
     Error,
 }
 
-const KINDS: [(Kind, &str); 4] = [
+const KINDS: [(Kind, &str); 5] = [
     (Kind::Blob, "blob"),
     (Kind::Manifest, "manifest"),
     (Kind::Tag, "tag"),
+    (Kind::Push, "push"),
     (Kind::Other, "other"),
 ];
 const OUTCOMES: [(Outcome, &str); 5] = [
@@ -44,7 +47,7 @@ const OUTCOMES: [(Outcome, &str); 5] = [
 
 #[derive(Default)]
 pub struct Metrics {
-    requests: [[AtomicU64; 5]; 4],
+    requests: [[AtomicU64; 5]; 5],
     /// Body bytes sent to clients out of the node cache (including followers of a fill).
     pub served_cache_bytes: Arc<AtomicU64>,
     /// Body bytes relayed from upstream without going through the cache.
@@ -64,6 +67,10 @@ pub struct Metrics {
     pub evicted_bytes: AtomicU64,
     pub commits: AtomicU64,
     pub uncached_fills: AtomicU64,
+    pub tag_revalidations: AtomicU64,
+    pub tags_stale_served: AtomicU64,
+    pub auth_checks: AtomicU64,
+    pub auth_denied: AtomicU64,
 }
 
 impl Metrics {
@@ -185,6 +192,30 @@ impl Metrics {
             "counter",
             "Bytes evicted to stay under the cap.",
             g(&self.evicted_bytes),
+        );
+        one(
+            "regproxy_tag_revalidations_total",
+            "counter",
+            "Tags whose digest was checked with the upstream after their TTL.",
+            g(&self.tag_revalidations),
+        );
+        one(
+            "regproxy_tags_stale_served_total",
+            "counter",
+            "Tag requests answered from the node because the upstream was unreachable or failing.",
+            g(&self.tags_stale_served),
+        );
+        one(
+            "regproxy_auth_checks_total",
+            "counter",
+            "Upstream checks that a client may read cached content.",
+            g(&self.auth_checks),
+        );
+        one(
+            "regproxy_auth_denied_total",
+            "counter",
+            "Requests for cached content refused because the upstream refused the client.",
+            g(&self.auth_denied),
         );
         s
     }

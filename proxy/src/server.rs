@@ -14,10 +14,15 @@ use tokio::net::TcpListener;
 use tracing::Instrument;
 
 use crate::api::App;
+use crate::auth::Auth;
+use crate::tags::Tags;
+
 use crate::body::Body;
 use crate::cache::Cache;
 use crate::config::{LogFormat, ServeArgs};
 use crate::metrics::Metrics;
+use crate::resolve::Resolver;
+
 use crate::upstream::Upstream;
 
 pub fn init_tracing(args: &ServeArgs) {
@@ -40,15 +45,18 @@ pub fn init_tracing(args: &ServeArgs) {
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
     let via = instance_token();
+    let resolver = Resolver::new(args.upstream_resolver)
+        .map_err(|e| anyhow::anyhow!("cannot set up the upstream resolver: {e}"))?;
+    refuse_self_upstream(&args, &resolver).await?;
     let upstream = Upstream::new(
         args.upstream.clone(),
+        resolver,
         args.upstream_ca.as_deref(),
         args.connect_timeout,
         args.upstream_timeout,
         &via,
         Arc::clone(&metrics),
     )?;
-    refuse_self_upstream(&args).await?;
     let dir = args.cache_dir.clone();
     let (cap, m) = (args.cache_size, Arc::clone(&metrics));
     let cache = tokio::task::spawn_blocking(move || Cache::open(&dir, cap, m))
@@ -66,10 +74,14 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         ),
         None => None,
     };
+    let tags = Arc::new(Tags::open(&args.cache_dir, args.tag_ttl));
+    let auth = Auth::new(args.auth_ttl);
     let app = Arc::new(App {
         cache: Arc::new(cache),
         upstream: Arc::new(upstream),
         metrics,
+        tags,
+        auth,
         via,
         retries: args.upstream_retries,
     });
@@ -94,7 +106,7 @@ fn instance_token() -> String {
 
 /// Refuses an upstream that resolves to our own listen address: on a node
 /// whose `/etc/hosts` maps the registry name to this proxy, that is a loop.
-async fn refuse_self_upstream(args: &ServeArgs) -> anyhow::Result<()> {
+async fn refuse_self_upstream(args: &ServeArgs, resolver: &Resolver) -> anyhow::Result<()> {
     let host = args
         .upstream
         .host()
@@ -108,7 +120,7 @@ async fn refuse_self_upstream(args: &ServeArgs) -> anyhow::Result<()> {
         } else {
             80
         });
-    let Ok(addrs) = tokio::net::lookup_host((host, port)).await else {
+    let Ok(addrs) = resolver.resolve(host, port).await else {
         // Not resolvable now: the proxy still starts and answers 502 until it is.
         tracing::warn!(host, "upstream host does not resolve yet");
         return Ok(());

@@ -18,6 +18,7 @@ use hyper_util::rt::TokioExecutor;
 use crate::body::Body;
 use crate::error::Error;
 use crate::metrics::Metrics;
+use crate::resolve::Resolver;
 
 /// Request headers relayed from a client to the upstream. `Via` is relayed so
 /// that a chain of proxies that loops back on itself is seen.
@@ -33,7 +34,7 @@ const FORWARDED: [HeaderName; 5] = [
 const MAX_REDIRECTS: usize = 5;
 
 pub struct Upstream {
-    client: Client<HttpsConnector<HttpConnector>, Body>,
+    client: Client<HttpsConnector<HttpConnector<Resolver>>, Body>,
     base: Uri,
     timeout: Duration,
     via: HeaderValue,
@@ -51,6 +52,7 @@ impl Upstream {
     /// `via` is this instance's `Via` token, added to every upstream request.
     pub fn new(
         base: Uri,
+        resolver: Resolver,
         ca_file: Option<&Path>,
         connect_timeout: Duration,
         timeout: Duration,
@@ -85,7 +87,7 @@ impl Upstream {
         .with_root_certificates(roots)
         .with_no_client_auth();
 
-        let mut http = HttpConnector::new();
+        let mut http = HttpConnector::new_with_resolver(resolver);
         http.enforce_http(false);
         http.set_connect_timeout(Some(connect_timeout));
         http.set_nodelay(true);
@@ -117,6 +119,16 @@ impl Upstream {
         &self.base
     }
 
+    /// `scheme://authority` of the upstream, as it appears in the URLs it
+    /// hands out (`Location`, `Link`, an auth `realm`).
+    pub fn origin(&self) -> String {
+        format!(
+            "{}://{}",
+            self.base.scheme_str().unwrap_or("http"),
+            self.base.authority().map_or("", |a| a.as_str())
+        )
+    }
+
     fn url(&self, path_and_query: &str) -> Result<Uri, Error> {
         let mut parts = self.base.clone().into_parts();
         parts.path_and_query = Some(
@@ -137,7 +149,36 @@ impl Upstream {
         client: &HeaderMap,
         extra: &[(HeaderName, HeaderValue)],
     ) -> Result<Response<Incoming>, Error> {
-        let mut uri = self.url(path_and_query)?;
+        let uri = self.url(path_and_query)?;
+        self.send_inner(method, uri, self.headers(client, extra), None)
+            .await
+    }
+
+    /// Relays a request with a body (an upload, a manifest push), streamed.
+    /// No redirect is followed, and the response may take as long as the
+    /// body takes to send: only a stall of the upstream connection ends it.
+    pub async fn send_body(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        client: &HeaderMap,
+        body: Body,
+    ) -> Result<Response<Incoming>, Error> {
+        let uri = self.url(path_and_query)?;
+        let mut headers = self.headers(client, &[]);
+        for name in [
+            header::CONTENT_TYPE,
+            header::CONTENT_LENGTH,
+            header::CONTENT_RANGE,
+        ] {
+            if let Some(v) = client.get(&name) {
+                headers.insert(name, v.clone());
+            }
+        }
+        self.send_inner(method, uri, headers, Some(body)).await
+    }
+
+    fn headers(&self, client: &HeaderMap, extra: &[(HeaderName, HeaderValue)]) -> HeaderMap {
         let mut headers = HeaderMap::new();
         for name in FORWARDED {
             for v in client.get_all(&name) {
@@ -148,13 +189,30 @@ impl Upstream {
             headers.insert(k.clone(), v.clone());
         }
         headers.append(header::VIA, self.via.clone());
+        headers
+    }
 
+    async fn send_inner(
+        &self,
+        method: Method,
+        mut uri: Uri,
+        mut headers: HeaderMap,
+        mut body: Option<Body>,
+    ) -> Result<Response<Incoming>, Error> {
+        let streaming = body.is_some();
         for _ in 0..=MAX_REDIRECTS {
             let mut req = Request::builder().method(method.clone()).uri(uri.clone());
             *req.headers_mut().expect("fresh builder") = headers.clone();
-            let req = req.body(Body::empty()).expect("valid parts");
+            let req = req
+                .body(body.take().unwrap_or_else(Body::empty))
+                .expect("valid parts");
             self.metrics.upstream_requests.fetch_add(1, Relaxed);
-            let resp = match tokio::time::timeout(self.timeout, self.client.request(req)).await {
+            let limit = if streaming {
+                Duration::MAX
+            } else {
+                self.timeout
+            };
+            let resp = match tokio::time::timeout(limit, self.client.request(req)).await {
                 Err(_) => {
                     return Err(self.failed(Error::UpstreamTimeout(format!(
                         "no response from {uri} within {:?}",
@@ -172,7 +230,11 @@ impl Upstream {
                     | StatusCode::TEMPORARY_REDIRECT
                     | StatusCode::PERMANENT_REDIRECT
             );
-            if !(redirect && (method == Method::GET || method == Method::HEAD)) {
+            if resp.status() == StatusCode::LOOP_DETECTED {
+                // A proxy further on saw its own token: the chain loops back.
+                return Err(Error::LoopDetected);
+            }
+            if !(redirect && !streaming && (method == Method::GET || method == Method::HEAD)) {
                 if resp.status().is_server_error() {
                     self.metrics.upstream_errors.fetch_add(1, Relaxed);
                 }

@@ -183,6 +183,10 @@ async fn a_restart_keeps_the_cache_even_with_upstream_gone() {
     let (mut reg, cache, mut proxy) = setup(&[]).await;
     let data = blob(3 * MIB, 5);
     let d = push_blob(&reg.url(), "team/app", &data).await;
+    // A client pings first, as every real one does: the anonymous 200 tells
+    // the proxy (and its state file) that the upstream has no auth.
+    let (st, _, _) = get(&format!("{}/v2/", proxy.url()), &[]).await;
+    assert_eq!(st, StatusCode::OK);
     let (st, _, _) = get(&format!("{}/v2/team/app/blobs/{d}", proxy.url()), &[]).await;
     assert_eq!(st, StatusCode::OK);
 
@@ -535,8 +539,8 @@ async fn bad_input_gets_oci_errors_never_a_500() {
     let v: serde_json::Value = serde_json::from_slice(&body.unwrap()).unwrap();
     assert_eq!(v["errors"][0]["code"], "BLOB_UNKNOWN");
     let (st, _, _) = request(
-        Method::DELETE,
-        &format!("{}/v2/team/app/blobs/{zero}", proxy.url()),
+        Method::POST,
+        &format!("{}/v2/team/app/manifests/v1", proxy.url()),
         &[],
         Bytes::new(),
     )

@@ -1,0 +1,285 @@
+//! Blobs: from the node cache, or from a single-flight fill that this and
+//! every concurrent request follow; ranges from either.
+
+use std::sync::Arc;
+
+use http::header::{self, HeaderMap};
+use http::request::Parts;
+use http::{Method, Response, StatusCode};
+
+use super::{Answer, App};
+use crate::auth::Credential;
+use crate::body::Body;
+use crate::cache::fill::{self, FillRequest};
+use crate::cache::{Failure, Join};
+use crate::digest::Digest;
+use crate::error::Error;
+use crate::metrics::Outcome;
+
+impl App {
+    pub(super) async fn blob(&self, parts: &Parts, name: &str, d: Digest, head: bool) -> Answer {
+        let path = format!("/v2/{name}/blobs/{d}");
+        // A few rounds at most: a miss that finds the blob committed meanwhile
+        // looks again, and a follower whose leader was refused by the
+        // upstream starts a fill with its own credentials.
+        for _ in 0..3 {
+            if let Some(hit) = self.cache.get(&d, false).await {
+                self.authorize(parts, name, &path).await?;
+                let size = hit.data.len() as u64;
+                let (status, start, end) = ranged(&parts.headers, size)?;
+                let resp = blob_response(status, &d, start, end, size);
+                let body = if head {
+                    Body::empty()
+                } else {
+                    let served = Some(Arc::clone(&self.metrics.served_cache_bytes));
+                    Body::mapped(hit.data.slice(start as usize..end as usize), served)
+                };
+                return Ok((Outcome::Hit, resp.body(body).expect("valid response")));
+            }
+            if head {
+                // A HEAD starts no download; the upstream answers it.
+                return self
+                    .relay(parts, None)
+                    .await
+                    .map(|r| (Outcome::Passthrough, r));
+            }
+            let (fill, leader) = match self.cache.join(&d) {
+                Join::Committed => continue,
+                Join::Follower(f) => {
+                    self.authorize(parts, name, &path).await?;
+                    (f, false)
+                }
+                Join::Leader(f) => {
+                    // The fill fetches the whole blob, whatever range this client wants.
+                    let mut headers = parts.headers.clone();
+                    headers.remove(header::RANGE);
+                    let fr = FillRequest {
+                        name: name.to_owned(),
+                        headers,
+                        retries: self.retries,
+                    };
+                    tokio::spawn(fill::run(
+                        Arc::clone(&self.cache),
+                        Arc::clone(&self.upstream),
+                        Arc::clone(&f),
+                        fr,
+                    ));
+                    (f, true)
+                }
+            };
+            return match fill.started().await {
+                Ok(size) => {
+                    if leader {
+                        // The upstream served this client: its yes for this repository.
+                        self.auth.allow(&Credential::of(&parts.headers), name);
+                    }
+                    let (status, start, end) = ranged(&parts.headers, size)?;
+                    let stream =
+                        fill.reader(start, end, Arc::clone(&self.metrics.served_cache_bytes));
+                    let body = Body::stream(stream, Some(end - start));
+                    let outcome = if leader {
+                        Outcome::Miss
+                    } else {
+                        Outcome::Coalesced
+                    };
+                    Ok((
+                        outcome,
+                        blob_response(status, &d, start, end, size)
+                            .body(body)
+                            .expect("valid response"),
+                    ))
+                }
+                Err(Failure::Relay { status, .. })
+                    if !leader
+                        && (status == StatusCode::UNAUTHORIZED
+                            || status == StatusCode::FORBIDDEN) =>
+                {
+                    continue;
+                }
+                Err(Failure::Relay {
+                    status,
+                    mut headers,
+                    body,
+                }) => {
+                    // The body was read (and may be cut short); hyper sets its length.
+                    headers.remove(header::CONTENT_LENGTH);
+                    Ok((
+                        Outcome::Passthrough,
+                        self.relayed(parts, status, &headers, Body::full(body)),
+                    ))
+                }
+                Err(Failure::Error(e)) => Err(clone_error(&e)),
+                Err(Failure::Uncached) => self
+                    .blob_uncached(parts, &path, d)
+                    .await
+                    .map(|r| (Outcome::Passthrough, r)),
+            };
+        }
+        Err(Error::UpstreamBad("the blob could not be fetched".into()))
+    }
+
+    /// A blob that will not be kept: straight from upstream, still verified.
+    async fn blob_uncached(
+        &self,
+        parts: &Parts,
+        path: &str,
+        d: Digest,
+    ) -> Result<Response<Body>, Error> {
+        let mut headers = parts.headers.clone();
+        headers.remove(header::RANGE);
+        let resp = self.upstream.send(Method::GET, path, &headers, &[]).await?;
+        if resp.status() != StatusCode::OK {
+            let (p, body) = resp.into_parts();
+            return Ok(self.relayed(
+                parts,
+                p.status,
+                &p.headers,
+                Body::upstream(body, Some(Arc::clone(&self.metrics))),
+            ));
+        }
+        let size = resp
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse().ok())
+            .ok_or_else(|| {
+                self.upstream
+                    .failed(Error::UpstreamBad("blob without Content-Length".into()))
+            })?;
+        let stream = fill::verified_stream(
+            resp.into_body(),
+            d.clone(),
+            size,
+            self.upstream.timeout(),
+            Arc::clone(&self.metrics),
+        );
+        Ok(blob_response(StatusCode::OK, &d, 0, size, size)
+            .body(Body::stream(stream, Some(size)))
+            .expect("valid response"))
+    }
+}
+
+/// `Error` is not `Clone` (it is shared by every reader of a fill): rebuild it.
+fn clone_error(e: &Error) -> Error {
+    match e {
+        Error::UpstreamTimeout(m) => Error::UpstreamTimeout(m.clone()),
+        Error::UpstreamUnreachable(m) => Error::UpstreamUnreachable(m.clone()),
+        other => Error::UpstreamBad(other.to_string()),
+    }
+}
+
+fn blob_response(
+    status: StatusCode,
+    d: &Digest,
+    start: u64,
+    end: u64,
+    size: u64,
+) -> http::response::Builder {
+    let mut b = Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header(header::CONTENT_LENGTH, end - start)
+        .header(header::ACCEPT_RANGES, "bytes")
+        .header("docker-content-digest", d.to_string())
+        .header(header::ETAG, format!("\"{d}\""))
+        .header(header::CACHE_CONTROL, "max-age=31536000");
+    if status == StatusCode::PARTIAL_CONTENT {
+        b = b.header(
+            header::CONTENT_RANGE,
+            format!("bytes {start}-{}/{size}", end - 1),
+        );
+    }
+    b
+}
+
+/// The status and byte range `start..end` to send for a blob of `size` bytes.
+/// One `bytes=` range is honoured; anything else that is not a valid single
+/// range is ignored (RFC 9110 allows that), an unsatisfiable one is a 416.
+fn ranged(h: &HeaderMap, size: u64) -> Result<(StatusCode, u64, u64), Error> {
+    let full = Ok((StatusCode::OK, 0, size));
+    let Some(v) = h.get(header::RANGE).and_then(|v| v.to_str().ok()) else {
+        return full;
+    };
+    let Some(spec) = v.trim().strip_prefix("bytes=") else {
+        return full;
+    };
+    if spec.contains(',') {
+        return full;
+    }
+    let Some((a, b)) = spec.split_once('-') else {
+        return full;
+    };
+    let (a, b) = (a.trim(), b.trim());
+    let (start, end) = if a.is_empty() {
+        let Ok(n) = b.parse::<u64>() else { return full };
+        if n == 0 {
+            return Err(Error::RangeNotSatisfiable { size });
+        }
+        (size.saturating_sub(n), size)
+    } else {
+        let Ok(start) = a.parse::<u64>() else {
+            return full;
+        };
+        let end = if b.is_empty() {
+            size
+        } else {
+            let Ok(last) = b.parse::<u64>() else {
+                return full;
+            };
+            if last < start {
+                return full;
+            }
+            (last + 1).min(size)
+        };
+        (start, end)
+    };
+    if start >= size {
+        return Err(Error::RangeNotSatisfiable { size });
+    }
+    Ok((StatusCode::PARTIAL_CONTENT, start, end))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn range(v: &str, size: u64) -> Result<(StatusCode, u64, u64), Error> {
+        let mut h = HeaderMap::new();
+        h.insert(header::RANGE, HeaderValue::from_str(v).unwrap());
+        ranged(&h, size)
+    }
+
+    #[test]
+    fn ranges() {
+        assert_eq!(
+            range("bytes=0-9", 100).unwrap(),
+            (StatusCode::PARTIAL_CONTENT, 0, 10)
+        );
+        assert_eq!(
+            range("bytes=90-", 100).unwrap(),
+            (StatusCode::PARTIAL_CONTENT, 90, 100)
+        );
+        assert_eq!(
+            range("bytes=-10", 100).unwrap(),
+            (StatusCode::PARTIAL_CONTENT, 90, 100)
+        );
+        assert_eq!(
+            range("bytes=50-500", 100).unwrap(),
+            (StatusCode::PARTIAL_CONTENT, 50, 100)
+        );
+        assert_eq!(
+            range("bytes=0-1,5-6", 100).unwrap(),
+            (StatusCode::OK, 0, 100),
+            "multiple ranges are ignored"
+        );
+        assert_eq!(range("items=0-1", 100).unwrap(), (StatusCode::OK, 0, 100));
+        assert!(matches!(
+            range("bytes=100-", 100),
+            Err(Error::RangeNotSatisfiable { size: 100 })
+        ));
+        assert!(matches!(
+            range("bytes=-0", 100),
+            Err(Error::RangeNotSatisfiable { .. })
+        ));
+    }
+}

@@ -1,0 +1,329 @@
+//! Manifests. By digest they are immutable: cached like blobs, with their
+//! media type. By tag they are remembered for `--tag-ttl`; after it one
+//! `HEAD` per tag revalidates (single-flight), and while the upstream is down
+//! the last digest it gave is served.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::request::Parts;
+use http::{Method, Response, StatusCode};
+use http_body_util::BodyExt;
+
+use super::{accepts, Answer, App};
+use crate::auth::Credential;
+use crate::body::Body;
+use crate::digest::Digest;
+use crate::error::Error;
+use crate::metrics::Outcome;
+use crate::tags::TagEntry;
+
+/// Largest manifest read into memory to verify and cache (Distribution's limit).
+pub(super) const MAX_MANIFEST: usize = 4 << 20;
+
+/// Every manifest kind a client may pull, asked for when the proxy resolves
+/// a tag for itself: multi-arch indexes first, as today's clients ask.
+const ALL_MANIFESTS: &str = "application/vnd.oci.image.index.v1+json, \
+    application/vnd.docker.distribution.manifest.list.v2+json, \
+    application/vnd.oci.image.manifest.v1+json, \
+    application/vnd.docker.distribution.manifest.v2+json";
+
+/// A manifest fetched from upstream, verified and cached; or the upstream's
+/// answer when it was not a 200.
+enum Fetched {
+    Manifest {
+        digest: Digest,
+        media_type: String,
+        bytes: Bytes,
+    },
+    Relayed(Response<Body>),
+}
+
+fn manifest_response(d: &Digest, media_type: &str, len: usize) -> http::response::Builder {
+    Response::builder()
+        .header(header::CONTENT_TYPE, media_type)
+        .header(header::CONTENT_LENGTH, len)
+        .header("docker-content-digest", d.to_string())
+        .header(header::ETAG, format!("\"{d}\""))
+}
+
+impl App {
+    pub(super) async fn manifest_by_digest(
+        &self,
+        parts: &Parts,
+        name: &str,
+        d: Digest,
+        head: bool,
+    ) -> Answer {
+        if let Some(hit) = self.cache.get(&d, true).await {
+            let media_type = hit.media_type.unwrap_or_default();
+            if accepts(&parts.headers, &media_type) {
+                self.authorize(parts, name, &format!("/v2/{name}/manifests/{d}"))
+                    .await?;
+                let resp = manifest_response(&d, &media_type, hit.data.len());
+                let body = if head {
+                    Body::empty()
+                } else {
+                    Body::mapped(hit.data, Some(Arc::clone(&self.metrics.served_cache_bytes)))
+                };
+                return Ok((Outcome::Hit, resp.body(body).expect("valid response")));
+            }
+        }
+        if head {
+            return self
+                .relay(parts, None)
+                .await
+                .map(|r| (Outcome::Passthrough, r));
+        }
+        match self
+            .fetch_manifest(parts, name, &d.to_string(), Some(&d), false)
+            .await?
+        {
+            Fetched::Relayed(r) => Ok((Outcome::Passthrough, r)),
+            Fetched::Manifest {
+                digest,
+                media_type,
+                bytes,
+            } => {
+                self.metrics
+                    .served_upstream_bytes
+                    .fetch_add(bytes.len() as u64, Relaxed);
+                let resp = manifest_response(&digest, &media_type, bytes.len());
+                Ok((
+                    Outcome::Miss,
+                    resp.body(Body::full(bytes)).expect("valid response"),
+                ))
+            }
+        }
+    }
+
+    /// GETs a manifest from upstream with the client's credentials, checks
+    /// it against `expect` and its `Docker-Content-Digest`, and caches it.
+    /// `accept_all` asks for every manifest kind instead of the client's.
+    async fn fetch_manifest(
+        &self,
+        parts: &Parts,
+        name: &str,
+        reference: &str,
+        expect: Option<&Digest>,
+        accept_all: bool,
+    ) -> Result<Fetched, Error> {
+        let mut headers = parts.headers.clone();
+        if accept_all {
+            headers.insert(header::ACCEPT, HeaderValue::from_static(ALL_MANIFESTS));
+        }
+        let path = format!("/v2/{name}/manifests/{reference}");
+        let resp = self
+            .upstream
+            .send(Method::GET, &path, &headers, &[])
+            .await?;
+        let cred = Credential::of(&parts.headers);
+        if resp.status() != StatusCode::OK {
+            if matches!(
+                resp.status(),
+                StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN
+            ) {
+                self.auth.deny(&cred, name);
+            }
+            let (p, body) = resp.into_parts();
+            let body = Body::upstream(body, Some(Arc::clone(&self.metrics)));
+            return Ok(Fetched::Relayed(
+                self.relayed(parts, p.status, &p.headers, body),
+            ));
+        }
+        self.auth.allow(&cred, name);
+        let (p, body) = resp.into_parts();
+        let media_type = p
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("application/octet-stream")
+            .to_owned();
+        let limited = http_body_util::Limited::new(body, MAX_MANIFEST);
+        let bytes = match tokio::time::timeout(self.upstream.timeout(), limited.collect()).await {
+            Err(_) => {
+                return Err(self
+                    .upstream
+                    .failed(Error::UpstreamTimeout("manifest body stalled".into())))
+            }
+            Ok(Err(e)) => {
+                return Err(self
+                    .upstream
+                    .failed(Error::UpstreamBad(format!("manifest body: {e}"))))
+            }
+            Ok(Ok(c)) => c.to_bytes(),
+        };
+        self.metrics
+            .upstream_bytes
+            .fetch_add(bytes.len() as u64, Relaxed);
+        let digest = Digest::of(&bytes);
+        let announced = p
+            .headers
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| Digest::parse(v).ok());
+        if expect.is_some_and(|e| *e != digest) || announced.is_some_and(|a| a != digest) {
+            self.metrics.digest_mismatches.fetch_add(1, Relaxed);
+            return Err(self.upstream.failed(Error::UpstreamBad(format!(
+                "manifest {name}:{reference} hashed to {digest}, not what the upstream announced"
+            ))));
+        }
+        self.cache
+            .put_manifest(digest.clone(), media_type.clone(), bytes.clone())
+            .await;
+        Ok(Fetched::Manifest {
+            digest,
+            media_type,
+            bytes,
+        })
+    }
+
+    pub(super) async fn tag(&self, parts: &Parts, name: &str, tag: &str, head: bool) -> Answer {
+        if let Some((e, true)) = self.tags.get(name, tag) {
+            return self.answer_tag(parts, name, &e, head, Outcome::Hit).await;
+        }
+        let flight = self.tags.flight(name, tag).await;
+        // Another request may have revalidated it while this one waited.
+        if let Some((e, true)) = self.tags.get(name, tag) {
+            drop(flight);
+            return self.answer_tag(parts, name, &e, head, Outcome::Hit).await;
+        }
+        let old = self.tags.get(name, tag).map(|(e, _)| e);
+        if old.is_some() {
+            self.metrics.tag_revalidations.fetch_add(1, Relaxed);
+        }
+        let mut headers = parts.headers.clone();
+        headers.insert(header::ACCEPT, HeaderValue::from_static(ALL_MANIFESTS));
+        let path = format!("/v2/{name}/manifests/{tag}");
+        let cred = Credential::of(&parts.headers);
+        let failure = match self.upstream.send(Method::HEAD, &path, &headers, &[]).await {
+            Ok(r) if r.status() == StatusCode::OK => {
+                self.auth.allow(&cred, name);
+                let digest = r
+                    .headers()
+                    .get("docker-content-digest")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| Digest::parse(v).ok());
+                let media_type = r
+                    .headers()
+                    .get(header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok());
+                let (digest, media_type) = match (digest, media_type) {
+                    (Some(d), Some(t)) => {
+                        let known = old.as_ref().is_some_and(|o| o.digest == d.to_string())
+                            || self.cache.get(&d, true).await.is_some();
+                        if !known {
+                            if let Fetched::Relayed(r) = self
+                                .fetch_manifest(parts, name, &d.to_string(), Some(&d), true)
+                                .await?
+                            {
+                                return Ok((Outcome::Passthrough, r));
+                            }
+                        }
+                        (d, t.to_owned())
+                    }
+                    // No digest in the answer: fetch by tag and hash it ourselves.
+                    _ => match self.fetch_manifest(parts, name, tag, None, true).await? {
+                        Fetched::Relayed(r) => return Ok((Outcome::Passthrough, r)),
+                        Fetched::Manifest {
+                            digest, media_type, ..
+                        } => (digest, media_type),
+                    },
+                };
+                if old.as_ref().is_some_and(|o| o.digest != digest.to_string()) {
+                    tracing::info!(repo = name, tag, %digest, "tag moved upstream");
+                }
+                self.tags
+                    .put(name, tag, digest.to_string(), media_type)
+                    .await;
+                drop(flight);
+                let e = self
+                    .tags
+                    .get(name, tag)
+                    .map(|(e, _)| e)
+                    .expect("just recorded");
+                return self.answer_tag(parts, name, &e, head, Outcome::Miss).await;
+            }
+            Ok(r) if matches!(r.status(), StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) => {
+                self.auth.deny(&cred, name);
+                self.metrics.auth_denied.fetch_add(1, Relaxed);
+                let challenge = r
+                    .headers()
+                    .get(header::WWW_AUTHENTICATE)
+                    .map(|v| self.rewrite(parts, v));
+                return Err(Error::Denied {
+                    status: r.status(),
+                    challenge,
+                });
+            }
+            Ok(r) if r.status() == StatusCode::NOT_FOUND => {
+                self.tags.remove(name, tag).await;
+                return Err(Error::ManifestUnknown(format!("{name}:{tag}")));
+            }
+            Ok(r) if r.status().is_server_error() => {
+                Error::UpstreamBad(format!("{path} answered {}", r.status()))
+            }
+            Ok(_) => {
+                drop(flight);
+                return self
+                    .relay(parts, None)
+                    .await
+                    .map(|r| (Outcome::Passthrough, r));
+            }
+            Err(e) if e.is_upstream() => e,
+            Err(e) => return Err(e),
+        };
+        drop(flight);
+        // The upstream is down or failing: the last digest it gave still stands.
+        let Some(old) = old else { return Err(failure) };
+        self.metrics.tags_stale_served.fetch_add(1, Relaxed);
+        tracing::warn!(repo = name, tag, digest = %old.digest, error = %failure, "upstream unavailable; serving the tag from the node");
+        self.answer_tag(parts, name, &old, head, Outcome::Hit).await
+    }
+
+    /// Serves the manifest a tag points at, from the node when it is there.
+    /// A client whose `Accept` does not allow the stored kind gets what the
+    /// upstream would give it.
+    async fn answer_tag(
+        &self,
+        parts: &Parts,
+        name: &str,
+        e: &TagEntry,
+        head: bool,
+        outcome: Outcome,
+    ) -> Answer {
+        if !accepts(&parts.headers, &e.media_type) {
+            return self
+                .relay(parts, None)
+                .await
+                .map(|r| (Outcome::Passthrough, r));
+        }
+        let d = Digest::parse(&e.digest)?;
+        let (data, media_type) = match self.cache.get(&d, true).await {
+            Some(hit) => (
+                hit.data,
+                hit.media_type.unwrap_or_else(|| e.media_type.clone()),
+            ),
+            None => match self
+                .fetch_manifest(parts, name, &e.digest, Some(&d), true)
+                .await?
+            {
+                Fetched::Relayed(r) => return Ok((Outcome::Passthrough, r)),
+                Fetched::Manifest {
+                    bytes, media_type, ..
+                } => (bytes, media_type),
+            },
+        };
+        self.authorize(parts, name, &format!("/v2/{name}/manifests/{d}"))
+            .await?;
+        let resp = manifest_response(&d, &media_type, data.len());
+        let body = if head {
+            Body::empty()
+        } else {
+            Body::mapped(data, Some(Arc::clone(&self.metrics.served_cache_bytes)))
+        };
+        Ok((outcome, resp.body(body).expect("valid response")))
+    }
+}

@@ -1,0 +1,416 @@
+//! The OCI distribution API: routes, and what every handler shares.
+//!
+//! - [`blob`]: blobs from the node cache or a single-flight fill.
+//! - [`manifest`]: manifests by digest (cached) and by tag (remembered for
+//!   `--tag-ttl`, served stale while the upstream is down).
+//! - [`relay`]: everything relayed as it is, pushes included, with the
+//!   upstream's URLs rewritten to the proxy's.
+//!
+//! Before cached content goes out, [`App::authorize`] makes sure the upstream
+//! would serve it to this client (see [`crate::auth`]).
+
+mod blob;
+mod manifest;
+mod relay;
+
+use std::sync::Arc;
+
+use http::header::{self, HeaderMap, HeaderValue};
+use http::request::Parts;
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+
+use crate::auth::{Auth, Credential, Verdict};
+use crate::body::Body;
+use crate::cache::Cache;
+use crate::digest::{validate_name, Digest, Reference};
+use crate::error::Error;
+use crate::metrics::{Kind, Metrics, Outcome};
+use crate::tags::Tags;
+use crate::upstream::{is_hop_by_hop, Upstream};
+
+const API_VERSION: (&str, &str) = ("docker-distribution-api-version", "registry/2.0");
+
+/// Everything a request handler needs.
+pub struct App {
+    pub cache: Arc<Cache>,
+    pub upstream: Arc<Upstream>,
+    pub metrics: Arc<Metrics>,
+    pub tags: Arc<Tags>,
+    pub auth: Auth,
+    /// This instance's `Via` token: a request that carries it has looped.
+    pub via: String,
+    pub retries: u32,
+}
+
+/// What a path asks for.
+#[derive(Debug, PartialEq)]
+enum Route<'a> {
+    Ping,
+    Blob(&'a str, Digest),
+    Manifest(&'a str, Reference),
+    /// `tags/list`, `_catalog`, referrers: relayed.
+    Listing,
+    Upload,
+}
+
+fn route(path: &str) -> Result<Route<'_>, Error> {
+    if path == "/v2" || path == "/v2/" {
+        return Ok(Route::Ping);
+    }
+    let rest = path.strip_prefix("/v2/").ok_or(Error::NotFound)?;
+    if rest.split('/').any(|seg| seg == ".." || seg == ".") {
+        return Err(Error::NameInvalid(
+            "dot segments are not allowed in a path".into(),
+        ));
+    }
+    if rest == "_catalog" {
+        return Ok(Route::Listing);
+    }
+    if let Some(name) = rest.strip_suffix("/tags/list") {
+        validate_name(name)?;
+        return Ok(Route::Listing);
+    }
+    if let Some(i) = rest.find("/blobs/uploads") {
+        validate_name(&rest[..i])?;
+        return Ok(Route::Upload);
+    }
+    let (head, reference) = rest.rsplit_once('/').ok_or(Error::NotFound)?;
+    let (name, kind) = head.rsplit_once('/').ok_or(Error::NotFound)?;
+    match kind {
+        "blobs" => {
+            validate_name(name)?;
+            Ok(Route::Blob(name, Digest::parse(reference)?))
+        }
+        "manifests" => {
+            validate_name(name)?;
+            Ok(Route::Manifest(name, Reference::parse(reference)?))
+        }
+        "referrers" => {
+            validate_name(name)?;
+            Digest::parse(reference)?;
+            Ok(Route::Listing)
+        }
+        _ => Err(Error::NotFound),
+    }
+}
+
+type Answer = Result<(Outcome, Response<Body>), Error>;
+
+impl App {
+    /// Answers one request. Never fails: errors become OCI error responses.
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+        let (parts, body) = req.into_parts();
+        let (kind, result) = self.dispatch(&parts, body).await;
+        let mut resp = match result {
+            Ok((outcome, resp)) => {
+                self.metrics.request(kind, outcome);
+                resp
+            }
+            Err(e) => {
+                self.metrics.request(kind, Outcome::Error);
+                if e.is_upstream() {
+                    tracing::warn!(method = %parts.method, path = parts.uri.path(), error = %e, "upstream failure");
+                } else {
+                    tracing::debug!(method = %parts.method, path = parts.uri.path(), error = %e, "request refused");
+                }
+                e.into_response()
+            }
+        };
+        resp.headers_mut()
+            .entry(API_VERSION.0)
+            .or_insert(HeaderValue::from_static(API_VERSION.1));
+        resp
+    }
+
+    async fn dispatch(&self, parts: &Parts, body: Incoming) -> (Kind, Answer) {
+        if self.looped(&parts.headers) {
+            return (Kind::Other, Err(Error::LoopDetected));
+        }
+        let r = match route(parts.uri.path()) {
+            Ok(r) => r,
+            Err(e) => return (Kind::Other, Err(e)),
+        };
+        let m = &parts.method;
+        let read = *m == Method::GET || *m == Method::HEAD;
+        let head = *m == Method::HEAD;
+        let passthrough = |a: Result<Response<Body>, Error>| a.map(|r| (Outcome::Passthrough, r));
+        match r {
+            Route::Ping if read => (Kind::Other, self.ping(parts).await),
+            Route::Listing if read => (Kind::Other, passthrough(self.relay(parts, None).await)),
+            Route::Upload
+                if read
+                    || *m == Method::POST
+                    || *m == Method::PATCH
+                    || *m == Method::PUT
+                    || *m == Method::DELETE =>
+            {
+                (Kind::Push, passthrough(self.relay(parts, Some(body)).await))
+            }
+            Route::Blob(name, d) if read => (Kind::Blob, self.blob(parts, name, d, head).await),
+            Route::Blob(..) if *m == Method::DELETE => {
+                (Kind::Push, passthrough(self.relay(parts, Some(body)).await))
+            }
+            Route::Manifest(name, Reference::Digest(d)) if read => (
+                Kind::Manifest,
+                self.manifest_by_digest(parts, name, d, head).await,
+            ),
+            Route::Manifest(name, Reference::Tag(t)) if read => {
+                (Kind::Tag, self.tag(parts, name, &t, head).await)
+            }
+            Route::Manifest(name, reference) if *m == Method::PUT => (
+                Kind::Push,
+                passthrough(self.push_manifest(parts, body, name, reference).await),
+            ),
+            Route::Manifest(..) if *m == Method::DELETE => {
+                (Kind::Push, passthrough(self.relay(parts, Some(body)).await))
+            }
+            _ => (Kind::Other, Err(Error::MethodNotAllowed(m.clone()))),
+        }
+    }
+
+    fn looped(&self, h: &HeaderMap) -> bool {
+        h.get_all(header::VIA).iter().any(|v| {
+            v.to_str()
+                .is_ok_and(|v| v.split(',').any(|hop| hop.trim().ends_with(&self.via)))
+        })
+    }
+
+    /// `/v2/`: the upstream's answer, so that its auth challenge reaches the
+    /// client; an anonymous 200 also tells us the upstream has no auth. When
+    /// the upstream is unreachable, a local 200, so that what the node holds
+    /// can still be pulled.
+    async fn ping(&self, parts: &Parts) -> Answer {
+        match self.relay(parts, None).await {
+            Ok(r) => {
+                if Credential::of(&parts.headers).is_anonymous() {
+                    let open = r.status().is_success();
+                    if open || r.status() == StatusCode::UNAUTHORIZED {
+                        self.auth.upstream_open(open);
+                        self.tags.set_upstream_open(open).await;
+                    }
+                }
+                Ok((Outcome::Passthrough, r))
+            }
+            Err(e) if e.is_upstream() => {
+                tracing::warn!(error = %e, "upstream down; answering /v2/ from the node");
+                let mut r = Response::new(Body::full(&b"{}"[..]));
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+                Ok((Outcome::Hit, r))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Makes sure the upstream would let this client read `probe` (a path of
+    /// repository `name`) before cached content goes out. A recent yes for
+    /// this credential and repository, or an upstream that lets anyone in,
+    /// costs nothing; otherwise one `HEAD` with the client's credentials.
+    /// While the upstream is unreachable, a client it said yes to before (or
+    /// anyone, if it had no auth) is served from the node.
+    async fn authorize(&self, parts: &Parts, name: &str, probe: &str) -> Result<(), Error> {
+        let cred = Credential::of(&parts.headers);
+        let stale = match self.auth.check(&cred, name) {
+            Verdict::Allowed => return Ok(()),
+            Verdict::Ask { stale } => stale,
+        };
+        self.metrics
+            .auth_checks
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let offline_ok = stale || self.tags.upstream_open();
+        match self
+            .upstream
+            .send(Method::HEAD, probe, &parts.headers, &[])
+            .await
+        {
+            Ok(r) if r.status().is_success() || r.status() == StatusCode::NOT_FOUND => {
+                self.auth.allow(&cred, name);
+                Ok(())
+            }
+            Ok(r)
+                if r.status() == StatusCode::UNAUTHORIZED
+                    || r.status() == StatusCode::FORBIDDEN =>
+            {
+                self.auth.deny(&cred, name);
+                self.metrics
+                    .auth_denied
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let challenge = r
+                    .headers()
+                    .get(header::WWW_AUTHENTICATE)
+                    .map(|v| self.rewrite(parts, v));
+                Err(Error::Denied {
+                    status: r.status(),
+                    challenge,
+                })
+            }
+            Ok(_) if offline_ok => Ok(()),
+            Ok(r) => Err(Error::UpstreamBad(format!(
+                "authorization check answered {}",
+                r.status()
+            ))),
+            Err(e) if e.is_upstream() && offline_ok => {
+                tracing::info!(repo = name, error = %e, "upstream unreachable; serving a client it allowed before");
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The proxy's own origin as this client addressed it.
+    fn origin(parts: &Parts) -> String {
+        match parts
+            .headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+        {
+            Some(host) => format!("http://{host}"),
+            None => String::new(),
+        }
+    }
+
+    /// A header value with the upstream's origin replaced by the proxy's.
+    fn rewrite(&self, parts: &Parts, v: &HeaderValue) -> HeaderValue {
+        let Ok(s) = v.to_str() else { return v.clone() };
+        let from = self.upstream.origin();
+        let out = replace_origin(s, &from, &Self::origin(parts));
+        HeaderValue::from_str(&out).unwrap_or_else(|_| v.clone())
+    }
+
+    /// Copies an upstream response head, pointing its URLs at the proxy.
+    fn relayed(
+        &self,
+        parts: &Parts,
+        status: StatusCode,
+        headers: &HeaderMap,
+        body: Body,
+    ) -> Response<Body> {
+        let mut resp = Response::new(body);
+        *resp.status_mut() = status;
+        for (k, v) in headers {
+            if is_hop_by_hop(k) {
+                continue;
+            }
+            let v = if k == header::LOCATION || k == header::LINK || k == header::WWW_AUTHENTICATE {
+                self.rewrite(parts, v)
+            } else {
+                v.clone()
+            };
+            resp.headers_mut().append(k.clone(), v);
+        }
+        resp
+    }
+}
+
+/// Replaces `from` (an origin, `scheme://host:port`) by `to` wherever it
+/// stands as a whole origin: followed by a path, a quote, `>` or the end.
+fn replace_origin(s: &str, from: &str, to: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find(from) {
+        let after = &rest[i + from.len()..];
+        let whole = after.is_empty() || after.starts_with(['/', '"', '>', '?', ',', ' ', ';']);
+        out.push_str(&rest[..i]);
+        out.push_str(if whole { to } else { from });
+        rest = after;
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Whether a client's `Accept` allows `media_type`. No `Accept` accepts anything.
+fn accepts(h: &HeaderMap, media_type: &str) -> bool {
+    let mut any = false;
+    for v in h.get_all(header::ACCEPT) {
+        any = true;
+        let Ok(v) = v.to_str() else { continue };
+        for t in v.split(',') {
+            let t = t.split(';').next().unwrap_or("").trim();
+            if t == "*/*" || t.eq_ignore_ascii_case(media_type) {
+                return true;
+            }
+        }
+    }
+    !any
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const D: &str = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+    #[test]
+    fn routes() {
+        assert_eq!(route("/v2/").unwrap(), Route::Ping);
+        assert!(matches!(
+            route(&format!("/v2/team/app/blobs/{D}")).unwrap(),
+            Route::Blob("team/app", _)
+        ));
+        assert!(matches!(
+            route("/v2/blobs/blobs/manifests/v1").unwrap(),
+            Route::Manifest("blobs/blobs", Reference::Tag(_))
+        ));
+        assert_eq!(route("/v2/a/tags/list").unwrap(), Route::Listing);
+        assert_eq!(
+            route(&format!("/v2/a/referrers/{D}")).unwrap(),
+            Route::Listing
+        );
+        assert_eq!(route("/v2/a/b/blobs/uploads/").unwrap(), Route::Upload);
+        assert!(matches!(
+            route(&format!("/v2/../etc/blobs/{D}")),
+            Err(Error::NameInvalid(_))
+        ));
+        assert!(matches!(
+            route("/v2/a/blobs/sha256:..%2F..%2Fetc"),
+            Err(Error::DigestInvalid(_))
+        ));
+        assert!(matches!(route("/v3/x"), Err(Error::NotFound)));
+        assert!(matches!(route("/v2/a/whatever/x"), Err(Error::NotFound)));
+    }
+
+    #[test]
+    fn accept_matching() {
+        let mut h = HeaderMap::new();
+        assert!(accepts(&h, "x"), "no Accept header accepts anything");
+        h.insert(
+            header::ACCEPT,
+            HeaderValue::from_static("application/a, application/b;q=0.5"),
+        );
+        assert!(accepts(&h, "application/b"));
+        assert!(!accepts(&h, "application/c"));
+    }
+
+    #[test]
+    fn origins_are_rewritten_only_whole() {
+        let up = "http://10.0.0.5:5000";
+        assert_eq!(
+            replace_origin(
+                "http://10.0.0.5:5000/v2/a/blobs/uploads/x?_state=1",
+                up,
+                "http://node:80"
+            ),
+            "http://node:80/v2/a/blobs/uploads/x?_state=1"
+        );
+        assert_eq!(
+            replace_origin(
+                "Bearer realm=\"http://10.0.0.5:5000/token\",service=\"r\"",
+                up,
+                "http://p"
+            ),
+            "Bearer realm=\"http://p/token\",service=\"r\""
+        );
+        assert_eq!(
+            replace_origin("http://10.0.0.5:50001/x", up, "http://p"),
+            "http://10.0.0.5:50001/x",
+            "another port is another origin"
+        );
+        assert_eq!(
+            replace_origin("</v2/_catalog?n=1>; rel=\"next\"", up, "http://p"),
+            "</v2/_catalog?n=1>; rel=\"next\""
+        );
+    }
+}

@@ -1,0 +1,271 @@
+//! Tag → digest, remembered for `--tag-ttl` and kept in `<cache-dir>/state.json`
+//! (written atomically), so that a tag resolved once keeps resolving while
+//! the upstream is down, across restarts too. Revalidation is single-flight
+//! per tag: concurrent requests for a stale tag wait for the one in flight.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+/// Most tags remembered; the least recently checked go first.
+const MAX_TAGS: usize = 50_000;
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TagEntry {
+    pub digest: String,
+    pub media_type: String,
+    /// When the upstream last confirmed it, in ms since the Unix epoch.
+    pub checked_ms: u64,
+}
+
+#[derive(Serialize, Deserialize, Default)]
+struct Persisted {
+    /// Whether the upstream was last seen letting anonymous clients in.
+    #[serde(default)]
+    upstream_open: bool,
+    #[serde(default)]
+    tags: Vec<(String, String, TagEntry)>,
+}
+
+type Key = (String, String);
+
+pub struct Tags {
+    path: PathBuf,
+    ttl: Duration,
+    state: Mutex<State>,
+    /// Serializes writes of the state file; the snapshot is taken under it,
+    /// so the last write carries the newest state.
+    write: Mutex<()>,
+}
+
+struct State {
+    map: HashMap<Key, TagEntry>,
+    upstream_open: bool,
+    flights: HashMap<Key, Arc<tokio::sync::Mutex<()>>>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Tags {
+    /// Loads the state file in `dir`; a missing or unreadable one starts empty.
+    pub fn open(dir: &std::path::Path, ttl: Duration) -> Tags {
+        let path = dir.join("state.json");
+        let p: Persisted = match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b).unwrap_or_else(|e| {
+                tracing::warn!(path = %path.display(), error = %e, "ignoring an unreadable state file");
+                Persisted::default()
+            }),
+            Err(_) => Persisted::default(),
+        };
+        let map = p.tags.into_iter().map(|(n, t, e)| ((n, t), e)).collect();
+        Tags {
+            path,
+            ttl,
+            state: Mutex::new(State {
+                map,
+                upstream_open: p.upstream_open,
+                flights: HashMap::new(),
+            }),
+            write: Mutex::new(()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The entry for a tag, and whether it is within the TTL.
+    pub fn get(&self, name: &str, tag: &str) -> Option<(TagEntry, bool)> {
+        let st = self.lock();
+        let e = st.map.get(&(name.to_owned(), tag.to_owned()))?.clone();
+        let fresh = now_ms().saturating_sub(e.checked_ms) < self.ttl.as_millis() as u64;
+        Some((e, fresh))
+    }
+
+    /// Records what the upstream just said about a tag.
+    pub async fn put(self: &Arc<Self>, name: &str, tag: &str, digest: String, media_type: String) {
+        let changed = {
+            let mut st = self.lock();
+            let key = (name.to_owned(), tag.to_owned());
+            let e = TagEntry {
+                digest,
+                media_type,
+                checked_ms: now_ms(),
+            };
+            let changed = st
+                .map
+                .get(&key)
+                .is_none_or(|o| o.digest != e.digest || o.media_type != e.media_type);
+            st.map.insert(key, e);
+            if st.map.len() > MAX_TAGS {
+                if let Some(k) = st
+                    .map
+                    .iter()
+                    .min_by_key(|(_, e)| e.checked_ms)
+                    .map(|(k, _)| k.clone())
+                {
+                    st.map.remove(&k);
+                }
+            }
+            changed
+        };
+        // A mere re-check is not worth a write: after a restart the entry
+        // is only older, which makes it revalidate sooner.
+        if changed {
+            self.save().await;
+        }
+    }
+
+    pub async fn remove(self: &Arc<Self>, name: &str, tag: &str) {
+        let had = self
+            .lock()
+            .map
+            .remove(&(name.to_owned(), tag.to_owned()))
+            .is_some();
+        if had {
+            self.save().await;
+        }
+    }
+
+    pub fn upstream_open(&self) -> bool {
+        self.lock().upstream_open
+    }
+
+    pub async fn set_upstream_open(self: &Arc<Self>, open: bool) {
+        let changed = std::mem::replace(&mut self.lock().upstream_open, open) != open;
+        if changed {
+            self.save().await;
+        }
+    }
+
+    /// Waits for the revalidation of this tag in flight, if any, and holds
+    /// the right to revalidate it until the guard drops.
+    pub async fn flight(&self, name: &str, tag: &str) -> Flight<'_> {
+        let key = (name.to_owned(), tag.to_owned());
+        let m = Arc::clone(self.lock().flights.entry(key.clone()).or_default());
+        let guard = Arc::clone(&m).lock_owned().await;
+        Flight {
+            tags: self,
+            key,
+            _guard: Some(guard),
+        }
+    }
+
+    async fn save(self: &Arc<Self>) {
+        let this = Arc::clone(self);
+        let res = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            let _w = this.write.lock().unwrap_or_else(|e| e.into_inner());
+            let p = {
+                let st = this.lock();
+                Persisted {
+                    upstream_open: st.upstream_open,
+                    tags: st
+                        .map
+                        .iter()
+                        .map(|((n, t), e)| (n.clone(), t.clone(), e.clone()))
+                        .collect(),
+                }
+            };
+            let tmp = this.path.with_extension("json.tmp");
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&serde_json::to_vec(&p)?)?;
+            f.sync_data()?;
+            std::fs::rename(&tmp, &this.path)
+        })
+        .await;
+        if let Ok(Err(e)) = res {
+            tracing::warn!(path = %self.path.display(), error = %e, "could not save the tag state");
+        }
+    }
+}
+
+/// The right to revalidate one tag; dropping it lets the next request in.
+pub struct Flight<'a> {
+    tags: &'a Tags,
+    key: Key,
+    _guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl Drop for Flight<'_> {
+    fn drop(&mut self) {
+        self._guard.take();
+        let mut st = self.tags.lock();
+        // Forget the flight's mutex once nobody else waits on it.
+        if st
+            .flights
+            .get(&self.key)
+            .is_some_and(|m| Arc::strong_count(m) == 1)
+        {
+            st.flights.remove(&self.key);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir() -> PathBuf {
+        let p =
+            std::env::temp_dir().join(format!("regproxy-tags-{}-{}", std::process::id(), now_ms()));
+        std::fs::create_dir_all(&p).unwrap();
+        p
+    }
+
+    #[tokio::test]
+    async fn tags_persist_and_expire() {
+        let d = dir();
+        let t = Arc::new(Tags::open(&d, Duration::from_secs(60)));
+        t.put("team/app", "v1", "sha256:aa".into(), "application/x".into())
+            .await;
+        t.set_upstream_open(true).await;
+        let (e, fresh) = t.get("team/app", "v1").unwrap();
+        assert!(fresh);
+        assert_eq!(e.digest, "sha256:aa");
+        drop(t);
+        let t = Tags::open(&d, Duration::ZERO);
+        let (e, fresh) = t.get("team/app", "v1").expect("the tag survives a restart");
+        assert_eq!(e.digest, "sha256:aa");
+        assert!(!fresh, "with a TTL of 0 every tag is revalidated");
+        assert!(t.upstream_open());
+        std::fs::remove_dir_all(d).unwrap();
+    }
+
+    #[tokio::test]
+    async fn one_flight_per_tag() {
+        let t = Arc::new(Tags::open(&dir(), Duration::from_secs(1)));
+        let f = t.flight("a", "v1").await;
+        let t2 = Arc::clone(&t);
+        let waiter = tokio::spawn(async move {
+            let _f = t2.flight("a", "v1").await;
+        });
+        let _other = t.flight("a", "v2").await; // another tag is not held up
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            !waiter.is_finished(),
+            "a second flight for the same tag waits"
+        );
+        drop(f);
+        waiter.await.unwrap();
+        assert!(
+            t.lock().flights.get(&("a".into(), "v1".into())).is_none(),
+            "finished flights are forgotten"
+        );
+    }
+}
