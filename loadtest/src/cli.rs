@@ -117,8 +117,11 @@ pub struct CompareArgs {
     #[arg(long, default_value_t = 32)]
     pub warm_clients: usize,
     /// Timed repetitions of each warm scenario (median reported).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 5)]
     pub repeat: usize,
+    /// Repetitions of the cold concurrent scenario, each on a fresh big blob (median reported).
+    #[arg(long, default_value_t = 3)]
+    pub cold_repeat: usize,
     #[arg(long, default_value_t = 4)]
     pub images: usize,
     #[arg(long, default_value = "48MiB,16MiB", value_parser = sizes)]
@@ -262,7 +265,7 @@ async fn pull(a: PullArgs) -> anyhow::Result<()> {
         _ => None,
     };
     println!(
-        "{} clients × {} images: {:.2}s, {:.1} MiB/s, {} blobs verified, {} errors",
+        "{} clients × {} images: {:.2}s, {:.1} MiB/s, {} blobs and manifests verified, {} errors",
         a.clients,
         images.len(),
         out.wall.as_secs_f64(),
@@ -352,6 +355,7 @@ async fn compare(a: CompareArgs) -> anyhow::Result<()> {
         cold_clients: a.cold_clients,
         warm_clients: a.warm_clients,
         repeat: a.repeat,
+        cold_repeat: a.cold_repeat,
         images: a.images,
         shared_layers: a.shared_layers.clone(),
         unique_layers: a.unique_layers.clone(),

@@ -27,6 +27,9 @@ pub struct Params {
     pub warm_clients: usize,
     /// Timed repetitions of each warm scenario; the median is reported.
     pub repeat: usize,
+    /// Repetitions of the cold concurrent scenario, each with its own fresh
+    /// big blob; the median is reported.
+    pub cold_repeat: usize,
     pub images: usize,
     pub shared_layers: Vec<u64>,
     pub unique_layers: Vec<u64>,
@@ -73,6 +76,9 @@ pub struct Row {
     pub p99_ms: f64,
     pub image_p50_ms: Option<f64>,
     pub image_p99_ms: Option<f64>,
+    /// Timed repetitions; throughput and latencies are the median one's,
+    /// `upstream` sums all of them.
+    pub repetitions: usize,
     pub requests: u64,
     pub verified: u64,
     pub errors: u64,
@@ -80,7 +86,7 @@ pub struct Row {
     pub upstream: UpstreamUse,
     /// Distinct blob bytes the scenario asks for (what one fetch each costs).
     pub distinct_bytes: u64,
-    /// Upstream blob bytes ÷ distinct blob bytes.
+    /// Upstream blob bytes ÷ (distinct blob bytes × repetitions).
     pub amplification: f64,
     /// Peak memory of the target's processes; `None` for direct.
     pub memory: Option<MemPeak>,
@@ -163,7 +169,8 @@ impl Report {
 
 /// The content of a run, hashed before anything starts.
 struct Plan {
-    big: BlobSpec,
+    /// One fresh big blob per cold repetition; the first is the warm one.
+    cold: Vec<BlobSpec>,
     medium: BlobSpec,
     images: Vec<ImageSpec>,
     uplink_images: Vec<ImageSpec>,
@@ -181,6 +188,35 @@ fn refs(images: &[ImageSpec]) -> Vec<ImageRef> {
         .collect()
 }
 
+/// What one scenario is, for [`Ctx::measure`].
+struct Spec {
+    scenario: &'static str,
+    clients: usize,
+    /// Distinct blob bytes one repetition asks for.
+    distinct_bytes: u64,
+    /// Count only upstream GETs of these blobs.
+    digests: Option<Vec<String>>,
+    repetitions: usize,
+}
+
+impl Spec {
+    fn new(scenario: &'static str, clients: usize, distinct_bytes: u64) -> Spec {
+        Spec {
+            scenario,
+            clients,
+            distinct_bytes,
+            digests: None,
+            repetitions: 1,
+        }
+    }
+
+    fn blobs(mut self, digests: Vec<String>, repetitions: usize) -> Spec {
+        self.digests = Some(digests);
+        self.repetitions = repetitions.max(1);
+        self
+    }
+}
+
 struct Ctx<'a> {
     params: &'a Params,
     sampler: &'a MemSampler,
@@ -192,11 +228,8 @@ impl Ctx<'_> {
     /// measured from just before `run` to when the upstream log settles.
     async fn measure<F>(
         &mut self,
-        scenario: &'static str,
+        spec: Spec,
         (target, upstream): (&Target, &Upstream),
-        clients: usize,
-        distinct_bytes: u64,
-        digest: Option<&str>,
         run: F,
     ) -> Row
     where
@@ -222,7 +255,14 @@ impl Ctx<'_> {
         })
         .await
         .ok();
-        let usage = upstream.log.usage(mark, digest);
+        let Spec {
+            scenario,
+            clients,
+            distinct_bytes,
+            digests,
+            repetitions,
+        } = spec;
+        let usage = upstream.log.usage(mark, digests.as_deref());
         let memory = target.proc.as_ref().map(|_| self.sampler.take());
         let wall = out.wall.as_secs_f64().max(1e-9);
         let row = Row {
@@ -246,6 +286,7 @@ impl Ctx<'_> {
                 .then(|| out.image_latency.percentile_ms(50.0)),
             image_p99_ms: (!out.image_latency.is_empty())
                 .then(|| out.image_latency.percentile_ms(99.0)),
+            repetitions,
             requests: out.requests,
             verified: out.verified,
             errors: out.errors,
@@ -255,7 +296,7 @@ impl Ctx<'_> {
             amplification: if distinct_bytes == 0 {
                 0.0
             } else {
-                usage.blob_bytes as f64 / distinct_bytes as f64
+                usage.blob_bytes as f64 / (distinct_bytes * repetitions.max(1) as u64) as f64
             },
             memory,
         };
@@ -320,7 +361,9 @@ pub async fn run(params: Params, tools: Tools, work: PathBuf) -> anyhow::Result<
     eprintln!("hashing the synthetic content …");
     let p = params.clone();
     let plan = tokio::task::spawn_blocking(move || Plan {
-        big: synth::blob(1, p.big, LAYER_TYPE),
+        cold: (0..p.cold_repeat.max(1) as u64)
+            .map(|i| synth::blob(100 + i, p.big, LAYER_TYPE))
+            .collect(),
         medium: synth::blob(2, p.medium, LAYER_TYPE),
         images: synth::image_set(&ImageSetShape {
             prefix: "bench/app".into(),
@@ -345,7 +388,9 @@ pub async fn run(params: Params, tools: Tools, work: PathBuf) -> anyhow::Result<
     let upstream = start_upstream(&tools, &work, &storage, &up_addr, None).await?;
     eprintln!("seeding the upstream at {up_addr} …");
     let reg = Registry::new(&up_addr, params.timeout);
-    reg.push_blob(BLOB_REPO, &plan.big).await?;
+    for b in &plan.cold {
+        reg.push_blob(BLOB_REPO, b).await?;
+    }
     reg.push_blob(BLOB_REPO, &plan.medium).await?;
     for img in plan.images.iter().chain(&plan.uplink_images) {
         reg.push_image(img)
@@ -381,30 +426,30 @@ pub async fn run(params: Params, tools: Tools, work: PathBuf) -> anyhow::Result<
         let target = start_target(kind, &tools, &upstream.addr, &work, "loop").await?;
         sampler.watch(target.pid().into_iter().collect());
         let addr = target.addr.clone();
-        let (big, medium) = (&plan.big, &plan.medium);
+        let (big, medium) = (&plan.cold[0], &plan.medium);
+        let cold_digests: Vec<String> = plan.cold.iter().map(|b| b.digest.clone()).collect();
+        let reps = params.repeat.max(1);
 
         ctx.measure(
-            "cold_concurrent",
+            Spec::new("cold_concurrent", params.cold_clients, big.size)
+                .blobs(cold_digests, plan.cold.len()),
             (&target, &upstream),
-            params.cold_clients,
-            big.size,
-            Some(&big.digest),
-            workload::concurrent_blob(
-                &addr,
-                to,
-                BLOB_REPO,
-                &big.digest,
-                big.size,
-                params.cold_clients,
-            ),
+            async {
+                let mut outs = Vec::new();
+                for blob in &plan.cold {
+                    let c = params.cold_clients;
+                    outs.push(
+                        workload::concurrent_blob(&addr, to, BLOB_REPO, &blob.digest, blob.size, c)
+                            .await,
+                    );
+                }
+                median(outs)
+            },
         )
         .await;
         ctx.measure(
-            "images_cold",
+            Spec::new("images_cold", params.image_clients, image_distinct),
             (&target, &upstream),
-            params.image_clients,
-            image_distinct,
-            None,
             workload::pull_images(
                 &addr,
                 to,
@@ -415,11 +460,8 @@ pub async fn run(params: Params, tools: Tools, work: PathBuf) -> anyhow::Result<
         )
         .await;
         ctx.measure(
-            "images_warm",
+            Spec::new("images_warm", params.image_clients, image_distinct),
             (&target, &upstream),
-            params.image_clients,
-            image_distinct,
-            None,
             workload::pull_images(
                 &addr,
                 to,
@@ -432,14 +474,11 @@ pub async fn run(params: Params, tools: Tools, work: PathBuf) -> anyhow::Result<
 
         let primed = prime(&addr, to, big).await;
         ctx.measure(
-            "warm_single",
+            Spec::new("warm_single", 1, big.size).blobs(vec![big.digest.clone()], reps),
             (&target, &upstream),
-            1,
-            big.size,
-            Some(&big.digest),
             async {
                 let mut outs = Vec::new();
-                for _ in 0..params.repeat.max(1) {
+                for _ in 0..reps {
                     outs.push(
                         workload::concurrent_blob(&addr, to, BLOB_REPO, &big.digest, big.size, 1)
                             .await,
@@ -452,25 +491,14 @@ pub async fn run(params: Params, tools: Tools, work: PathBuf) -> anyhow::Result<
 
         let primed = prime(&addr, to, medium).await;
         ctx.measure(
-            "warm_concurrent",
+            Spec::new("warm_concurrent", params.warm_clients, medium.size)
+                .blobs(vec![medium.digest.clone()], reps),
             (&target, &upstream),
-            params.warm_clients,
-            medium.size,
-            Some(&medium.digest),
             async {
                 let mut outs = Vec::new();
-                for _ in 0..params.repeat.max(1) {
-                    outs.push(
-                        workload::concurrent_blob(
-                            &addr,
-                            to,
-                            BLOB_REPO,
-                            &medium.digest,
-                            medium.size,
-                            params.warm_clients,
-                        )
-                        .await,
-                    );
+                for _ in 0..reps {
+                    let (d, n, c) = (&medium.digest, medium.size, params.warm_clients);
+                    outs.push(workload::concurrent_blob(&addr, to, BLOB_REPO, d, n, c).await);
                 }
                 with_prime(median(outs), primed)
             },
@@ -478,11 +506,8 @@ pub async fn run(params: Params, tools: Tools, work: PathBuf) -> anyhow::Result<
         .await;
 
         ctx.measure(
-            "small_requests",
+            Spec::new("small_requests", params.small_workers, 0),
             (&target, &upstream),
-            params.small_workers,
-            0,
-            None,
             workload::small_requests(
                 &addr,
                 to,
@@ -501,11 +526,8 @@ pub async fn run(params: Params, tools: Tools, work: PathBuf) -> anyhow::Result<
                 sampler.watch(node.pid().into_iter().collect());
                 let addr = node.addr.clone();
                 ctx.measure(
-                    scenario,
+                    Spec::new(scenario, params.uplink_clients, uplink_distinct),
                     (&node, up),
-                    params.uplink_clients,
-                    uplink_distinct,
-                    None,
                     workload::pull_images(
                         &addr,
                         to,

@@ -243,6 +243,8 @@ pub struct UpstreamUse {
     pub blob_gets: u64,
     /// Response bytes of those blob GETs.
     pub blob_bytes: u64,
+    /// The most successful GETs of any one blob.
+    pub max_gets_per_blob: u64,
     /// Response bytes of every request.
     pub bytes: u64,
     pub requests: u64,
@@ -282,19 +284,26 @@ impl AccessLog {
             .collect()
     }
 
-    /// What the upstream sent after `mark`; `digest` restricts blob GETs to one blob.
-    pub fn usage(&self, mark: u64, digest: Option<&str>) -> UpstreamUse {
+    /// What the upstream sent after `mark`; `digests` restricts blob GETs to those blobs.
+    pub fn usage(&self, mark: u64, digests: Option<&[String]>) -> UpstreamUse {
         let mut u = UpstreamUse::default();
+        let mut per_blob = std::collections::HashMap::new();
         for e in self.since(mark) {
             u.requests += 1;
             u.bytes += e.bytes;
+            let Some((_, digest)) = e.path.rsplit_once("/blobs/") else {
+                continue;
+            };
             let is_blob = e.method == "GET"
-                && e.path.contains("/blobs/sha256:")
+                && digest.starts_with("sha256:")
                 && matches!(e.status, 200 | 206)
-                && digest.is_none_or(|d| e.path.ends_with(d));
+                && digests.is_none_or(|ds| ds.iter().any(|d| d == digest));
             if is_blob {
                 u.blob_gets += 1;
                 u.blob_bytes += e.bytes;
+                let n = per_blob.entry(digest.to_string()).or_insert(0);
+                *n += 1;
+                u.max_gets_per_blob = u.max_gets_per_blob.max(*n);
             }
         }
         u

@@ -70,14 +70,16 @@ fn a_short_compare_verifies_everything_and_regproxy_fetches_once() {
     let started = Instant::now();
     let out = Command::new(env!("CARGO_BIN_EXE_loadtest"))
         .args(["compare", "--targets", "regproxy,nginx,distribution,direct"])
-        .args(["--big", "4MiB", "--medium", "512KiB"])
+        .args(["--big", "2MiB", "--medium", "512KiB"])
         .args([
             "--cold-clients",
             "10",
+            "--cold-repeat",
+            "2",
             "--warm-clients",
             "8",
             "--repeat",
-            "1",
+            "2",
         ])
         .args([
             "--images",
@@ -158,17 +160,25 @@ fn a_short_compare_verifies_everything_and_regproxy_fetches_once() {
 
     let cold = row(&report, "cold_concurrent", "regproxy");
     assert_eq!(
+        cold["repetitions"], 2,
+        "the cold scenario should run once per fresh blob"
+    );
+    assert_eq!(
         cold["verified"], 10,
         "ten cold clients should each get the verified blob"
     );
     assert_eq!(
-        cold["upstream"]["blob_gets"], 1,
-        "ten concurrent cold clients through regproxy should make exactly one upstream GET"
+        cold["upstream"]["max_gets_per_blob"], 1,
+        "ten concurrent cold clients through regproxy should make exactly one upstream GET per blob: {cold}"
     );
     assert_eq!(
-        row(&report, "cold_concurrent", "direct")["upstream"]["blob_gets"],
-        10,
-        "the upstream access log should count each of ten direct GETs (else the counter is broken)"
+        cold["upstream"]["blob_gets"], 2,
+        "two cold blobs through regproxy should make two upstream GETs in all: {cold}"
+    );
+    let direct = row(&report, "cold_concurrent", "direct");
+    assert_eq!(
+        direct["upstream"]["blob_gets"], 20,
+        "the upstream access log should count ten direct GETs of each blob (else the counter is broken): {direct}"
     );
     for node in ["uplink_node1", "uplink_node2"] {
         let r = row(&report, node, "regproxy");
