@@ -264,7 +264,7 @@ mod tests {
         drop(f);
         waiter.await.unwrap();
         assert!(
-            t.lock().flights.get(&("a".into(), "v1".into())).is_none(),
+            !t.lock().flights.contains_key(&("a".into(), "v1".into())),
             "finished flights are forgotten"
         );
     }

@@ -5,104 +5,10 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::{Command, Output};
 
 use support::*;
-
-/// A containerd of its own: sockets, root and state in a temp dir, no CRI.
-struct Containerd {
-    dir: TempDir,
-    sock: PathBuf,
-    child: Child,
-}
-
-impl Containerd {
-    fn start() -> Containerd {
-        let dir = TempDir::new("containerd");
-        let config = dir.path().join("config.toml");
-        std::fs::write(
-            &config,
-            "version = 2\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n",
-        )
-        .unwrap();
-        let sock = dir.path().join("containerd.sock");
-        let log = std::fs::File::create(dir.path().join("containerd.log")).unwrap();
-        let mut child = Command::new("containerd")
-            .arg("--config")
-            .arg(&config)
-            .arg("--address")
-            .arg(&sock)
-            .arg("--root")
-            .arg(dir.path().join("root"))
-            .arg("--state")
-            .arg(dir.path().join("state"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("containerd is installed (scripts/deps.sh)");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let v = Command::new("ctr")
-                .arg("--address")
-                .arg(&sock)
-                .arg("version")
-                .output()
-                .unwrap();
-            if v.status.success() {
-                break;
-            }
-            if let Ok(Some(st)) = child.try_wait() {
-                panic!("containerd exited with {st}");
-            }
-            assert!(
-                Instant::now() < deadline,
-                "containerd should answer within 30s"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Containerd { dir, sock, child }
-    }
-
-    /// `ctr ARGS` in a mount namespace whose `/etc/hosts` maps the registry
-    /// name to loopback, as on a node: whatever containerd tries, it stays on
-    /// this machine.
-    fn ctr(&self, args: &[&str]) -> Output {
-        let hosts = self.dir.path().join("hosts");
-        std::fs::write(
-            &hosts,
-            format!("127.0.0.1 localhost\n127.0.0.1 {REGISTRY_NAME}\n"),
-        )
-        .unwrap();
-        let script = format!(
-            "mount --bind {} /etc/hosts && exec timeout 60 ctr --address {} \"$@\"",
-            hosts.display(),
-            self.sock.display()
-        );
-        Command::new("unshare")
-            .args([
-                "--mount",
-                "--propagation",
-                "private",
-                "sh",
-                "-c",
-                &script,
-                "ctr",
-            ])
-            .args(args)
-            .output()
-            .unwrap()
-    }
-}
-
-impl Drop for Containerd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn regproxy(args: &[&str]) -> String {
     let out = Command::new(regproxy_bin()).args(args).output().unwrap();

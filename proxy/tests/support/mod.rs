@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener as StdListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -180,7 +180,6 @@ impl Registry {
     }
 
     /// Everything the registry logged.
-
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -718,4 +717,126 @@ impl Drop for Dockerd {
             .arg(self.dir.path().join("exec"))
             .status();
     }
+}
+
+/// A containerd of its own: sockets, root and state in a temp dir, no CRI.
+pub struct Containerd {
+    pub dir: TempDir,
+    pub sock: PathBuf,
+    child: Child,
+}
+
+impl Containerd {
+    pub fn start() -> Containerd {
+        let dir = TempDir::new("containerd");
+        let config = dir.path().join("config.toml");
+        std::fs::write(
+            &config,
+            "version = 2\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n",
+        )
+        .unwrap();
+        let sock = dir.path().join("containerd.sock");
+        let log = std::fs::File::create(dir.path().join("containerd.log")).unwrap();
+        let mut child = Command::new("containerd")
+            .arg("--config")
+            .arg(&config)
+            .arg("--address")
+            .arg(&sock)
+            .arg("--root")
+            .arg(dir.path().join("root"))
+            .arg("--state")
+            .arg(dir.path().join("state"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("containerd is installed (scripts/deps.sh)");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let v = Command::new("ctr")
+                .arg("--address")
+                .arg(&sock)
+                .arg("version")
+                .output()
+                .unwrap();
+            if v.status.success() {
+                break;
+            }
+            if let Ok(Some(st)) = child.try_wait() {
+                panic!("containerd exited with {st}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "containerd should answer within 30s"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Containerd { dir, sock, child }
+    }
+
+    /// `ctr ARGS` in a mount namespace whose `/etc/hosts` maps the registry
+    /// name to loopback, as on a node: whatever containerd tries, it stays on
+    /// this machine.
+    pub fn ctr(&self, args: &[&str]) -> Output {
+        let hosts = self.dir.path().join("hosts");
+        std::fs::write(
+            &hosts,
+            format!("127.0.0.1 localhost\n127.0.0.1 {REGISTRY_NAME}\n"),
+        )
+        .unwrap();
+        let script = format!(
+            "mount --bind {} /etc/hosts && exec timeout 60 ctr --address {} \"$@\"",
+            hosts.display(),
+            self.sock.display()
+        );
+        Command::new("unshare")
+            .args([
+                "--mount",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                &script,
+                "ctr",
+            ])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `program args...` in a mount namespace whose `/etc/hosts` maps the
+/// registry name to loopback, as a node's does.
+pub fn on_node(program: &str, args: &[&str]) -> Output {
+    let dir = TempDir::new("node-hosts");
+    let hosts = dir.path().join("hosts");
+    std::fs::write(
+        &hosts,
+        format!("127.0.0.1 localhost\n127.0.0.1 {REGISTRY_NAME}\n"),
+    )
+    .unwrap();
+    let script = format!(
+        "mount --bind {} /etc/hosts && exec timeout 120 \"$0\" \"$@\"",
+        hosts.display()
+    );
+    Command::new("unshare")
+        .args([
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            &script,
+            program,
+        ])
+        .args(args)
+        .output()
+        .unwrap()
 }

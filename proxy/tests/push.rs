@@ -1,0 +1,205 @@
+//! The push protocol through the proxy: streamed both ways, `Location`
+//! pointing back at the proxy, memory bounded for a 1 GiB layer.
+
+mod support;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
+use sha2::{Digest as _, Sha256};
+use support::*;
+
+const MIB: usize = 1 << 20;
+
+/// Peak `RssAnon` of `pid` while `f` runs, sampled every 10 ms.
+async fn peak_anon_kib<T>(pid: u32, f: impl std::future::Future<Output = T>) -> (T, u64) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let peak = Arc::new(AtomicU64::new(0));
+    let (s, p) = (Arc::clone(&stop), Arc::clone(&peak));
+    let sampler = std::thread::spawn(move || {
+        while !s.load(Ordering::SeqCst) {
+            if let Ok(st) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
+                if let Some(kib) = st
+                    .lines()
+                    .find(|l| l.starts_with("RssAnon:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|v| v.parse::<u64>().ok())
+                {
+                    p.fetch_max(kib, Ordering::SeqCst);
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    });
+    let out = f.await;
+    stop.store(true, Ordering::SeqCst);
+    sampler.join().unwrap();
+    (out, peak.load(Ordering::SeqCst))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_1gib_layer_push_streams_through_with_bounded_memory() {
+    let reg = Registry::start();
+    let cache = TempDir::new("cache");
+    let proxy = Proxy::start(&reg.url(), cache.path(), &[]);
+
+    let (st, h, _) = request(
+        Method::POST,
+        &format!("{}/v2/team/big/blobs/uploads/", proxy.url()),
+        &[],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(st, StatusCode::ACCEPTED);
+    let location = h["location"].to_str().unwrap().to_owned();
+    assert!(
+        location.starts_with(&proxy.url()),
+        "Location points back at the proxy, not the upstream: {location}"
+    );
+
+    // 1 GiB made on the fly, hashed on the way out: nothing holds it whole.
+    const TOTAL: usize = 1024 * MIB;
+    let chunk = Bytes::from(blob(MIB, 1));
+    let mut hasher = Sha256::new();
+    for _ in 0..TOTAL / MIB {
+        hasher.update(&chunk);
+    }
+    let digest = format!(
+        "sha256:{}",
+        hasher
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    );
+    let frames = futures_util::stream::iter(
+        (0..TOTAL / MIB)
+            .map(move |_| Ok::<_, std::convert::Infallible>(Frame::data(chunk.clone()))),
+    );
+    let req = Request::patch(&location)
+        .header("content-type", "application/octet-stream")
+        .body(StreamBody::new(frames))
+        .unwrap();
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http();
+    let (resp, peak_kib) =
+        peak_anon_kib(proxy.pid(), async { client.request(req).await.unwrap() }).await;
+    assert_eq!(
+        resp.status(),
+        StatusCode::ACCEPTED,
+        "the upstream took the 1 GiB PATCH"
+    );
+    assert_eq!(resp.headers()["range"], format!("0-{}", TOTAL - 1).as_str());
+    let next = resp.headers()["location"].to_str().unwrap().to_owned();
+    assert!(next.starts_with(&proxy.url()));
+    let _ = resp.into_body().collect().await;
+    assert!(
+        peak_kib < 64 * 1024,
+        "regproxy's anonymous memory stayed under 64 MiB during the push ({peak_kib} KiB)"
+    );
+
+    let sep = if next.contains('?') { '&' } else { '?' };
+    let (st, h, _) = request(
+        Method::PUT,
+        &format!("{next}{sep}digest={digest}"),
+        &[],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(
+        st,
+        StatusCode::CREATED,
+        "the upload completes through the proxy"
+    );
+    assert_eq!(h["docker-content-digest"], digest.as_str());
+    let (st, h, _) = request(
+        Method::HEAD,
+        &format!("{}/v2/team/big/blobs/{digest}", reg.url()),
+        &[],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(
+        h["content-length"],
+        TOTAL.to_string().as_str(),
+        "the upstream holds the whole layer"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn monolithic_uploads_and_cross_repo_mounts_pass_through() {
+    let reg = Registry::start();
+    let cache = TempDir::new("cache");
+    let proxy = Proxy::start(&reg.url(), cache.path(), &[]);
+    let data = blob(100_000, 2);
+    let d = sha256_digest(&data);
+    let d = d.as_str();
+    // Distribution 2.8 answers a POST with ?digest= by opening a session
+    // (202), and the proxy relays just that; then a monolithic PUT ends it.
+    let body = Bytes::from(data);
+    let post = |base: String| {
+        let body = body.clone();
+        async move {
+            let url = format!("{base}/v2/team/a/blobs/uploads/?digest={d}");
+            request(
+                Method::POST,
+                &url,
+                &[("content-type", "application/octet-stream")],
+                body,
+            )
+            .await
+        }
+    };
+    let (direct, _, _) = post(reg.url()).await;
+    let (st, h, _) = post(proxy.url()).await;
+    assert_eq!(st, direct, "the proxy answers what the upstream answers");
+    let location = h["location"].to_str().unwrap().to_owned();
+    assert!(location.starts_with(&proxy.url()));
+    if st == StatusCode::ACCEPTED {
+        let (st, _, _) = request(
+            Method::PUT,
+            &format!("{location}&digest={d}"),
+            &[("content-type", "application/octet-stream")],
+            body.clone(),
+        )
+        .await;
+        assert_eq!(
+            st,
+            StatusCode::CREATED,
+            "a monolithic PUT completes the upload"
+        );
+    }
+
+    let (st, _, _) = request(
+        Method::POST,
+        &format!(
+            "{}/v2/team/b/blobs/uploads/?mount={d}&from=team/a",
+            proxy.url()
+        ),
+        &[],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(
+        st,
+        StatusCode::CREATED,
+        "a cross-repository mount passes through"
+    );
+    let (st, _, body) = get(&format!("{}/v2/team/b/blobs/{d}", proxy.url()), &[]).await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(sha256_digest(&body.unwrap()), d);
+
+    let (st, _, _) = request(
+        Method::DELETE,
+        &format!("{}/v2/team/b/blobs/{d}", proxy.url()),
+        &[],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(st, StatusCode::ACCEPTED, "a DELETE is relayed");
+}
