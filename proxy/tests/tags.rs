@@ -15,8 +15,8 @@ fn tag_requests(reg: &Registry) -> usize {
     reg.log()
         .lines()
         .filter(|l| {
-            (l.contains("\"GET /v2/team/app/manifests/v1 ")
-                || l.contains("\"HEAD /v2/team/app/manifests/v1 "))
+            l.contains("\"GET /v2/team/app/manifests/v1 ")
+                || l.contains("\"HEAD /v2/team/app/manifests/v1 ")
         })
         .count()
 }
