@@ -106,6 +106,10 @@ pub struct CompareArgs {
         default_value = "regproxy,nginx,distribution,direct"
     )]
     pub targets: Vec<Kind>,
+    /// Run only these scenarios [default: all]: cold_concurrent, images_cold,
+    /// images_warm, warm_single, warm_concurrent, small_requests, uplink_node1, uplink_node2.
+    #[arg(long, value_delimiter = ',')]
+    pub scenarios: Vec<String>,
     /// The big blob (warm single stream; cold concurrent).
     #[arg(long, default_value = "256MiB", value_parser = size)]
     pub big: u64,
@@ -117,10 +121,10 @@ pub struct CompareArgs {
     #[arg(long, default_value_t = 32)]
     pub warm_clients: usize,
     /// Timed repetitions of each warm scenario (median reported).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 9)]
     pub repeat: usize,
     /// Repetitions of the cold concurrent scenario, each on a fresh big blob (median reported).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 5)]
     pub cold_repeat: usize,
     #[arg(long, default_value_t = 4)]
     pub images: usize,
@@ -134,7 +138,8 @@ pub struct CompareArgs {
     pub layer_concurrency: usize,
     #[arg(long, default_value_t = 8)]
     pub small_workers: usize,
-    #[arg(long, default_value = "3s", value_parser = duration)]
+    /// How long each repetition of the small-request scenario runs.
+    #[arg(long, default_value = "1s", value_parser = duration)]
     pub small_duration: Duration,
     #[arg(long, default_value_t = 200_000)]
     pub small_max: u64,
@@ -328,6 +333,11 @@ fn default_regproxy() -> anyhow::Result<PathBuf> {
 }
 
 async fn compare(a: CompareArgs) -> anyhow::Result<()> {
+    for s in &a.scenarios {
+        if !compare::SCENARIOS.iter().any(|(id, _)| id == s) {
+            bail!("unknown scenario {s:?}; see --help");
+        }
+    }
     let tools = Tools {
         registry: a.registry_bin.clone(),
         nginx: a.nginx_bin.clone(),
@@ -350,6 +360,7 @@ async fn compare(a: CompareArgs) -> anyhow::Result<()> {
     }
     let params = Params {
         targets: a.targets.clone(),
+        scenarios: a.scenarios.clone(),
         big: a.big,
         medium: a.medium,
         cold_clients: a.cold_clients,

@@ -19,6 +19,8 @@ use crate::workload::{self, ImageRef, Outcome};
 #[derive(Debug, Clone, Serialize)]
 pub struct Params {
     pub targets: Vec<Kind>,
+    /// Scenario ids to run (see [`SCENARIOS`]); empty runs them all.
+    pub scenarios: Vec<String>,
     /// The large blob: warm single stream and cold concurrent.
     pub big: u64,
     /// The blob of the warm concurrent scenario.
@@ -51,6 +53,13 @@ pub struct Params {
     /// Each scenario as a whole.
     #[serde(with = "secs")]
     pub scenario_timeout: Duration,
+}
+
+impl Params {
+    /// Whether scenario `id` is part of this run.
+    pub fn wants(&self, id: &str) -> bool {
+        self.scenarios.is_empty() || self.scenarios.iter().any(|s| s == id)
+    }
 }
 
 mod secs {
@@ -188,8 +197,8 @@ fn refs(images: &[ImageSpec]) -> Vec<ImageRef> {
         .collect()
 }
 
-/// What one scenario is, for [`Ctx::measure`].
-struct Spec {
+/// What one scenario is, for [`Ctx::scenario`].
+struct Spec<'p> {
     scenario: &'static str,
     clients: usize,
     /// Distinct blob bytes one repetition asks for.
@@ -197,24 +206,45 @@ struct Spec {
     /// Count only upstream GETs of these blobs.
     digests: Option<Vec<String>>,
     repetitions: usize,
+    /// Make this blob warm on every target first.
+    prime: Option<&'p BlobSpec>,
 }
 
-impl Spec {
-    fn new(scenario: &'static str, clients: usize, distinct_bytes: u64) -> Spec {
+impl<'p> Spec<'p> {
+    fn new(scenario: &'static str, clients: usize, distinct_bytes: u64) -> Spec<'p> {
         Spec {
             scenario,
             clients,
             distinct_bytes,
             digests: None,
             repetitions: 1,
+            prime: None,
         }
     }
 
-    fn blobs(mut self, digests: Vec<String>, repetitions: usize) -> Spec {
+    fn blobs(mut self, digests: Vec<String>) -> Spec<'p> {
         self.digests = Some(digests);
+        self
+    }
+
+    fn repeat(mut self, repetitions: usize) -> Spec<'p> {
         self.repetitions = repetitions.max(1);
         self
     }
+
+    fn primed(mut self, blob: &'p BlobSpec) -> Spec<'p> {
+        self.prime = Some(blob);
+        self
+    }
+}
+
+/// One target's repetitions of one scenario.
+#[derive(Default)]
+struct Acc {
+    outs: Vec<Outcome>,
+    usage: UpstreamUse,
+    peak: Option<MemPeak>,
+    extra_errors: Vec<Outcome>,
 }
 
 struct Ctx<'a> {
@@ -224,101 +254,144 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    /// Runs one scenario on `target`: memory peaks and upstream use are
-    /// measured from just before `run` to when the upstream log settles.
-    async fn measure<F>(
+    /// Runs one scenario on every target, interleaved: repetition r runs on
+    /// each target in turn (the order rotating with r), so a change in the
+    /// machine's background load falls on all targets alike. Memory peaks and
+    /// upstream use are measured per target from just before its run to when
+    /// the upstream's access log settles.
+    async fn scenario<F, Fut>(
         &mut self,
-        spec: Spec,
-        (target, upstream): (&Target, &Upstream),
-        run: F,
-    ) -> Row
-    where
-        F: std::future::Future<Output = Outcome>,
+        spec: Spec<'_>,
+        targets: &[Target],
+        upstream: &Upstream,
+        mut run: F,
+    ) where
+        F: FnMut(usize, String) -> Fut,
+        Fut: std::future::Future<Output = Outcome>,
     {
-        let mark = upstream.log.mark();
-        self.sampler.take();
-        let out = match tokio::time::timeout(self.params.scenario_timeout, run).await {
-            Ok(o) => o,
-            Err(_) => Outcome {
-                errors: 1,
-                first_errors: vec![format!(
-                    "scenario did not finish within {:?}",
-                    self.params.scenario_timeout
-                )],
-                wall: self.params.scenario_timeout,
-                ..Outcome::default()
-            },
-        };
-        let log = upstream.log.clone();
-        tokio::task::spawn_blocking(move || {
-            log.settle(Duration::from_millis(300), Duration::from_secs(5))
-        })
-        .await
-        .ok();
-        let Spec {
-            scenario,
-            clients,
-            distinct_bytes,
-            digests,
-            repetitions,
-        } = spec;
-        let usage = upstream.log.usage(mark, digests.as_deref());
-        let memory = target.proc.as_ref().map(|_| self.sampler.take());
+        let mut accs: Vec<Acc> = targets.iter().map(|_| Acc::default()).collect();
+        if let Some(blob) = spec.prime {
+            for (t, acc) in targets.iter().zip(&mut accs) {
+                acc.extra_errors
+                    .push(prime(&t.addr, self.params.timeout, blob).await);
+            }
+        }
+        for rep in 0..spec.repetitions {
+            for k in 0..targets.len() {
+                let i = (k + rep) % targets.len();
+                let t = &targets[i];
+                self.sampler.watch(t.pid().into_iter().collect());
+                let mark = upstream.log.mark();
+                let out = match tokio::time::timeout(
+                    self.params.scenario_timeout,
+                    run(rep, t.addr.clone()),
+                )
+                .await
+                {
+                    Ok(o) => o,
+                    Err(_) => Outcome {
+                        errors: 1,
+                        first_errors: vec![format!(
+                            "scenario did not finish within {:?}",
+                            self.params.scenario_timeout
+                        )],
+                        wall: self.params.scenario_timeout,
+                        ..Outcome::default()
+                    },
+                };
+                let log = upstream.log.clone();
+                tokio::task::spawn_blocking(move || {
+                    log.settle(Duration::from_millis(150), Duration::from_secs(5))
+                })
+                .await
+                .ok();
+                let usage = upstream.log.usage(mark, spec.digests.as_deref());
+                let acc = &mut accs[i];
+                acc.usage.add(&usage);
+                if t.proc.is_some() {
+                    let p = self.sampler.take();
+                    let peak = acc.peak.get_or_insert_with(MemPeak::default);
+                    peak.rss_kib = peak.rss_kib.max(p.rss_kib);
+                    peak.anon_kib = peak.anon_kib.max(p.anon_kib);
+                }
+                acc.outs.push(out);
+            }
+        }
+        for (t, acc) in targets.iter().zip(accs) {
+            let row = self.row(&spec, t.kind, acc);
+            eprintln!(
+                "  {:<16} {:<12} {:>8.2}s {:>9.1} MiB/s  upstream GETs {:>3}  errors {}{}",
+                row.scenario,
+                t.kind.to_string(),
+                row.wall_s,
+                row.mib_per_s,
+                row.upstream.blob_gets,
+                row.errors,
+                row.first_errors
+                    .first()
+                    .map(|e| format!(" ({e})"))
+                    .unwrap_or_default()
+            );
+            self.rows.push(row);
+        }
+    }
+
+    fn row(&self, spec: &Spec<'_>, target: Kind, acc: Acc) -> Row {
+        let mut out = median(acc.outs);
+        for extra in acc.extra_errors {
+            out.errors += extra.errors;
+            out.first_errors.extend(extra.first_errors);
+        }
+        out.first_errors.truncate(5);
         let wall = out.wall.as_secs_f64().max(1e-9);
-        let row = Row {
-            scenario,
-            target: target.kind,
-            clients,
+        let (lat50, lat99) = if out.blob_latency.is_empty() {
+            (
+                out.request_latency.percentile_ms(50.0),
+                out.request_latency.percentile_ms(99.0),
+            )
+        } else {
+            (
+                out.blob_latency.percentile_ms(50.0),
+                out.blob_latency.percentile_ms(99.0),
+            )
+        };
+        let reps = spec.repetitions.max(1) as u64;
+        Row {
+            scenario: spec.scenario,
+            target,
+            clients: spec.clients,
             wall_s: out.wall.as_secs_f64(),
             mib_per_s: out.mib_per_s(),
             req_per_s: out.requests as f64 / wall,
-            p50_ms: if out.blob_latency.is_empty() {
-                out.request_latency.percentile_ms(50.0)
-            } else {
-                out.blob_latency.percentile_ms(50.0)
-            },
-            p99_ms: if out.blob_latency.is_empty() {
-                out.request_latency.percentile_ms(99.0)
-            } else {
-                out.blob_latency.percentile_ms(99.0)
-            },
+            p50_ms: lat50,
+            p99_ms: lat99,
             image_p50_ms: (!out.image_latency.is_empty())
                 .then(|| out.image_latency.percentile_ms(50.0)),
             image_p99_ms: (!out.image_latency.is_empty())
                 .then(|| out.image_latency.percentile_ms(99.0)),
-            repetitions,
+            repetitions: spec.repetitions,
             requests: out.requests,
             verified: out.verified,
             errors: out.errors,
             first_errors: out.first_errors,
-            upstream: usage,
-            distinct_bytes,
-            amplification: if distinct_bytes == 0 {
+            upstream: acc.usage,
+            distinct_bytes: spec.distinct_bytes,
+            amplification: if spec.distinct_bytes == 0 {
                 0.0
             } else {
-                usage.blob_bytes as f64 / (distinct_bytes * repetitions.max(1) as u64) as f64
+                acc.usage.blob_bytes as f64 / (spec.distinct_bytes * reps) as f64
             },
-            memory,
-        };
-        eprintln!(
-            "  {scenario:<16} {:<12} {:>8.2}s {:>9.1} MiB/s  upstream GETs {:>3}  errors {}{}",
-            target.kind.to_string(),
-            row.wall_s,
-            row.mib_per_s,
-            row.upstream.blob_gets,
-            row.errors,
-            row.first_errors
-                .first()
-                .map(|e| format!(" ({e})"))
-                .unwrap_or_default()
-        );
-        self.rows.push(row.clone());
-        row
+            memory: acc.peak,
+        }
     }
 }
 
-/// Takes the median (by wall time) of `repeat` outcomes; errors of all count.
+/// The median outcome (by wall time) of the repetitions; the errors of all
+/// of them count.
 fn median(mut outs: Vec<Outcome>) -> Outcome {
+    if outs.is_empty() {
+        return Outcome::default();
+    }
     outs.sort_by_key(|o| o.wall);
     let errors: u64 = outs.iter().map(|o| o.errors).sum();
     let firsts: Vec<String> = outs
@@ -344,13 +417,6 @@ async fn prime(addr: &str, timeout: Duration, blob: &BlobSpec) -> Outcome {
     first.errors += second.errors;
     first.first_errors.extend(second.first_errors);
     first
-}
-
-/// Counts the errors of the untimed priming GET into the measured outcome.
-fn with_prime(mut m: Outcome, prime: Outcome) -> Outcome {
-    m.errors += prime.errors;
-    m.first_errors.extend(prime.first_errors);
-    m
 }
 
 /// Runs the whole comparison.
@@ -400,7 +466,9 @@ pub async fn run(params: Params, tools: Tools, work: PathBuf) -> anyhow::Result<
     eprintln!("seeded in {:.1}s", t0.elapsed().as_secs_f64());
 
     // The uplink's upstream serves the same storage from inside the namespace.
-    let uplink = if params.uplink_mbit > 0 {
+    let uplink = if params.uplink_mbit > 0
+        && (params.wants("uplink_node1") || params.wants("uplink_node2"))
+    {
         let link = Uplink::create(params.uplink_mbit)?;
         let addr = format!("{}:5000", link.upstream_ip);
         let up = start_upstream(&tools, &work, &storage, &addr, Some(&link.ns)).await?;
@@ -420,127 +488,133 @@ pub async fn run(params: Params, tools: Tools, work: PathBuf) -> anyhow::Result<
     let image_distinct = synth::distinct_blob_bytes(&plan.images);
     let uplink_distinct = synth::distinct_blob_bytes(&plan.uplink_images);
     let to = params.timeout;
+    let reps = params.repeat.max(1);
+    let (big, medium) = (&plan.cold[0], &plan.medium);
 
+    // Every target starts with an empty cache of its own, all at once, and
+    // stays up (idle while the others are measured) until the loopback
+    // scenarios are done.
+    let mut targets = Vec::new();
     for &kind in &params.targets {
-        eprintln!("{kind}:");
-        let target = start_target(kind, &tools, &upstream.addr, &work, "loop").await?;
-        sampler.watch(target.pid().into_iter().collect());
-        let addr = target.addr.clone();
-        let (big, medium) = (&plan.cold[0], &plan.medium);
-        let cold_digests: Vec<String> = plan.cold.iter().map(|b| b.digest.clone()).collect();
-        let reps = params.repeat.max(1);
-
-        ctx.measure(
-            Spec::new("cold_concurrent", params.cold_clients, big.size)
-                .blobs(cold_digests, plan.cold.len()),
-            (&target, &upstream),
-            async {
-                let mut outs = Vec::new();
-                for blob in &plan.cold {
-                    let c = params.cold_clients;
-                    outs.push(
-                        workload::concurrent_blob(&addr, to, BLOB_REPO, &blob.digest, blob.size, c)
-                            .await,
-                    );
-                }
-                median(outs)
-            },
-        )
-        .await;
-        ctx.measure(
-            Spec::new("images_cold", params.image_clients, image_distinct),
-            (&target, &upstream),
-            workload::pull_images(
-                &addr,
-                to,
-                &image_refs,
-                params.image_clients,
-                params.layer_concurrency,
-            ),
-        )
-        .await;
-        ctx.measure(
-            Spec::new("images_warm", params.image_clients, image_distinct),
-            (&target, &upstream),
-            workload::pull_images(
-                &addr,
-                to,
-                &image_refs,
-                params.image_clients,
-                params.layer_concurrency,
-            ),
-        )
-        .await;
-
-        let primed = prime(&addr, to, big).await;
-        ctx.measure(
-            Spec::new("warm_single", 1, big.size).blobs(vec![big.digest.clone()], reps),
-            (&target, &upstream),
-            async {
-                let mut outs = Vec::new();
-                for _ in 0..reps {
-                    outs.push(
-                        workload::concurrent_blob(&addr, to, BLOB_REPO, &big.digest, big.size, 1)
-                            .await,
-                    );
-                }
-                with_prime(median(outs), primed)
-            },
-        )
-        .await;
-
-        let primed = prime(&addr, to, medium).await;
-        ctx.measure(
-            Spec::new("warm_concurrent", params.warm_clients, medium.size)
-                .blobs(vec![medium.digest.clone()], reps),
-            (&target, &upstream),
-            async {
-                let mut outs = Vec::new();
-                for _ in 0..reps {
-                    let (d, n, c) = (&medium.digest, medium.size, params.warm_clients);
-                    outs.push(workload::concurrent_blob(&addr, to, BLOB_REPO, d, n, c).await);
-                }
-                with_prime(median(outs), primed)
-            },
-        )
-        .await;
-
-        ctx.measure(
-            Spec::new("small_requests", params.small_workers, 0),
-            (&target, &upstream),
-            workload::small_requests(
-                &addr,
-                to,
-                &image_refs,
-                params.small_workers,
-                params.small_duration,
-                params.small_max,
-            ),
-        )
-        .await;
-        drop(target);
-
-        if let Some((_, up)) = &uplink {
-            for (scenario, label) in [("uplink_node1", "node1"), ("uplink_node2", "node2")] {
-                let node = start_target(kind, &tools, &up.addr, &work, label).await?;
-                sampler.watch(node.pid().into_iter().collect());
-                let addr = node.addr.clone();
-                ctx.measure(
-                    Spec::new(scenario, params.uplink_clients, uplink_distinct),
-                    (&node, up),
-                    workload::pull_images(
-                        &addr,
-                        to,
-                        &uplink_refs,
-                        params.uplink_clients,
-                        params.layer_concurrency,
-                    ),
+        targets.push(start_target(kind, &tools, &upstream.addr, &work, "loop").await?);
+    }
+    let p = &params;
+    if p.wants("cold_concurrent") {
+        let digests = plan.cold.iter().map(|b| b.digest.clone()).collect();
+        let spec = Spec::new("cold_concurrent", p.cold_clients, big.size)
+            .blobs(digests)
+            .repeat(plan.cold.len());
+        ctx.scenario(spec, &targets, &upstream, |rep, addr| {
+            let blob = &plan.cold[rep];
+            async move {
+                workload::concurrent_blob(
+                    &addr,
+                    to,
+                    BLOB_REPO,
+                    &blob.digest,
+                    blob.size,
+                    p.cold_clients,
                 )
+                .await
+            }
+        })
+        .await;
+    }
+    for id in ["images_cold", "images_warm"] {
+        if p.wants(id) {
+            let spec = Spec::new(id, p.image_clients, image_distinct);
+            ctx.scenario(spec, &targets, &upstream, |_, addr| {
+                let refs = &image_refs;
+                async move {
+                    workload::pull_images(&addr, to, refs, p.image_clients, p.layer_concurrency)
+                        .await
+                }
+            })
+            .await;
+        }
+    }
+    if p.wants("warm_single") {
+        let spec = Spec::new("warm_single", 1, big.size)
+            .blobs(vec![big.digest.clone()])
+            .repeat(reps)
+            .primed(big);
+        ctx.scenario(spec, &targets, &upstream, |_, addr| async move {
+            workload::concurrent_blob(&addr, to, BLOB_REPO, &big.digest, big.size, 1).await
+        })
+        .await;
+    }
+    if p.wants("warm_concurrent") {
+        let spec = Spec::new("warm_concurrent", p.warm_clients, medium.size)
+            .blobs(vec![medium.digest.clone()])
+            .repeat(reps)
+            .primed(medium);
+        ctx.scenario(spec, &targets, &upstream, |_, addr| async move {
+            workload::concurrent_blob(
+                &addr,
+                to,
+                BLOB_REPO,
+                &medium.digest,
+                medium.size,
+                p.warm_clients,
+            )
+            .await
+        })
+        .await;
+    }
+    if p.wants("small_requests") {
+        let spec = Spec::new("small_requests", p.small_workers, 0).repeat(reps);
+        ctx.scenario(spec, &targets, &upstream, |_, addr| {
+            let refs = &image_refs;
+            async move {
+                workload::small_requests(
+                    &addr,
+                    to,
+                    refs,
+                    p.small_workers,
+                    p.small_duration,
+                    p.small_max,
+                )
+                .await
+            }
+        })
+        .await;
+    }
+    drop(targets);
+
+    // Two nodes per target behind the shaped uplink, one after the other,
+    // each with its own fresh cache.
+    if let Some((_, up)) = &uplink {
+        for &kind in &params.targets {
+            for (scenario, label) in [("uplink_node1", "node1"), ("uplink_node2", "node2")] {
+                if !p.wants(scenario) {
+                    continue;
+                }
+                let node = start_target(kind, &tools, &up.addr, &work, label).await?;
+                let spec = Spec::new(scenario, p.uplink_clients, uplink_distinct);
+                ctx.scenario(spec, std::slice::from_ref(&node), up, |_, addr| {
+                    let refs = &uplink_refs;
+                    async move {
+                        workload::pull_images(
+                            &addr,
+                            to,
+                            refs,
+                            p.uplink_clients,
+                            p.layer_concurrency,
+                        )
+                        .await
+                    }
+                })
                 .await;
             }
         }
     }
-    let rows = ctx.rows;
+    let mut rows = ctx.rows;
+    // In the order of the table: by scenario, then by target.
+    rows.sort_by_key(|r| {
+        let s = SCENARIOS.iter().position(|(id, _)| *id == r.scenario);
+        let t = params.targets.iter().position(|k| *k == r.target);
+        (s, t)
+    });
     drop(uplink);
     drop(upstream);
     eprintln!("compare finished in {:.1}s", t0.elapsed().as_secs_f64());

@@ -250,6 +250,17 @@ pub struct UpstreamUse {
     pub requests: u64,
 }
 
+impl UpstreamUse {
+    /// Adds another repetition's use.
+    pub fn add(&mut self, o: &UpstreamUse) {
+        self.blob_gets += o.blob_gets;
+        self.blob_bytes += o.blob_bytes;
+        self.bytes += o.bytes;
+        self.requests += o.requests;
+        self.max_gets_per_blob = self.max_gets_per_blob.max(o.max_gets_per_blob);
+    }
+}
+
 impl AccessLog {
     /// The current end of the log; entries after it belong to what follows.
     pub fn mark(&self) -> u64 {

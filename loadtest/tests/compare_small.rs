@@ -79,7 +79,7 @@ fn a_short_compare_verifies_everything_and_regproxy_fetches_once() {
             "--warm-clients",
             "8",
             "--repeat",
-            "2",
+            "1",
         ])
         .args([
             "--images",
@@ -95,7 +95,7 @@ fn a_short_compare_verifies_everything_and_regproxy_fetches_once() {
             "--small-workers",
             "4",
             "--small-duration",
-            "500ms",
+            "300ms",
         ])
         .args([
             "--uplink-mbit",
