@@ -99,6 +99,11 @@ pub struct Row {
     pub amplification: f64,
     /// Peak memory of the target's processes; `None` for direct.
     pub memory: Option<MemPeak>,
+    /// CPU seconds (user + system) of the target's processes per repetition.
+    pub cpu_s: Option<f64>,
+    /// CPU seconds of the target per GiB it served, over all repetitions:
+    /// how much of the machine serving costs (nginx's sendfile is the floor).
+    pub cpu_s_per_gib: Option<f64>,
 }
 
 /// Scenario ids in run order, with what the table and chart call them.
@@ -245,6 +250,8 @@ struct Acc {
     usage: UpstreamUse,
     peak: Option<MemPeak>,
     extra_errors: Vec<Outcome>,
+    cpu_s: Option<f64>,
+    bytes: u64,
 }
 
 struct Ctx<'a> {
@@ -282,6 +289,7 @@ impl Ctx<'_> {
                 let t = &targets[i];
                 self.sampler.watch(t.pid().into_iter().collect());
                 let mark = upstream.log.mark();
+                let cpu_before = t.pid().map(crate::procs::cpu_seconds);
                 let out = match tokio::time::timeout(
                     self.params.scenario_timeout,
                     run(rep, t.addr.clone()),
@@ -307,6 +315,10 @@ impl Ctx<'_> {
                 .ok();
                 let usage = upstream.log.usage(mark, spec.digests.as_deref());
                 let acc = &mut accs[i];
+                if let (Some(pid), Some(before)) = (t.pid(), cpu_before) {
+                    *acc.cpu_s.get_or_insert(0.0) += crate::procs::cpu_seconds(pid) - before;
+                }
+                acc.bytes += out.bytes;
                 acc.usage.add(&usage);
                 if t.proc.is_some() {
                     let p = self.sampler.take();
@@ -382,6 +394,11 @@ impl Ctx<'_> {
                 acc.usage.blob_bytes as f64 / (spec.distinct_bytes * reps) as f64
             },
             memory: acc.peak,
+            cpu_s: acc.cpu_s.map(|c| c / reps as f64),
+            cpu_s_per_gib: acc
+                .cpu_s
+                .filter(|_| acc.bytes >= 64 << 20)
+                .map(|c| c / (acc.bytes as f64 / (1u64 << 30) as f64)),
         }
     }
 }

@@ -128,6 +128,37 @@ fn tree(root: u32, out: &mut Vec<u32>) {
     }
 }
 
+/// Clock ticks per second of `/proc/<pid>/stat` times.
+fn clock_ticks() -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(100.0)
+    })
+}
+
+/// CPU seconds (user + system) used so far by a process and its descendants.
+pub fn cpu_seconds(root: u32) -> f64 {
+    let mut pids = Vec::new();
+    tree(root, &mut pids);
+    let ticks: u64 = pids
+        .iter()
+        .filter_map(|p| {
+            let stat = fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+            // Fields after the command name, which may hold spaces: state is
+            // field 3, utime 14, stime 15.
+            let rest = &stat[stat.rfind(')')? + 1..];
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .sum();
+    ticks as f64 / clock_ticks()
+}
+
 #[derive(Default)]
 struct SamplerState {
     roots: Vec<u32>,
@@ -336,6 +367,22 @@ mod tests {
         assert_eq!(e.status, 200);
         assert_eq!(e.bytes, 268435456);
         assert!(parse_access_line("time=\"x\" level=info msg=\"y\"").is_none_or(|e| e.status == 0));
+    }
+
+    #[test]
+    fn cpu_time_of_this_process_grows() {
+        let before = cpu_seconds(std::process::id());
+        let start = Instant::now();
+        let mut x = 0u64;
+        while start.elapsed() < Duration::from_millis(60) {
+            x = x.wrapping_mul(31).wrapping_add(7);
+        }
+        std::hint::black_box(x);
+        let after = cpu_seconds(std::process::id());
+        assert!(
+            after > before,
+            "busy work should show as CPU time: {before} -> {after}"
+        );
     }
 
     #[test]

@@ -63,13 +63,14 @@ pub fn table(report: &Report) -> String {
     let _ = writeln!(
         s,
         "up GET, up MiB: successful blob GETs the upstream served and bytes it sent, per repetition; \
-         ampl.: upstream blob bytes ÷ distinct blob bytes; ×nginx: speed ÷ nginx's (MiB/s; small: req/s)"
+         ampl.: upstream blob bytes ÷ distinct blob bytes; \
+         CPU s/GiB: the target's CPU seconds per GiB served; ×nginx: speed ÷ nginx's (MiB/s; small: req/s)"
     );
     let _ = writeln!(
         s,
-        "{:<20} {:<12} {:>4} {:>8} {:>9} {:>8} {:>9} {:>9} {:>9} {:>6} {:>6} {:>6} {:>9} {:>6} {:>8} {:>8} {:>6}",
+        "{:<20} {:<12} {:>4} {:>8} {:>9} {:>8} {:>9} {:>9} {:>9} {:>6} {:>6} {:>6} {:>9} {:>6} {:>8} {:>8} {:>9} {:>6}",
         "scenario", "target", "cli", "wall s", "MiB/s", "req/s", "p50 ms", "p99 ms", "img p99", "ok", "errors", "up GET",
-        "up MiB", "ampl.", "RSS MiB", "anon MiB", "×nginx"
+        "up MiB", "ampl.", "RSS MiB", "anon MiB", "CPU s/GiB", "×nginx"
     );
     for (id, _) in SCENARIOS {
         for r in report.rows.iter().filter(|r| r.scenario == id) {
@@ -81,7 +82,7 @@ pub fn table(report: &Report) -> String {
             };
             let _ = writeln!(
                 s,
-                "{:<20} {:<12} {:>4} {:>8.2} {:>9.1} {:>8.0} {:>9.1} {:>9.1} {:>9} {:>6} {:>6} {:>6} {:>9.1} {:>6} {:>8} {:>8} {:>6}",
+                "{:<20} {:<12} {:>4} {:>8.2} {:>9.1} {:>8.0} {:>9.1} {:>9.1} {:>9} {:>6} {:>6} {:>6} {:>9.1} {:>6} {:>8} {:>8} {:>9} {:>6}",
                 label(report, id),
                 r.target.to_string(),
                 r.clients,
@@ -98,6 +99,7 @@ pub fn table(report: &Report) -> String {
                 if r.distinct_bytes > 0 { format!("{:.2}", r.amplification) } else { "-".into() },
                 mem(|p| p.rss_kib),
                 mem(|p| p.anon_kib),
+                r.cpu_s_per_gib.map(|v| format!("{v:.3}")).unwrap_or_else(|| "-".into()),
                 ratio_to_nginx(report, id, r.target).map(|v| format!("{v:.2}")).unwrap_or_else(|| "-".into()),
             );
         }
