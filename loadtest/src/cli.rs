@@ -120,8 +120,9 @@ pub struct CompareArgs {
     pub cold_clients: usize,
     #[arg(long, default_value_t = 32)]
     pub warm_clients: usize,
-    /// Timed repetitions of each warm scenario (median reported).
-    #[arg(long, default_value_t = 9)]
+    /// Timed repetitions of each warm scenario (median reported); the small-request
+    /// scenario runs at most 5.
+    #[arg(long, default_value_t = 11)]
     pub repeat: usize,
     /// Repetitions of the cold concurrent scenario, each on a fresh big blob (median reported).
     #[arg(long, default_value_t = 5)]

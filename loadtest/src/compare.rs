@@ -579,7 +579,7 @@ pub async fn run(params: Params, tools: Tools, work: PathBuf) -> anyhow::Result<
         .await;
     }
     if p.wants("small_requests") {
-        let spec = Spec::new("small_requests", p.small_workers, 0).repeat(reps);
+        let spec = Spec::new("small_requests", p.small_workers, 0).repeat(reps.min(5));
         ctx.scenario(spec, &targets, &upstream, |_, addr| {
             let refs = &image_refs;
             async move {

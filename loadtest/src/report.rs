@@ -387,7 +387,7 @@ pub fn svg(report: &Report) -> String {
     );
     let _ = writeln!(
         s,
-        r##"<text x="{qx}" y="{}" font-size="11" fill="#555">lower is better; dashed line: the 64 MiB bar; peak RSS in the label</text>"##,
+        r##"<text x="{qx}" y="{}" font-size="11" fill="#555">lower is better; dashed: the 64 MiB bar; (RSS) also counts mapped cache files</text>"##,
         qy - 8.0
     );
     let my = |v: f64| qy + qh - v / mtop * qh;

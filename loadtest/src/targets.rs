@@ -187,6 +187,8 @@ http {{
         proxy_set_header Host $http_host;
         proxy_read_timeout 900s;
         proxy_send_timeout 900s;
+        proxy_buffer_size 64k;
+        proxy_buffers 16 64k;
 {blobs}{manifests}        location / {{
             proxy_pass http://registry;
         }}
