@@ -373,12 +373,17 @@ impl Cache {
 
     /// Ends a fill that will not be committed, releasing its reservation.
     fn abandon(&self, d: &Digest, reserved: u64, temp: Option<&Path>) {
+        self.lock().fills.remove(d);
+        self.release(reserved, temp);
+    }
+
+    /// Gives back a reservation that will not be committed, and its temp file.
+    fn release(&self, reserved: u64, temp: Option<&Path>) {
         if let Some(t) = temp {
             let _ = fs::remove_file(t);
         }
         let mut st = self.lock();
         st.reserved -= reserved;
-        st.fills.remove(d);
         self.publish(&st);
     }
 
@@ -390,11 +395,19 @@ impl Cache {
             if !this.reserve(size) {
                 return;
             }
-            let res = this.temp_file().and_then(|(mut f, p)| {
-                f.write_all(&bytes)?;
-                this.commit(&d, size, &p, &f, Some(&media_type))
-            });
-            if let Err(e) = res {
+            let (mut f, p) = match this.temp_file() {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(digest = %d, error = %e, "could not cache manifest");
+                    return this.release(size, None);
+                }
+            };
+            if let Err(e) = f.write_all(&bytes) {
+                tracing::warn!(digest = %d, error = %e, "could not cache manifest");
+                return this.release(size, Some(&p));
+            }
+            // `commit` releases the reservation whatever happens.
+            if let Err(e) = this.commit(&d, size, &p, &f, Some(&media_type)) {
                 tracing::warn!(digest = %d, error = %e, "could not cache manifest");
             }
         })

@@ -205,10 +205,19 @@ pub async fn run(
     drop(listener);
     ready.store(false, Ordering::SeqCst);
     tracing::info!(grace = ?grace, "stopped accepting; waiting for transfers in flight");
+    let deadline = tokio::time::Instant::now() + grace;
+    // Fills run on their own tasks (a client may have hung up): let them
+    // finish and commit too, so that what was fetched is kept.
+    let fills_done = async {
+        while app.metrics.fills_inflight.load(Ordering::SeqCst) > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
     tokio::select! {
-        _ = graceful.shutdown() => tracing::info!("all connections closed"),
-        _ = tokio::time::sleep(grace) => tracing::warn!("grace period over; cutting remaining transfers"),
+        _ = async { tokio::join!(graceful.shutdown(), fills_done) } => tracing::info!("all connections closed, all fills committed"),
+        _ = tokio::time::sleep_until(deadline) => tracing::warn!("grace period over; cutting remaining transfers"),
     }
+
     if let Some(t) = admin_task {
         t.abort();
     }
@@ -217,8 +226,11 @@ pub async fn run(
 async fn admin_loop(listener: TcpListener, app: Arc<App>, ready: Arc<AtomicBool>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
+            // Out of descriptors: do not spin.
+            tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
+
         let (app, ready) = (Arc::clone(&app), Arc::clone(&ready));
         let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
             let resp = admin_response(req.uri().path(), &app, ready.load(Ordering::SeqCst));

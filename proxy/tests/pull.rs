@@ -62,10 +62,13 @@ async fn ten_concurrent_cold_gets_make_one_upstream_fetch() {
         10 * data.len() as u64
     );
 
+    let path = proxy.cache_path(&d);
+    wait_until(|| path.exists(), "the blob is committed").await;
     let (st, _, body) = get(&url, &[]).await;
     assert_eq!(st, StatusCode::OK);
     assert_eq!(sha256_digest(&body.unwrap()), d);
     assert_eq!(reg.blob_gets(&d), 1, "a later GET is served from the node");
+
     assert_eq!(
         proxy
             .metric("regproxy_requests_total{kind=\"blob\",result=\"hit\"}")
@@ -270,14 +273,22 @@ async fn the_cache_size_cap_holds_and_evicts_least_recently_used() {
         ds.push(push_blob(&reg.url(), "team/app", &blob(MIB, 10 + i)).await);
     }
     let big = push_blob(&reg.url(), "team/app", &blob(4 * MIB, 20)).await;
+    // Clients finish as soon as the bytes are verified; the commit (fsync,
+    // rename) follows. Recency counts from the commit, so wait for it.
     let fetch = |d: String| {
         let url = format!("{}/v2/team/app/blobs/{d}", proxy.url());
+        let path = proxy.cache_path(&d);
+        let keep = d != big;
         async move {
             let (st, _, body) = get(&url, &[]).await;
             assert_eq!(st, StatusCode::OK);
             assert_eq!(sha256_digest(&body.unwrap()), d);
+            if keep {
+                wait_until(|| path.exists(), "the blob is committed").await;
+            }
         }
     };
+
     fetch(ds[0].clone()).await;
     fetch(ds[1].clone()).await;
     fetch(ds[2].clone()).await;

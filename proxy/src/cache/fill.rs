@@ -380,7 +380,6 @@ pub async fn run(cache: Arc<Cache>, upstream: Arc<Upstream>, fill: Arc<Fill>, re
     }
     fill.set(Progress::Verified { size, data });
     g.armed = false;
-    m.fills_inflight.fetch_sub(1, Relaxed);
     let c2 = Arc::clone(&cache);
     let d2 = digest.clone();
     match tokio::task::spawn_blocking(move || c2.commit(&d2, size, &temp, &file, None)).await {
@@ -388,6 +387,8 @@ pub async fn run(cache: Arc<Cache>, upstream: Arc<Upstream>, fill: Arc<Fill>, re
         Ok(Err(e)) => tracing::warn!(%digest, error = %e, "verified blob could not be committed"),
         Err(e) => tracing::warn!(%digest, error = %e, "commit task failed"),
     }
+    // Counted until committed, so that a graceful shutdown waits for it.
+    m.fills_inflight.fetch_sub(1, Relaxed);
 }
 
 fn write_failed(digest: &Digest, e: std::io::Error) -> Failure {
