@@ -179,7 +179,26 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Seed(a) => seed(a).await,
         Command::Pull(a) => pull(a).await,
-        Command::Compare(a) => compare(*a).await,
+        // On Ctrl-C or SIGTERM the run is dropped, which stops every process it
+        // started and removes its namespace and temp dirs.
+        Command::Compare(a) => tokio::select! {
+            r = compare(*a) => r,
+            s = interrupted() => bail!("stopped by {s}"),
+        },
+    }
+}
+
+async fn interrupted() -> &'static str {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(t) => t,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return "SIGINT";
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+        _ = term.recv() => "SIGTERM",
     }
 }
 

@@ -31,6 +31,7 @@ fn run(args: &[&str]) -> anyhow::Result<()> {
 impl Uplink {
     /// Creates the namespace and link, shaped to `mbit` Mbit/s each way.
     pub fn create(mbit: u32) -> anyhow::Result<Uplink> {
+        remove_stale();
         let pid = std::process::id();
         let ns = format!("rpbench{pid}");
         let host_if = format!("rpbh{}", pid % 100_000);
@@ -83,6 +84,27 @@ impl Uplink {
             "latency", "100ms",
         ])?;
         Ok(uplink)
+    }
+}
+
+/// Removes namespaces (and their veth pairs) left by runs that were killed:
+/// `rpbench<pid>` whose process is gone.
+fn remove_stale() {
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let name = line.split_whitespace().next().unwrap_or("");
+        let Some(pid) = name
+            .strip_prefix("rpbench")
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = run(&["ip", "link", "del", &format!("rpbh{}", pid % 100_000)]);
+            let _ = run(&["ip", "netns", "del", name]);
+        }
     }
 }
 
