@@ -48,7 +48,13 @@ struct State {
     /// cap holds on disk while they write.
     reserved: u64,
     fills: HashMap<Digest, Arc<Fill>>,
+    /// Recently served entries, kept mapped: a hit on them takes no system
+    /// call. Their pages are the page cache's, not the process's memory.
+    open: LruCache<Digest, Hit>,
 }
+
+/// How many cache files stay mapped between requests.
+const OPEN_FILES: usize = 1024;
 
 pub struct Cache {
     root: PathBuf,
@@ -59,6 +65,7 @@ pub struct Cache {
 }
 
 /// Content opened from the cache.
+#[derive(Clone)]
 pub struct Hit {
     /// The whole file, memory-mapped.
     pub data: Bytes,
@@ -136,6 +143,7 @@ impl Cache {
             committed: 0,
             reserved: 0,
             fills: HashMap::new(),
+            open: LruCache::new(std::num::NonZeroUsize::new(OPEN_FILES).expect("non-zero")),
         };
         for (_, d, e) in found {
             state.committed += e.size;
@@ -185,18 +193,29 @@ impl Cache {
     /// Opens committed content. `manifest` asks for the stored media type too;
     /// content cached only as a blob is then a miss.
     pub async fn get(self: &Arc<Self>, d: &Digest, manifest: bool) -> Option<Hit> {
-        {
+        let is_manifest = {
             let mut st = self.lock();
             let e = *st.index.get(d)?;
             if manifest && !e.manifest {
                 return None;
             }
-        }
+            if let Some(hit) = st.open.get(d) {
+                return Some(hit.clone());
+            }
+            e.manifest
+        };
         let this = Arc::clone(self);
         let d2 = d.clone();
-        let opened = tokio::task::spawn_blocking(move || this.open_file(&d2, manifest)).await;
+        let opened = tokio::task::spawn_blocking(move || this.open_file(&d2, is_manifest)).await;
         match opened {
-            Ok(Ok(hit)) => Some(hit),
+            Ok(Ok(hit)) => {
+                let mut st = self.lock();
+                // Keep it mapped unless it was evicted or replaced meanwhile.
+                if st.index.peek(d).is_some_and(|e| e.manifest == is_manifest) {
+                    st.open.put(d.clone(), hit.clone());
+                }
+                Some(hit)
+            }
             Ok(Err(e)) => {
                 tracing::warn!(digest = %d, error = %e, "cached content could not be opened; dropping it from the index");
                 self.forget(d);
@@ -209,7 +228,8 @@ impl Cache {
     fn open_file(&self, d: &Digest, manifest: bool) -> io::Result<Hit> {
         let path = self.path(d);
         let file = File::open(&path)?;
-        // Recency survives a restart through the mtime; failing to set it only
+        // Recency survives a restart through the mtime, set when a file is
+        // mapped (not on every hit of a mapped one); failing to set it only
         // costs accuracy of the LRU order after a restart.
         let _ = file.set_modified(SystemTime::now());
         let data = map(&file)?;
@@ -226,6 +246,7 @@ impl Cache {
         if let Some(e) = st.index.pop(d) {
             st.committed -= e.size;
         }
+        st.open.pop(d);
         self.publish(&st);
     }
 
@@ -271,6 +292,7 @@ impl Cache {
                 break;
             };
             st.committed -= e.size;
+            st.open.pop(&d);
             self.metrics.evictions.fetch_add(1, Relaxed);
             self.metrics.evicted_bytes.fetch_add(e.size, Relaxed);
             tracing::debug!(digest = %d, size = e.size, "evicted");
@@ -360,6 +382,7 @@ impl Cache {
             st.committed += size;
             if let Some(p) = prev {
                 st.committed -= p.size;
+                st.open.pop(d);
             }
             self.metrics.commits.fetch_add(1, Relaxed);
         }
