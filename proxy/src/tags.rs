@@ -221,9 +221,14 @@ impl Drop for Flight<'_> {
 mod tests {
     use super::*;
 
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
     fn dir() -> PathBuf {
-        let p =
-            std::env::temp_dir().join(format!("regproxy-tags-{}-{}", std::process::id(), now_ms()));
+        let p = std::env::temp_dir().join(format!(
+            "regproxy-tags-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
         std::fs::create_dir_all(&p).unwrap();
         p
     }
@@ -249,7 +254,8 @@ mod tests {
 
     #[tokio::test]
     async fn one_flight_per_tag() {
-        let t = Arc::new(Tags::open(&dir(), Duration::from_secs(1)));
+        let d = dir();
+        let t = Arc::new(Tags::open(&d, Duration::from_secs(1)));
         let f = t.flight("a", "v1").await;
         let t2 = Arc::clone(&t);
         let waiter = tokio::spawn(async move {
@@ -267,5 +273,6 @@ mod tests {
             !t.lock().flights.contains_key(&("a".into(), "v1".into())),
             "finished flights are forgotten"
         );
+        std::fs::remove_dir_all(d).unwrap();
     }
 }
