@@ -246,18 +246,6 @@ async fn seed(a: SeedArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Sum of `regproxy_upstream_bytes_total` over its labels.
-async fn upstream_metric(admin: &str) -> anyhow::Result<f64> {
-    let text = Registry::new(admin, Duration::from_secs(5))
-        .get_text("/metrics")
-        .await?;
-    Ok(text
-        .lines()
-        .filter(|l| l.starts_with("regproxy_upstream_bytes_total"))
-        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
-        .sum())
-}
-
 async fn pull(a: PullArgs) -> anyhow::Result<()> {
     let images = a
         .images
@@ -267,7 +255,7 @@ async fn pull(a: PullArgs) -> anyhow::Result<()> {
     let log = a.upstream_log.clone().map(|path| AccessLog { path });
     let mark = log.as_ref().map(AccessLog::mark);
     let metric_before = match &a.metrics {
-        Some(m) => Some(upstream_metric(m).await?),
+        Some(m) => Some(crate::registry::regproxy_upstream_bytes(m).await? as f64),
         None => None,
     };
     let out = workload::pull_images(
@@ -286,7 +274,7 @@ async fn pull(a: PullArgs) -> anyhow::Result<()> {
         _ => None,
     };
     let metric = match (&a.metrics, metric_before) {
-        (Some(m), Some(b)) => Some(upstream_metric(m).await? - b),
+        (Some(m), Some(b)) => Some(crate::registry::regproxy_upstream_bytes(m).await? as f64 - b),
         _ => None,
     };
     println!(

@@ -99,6 +99,9 @@ pub struct Row {
     pub amplification: f64,
     /// Peak memory of the target's processes; `None` for direct.
     pub memory: Option<MemPeak>,
+    /// regproxy only: what its own `regproxy_upstream_bytes_total` grew by over
+    /// all repetitions, a cross-check of the upstream's access log.
+    pub proxy_upstream_bytes: Option<u64>,
     /// CPU seconds (user + system) of the target's processes per repetition.
     pub cpu_s: Option<f64>,
     /// CPU seconds of the target per GiB it served, over all repetitions:
@@ -252,6 +255,7 @@ struct Acc {
     extra_errors: Vec<Outcome>,
     cpu_s: Option<f64>,
     bytes: u64,
+    proxy_upstream_bytes: Option<u64>,
 }
 
 struct Ctx<'a> {
@@ -290,6 +294,10 @@ impl Ctx<'_> {
                 self.sampler.watch(t.pid().into_iter().collect());
                 let mark = upstream.log.mark();
                 let cpu_before = t.pid().map(crate::procs::cpu_seconds);
+                let metric_before = match &t.admin {
+                    Some(a) => crate::registry::regproxy_upstream_bytes(a).await.ok(),
+                    None => None,
+                };
                 let out = match tokio::time::timeout(
                     self.params.scenario_timeout,
                     run(rep, t.addr.clone()),
@@ -319,6 +327,11 @@ impl Ctx<'_> {
                     *acc.cpu_s.get_or_insert(0.0) += crate::procs::cpu_seconds(pid) - before;
                 }
                 acc.bytes += out.bytes;
+                if let (Some(a), Some(before)) = (&t.admin, metric_before) {
+                    if let Ok(after) = crate::registry::regproxy_upstream_bytes(a).await {
+                        *acc.proxy_upstream_bytes.get_or_insert(0) += after.saturating_sub(before);
+                    }
+                }
                 acc.usage.add(&usage);
                 if t.proc.is_some() {
                     let p = self.sampler.take();
@@ -332,12 +345,18 @@ impl Ctx<'_> {
         for (t, acc) in targets.iter().zip(accs) {
             let row = self.row(&spec, t.kind, acc);
             eprintln!(
-                "  {:<16} {:<12} {:>8.2}s {:>9.1} MiB/s  upstream GETs {:>3}  errors {}{}",
+                "  {:<16} {:<12} {:>8.2}s {:>9.1} MiB/s  upstream GETs {:>3}{}  errors {}{}",
                 row.scenario,
                 t.kind.to_string(),
                 row.wall_s,
                 row.mib_per_s,
                 row.upstream.blob_gets,
+                row.proxy_upstream_bytes
+                    .map(|b| format!(
+                        " (access log {} B, regproxy's metric {b} B)",
+                        row.upstream.bytes
+                    ))
+                    .unwrap_or_default(),
                 row.errors,
                 row.first_errors
                     .first()
@@ -394,6 +413,7 @@ impl Ctx<'_> {
                 acc.usage.blob_bytes as f64 / (spec.distinct_bytes * reps) as f64
             },
             memory: acc.peak,
+            proxy_upstream_bytes: acc.proxy_upstream_bytes,
             cpu_s: acc.cpu_s.map(|c| c / reps as f64),
             cpu_s_per_gib: acc
                 .cpu_s

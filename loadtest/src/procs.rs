@@ -163,6 +163,9 @@ pub fn cpu_seconds(root: u32) -> f64 {
 struct SamplerState {
     roots: Vec<u32>,
     peak: MemPeak,
+    /// Bumped by every `watch` and `take`: a sample taken of the previous
+    /// processes, or before the reset, is dropped instead of counted.
+    generation: u64,
 }
 
 /// Samples the memory of the watched processes every few milliseconds on its
@@ -182,7 +185,10 @@ impl MemSampler {
             std::thread::spawn(move || {
                 let mut pids = Vec::new();
                 while !stop.load(Ordering::Relaxed) {
-                    let roots = state.lock().expect("sampler lock").roots.clone();
+                    let (roots, generation) = {
+                        let s = state.lock().expect("sampler lock");
+                        (s.roots.clone(), s.generation)
+                    };
                     pids.clear();
                     for r in roots {
                         tree(r, &mut pids);
@@ -196,8 +202,10 @@ impl MemSampler {
                     }
                     {
                         let mut s = state.lock().expect("sampler lock");
-                        s.peak.rss_kib = s.peak.rss_kib.max(rss);
-                        s.peak.anon_kib = s.peak.anon_kib.max(anon);
+                        if s.generation == generation {
+                            s.peak.rss_kib = s.peak.rss_kib.max(rss);
+                            s.peak.anon_kib = s.peak.anon_kib.max(anon);
+                        }
                     }
                     std::thread::sleep(every);
                 }
@@ -215,11 +223,13 @@ impl MemSampler {
         let mut s = self.state.lock().expect("sampler lock");
         s.roots = roots;
         s.peak = MemPeak::default();
+        s.generation += 1;
     }
 
     /// The peak since the last `take` or `watch`, and resets it.
     pub fn take(&self) -> MemPeak {
         let mut s = self.state.lock().expect("sampler lock");
+        s.generation += 1;
         std::mem::take(&mut s.peak)
     }
 }

@@ -362,3 +362,16 @@ impl Registry {
         })
     }
 }
+
+/// `regproxy_upstream_bytes_total` (summed over any labels) from regproxy's
+/// admin address: what regproxy itself says it received from the upstream.
+pub async fn regproxy_upstream_bytes(admin: &str) -> anyhow::Result<u64> {
+    let text = Registry::new(admin, Duration::from_secs(5))
+        .get_text("/metrics")
+        .await?;
+    Ok(text
+        .lines()
+        .filter(|l| l.starts_with("regproxy_upstream_bytes_total"))
+        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+        .sum::<f64>() as u64)
+}
