@@ -175,6 +175,10 @@ fn a_short_compare_verifies_everything_and_regproxy_fetches_once() {
         cold["upstream"]["blob_gets"], 2,
         "two cold blobs through regproxy should make two upstream GETs in all: {cold}"
     );
+    assert_eq!(
+        cold["proxy_upstream_bytes"], cold["upstream"]["blob_bytes"],
+        "regproxy's regproxy_upstream_bytes_total should agree with the upstream's access log: {cold}"
+    );
     let direct = row(&report, "cold_concurrent", "direct");
     assert_eq!(
         direct["upstream"]["blob_gets"], 20,
