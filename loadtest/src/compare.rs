@@ -417,7 +417,7 @@ impl Ctx<'_> {
             cpu_s: acc.cpu_s.map(|c| c / reps as f64),
             cpu_s_per_gib: acc
                 .cpu_s
-                .filter(|_| acc.bytes >= 64 << 20)
+                .filter(|_| acc.bytes >= 64 << 20 && spec.scenario != "small_requests")
                 .map(|c| c / (acc.bytes as f64 / (1u64 << 30) as f64)),
         }
     }

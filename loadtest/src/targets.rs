@@ -189,7 +189,18 @@ http {{
         proxy_send_timeout 900s;
         proxy_buffer_size 64k;
         proxy_buffers 16 64k;
-{blobs}{manifests}        location / {{
+{blobs}{manifests}        # Manifests by tag for as long as regproxy's default tag TTL (30 s),
+        # as docker-registry-proxy caches them for a while too; by URL and
+        # Accept, since the answer depends on what the client accepts.
+        location ~ "^/v2/.+/manifests/[^/]+$" {{
+            proxy_pass http://registry;
+            proxy_cache blobs;
+            proxy_cache_key $uri$http_accept;
+            proxy_cache_valid 200 30s;
+            proxy_cache_lock on;
+            proxy_ignore_headers Cache-Control Expires Set-Cookie;
+        }}
+        location / {{
             proxy_pass http://registry;
         }}
     }}
