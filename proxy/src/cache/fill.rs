@@ -33,8 +33,9 @@ use crate::upstream::Upstream;
 
 /// Readers take at most this much per frame from a fill in flight.
 const FOLLOW_CHUNK: u64 = 1 << 20;
-/// Upstream bytes gathered before one write to the temp file.
-const WRITE_BATCH: usize = 1 << 20;
+/// Upstream bytes gathered before one write to the temp file. With the batch
+/// in flight, a fill holds at most twice this in memory.
+const WRITE_BATCH: usize = 256 << 10;
 /// Error bodies relayed from upstream are cut at this size.
 const MAX_RELAY_BODY: usize = 64 << 10;
 
