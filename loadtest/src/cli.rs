@@ -52,6 +52,7 @@ pub struct SeedArgs {
     /// Number of images, `<prefix>-<i>:v1`.
     #[arg(long, default_value_t = 4)]
     pub images: usize,
+    /// Repository prefix of the images.
     #[arg(long, default_value = "bench/app")]
     pub prefix: String,
     /// Layers every image shares (its base), comma-separated sizes.
@@ -66,6 +67,7 @@ pub struct SeedArgs {
     /// Distinguishes image sets: another seed gives other content.
     #[arg(long, default_value_t = 10)]
     pub seed: u64,
+    /// Per request, and per body between two reads.
     #[arg(long, default_value = "300s", value_parser = duration)]
     pub timeout: Duration,
 }
@@ -90,6 +92,7 @@ pub struct PullArgs {
     /// regproxy's admin address, to read `regproxy_upstream_bytes_total`.
     #[arg(long)]
     pub metrics: Option<String>,
+    /// Per request, and per body between two reads.
     #[arg(long, default_value = "300s", value_parser = duration)]
     pub timeout: Duration,
     /// Write the results as JSON here.
@@ -116,8 +119,10 @@ pub struct CompareArgs {
     /// The blob of the warm concurrent scenario.
     #[arg(long, default_value = "16MiB", value_parser = size)]
     pub medium: u64,
+    /// Clients GETting one cold big blob at once.
     #[arg(long, default_value_t = 10)]
     pub cold_clients: usize,
+    /// Clients GETting the warm medium blob at once.
     #[arg(long, default_value_t = 32)]
     pub warm_clients: usize,
     /// Timed repetitions of each warm scenario (median reported); the small-request
@@ -127,50 +132,67 @@ pub struct CompareArgs {
     /// Repetitions of the cold concurrent scenario, each on a fresh big blob (median reported).
     #[arg(long, default_value_t = 5)]
     pub cold_repeat: usize,
+    /// Images in the image set, `bench/app-<i>:v1`.
     #[arg(long, default_value_t = 4)]
     pub images: usize,
+    /// Base layers all images of the set share, comma-separated sizes.
     #[arg(long, default_value = "48MiB,16MiB", value_parser = sizes)]
     pub shared_layers: std::vec::Vec<u64>,
+    /// Layers of each image's own, comma-separated sizes.
     #[arg(long, default_value = "24MiB,4MiB,512KiB", value_parser = sizes)]
     pub unique_layers: std::vec::Vec<u64>,
+    /// Clients pulling the whole image set at once.
     #[arg(long, default_value_t = 8)]
     pub image_clients: usize,
+    /// Blobs one client downloads at once (containerd's default is 3).
     #[arg(long, default_value_t = 3)]
     pub layer_concurrency: usize,
+    /// Clients sending small requests (manifests, HEADs) as fast as they can.
     #[arg(long, default_value_t = 8)]
     pub small_workers: usize,
     /// How long each repetition of the small-request scenario runs.
     #[arg(long, default_value = "1s", value_parser = duration)]
     pub small_duration: Duration,
+    /// At most this many small requests per repetition.
     #[arg(long, default_value_t = 200_000)]
     pub small_max: u64,
     /// Uplink rate in Mbit/s (0 leaves the uplink scenario out).
     #[arg(long, default_value_t = 100)]
     pub uplink_mbit: u32,
+    /// Images in the uplink's image set, `bench/edge-<i>:v1`.
     #[arg(long, default_value_t = 3)]
     pub uplink_images: usize,
+    /// Base layers the uplink's images share.
     #[arg(long, default_value = "12MiB", value_parser = sizes)]
     pub uplink_shared: std::vec::Vec<u64>,
+    /// Layers of each uplink image's own.
     #[arg(long, default_value = "4MiB,512KiB", value_parser = sizes)]
     pub uplink_unique: std::vec::Vec<u64>,
+    /// Clients on each node pulling the uplink's image set at once.
     #[arg(long, default_value_t = 6)]
     pub uplink_clients: usize,
+    /// Per request, and per body between two reads.
     #[arg(long, default_value = "120s", value_parser = duration)]
     pub timeout: Duration,
+    /// Per repetition of a scenario on one target.
     #[arg(long, default_value = "300s", value_parser = duration)]
     pub scenario_timeout: Duration,
     /// The regproxy binary [default: `regproxy` next to this executable].
     #[arg(long, env = "REGPROXY_BIN")]
     pub regproxy_bin: Option<PathBuf>,
+    /// Distribution 2.8 (the upstream, and the Distribution proxy target).
     #[arg(long, default_value = "/usr/bin/docker-registry")]
     pub registry_bin: PathBuf,
+    /// nginx (the proxy_cache target).
     #[arg(long, default_value = "/usr/sbin/nginx")]
     pub nginx_bin: PathBuf,
     /// Where caches and logs go [default: a temp dir, removed afterwards].
     #[arg(long)]
     pub work_dir: Option<PathBuf>,
+    /// Write the report and the checks as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Write the chart as SVG here.
     #[arg(long)]
     pub svg: Option<PathBuf>,
 }
