@@ -83,6 +83,9 @@ pub struct Row {
     /// Per blob GET, or per request in the small-request scenario.
     pub p50_ms: f64,
     pub p99_ms: f64,
+    /// Time to first byte (response headers) per blob GET.
+    pub ttfb_p50_ms: Option<f64>,
+    pub ttfb_p99_ms: Option<f64>,
     pub image_p50_ms: Option<f64>,
     pub image_p99_ms: Option<f64>,
     /// Timed repetitions; throughput and latencies are the median one's,
@@ -396,6 +399,8 @@ impl Ctx<'_> {
             req_per_s: out.requests as f64 / wall,
             p50_ms: lat50,
             p99_ms: lat99,
+            ttfb_p50_ms: (!out.blob_ttfb.is_empty()).then(|| out.blob_ttfb.percentile_ms(50.0)),
+            ttfb_p99_ms: (!out.blob_ttfb.is_empty()).then(|| out.blob_ttfb.percentile_ms(99.0)),
             image_p50_ms: (!out.image_latency.is_empty())
                 .then(|| out.image_latency.percentile_ms(50.0)),
             image_p99_ms: (!out.image_latency.is_empty())

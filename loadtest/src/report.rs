@@ -68,8 +68,8 @@ pub fn table(report: &Report) -> String {
     );
     let _ = writeln!(
         s,
-        "{:<20} {:<12} {:>4} {:>8} {:>9} {:>8} {:>9} {:>9} {:>9} {:>6} {:>6} {:>6} {:>9} {:>6} {:>8} {:>8} {:>9} {:>6}",
-        "scenario", "target", "cli", "wall s", "MiB/s", "req/s", "p50 ms", "p99 ms", "img p99", "ok", "errors", "up GET",
+        "{:<20} {:<12} {:>4} {:>8} {:>9} {:>8} {:>9} {:>9} {:>9} {:>9} {:>6} {:>6} {:>6} {:>9} {:>6} {:>8} {:>8} {:>9} {:>6}",
+        "scenario", "target", "cli", "wall s", "MiB/s", "req/s", "p50 ms", "p99 ms", "ttfb p99", "img p99", "ok", "errors", "up GET",
         "up MiB", "ampl.", "RSS MiB", "anon MiB", "CPU s/GiB", "×nginx"
     );
     for (id, _) in SCENARIOS {
@@ -82,7 +82,7 @@ pub fn table(report: &Report) -> String {
             };
             let _ = writeln!(
                 s,
-                "{:<20} {:<12} {:>4} {:>8.2} {:>9.1} {:>8.0} {:>9.1} {:>9.1} {:>9} {:>6} {:>6} {:>6} {:>9.1} {:>6} {:>8} {:>8} {:>9} {:>6}",
+                "{:<20} {:<12} {:>4} {:>8.2} {:>9.1} {:>8.0} {:>9.1} {:>9.1} {:>9} {:>9} {:>6} {:>6} {:>6} {:>9.1} {:>6} {:>8} {:>8} {:>9} {:>6}",
                 label(report, id),
                 r.target.to_string(),
                 r.clients,
@@ -91,6 +91,7 @@ pub fn table(report: &Report) -> String {
                 r.req_per_s,
                 r.p50_ms,
                 r.p99_ms,
+                r.ttfb_p99_ms.map(|v| format!("{v:.1}")).unwrap_or_else(|| "-".into()),
                 r.image_p99_ms.map(|v| format!("{v:.0}")).unwrap_or_else(|| "-".into()),
                 r.verified,
                 r.errors,

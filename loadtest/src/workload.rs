@@ -23,6 +23,8 @@ pub struct Outcome {
     pub first_errors: Vec<String>,
     /// Per blob GET (request to last byte).
     pub blob_latency: Latencies,
+    /// Per blob GET, request to response headers (time to first byte).
+    pub blob_ttfb: Latencies,
     /// Per image (tag resolved to the last blob verified).
     pub image_latency: Latencies,
     /// Per small request (manifests, HEADs).
@@ -48,6 +50,7 @@ impl Outcome {
             }
         }
         self.blob_latency.extend(o.blob_latency);
+        self.blob_ttfb.extend(o.blob_ttfb);
         self.image_latency.extend(o.image_latency);
         self.request_latency.extend(o.request_latency);
     }
@@ -103,6 +106,7 @@ pub async fn concurrent_blob(
                 out.bytes += f.bytes;
                 out.verified += 1;
                 out.blob_latency.push(f.elapsed);
+                out.blob_ttfb.push(f.ttfb);
             }
             Ok(Err(e)) => out.error(e),
             Err(e) => out.error(e.into()),
@@ -158,6 +162,8 @@ async fn pull_as_one_client(
                     out.bytes += f.bytes;
                     out.verified += 1;
                     out.blob_latency.push(f.elapsed);
+                    out.blob_ttfb.push(f.ttfb);
+                    out.blob_ttfb.push(f.ttfb);
                     have.insert(digest);
                 }
                 Err(e) => {
