@@ -99,6 +99,8 @@ impl Cache {
                 continue;
             }
             let mut types = Vec::new();
+            // Where each content file of this fan-out dir stands in `found`.
+            let mut here: HashMap<String, usize> = HashMap::new();
             for f in fs::read_dir(fan.path())? {
                 let f = f?;
                 let name = f.file_name();
@@ -114,6 +116,7 @@ impl Cache {
                             && name.starts_with(fan.file_name().to_string_lossy().as_ref()) =>
                     {
                         let mtime = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+                        here.insert(d.hex().to_owned(), found.len());
                         found.push((
                             mtime,
                             d,
@@ -129,8 +132,8 @@ impl Cache {
                 }
             }
             for hex in types {
-                if let Some(e) = found.iter_mut().find(|(_, d, _)| d.hex() == hex) {
-                    e.2.manifest = true;
+                if let Some(&i) = here.get(&hex) {
+                    found[i].2.manifest = true;
                 } else {
                     let _ = fs::remove_file(fan.path().join(format!("{hex}.type")));
                 }
@@ -216,11 +219,18 @@ impl Cache {
                 }
                 Some(hit)
             }
-            Ok(Err(e)) => {
-                tracing::warn!(digest = %d, error = %e, "cached content could not be opened; dropping it from the index");
+            Ok(Err(e)) if e.kind() == io::ErrorKind::NotFound => {
+                tracing::warn!(digest = %d, "cached file vanished; dropping it from the index");
                 self.forget(d);
                 None
             }
+            Ok(Err(e)) => {
+                // Out of descriptors or memory maps: a miss this time, the
+                // entry (and its bytes under the cap) stay.
+                tracing::warn!(digest = %d, error = %e, "cached content could not be opened");
+                None
+            }
+
             Err(_) => None,
         }
     }
@@ -273,6 +283,10 @@ impl Cache {
         }
         let (ok, evicted) = {
             let mut st = self.lock();
+            if st.reserved + size > self.cap {
+                // Fills in flight hold the room: evicting could not make it.
+                return false;
+            }
             let evicted = self.evict_until(&mut st, size);
             let ok = st.committed + st.reserved + size <= self.cap;
             if ok {

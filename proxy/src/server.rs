@@ -84,6 +84,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         auth,
         via,
         retries: args.upstream_retries,
+        realms: Default::default(),
     });
     tracing::info!(
         addr = %listener.local_addr()?,

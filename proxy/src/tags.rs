@@ -99,8 +99,14 @@ impl Tags {
     }
 
     /// Records what the upstream just said about a tag.
-    pub async fn put(self: &Arc<Self>, name: &str, tag: &str, digest: String, media_type: String) {
-        let changed = {
+    pub async fn put(
+        self: &Arc<Self>,
+        name: &str,
+        tag: &str,
+        digest: String,
+        media_type: String,
+    ) -> TagEntry {
+        let (changed, entry) = {
             let mut st = self.lock();
             let key = (name.to_owned(), tag.to_owned());
             let e = TagEntry {
@@ -112,7 +118,7 @@ impl Tags {
                 .map
                 .get(&key)
                 .is_none_or(|o| o.digest != e.digest || o.media_type != e.media_type);
-            st.map.insert(key, e);
+            st.map.insert(key, e.clone());
             if st.map.len() > MAX_TAGS {
                 if let Some(k) = st
                     .map
@@ -123,13 +129,14 @@ impl Tags {
                     st.map.remove(&k);
                 }
             }
-            changed
+            (changed, e)
         };
         // A mere re-check is not worth a write: after a restart the entry
         // is only older, which makes it revalidate sooner.
         if changed {
             self.save().await;
         }
+        entry
     }
 
     pub async fn remove(self: &Arc<Self>, name: &str, tag: &str) {

@@ -215,7 +215,8 @@ impl Upstream {
             let resp = match tokio::time::timeout(limit, self.client.request(req)).await {
                 Err(_) => {
                     return Err(self.failed(Error::UpstreamTimeout(format!(
-                        "no response from {uri} within {:?}",
+                        "no response from {} within {:?}",
+                        redact(&uri),
                         self.timeout
                     ))))
                 }
@@ -268,7 +269,19 @@ impl Upstream {
     }
 }
 
+/// A URL fit for a log line or an error body: no query, where presigned
+/// storage URLs carry their signatures.
+fn redact(uri: &Uri) -> String {
+    format!(
+        "{}://{}{}",
+        uri.scheme_str().unwrap_or("http"),
+        uri.authority().map_or("", |a| a.as_str()),
+        uri.path()
+    )
+}
+
 fn classify(uri: &Uri, e: hyper_util::client::legacy::Error) -> Error {
+    let uri = redact(uri);
     let mut msg = e.to_string();
     let mut src: Option<&dyn std::error::Error> = std::error::Error::source(&e);
     while let Some(s) = src {

@@ -127,7 +127,15 @@ fn login_pull_and_no_cached_blob_for_anyone_the_upstream_refuses() {
             "the right password gets the cached blob"
         );
         assert_eq!(sha256_digest(&body.unwrap()), format!("sha256:{hex}"));
+        let other = format!("{}/v2/team/other/blobs/sha256:{hex}", proxy.url());
+        let (st, _, _) = rt.block_on(get(&other, &[("authorization", &basic(USER, PASSWORD))]));
+        assert_eq!(
+            st,
+            StatusCode::NOT_FOUND,
+            "cached bytes are not served through a repository the upstream says does not hold them"
+        );
     }
+
     assert_eq!(
         reg.all_blob_gets(),
         upstream_gets_before,

@@ -422,7 +422,15 @@ async fn ranges_and_heads() {
     assert_eq!(h["docker-content-digest"], d.as_str());
     assert!(body.unwrap().is_empty());
 
+    let (st, _, body) = get(&url, &[("range", "bytes=1-18446744073709551615")]).await;
+    assert_eq!(
+        st,
+        StatusCode::PARTIAL_CONTENT,
+        "a huge last byte is clamped, not a crash"
+    );
+    assert_eq!(&body.unwrap()[..], &data[1..]);
     let (st, _, body) = get(&url, &[("range", "bytes=-10")]).await;
+
     assert_eq!(st, StatusCode::PARTIAL_CONTENT);
     assert_eq!(&body.unwrap()[..], &data[data.len() - 10..]);
     let (st, h, _) = get(&url, &[("range", &format!("bytes={}-", data.len()))]).await;
@@ -724,4 +732,39 @@ async fn an_https_upstream_is_trusted_through_upstream_ca() {
         StatusCode::BAD_GATEWAY,
         "without the CA the upstream's certificate is refused"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_blob_that_cannot_fit_beside_fills_in_flight_evicts_nothing() {
+    let reg = Registry::start();
+    let gate = Gate::start(reg.addr).await;
+    let cache = TempDir::new("cache");
+    let proxy = Proxy::start(&gate.url(), cache.path(), &["--cache-size", "4MiB"]);
+    let a = push_blob(&reg.url(), "team/app", &blob(MIB, 40)).await;
+    let b = push_blob(&reg.url(), "team/app", &blob(MIB, 41)).await;
+    let c = push_blob(&reg.url(), "team/app", &blob(3 * MIB, 42)).await;
+    let d = push_blob(&reg.url(), "team/app", &blob(2 * MIB, 43)).await;
+    for x in [&a, &b] {
+        let (st, _, _) = get(&format!("{}/v2/team/app/blobs/{x}", proxy.url()), &[]).await;
+        assert_eq!(st, StatusCode::OK);
+        let p = proxy.cache_path(x);
+        wait_until(|| p.exists(), "committed").await;
+    }
+    // C's fill holds 3 MiB of the 4 MiB cap while its connection stalls (A
+    // goes to make room); other upstream connections flow.
+    gate.hold_after(100_000);
+    let url_c = format!("{}/v2/team/app/blobs/{c}", proxy.url());
+    let pending = tokio::spawn(async move { get(&url_c, &[]).await });
+    wait_until(|| gate.passed() >= 100_000, "C's fill is under way").await;
+    let (st, _, body) = get(&format!("{}/v2/team/app/blobs/{d}", proxy.url()), &[]).await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(sha256_digest(&body.unwrap()), d, "D is streamed uncached");
+    assert!(
+        proxy.cache_path(&b).exists(),
+        "D could not fit beside C's fill, so B was not evicted for nothing"
+    );
+    gate.open();
+    let (st, _, body) = pending.await.unwrap();
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(sha256_digest(&body.unwrap()), c);
 }

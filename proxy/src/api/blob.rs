@@ -89,13 +89,10 @@ impl App {
                             .expect("valid response"),
                     ))
                 }
-                Err(Failure::Relay { status, .. })
-                    if !leader
-                        && (status == StatusCode::UNAUTHORIZED
-                            || status == StatusCode::FORBIDDEN) =>
-                {
-                    continue;
-                }
+                // The leader's answer was about its credentials and its
+                // repository; this client asks with its own.
+                Err(Failure::Relay { .. }) if !leader => continue,
+
                 Err(Failure::Relay {
                     status,
                     mut headers,
@@ -145,6 +142,13 @@ impl App {
                 self.upstream
                     .failed(Error::UpstreamBad("blob without Content-Length".into()))
             })?;
+        if !d.admits_size(size) {
+            self.metrics
+                .digest_mismatches
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let e = Error::UpstreamBad(format!("upstream announced {d} with 0 bytes"));
+            return Err(self.upstream.failed(e));
+        }
         let stream = fill::verified_stream(
             resp.into_body(),
             d.clone(),
@@ -228,7 +232,7 @@ fn ranged(h: &HeaderMap, size: u64) -> Result<(StatusCode, u64, u64), Error> {
             if last < start {
                 return full;
             }
-            (last + 1).min(size)
+            last.saturating_add(1).min(size)
         };
         (start, end)
     };
@@ -273,6 +277,12 @@ mod tests {
             "multiple ranges are ignored"
         );
         assert_eq!(range("items=0-1", 100).unwrap(), (StatusCode::OK, 0, 100));
+        assert_eq!(
+            range("bytes=1-18446744073709551615", 100).unwrap(),
+            (StatusCode::PARTIAL_CONTENT, 1, 100),
+            "a last byte at u64::MAX does not overflow"
+        );
+
         assert!(matches!(
             range("bytes=100-", 100),
             Err(Error::RangeNotSatisfiable { size: 100 })

@@ -235,15 +235,11 @@ impl App {
                 if old.as_ref().is_some_and(|o| o.digest != digest.to_string()) {
                     tracing::info!(repo = name, tag, %digest, "tag moved upstream");
                 }
-                self.tags
+                let e = self
+                    .tags
                     .put(name, tag, digest.to_string(), media_type)
                     .await;
                 drop(flight);
-                let e = self
-                    .tags
-                    .get(name, tag)
-                    .map(|(e, _)| e)
-                    .expect("just recorded");
                 return self.answer_tag(parts, name, &e, head, Outcome::Miss).await;
             }
             Ok(r) if matches!(r.status(), StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) => {
@@ -252,7 +248,7 @@ impl App {
                 let challenge = r
                     .headers()
                     .get(header::WWW_AUTHENTICATE)
-                    .map(|v| self.rewrite(parts, v));
+                    .map(|v| self.rewrite_challenge(parts, v));
                 return Err(Error::Denied {
                     status: r.status(),
                     challenge,

@@ -41,6 +41,9 @@ pub struct App {
     /// This instance's `Via` token: a request that carries it has looped.
     pub via: String,
     pub retries: u32,
+    /// Paths of auth realms on the upstream's own address (token services),
+    /// relayed like the registry API.
+    pub realms: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// What a path asks for.
@@ -126,6 +129,10 @@ impl App {
     async fn dispatch(&self, parts: &Parts, body: Incoming) -> (Kind, Answer) {
         if self.looped(&parts.headers) {
             return (Kind::Other, Err(Error::LoopDetected));
+        }
+        if !parts.uri.path().starts_with("/v2") && self.is_realm(parts.uri.path()) {
+            let r = self.relay(parts, Some(body)).await;
+            return (Kind::Other, r.map(|r| (Outcome::Passthrough, r)));
         }
         let r = match route(parts.uri.path()) {
             Ok(r) => r,
@@ -226,10 +233,18 @@ impl App {
             .send(Method::HEAD, probe, &parts.headers, &[])
             .await
         {
-            Ok(r) if r.status().is_success() || r.status() == StatusCode::NOT_FOUND => {
+            Ok(r) if r.status().is_success() => {
                 self.auth.allow(&cred, name);
                 Ok(())
             }
+            // The cache is keyed by digest alone: content cached from one
+            // repository is not served through another that does not hold it.
+            Ok(r) if r.status() == StatusCode::NOT_FOUND => Err(if probe.contains("/blobs/") {
+                Error::BlobUnknown(probe.rsplit('/').next().unwrap_or_default().to_owned())
+            } else {
+                Error::ManifestUnknown(probe.rsplit('/').next().unwrap_or_default().to_owned())
+            }),
+
             Ok(r)
                 if r.status() == StatusCode::UNAUTHORIZED
                     || r.status() == StatusCode::FORBIDDEN =>
@@ -241,7 +256,7 @@ impl App {
                 let challenge = r
                     .headers()
                     .get(header::WWW_AUTHENTICATE)
-                    .map(|v| self.rewrite(parts, v));
+                    .map(|v| self.rewrite_challenge(parts, v));
                 Err(Error::Denied {
                     status: r.status(),
                     challenge,
@@ -280,6 +295,30 @@ impl App {
         HeaderValue::from_str(&out).unwrap_or_else(|_| v.clone())
     }
 
+    /// An auth challenge with a realm on the upstream's own address, pointed
+    /// at the proxy; the realm's path is then relayed to the upstream (a
+    /// token service beside the registry keeps working through the proxy).
+    fn rewrite_challenge(&self, parts: &Parts, v: &HeaderValue) -> HeaderValue {
+        if let Ok(s) = v.to_str() {
+            let origin = self.upstream.origin();
+            if let Some(path) = realm_path(s, &origin) {
+                let mut realms = self.realms.lock().unwrap_or_else(|e| e.into_inner());
+                if realms.len() < 16 {
+                    realms.insert(path);
+                }
+            }
+        }
+        self.rewrite(parts, v)
+    }
+
+    /// Whether `path` is the realm of a challenge the upstream gave.
+    fn is_realm(&self, path: &str) -> bool {
+        self.realms
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(path)
+    }
+
     /// Copies an upstream response head, pointing its URLs at the proxy.
     fn relayed(
         &self,
@@ -294,7 +333,9 @@ impl App {
             if is_hop_by_hop(k) {
                 continue;
             }
-            let v = if k == header::LOCATION || k == header::LINK || k == header::WWW_AUTHENTICATE {
+            let v = if k == header::WWW_AUTHENTICATE {
+                self.rewrite_challenge(parts, v)
+            } else if k == header::LOCATION || k == header::LINK {
                 self.rewrite(parts, v)
             } else {
                 v.clone()
@@ -319,6 +360,15 @@ fn replace_origin(s: &str, from: &str, to: &str) -> String {
     }
     out.push_str(rest);
     out
+}
+
+/// The path of a `realm="..."` in a challenge when it is on `origin`.
+fn realm_path(challenge: &str, origin: &str) -> Option<String> {
+    let i = challenge.find("realm=\"")? + "realm=\"".len();
+    let url = &challenge[i..challenge[i..].find('"')? + i];
+    let rest = url.strip_prefix(origin)?;
+    let path = rest.split('?').next().unwrap_or("");
+    (path.starts_with('/') && !path.starts_with("/v2")).then(|| path.to_owned())
 }
 
 /// Whether a client's `Accept` allows `media_type`. No `Accept` accepts anything.
@@ -382,6 +432,29 @@ mod tests {
         );
         assert!(accepts(&h, "application/b"));
         assert!(!accepts(&h, "application/c"));
+    }
+
+    #[test]
+    fn realms_on_the_upstream_are_found() {
+        let up = "https://reg.example";
+        assert_eq!(
+            realm_path(
+                "Bearer realm=\"https://reg.example/service/token\",service=\"r\"",
+                up
+            )
+            .as_deref(),
+            Some("/service/token")
+        );
+        assert_eq!(
+            realm_path("Bearer realm=\"https://auth.example/token\"", up),
+            None,
+            "another host's realm stays theirs"
+        );
+        assert_eq!(
+            realm_path("Basic realm=\"test-realm\"", up),
+            None,
+            "a plain realm is no URL"
+        );
     }
 
     #[test]

@@ -245,6 +245,11 @@ pub async fn run(cache: Arc<Cache>, upstream: Arc<Upstream>, fill: Arc<Fill>, re
             Error::UpstreamBad("upstream sent a blob without Content-Length".into()),
         ))));
     };
+    if !digest.admits_size(size) {
+        m.digest_mismatches.fetch_add(1, Relaxed);
+        let e = Error::UpstreamBad(format!("upstream announced {digest} with 0 bytes"));
+        return g.fail(Failure::Error(Arc::new(upstream.failed(e))));
+    }
     if !cache.reserve(size) {
         m.uncached_fills.fetch_add(1, Relaxed);
         tracing::info!(%digest, size, cap = cache.capacity(), "blob will not fit in the cache; streaming it uncached");

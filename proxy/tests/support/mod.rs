@@ -504,6 +504,9 @@ struct GateState {
     cut: std::sync::atomic::AtomicBool,
     /// Connections accepted so far.
     conns: AtomicU64,
+    /// The connection that reached the budget first (0: none yet); only it
+    /// is held, so other requests still reach the upstream.
+    held: AtomicU64,
 }
 
 impl Gate {
@@ -515,6 +518,7 @@ impl Gate {
             budget: AtomicU64::new(u64::MAX),
             cut: false.into(),
             conns: AtomicU64::new(0),
+            held: AtomicU64::new(0),
         });
         let st = Arc::clone(&state);
         tokio::spawn(async move {
@@ -522,7 +526,7 @@ impl Gate {
                 let Ok((down, _)) = l.accept().await else {
                     return;
                 };
-                st.conns.fetch_add(1, Ordering::SeqCst);
+                let id = st.conns.fetch_add(1, Ordering::SeqCst) + 1;
                 let st = Arc::clone(&st);
                 tokio::spawn(async move {
                     let Ok(up) = tokio::net::TcpStream::connect(upstream).await else {
@@ -538,16 +542,27 @@ impl Gate {
                     loop {
                         let passed = st.passed.load(Ordering::SeqCst);
                         let budget = st.budget.load(Ordering::SeqCst);
-                        if passed >= budget {
+                        let held = st.held.load(Ordering::SeqCst);
+                        // Once one connection is held, the others flow.
+                        let mine = held == 0 || held == id;
+                        if mine && passed >= budget {
+                            let _ =
+                                st.held
+                                    .compare_exchange(0, id, Ordering::SeqCst, Ordering::SeqCst);
                             if st.cut.load(Ordering::SeqCst) {
                                 st.cut.store(false, Ordering::SeqCst);
                                 st.budget.store(u64::MAX, Ordering::SeqCst);
+                                st.held.store(0, Ordering::SeqCst);
                                 break;
                             }
                             tokio::time::sleep(Duration::from_millis(5)).await;
                             continue;
                         }
-                        let room = (budget - passed).min(buf.len() as u64) as usize;
+                        let room = if mine {
+                            (budget - passed).min(buf.len() as u64) as usize
+                        } else {
+                            buf.len()
+                        };
                         let n = match ur.read(&mut buf[..room]).await {
                             Ok(0) | Err(_) => break,
                             Ok(n) => n,
@@ -568,8 +583,10 @@ impl Gate {
         format!("http://{}", self.addr)
     }
 
-    /// Lets `n` more response bytes through, then holds the rest.
+    /// Lets `n` more response bytes through, then holds the connection that
+    /// reaches that budget; other connections flow.
     pub fn hold_after(&self, n: u64) {
+        self.state.held.store(0, Ordering::SeqCst);
         let p = self.state.passed.load(Ordering::SeqCst);
         self.state.budget.store(p + n, Ordering::SeqCst);
     }
@@ -582,6 +599,7 @@ impl Gate {
 
     pub fn open(&self) {
         self.state.budget.store(u64::MAX, Ordering::SeqCst);
+        self.state.held.store(0, Ordering::SeqCst);
     }
 
     pub fn passed(&self) -> u64 {
