@@ -1,6 +1,8 @@
 //! `compare`: one run, one machine, every target with a fresh cache, the same
-//! scenarios in the same order. The upstream is seeded once; each target is
-//! started in front of it, measured, and stopped before the next starts.
+//! scenarios. The upstream storage is seeded once; each target gets an
+//! upstream process of its own serving that storage, so each access log
+//! counts one target's requests only. The loopback targets run side by side,
+//! their repetitions interleaved; the uplink nodes run one after the other.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -277,7 +279,7 @@ impl Ctx<'_> {
         &mut self,
         spec: Spec<'_>,
         targets: &[Target],
-        upstream: &Upstream,
+        upstreams: &[Upstream],
         mut run: F,
     ) where
         F: FnMut(usize, String) -> Fut,
@@ -293,7 +295,7 @@ impl Ctx<'_> {
         for rep in 0..spec.repetitions {
             for k in 0..targets.len() {
                 let i = (k + rep) % targets.len();
-                let t = &targets[i];
+                let (t, upstream) = (&targets[i], &upstreams[i]);
                 self.sampler.watch(t.pid().into_iter().collect());
                 let mark = upstream.log.mark();
                 let cpu_before = t.pid().map(crate::procs::cpu_seconds);
@@ -507,14 +509,11 @@ pub async fn run(params: Params, tools: Tools, work: PathBuf) -> anyhow::Result<
     }
     eprintln!("seeded in {:.1}s", t0.elapsed().as_secs_f64());
 
-    // The uplink's upstream serves the same storage from inside the namespace.
+    // The uplink: a namespace whose upstreams serve the same storage.
     let uplink = if params.uplink_mbit > 0
         && (params.wants("uplink_node1") || params.wants("uplink_node2"))
     {
-        let link = Uplink::create(params.uplink_mbit)?;
-        let addr = format!("{}:5000", link.upstream_ip);
-        let up = start_upstream(&tools, &work, &storage, &addr, Some(&link.ns)).await?;
-        Some((link, up))
+        Some(Uplink::create(params.uplink_mbit)?)
     } else {
         None
     };
@@ -536,9 +535,18 @@ pub async fn run(params: Params, tools: Tools, work: PathBuf) -> anyhow::Result<
     // Every target starts with an empty cache of its own, all at once, and
     // stays up (idle while the others are measured) until the loopback
     // scenarios are done.
+    // Each target has an upstream of its own, all serving the one seeded
+    // storage: an upstream's access log then holds that target's requests
+    // only, even when a peer finishes a download in the background while the
+    // next target is measured (Distribution's proxy does).
+    drop(upstream);
+    let mut upstreams = Vec::new();
     let mut targets = Vec::new();
     for &kind in &params.targets {
-        targets.push(start_target(kind, &tools, &upstream.addr, &work, "loop").await?);
+        let addr = format!("127.0.0.1:{}", crate::procs::free_port()?);
+        let up = start_upstream(&tools, &work, &storage, &addr, None).await?;
+        targets.push(start_target(kind, &tools, &up.addr, &work, "loop").await?);
+        upstreams.push(up);
     }
     let p = &params;
     if p.wants("cold_concurrent") {
@@ -546,7 +554,7 @@ pub async fn run(params: Params, tools: Tools, work: PathBuf) -> anyhow::Result<
         let spec = Spec::new("cold_concurrent", p.cold_clients, big.size)
             .blobs(digests)
             .repeat(plan.cold.len());
-        ctx.scenario(spec, &targets, &upstream, |rep, addr| {
+        ctx.scenario(spec, &targets, &upstreams, |rep, addr| {
             let blob = &plan.cold[rep];
             async move {
                 workload::concurrent_blob(
@@ -565,7 +573,7 @@ pub async fn run(params: Params, tools: Tools, work: PathBuf) -> anyhow::Result<
     for id in ["images_cold", "images_warm"] {
         if p.wants(id) {
             let spec = Spec::new(id, p.image_clients, image_distinct);
-            ctx.scenario(spec, &targets, &upstream, |_, addr| {
+            ctx.scenario(spec, &targets, &upstreams, |_, addr| {
                 let refs = &image_refs;
                 async move {
                     workload::pull_images(&addr, to, refs, p.image_clients, p.layer_concurrency)
@@ -580,7 +588,7 @@ pub async fn run(params: Params, tools: Tools, work: PathBuf) -> anyhow::Result<
             .blobs(vec![big.digest.clone()])
             .repeat(reps)
             .primed(big);
-        ctx.scenario(spec, &targets, &upstream, |_, addr| async move {
+        ctx.scenario(spec, &targets, &upstreams, |_, addr| async move {
             workload::concurrent_blob(&addr, to, BLOB_REPO, &big.digest, big.size, 1).await
         })
         .await;
@@ -590,7 +598,7 @@ pub async fn run(params: Params, tools: Tools, work: PathBuf) -> anyhow::Result<
             .blobs(vec![medium.digest.clone()])
             .repeat(reps)
             .primed(medium);
-        ctx.scenario(spec, &targets, &upstream, |_, addr| async move {
+        ctx.scenario(spec, &targets, &upstreams, |_, addr| async move {
             workload::concurrent_blob(
                 &addr,
                 to,
@@ -605,7 +613,7 @@ pub async fn run(params: Params, tools: Tools, work: PathBuf) -> anyhow::Result<
     }
     if p.wants("small_requests") {
         let spec = Spec::new("small_requests", p.small_workers, 0).repeat(reps.min(5));
-        ctx.scenario(spec, &targets, &upstream, |_, addr| {
+        ctx.scenario(spec, &targets, &upstreams, |_, addr| {
             let refs = &image_refs;
             async move {
                 workload::small_requests(
@@ -622,18 +630,25 @@ pub async fn run(params: Params, tools: Tools, work: PathBuf) -> anyhow::Result<
         .await;
     }
     drop(targets);
+    drop(upstreams);
 
     // Two nodes per target behind the shaped uplink, one after the other,
     // each with its own fresh cache.
-    if let Some((_, up)) = &uplink {
-        for &kind in &params.targets {
-            for (scenario, label) in [("uplink_node1", "node1"), ("uplink_node2", "node2")] {
+    if let Some(link) = &uplink {
+        for (i, &kind) in params.targets.iter().enumerate() {
+            for (n, (scenario, label)) in [("uplink_node1", "node1"), ("uplink_node2", "node2")]
+                .into_iter()
+                .enumerate()
+            {
                 if !p.wants(scenario) {
                     continue;
                 }
-                let node = start_target(kind, &tools, &up.addr, &work, label).await?;
+                // An upstream per node too, for the same reason as above.
+                let addr = format!("{}:{}", link.upstream_ip, 5000 + 2 * i + n);
+                let up = [start_upstream(&tools, &work, &storage, &addr, Some(&link.ns)).await?];
+                let node = start_target(kind, &tools, &up[0].addr, &work, label).await?;
                 let spec = Spec::new(scenario, p.uplink_clients, uplink_distinct);
-                ctx.scenario(spec, std::slice::from_ref(&node), up, |_, addr| {
+                ctx.scenario(spec, std::slice::from_ref(&node), &up, |_, addr| {
                     let refs = &uplink_refs;
                     async move {
                         workload::pull_images(
@@ -658,7 +673,6 @@ pub async fn run(params: Params, tools: Tools, work: PathBuf) -> anyhow::Result<
         (s, t)
     });
     drop(uplink);
-    drop(upstream);
     eprintln!("compare finished in {:.1}s", t0.elapsed().as_secs_f64());
     Ok(Report {
         machine,

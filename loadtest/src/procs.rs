@@ -83,11 +83,21 @@ impl Drop for Proc {
     }
 }
 
-/// A free loopback port (bound, then released for the child to bind).
+/// A free loopback port (bound, then released for a child to bind), never one
+/// this process handed out before: two quick binds of port 0 can get the same.
 pub fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().expect("port list lock");
+    for _ in 0..100 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        if !given.contains(&port) {
+            given.push(port);
+            return Ok(port);
+        }
+    }
+    anyhow::bail!("no new free loopback port in 100 tries")
 }
 
 /// Peak memory of a process and its descendants, in KiB.
