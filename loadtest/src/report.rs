@@ -493,7 +493,7 @@ pub fn svg(report: &Report) -> String {
     }
     let _ = writeln!(
         s,
-        r##"<text x="20" y="{}" font-size="10.5" fill="#555">Every blob verified by sha256 at the client. Each target started with a fresh cache; same upstream (Distribution 2.8), same machine, same run.</text>"##,
+        r##"<text x="20" y="{}" font-size="10.5" fill="#555">Every blob verified by sha256 at the client. Each target started with a fresh cache; upstream: Distribution 2.8, one process per target on the same storage; same machine, same run.</text>"##,
         h - 14.0
     );
     s.push_str("</svg>\n");
