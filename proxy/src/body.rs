@@ -2,10 +2,12 @@
 //! return "from the cache", "following a fill" or "from upstream" without
 //! boxing on the hot path.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::stream::BoxStream;
@@ -39,8 +41,17 @@ enum Kind {
         stream: BoxStream<'static, Result<Bytes, BoxError>>,
         len: Option<u64>,
     },
-    /// Relayed (from upstream, or to it); each chunk is counted in `metrics` when given.
-    Upstream(Incoming, Option<Arc<Metrics>>),
+    /// A client's body on its way to the upstream (a push).
+    Incoming(Incoming),
+    /// An upstream body relayed to a client, counted in `metrics`; a silence
+    /// longer than `idle` ends it in an error, so a stalled upstream does
+    /// not hold the client forever.
+    Upstream {
+        body: Incoming,
+        metrics: Arc<Metrics>,
+        idle: Duration,
+        timer: Pin<Box<tokio::time::Sleep>>,
+    },
 }
 
 impl Body {
@@ -74,9 +85,23 @@ impl Body {
         }
     }
 
-    pub fn upstream(b: Incoming, metrics: Option<Arc<Metrics>>) -> Body {
+    /// A client's body, relayed as it arrives.
+    pub fn incoming(b: Incoming) -> Body {
         Body {
-            kind: Kind::Upstream(b, metrics),
+            kind: Kind::Incoming(b),
+        }
+    }
+
+    /// An upstream body for a client; `idle` is the longest silence allowed.
+    pub fn upstream(body: Incoming, metrics: Arc<Metrics>, idle: Duration) -> Body {
+        let timer = Box::pin(tokio::time::sleep(idle));
+        Body {
+            kind: Kind::Upstream {
+                body,
+                metrics,
+                idle,
+                timer,
+            },
         }
     }
 }
@@ -118,18 +143,32 @@ impl http_body::Body for Body {
                 Poll::Ready(None) => Poll::Ready(None),
                 Poll::Pending => Poll::Pending,
             },
-            Kind::Upstream(b, m) => {
-                let f = Pin::new(b).poll_frame(cx).map_err(Into::into);
-                if let (Poll::Ready(Some(Ok(f))), Some(m)) = (&f, m) {
-                    if let Some(d) = f.data_ref() {
-                        m.upstream_bytes
-                            .fetch_add(d.len() as u64, Ordering::Relaxed);
-                        m.served_upstream_bytes
-                            .fetch_add(d.len() as u64, Ordering::Relaxed);
+            Kind::Incoming(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            Kind::Upstream {
+                body,
+                metrics,
+                idle,
+                timer,
+            } => match Pin::new(body).poll_frame(cx) {
+                Poll::Pending => match timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(format!(
+                        "upstream body silent for {idle:?}"
+                    )
+                    .into()))),
+                    Poll::Pending => Poll::Pending,
+                },
+                Poll::Ready(f) => {
+                    timer.as_mut().reset(tokio::time::Instant::now() + *idle);
+                    if let Some(Ok(d)) = f.as_ref().map(|f| f.as_ref().map(|f| f.data_ref())) {
+                        let n = d.map_or(0, |d| d.len() as u64);
+                        metrics.upstream_bytes.fetch_add(n, Ordering::Relaxed);
+                        metrics
+                            .served_upstream_bytes
+                            .fetch_add(n, Ordering::Relaxed);
                     }
+                    Poll::Ready(f.map(|f| f.map_err(Into::into)))
                 }
-                f
-            }
+            },
         }
     }
 
@@ -139,7 +178,8 @@ impl http_body::Body for Body {
             Kind::Full(b) => b.as_ref().is_none_or(|b| b.is_empty()),
             Kind::Mapped { data, .. } => data.is_empty(),
             Kind::Stream { len, .. } => *len == Some(0),
-            Kind::Upstream(b, _) => b.is_end_stream(),
+            Kind::Incoming(b) => b.is_end_stream(),
+            Kind::Upstream { body, .. } => body.is_end_stream(),
         }
     }
 
@@ -150,7 +190,8 @@ impl http_body::Body for Body {
             Kind::Mapped { data, .. } => SizeHint::with_exact(data.len() as u64),
             Kind::Stream { len: Some(l), .. } => SizeHint::with_exact(*l),
             Kind::Stream { len: None, .. } => SizeHint::default(),
-            Kind::Upstream(b, _) => b.size_hint(),
+            Kind::Incoming(b) => b.size_hint(),
+            Kind::Upstream { body, .. } => body.size_hint(),
         }
     }
 }

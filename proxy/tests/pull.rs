@@ -768,3 +768,40 @@ async fn a_blob_that_cannot_fit_beside_fills_in_flight_evicts_nothing() {
     assert_eq!(st, StatusCode::OK);
     assert_eq!(sha256_digest(&body.unwrap()), c);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relayed_body_that_stalls_is_cut_not_held_forever() {
+    let reg = Registry::start();
+    let gate = Gate::start(reg.addr).await;
+    let cache = TempDir::new("cache");
+    let proxy = Proxy::start(&gate.url(), cache.path(), &["--upstream-timeout", "1s"]);
+    for i in 0..40 {
+        push_manifest(
+            &reg.url(),
+            "team/many",
+            &format!("tag-number-{i}"),
+            b"{}",
+            &[],
+        )
+        .await;
+    }
+    let (_, h, body) = get(&format!("{}/v2/team/many/tags/list", reg.url()), &[]).await;
+    let head_len: usize = h
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum::<usize>()
+        + 20;
+    assert!(
+        body.unwrap().len() > 400,
+        "the listing is long enough to stall in its middle"
+    );
+    gate.hold_after(head_len as u64 + 200); // the head and part of the body, then silence
+    let url = format!("{}/v2/team/many/tags/list", proxy.url());
+    let (st, _, body) = tokio::time::timeout(Duration::from_secs(15), get(&url, &[]))
+        .await
+        .expect("the client is answered or cut within the timeout, not held");
+    assert!(
+        st != StatusCode::OK || body.is_err(),
+        "a stalled listing never ends as a clean 200 ({st})"
+    );
+}

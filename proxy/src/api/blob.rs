@@ -131,7 +131,7 @@ impl App {
                 parts,
                 p.status,
                 &p.headers,
-                Body::upstream(body, Some(Arc::clone(&self.metrics))),
+                Body::upstream(body, Arc::clone(&self.metrics), self.upstream.timeout()),
             ));
         }
         let size = resp

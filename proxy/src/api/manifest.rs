@@ -128,7 +128,7 @@ impl App {
                 self.auth.deny(&cred, name);
             }
             let (p, body) = resp.into_parts();
-            let body = Body::upstream(body, Some(Arc::clone(&self.metrics)));
+            let body = Body::upstream(body, Arc::clone(&self.metrics), self.upstream.timeout());
             return Ok(Fetched::Relayed(
                 self.relayed(parts, p.status, &p.headers, body),
             ));

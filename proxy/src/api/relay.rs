@@ -29,13 +29,13 @@ impl App {
         let resp = match body {
             Some(b) if m != Method::GET && m != Method::HEAD => {
                 self.upstream
-                    .send_body(m, pq, &parts.headers, Body::upstream(b, None))
+                    .send_body(m, pq, &parts.headers, Body::incoming(b))
                     .await?
             }
             _ => self.upstream.send(m, pq, &parts.headers, &[]).await?,
         };
         let (p, body) = resp.into_parts();
-        let body = Body::upstream(body, Some(Arc::clone(&self.metrics)));
+        let body = Body::upstream(body, Arc::clone(&self.metrics), self.upstream.timeout());
         Ok(self.relayed(parts, p.status, &p.headers, body))
     }
 
@@ -82,7 +82,7 @@ impl App {
             }
         }
         let (p, body) = resp.into_parts();
-        let body = Body::upstream(body, Some(Arc::clone(&self.metrics)));
+        let body = Body::upstream(body, Arc::clone(&self.metrics), self.upstream.timeout());
         Ok(self.relayed(parts, p.status, &p.headers, body))
     }
 }
