@@ -682,13 +682,7 @@ impl Dockerd {
     /// Runs `docker args...`; panics with its output unless it succeeds.
     pub fn docker(&self, args: &[&str]) -> String {
         let out = Dockerd::cli_at(&self.sock).args(args).output().unwrap();
-        assert!(
-            out.status.success(),
-            "docker {args:?} should succeed; it said:\n{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
+        succeeded(out, &format!("docker {args:?}"))
     }
 
     /// Runs `sh -c script` with `DOCKER_HOST` set to this daemon.
@@ -700,13 +694,7 @@ impl Dockerd {
             .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "{script} should succeed; it said:\n{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
+        succeeded(out, script)
     }
 
     pub fn image_id(&self, image: &str) -> String {
@@ -857,4 +845,16 @@ pub fn on_node(program: &str, args: &[&str]) -> Output {
         .args(args)
         .output()
         .unwrap()
+}
+
+/// The stdout of a command that must have succeeded; otherwise a panic that
+/// shows what it said.
+pub fn succeeded(out: Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what} should succeed; it said:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
 }
