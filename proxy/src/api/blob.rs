@@ -28,12 +28,7 @@ impl App {
                 let size = hit.data.len() as u64;
                 let (status, start, end) = ranged(&parts.headers, size)?;
                 let resp = blob_response(status, &d, start, end, size);
-                let body = if head {
-                    Body::empty()
-                } else {
-                    let served = Some(Arc::clone(&self.metrics.served_cache_bytes));
-                    Body::mapped(hit.data.slice(start as usize..end as usize), served)
-                };
+                let body = self.cached_body(hit.data.slice(start as usize..end as usize), head);
                 return Ok((Outcome::Hit, resp.body(body).expect("valid response")));
             }
             if head {

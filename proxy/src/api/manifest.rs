@@ -63,11 +63,7 @@ impl App {
                 self.authorize(parts, name, &format!("/v2/{name}/manifests/{d}"))
                     .await?;
                 let resp = manifest_response(&d, &media_type, hit.data.len());
-                let body = if head {
-                    Body::empty()
-                } else {
-                    Body::mapped(hit.data, Some(Arc::clone(&self.metrics.served_cache_bytes)))
-                };
+                let body = self.cached_body(hit.data, head);
                 return Ok((Outcome::Hit, resp.body(body).expect("valid response")));
             }
         }
@@ -315,11 +311,7 @@ impl App {
         self.authorize(parts, name, &format!("/v2/{name}/manifests/{d}"))
             .await?;
         let resp = manifest_response(&d, &media_type, data.len());
-        let body = if head {
-            Body::empty()
-        } else {
-            Body::mapped(data, Some(Arc::clone(&self.metrics.served_cache_bytes)))
-        };
+        let body = self.cached_body(data, head);
         Ok((outcome, resp.body(body).expect("valid response")))
     }
 }

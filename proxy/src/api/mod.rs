@@ -275,6 +275,16 @@ impl App {
         }
     }
 
+    /// The body of an answer from the node cache (none for a HEAD), counted
+    /// as served from the cache.
+    fn cached_body(&self, data: bytes::Bytes, head: bool) -> Body {
+        if head {
+            Body::empty()
+        } else {
+            Body::mapped(data, Some(Arc::clone(&self.metrics.served_cache_bytes)))
+        }
+    }
+
     /// The proxy's own origin as this client addressed it.
     fn origin(parts: &Parts) -> String {
         match parts
