@@ -86,11 +86,6 @@ impl Auth {
         self.lock().open_until = open.then(|| Instant::now() + self.ttl);
     }
 
-    /// Whether the upstream is known, right now, to let anyone read.
-    pub fn is_open(&self) -> bool {
-        self.lock().open_until.is_some_and(|t| t > Instant::now())
-    }
-
     /// The upstream served `repo` to `cred`.
     pub fn allow(&self, cred: &Credential, repo: &str) {
         let now = Instant::now();

@@ -82,14 +82,6 @@ impl Tags {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn len(&self) -> usize {
-        self.lock().map.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// The entry for a tag, and whether it is within the TTL.
     pub fn get(&self, name: &str, tag: &str) -> Option<(TagEntry, bool)> {
         let st = self.lock();

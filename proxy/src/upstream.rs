@@ -36,6 +36,8 @@ const MAX_REDIRECTS: usize = 5;
 pub struct Upstream {
     client: Client<HttpsConnector<HttpConnector<Resolver>>, Body>,
     base: Uri,
+    /// `scheme://authority` of `base`.
+    origin: String,
     timeout: Duration,
     via: HeaderValue,
     metrics: Arc<Metrics>,
@@ -103,6 +105,11 @@ impl Upstream {
             .build(https);
         Ok(Upstream {
             client,
+            origin: format!(
+                "{}://{}",
+                base.scheme_str().unwrap_or("http"),
+                base.authority().map_or("", |a| a.as_str())
+            ),
             base: base.clone(),
             timeout,
             via: HeaderValue::from_str(&format!("1.1 {via}"))?,
@@ -114,19 +121,10 @@ impl Upstream {
         self.timeout
     }
 
-    /// The upstream's scheme and authority.
-    pub fn base(&self) -> &Uri {
-        &self.base
-    }
-
     /// `scheme://authority` of the upstream, as it appears in the URLs it
     /// hands out (`Location`, `Link`, an auth `realm`).
-    pub fn origin(&self) -> String {
-        format!(
-            "{}://{}",
-            self.base.scheme_str().unwrap_or("http"),
-            self.base.authority().map_or("", |a| a.as_str())
-        )
+    pub fn origin(&self) -> &str {
+        &self.origin
     }
 
     fn url(&self, path_and_query: &str) -> Result<Uri, Error> {

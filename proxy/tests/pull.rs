@@ -756,6 +756,19 @@ async fn a_blob_that_cannot_fit_beside_fills_in_flight_evicts_nothing() {
     let url_c = format!("{}/v2/team/app/blobs/{c}", proxy.url());
     let pending = tokio::spawn(async move { get(&url_c, &[]).await });
     wait_until(|| gate.passed() >= 100_000, "C's fill is under way").await;
+    // C's reservation is in place (B and C: 4 MiB) before D is asked for.
+    for _ in 0..500 {
+        if proxy.metric("regproxy_cache_bytes").await == 4 * MIB as u64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        proxy.metric("regproxy_cache_bytes").await,
+        4 * MIB as u64,
+        "C reserved its room"
+    );
+
     let (st, _, body) = get(&format!("{}/v2/team/app/blobs/{d}", proxy.url()), &[]).await;
     assert_eq!(st, StatusCode::OK);
     assert_eq!(sha256_digest(&body.unwrap()), d, "D is streamed uncached");

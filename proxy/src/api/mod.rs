@@ -301,7 +301,7 @@ impl App {
     fn rewrite(&self, parts: &Parts, v: &HeaderValue) -> HeaderValue {
         let Ok(s) = v.to_str() else { return v.clone() };
         let from = self.upstream.origin();
-        let out = replace_origin(s, &from, &Self::origin(parts));
+        let out = replace_origin(s, from, &Self::origin(parts));
         HeaderValue::from_str(&out).unwrap_or_else(|_| v.clone())
     }
 
@@ -311,7 +311,7 @@ impl App {
     fn rewrite_challenge(&self, parts: &Parts, v: &HeaderValue) -> HeaderValue {
         if let Ok(s) = v.to_str() {
             let origin = self.upstream.origin();
-            if let Some(path) = realm_path(s, &origin) {
+            if let Some(path) = realm_path(s, origin) {
                 let mut realms = self.realms.lock().unwrap_or_else(|e| e.into_inner());
                 if realms.len() < 16 {
                     realms.insert(path);

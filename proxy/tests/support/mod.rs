@@ -567,6 +567,13 @@ impl Gate {
                             Ok(0) | Err(_) => break,
                             Ok(n) => n,
                         };
+                        if mine && passed + n as u64 >= budget {
+                            // This connection spends the budget: it is the one
+                            // held, claimed before a test can see the budget spent.
+                            let _ =
+                                st.held
+                                    .compare_exchange(0, id, Ordering::SeqCst, Ordering::SeqCst);
+                        }
                         st.passed.fetch_add(n as u64, Ordering::SeqCst);
                         if dw.write_all(&buf[..n]).await.is_err() {
                             break;
