@@ -791,30 +791,10 @@ impl Containerd {
     /// name to loopback, as on a node: whatever containerd tries, it stays on
     /// this machine.
     pub fn ctr(&self, args: &[&str]) -> Output {
-        let hosts = self.dir.path().join("hosts");
-        std::fs::write(
-            &hosts,
-            format!("127.0.0.1 localhost\n127.0.0.1 {REGISTRY_NAME}\n"),
-        )
-        .unwrap();
-        let script = format!(
-            "mount --bind {} /etc/hosts && exec timeout 60 ctr --address {} \"$@\"",
-            hosts.display(),
-            self.sock.display()
-        );
-        Command::new("unshare")
-            .args([
-                "--mount",
-                "--propagation",
-                "private",
-                "sh",
-                "-c",
-                &script,
-                "ctr",
-            ])
-            .args(args)
-            .output()
-            .unwrap()
+        let sock = self.sock.display().to_string();
+        let mut all = vec!["--address", sock.as_str()];
+        all.extend_from_slice(args);
+        on_node("ctr", &all)
     }
 }
 
