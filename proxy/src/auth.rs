@@ -1,22 +1,43 @@
-//! Who may see cached content. A cached blob or manifest is served only to a
-//! client the upstream would serve it to: either the upstream lets anonymous
-//! clients in altogether (learned from an anonymous `/v2/` answering 200), or
-//! this client's credential was accepted by the upstream for this repository
-//! within the last `--auth-ttl`. Credentials are kept only as a SHA-256 of the
-//! `Authorization` header, in memory, and never logged.
+//! Who may see cached content. The cache is keyed by digest alone, so the
+//! question is always about one (credential, repository, digest): a cached
+//! blob or manifest goes to a client only when
+//!
+//! - the upstream lets anonymous clients in altogether (learned from an
+//!   anonymous `GET /v2/` answering 200, asked by the proxy itself at start
+//!   and whenever the last answer is older than `--auth-ttl`), or
+//! - the upstream said, within `--auth-ttl`, that this credential may read
+//!   this digest in this repository: it served it (a fill, a manifest, a tag
+//!   `HEAD`), answered a `HEAD` probe for it, or served a manifest of this
+//!   repository that references it (config, layers, child manifests).
+//!
+//! While the upstream is unreachable, a (credential, repository, digest) seen
+//! allowed before is still served; with an open upstream, everyone is.
+//!
+//! Credentials are never kept: every remembered answer is keyed by an
+//! HMAC-SHA256 of (credential, repository, digest) under a random key. With
+//! `--remember-allowed` the key lives in `<cache-dir>/auth.key` (0600) and the
+//! answers in `<cache-dir>/allowed.json` (0600), so that they survive a
+//! restart; without it the key is made anew in memory by every process.
 
 use std::collections::HashMap;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use http::header::{self, HeaderMap};
+use hmac::{Hmac, Mac};
+use http::header::{self, HeaderMap, HeaderValue};
+use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
-/// Most remembered (credential, repository) pairs; the oldest go first.
-const MAX_ENTRIES: usize = 16 * 1024;
+use crate::digest::Digest;
 
-/// The key of a client's credential: a hash of its `Authorization` header,
-/// or `None` for an anonymous client.
+/// Most remembered answers; the oldest go first. An entry is about 80 bytes.
+const MAX_ENTRIES: usize = 32 * 1024;
+
+/// A client's credential: a hash of its `Authorization` header, or `None`
+/// for an anonymous client. Held in memory only, for one request.
 #[derive(Clone, PartialEq, Eq, Hash, Debug)]
 pub struct Credential(Option<[u8; 32]>);
 
@@ -33,90 +54,373 @@ impl Credential {
     }
 }
 
-pub struct Auth {
-    ttl: Duration,
-    state: Mutex<State>,
-}
-
-#[derive(Default)]
-struct State {
-    /// Until when the upstream is known to let anonymous clients in.
-    open_until: Option<Instant>,
-    /// Until when a credential may read a repository.
-    allowed: HashMap<(Credential, String), Instant>,
+/// Why cached content may go to a client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Grant {
+    /// The upstream lets anyone in.
+    Open,
+    /// The upstream said yes to this credential, repository and digest; the
+    /// yes stands until then.
+    Fresh(Instant),
+    /// The upstream is unreachable and said yes before.
+    Offline,
 }
 
 /// What the cache may do for a client.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Verdict {
-    /// Serve from the node.
-    Allowed,
-    /// Ask the upstream first; `stale` says whether this credential was
-    /// allowed before (so it may be served when the upstream is unreachable).
-    Ask { stale: bool },
+    Allowed(Grant),
+    /// Ask the upstream. `seen`: the upstream said yes to this exact
+    /// (credential, repository, digest) before, so it may be served while
+    /// the upstream is unreachable. `known`: it said yes to this credential
+    /// for something, so a failure to ask is the upstream's, not a refusal.
+    Ask {
+        seen: bool,
+        known: bool,
+    },
+}
+
+/// What is known of the upstream's stance on anonymous clients.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Openness {
+    /// Known now (within `--auth-ttl`).
+    Fresh(bool),
+    /// Last known, but older than `--auth-ttl` (or from before a restart).
+    Stale(bool),
+}
+
+pub struct Auth {
+    ttl: Duration,
+    key: [u8; 32],
+    /// `--remember-allowed`: where answers are kept, and for how long.
+    remember: Option<(PathBuf, Duration)>,
+    state: Mutex<State>,
+}
+
+struct State {
+    open: bool,
+    /// When `open` was last learned from the upstream in this process.
+    open_checked: Option<Instant>,
+    /// The upstream's challenge to anonymous clients, for the 401s the node
+    /// answers itself while the upstream is unreachable.
+    challenge: Option<HeaderValue>,
+    allowed: HashMap<[u8; 32], Seen>,
+    dirty: bool,
+}
+
+#[derive(Clone, Copy)]
+struct Seen {
+    /// The upstream's yes stands until then.
+    fresh_until: Instant,
+    /// When it last said yes, in ms since the Unix epoch.
+    at_ms: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Persisted {
+    /// Hex HMAC key → when the upstream last said yes (ms since the epoch).
+    allowed: Vec<(String, u64)>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl Auth {
-    pub fn new(ttl: Duration) -> Auth {
-        Auth {
+    /// `open` is what the state file last said of the upstream. With
+    /// `remember`, answers are loaded from and kept in `dir`; without it any
+    /// kept there before are removed.
+    pub fn open(
+        dir: &Path,
+        ttl: Duration,
+        open: bool,
+        remember: Option<Duration>,
+    ) -> std::io::Result<Auth> {
+        let key_path = dir.join("auth.key");
+        let file = dir.join("allowed.json");
+        let mut allowed = HashMap::new();
+        let key = match remember {
+            None => {
+                for p in [&key_path, &file] {
+                    match std::fs::remove_file(p) {
+                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                        _ => {}
+                    }
+                }
+                random_key()?
+            }
+            Some(keep) => {
+                let key = load_or_create_key(&key_path)?;
+                let oldest = now_ms().saturating_sub(keep.as_millis() as u64);
+                let now = Instant::now();
+                if let Ok(b) = std::fs::read(&file) {
+                    match serde_json::from_slice::<Persisted>(&b) {
+                        Ok(p) => {
+                            for (k, at_ms) in p.allowed {
+                                if let (Some(k), true) = (parse_key(&k), at_ms >= oldest) {
+                                    // A yes from before the restart is good
+                                    // for offline use only.
+                                    let fresh_until = now;
+                                    allowed.insert(k, Seen { fresh_until, at_ms });
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(path = %file.display(), error = %e, "ignoring an unreadable allowed.json")
+                        }
+                    }
+                }
+                key
+            }
+        };
+        Ok(Auth {
             ttl,
-            state: Mutex::new(State::default()),
-        }
+            key,
+            remember: remember.map(|d| (file, d)),
+            state: Mutex::new(State {
+                open,
+                open_checked: None,
+                challenge: None,
+                allowed,
+                dirty: false,
+            }),
+        })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn check(&self, cred: &Credential, repo: &str) -> Verdict {
+    fn key(&self, cred: &Credential, scope: Option<(&str, &Digest)>) -> [u8; 32] {
+        let mut m = Hmac::<Sha256>::new_from_slice(&self.key).expect("any key length");
+        match &cred.0 {
+            Some(c) => {
+                m.update(b"C");
+                m.update(c);
+            }
+            None => m.update(b"A"),
+        }
+        if let Some((repo, d)) = scope {
+            m.update(b"\0");
+            m.update(repo.as_bytes());
+            m.update(b"\0");
+            m.update(d.to_string().as_bytes());
+        }
+        m.finalize().into_bytes().into()
+    }
+
+    /// May `cred` read `d` in `repo` from the node?
+    pub fn check(&self, cred: &Credential, repo: &str, d: &Digest) -> Verdict {
         let now = Instant::now();
+        let k = self.key(cred, Some((repo, d)));
+        let kc = self.key(cred, None);
         let st = self.lock();
-        if st.open_until.is_some_and(|t| t > now) {
-            return Verdict::Allowed;
+        if st.open && st.open_checked.is_some_and(|t| now < t + self.ttl) {
+            return Verdict::Allowed(Grant::Open);
         }
-        match st.allowed.get(&(cred.clone(), repo.to_owned())) {
-            Some(t) if *t > now => Verdict::Allowed,
-            Some(_) => Verdict::Ask { stale: true },
-            None => Verdict::Ask { stale: false },
+        match st.allowed.get(&k) {
+            Some(s) if s.fresh_until > now => Verdict::Allowed(Grant::Fresh(s.fresh_until)),
+            seen => Verdict::Ask {
+                seen: seen.is_some() || st.open,
+                known: st.allowed.contains_key(&kc),
+            },
         }
     }
 
-    /// The upstream answered an anonymous `/v2/` with 200: it has no auth.
-    pub fn upstream_open(&self, open: bool) {
-        self.lock().open_until = open.then(|| Instant::now() + self.ttl);
+    /// Whether the upstream lets anonymous clients in, as last learned.
+    pub fn openness(&self) -> Openness {
+        let st = self.lock();
+        match st.open_checked {
+            Some(t) if Instant::now() < t + self.ttl => Openness::Fresh(st.open),
+            _ => Openness::Stale(st.open),
+        }
     }
 
-    /// The upstream served `repo` to `cred`.
-    pub fn allow(&self, cred: &Credential, repo: &str) {
-        let now = Instant::now();
+    /// The upstream answered an anonymous `/v2/`: 200 (`open`) or 401 with
+    /// `challenge`. Returns whether that changed what was known.
+    pub fn learned_open(&self, open: bool, challenge: Option<HeaderValue>) -> bool {
         let mut st = self.lock();
-        if st.allowed.len() >= MAX_ENTRIES {
-            st.allowed.retain(|_, t| *t > now);
-            if st.allowed.len() >= MAX_ENTRIES {
-                if let Some(oldest) = st
-                    .allowed
-                    .iter()
-                    .min_by_key(|(_, t)| **t)
-                    .map(|(k, _)| k.clone())
-                {
-                    st.allowed.remove(&oldest);
-                }
+        st.open_checked = Some(Instant::now());
+        if challenge.is_some() {
+            st.challenge = challenge;
+        }
+        std::mem::replace(&mut st.open, open) != open
+    }
+
+    /// The upstream's last challenge to anonymous clients.
+    pub fn challenge(&self) -> Option<HeaderValue> {
+        self.lock().challenge.clone()
+    }
+
+    /// The upstream accepted `cred` (for anything at all).
+    pub fn allow_credential(&self, cred: &Credential) {
+        let k = self.key(cred, None);
+        self.insert(k, Instant::now() + self.ttl);
+    }
+
+    /// The upstream served `d` in `repo` to `cred`.
+    pub fn allow(&self, cred: &Credential, repo: &str, d: &Digest) -> Grant {
+        let until = Instant::now() + self.ttl;
+        self.allow_credential(cred);
+        self.insert(self.key(cred, Some((repo, d))), until);
+        Grant::Fresh(until)
+    }
+
+    /// A manifest of `repo` went to `cred` under `grant`: what it references
+    /// is in `repo` too, and may be read under the same grant.
+    pub fn allow_referenced(&self, cred: &Credential, repo: &str, grant: Grant, manifest: &[u8]) {
+        let until = match grant {
+            Grant::Open => return,
+            Grant::Fresh(t) => t,
+            // Seen allowed, for offline use: already past its freshness.
+            Grant::Offline => Instant::now(),
+        };
+        for d in referenced(manifest) {
+            self.insert(self.key(cred, Some((repo, &d))), until);
+        }
+    }
+
+    fn insert(&self, k: [u8; 32], fresh_until: Instant) {
+        let at_ms = now_ms();
+        let mut st = self.lock();
+        if st.allowed.len() >= MAX_ENTRIES && !st.allowed.contains_key(&k) {
+            // Drop the oldest eighth at once, so that this stays cheap.
+            let mut ages: Vec<u64> = st.allowed.values().map(|s| s.at_ms).collect();
+            let cut = MAX_ENTRIES / 8;
+            ages.select_nth_unstable(cut);
+            let limit = ages[cut];
+            st.allowed.retain(|_, s| s.at_ms > limit);
+        }
+        let e = st.allowed.entry(k).or_insert(Seen { fresh_until, at_ms });
+        e.fresh_until = e.fresh_until.max(fresh_until);
+        e.at_ms = at_ms;
+        st.dirty = true;
+    }
+
+    /// The upstream refused `d` in `repo` to `cred`: forget any yes for it,
+    /// offline use included.
+    pub fn deny(&self, cred: &Credential, repo: &str, d: Option<&Digest>) {
+        if let Some(d) = d {
+            let k = self.key(cred, Some((repo, d)));
+            let mut st = self.lock();
+            if st.allowed.remove(&k).is_some() {
+                st.dirty = true;
             }
         }
-        st.allowed
-            .insert((cred.clone(), repo.to_owned()), now + self.ttl);
     }
 
-    /// The upstream refused `repo` to `cred`.
-    pub fn deny(&self, cred: &Credential, repo: &str) {
-        self.lock().allowed.remove(&(cred.clone(), repo.to_owned()));
+    /// Writes the remembered answers (with `--remember-allowed`) if they
+    /// changed: atomically, 0600. Blocking; called now and then and at exit.
+    pub fn save(&self) -> std::io::Result<()> {
+        let Some((path, keep)) = &self.remember else {
+            return Ok(());
+        };
+        let p = {
+            let mut st = self.lock();
+            if !st.dirty {
+                return Ok(());
+            }
+            st.dirty = false;
+            let oldest = now_ms().saturating_sub(keep.as_millis() as u64);
+            Persisted {
+                allowed: st
+                    .allowed
+                    .iter()
+                    .filter(|(_, s)| s.at_ms >= oldest)
+                    .map(|(k, s)| (hex(k), s.at_ms))
+                    .collect(),
+            }
+        };
+        let tmp = path.with_extension("json.tmp");
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(&serde_json::to_vec(&p)?)?;
+        f.sync_data()?;
+        std::fs::rename(&tmp, path)
     }
+}
+
+/// The digests a manifest references: an image manifest's config and
+/// layers, an index's manifests, an artifact's blobs.
+pub fn referenced(manifest: &[u8]) -> Vec<Digest> {
+    #[derive(Deserialize)]
+    struct Descriptor {
+        digest: String,
+    }
+    #[derive(Deserialize)]
+    struct Manifest {
+        config: Option<Descriptor>,
+        #[serde(default)]
+        layers: Vec<Descriptor>,
+        #[serde(default)]
+        manifests: Vec<Descriptor>,
+        #[serde(default)]
+        blobs: Vec<Descriptor>,
+    }
+    let Ok(m) = serde_json::from_slice::<Manifest>(manifest) else {
+        return Vec::new();
+    };
+    m.config
+        .into_iter()
+        .chain(m.layers)
+        .chain(m.manifests)
+        .chain(m.blobs)
+        .filter_map(|d| Digest::parse(&d.digest).ok())
+        .collect()
+}
+
+fn random_key() -> std::io::Result<[u8; 32]> {
+    let mut k = [0u8; 32];
+    getrandom::getrandom(&mut k).map_err(|e| std::io::Error::other(e.to_string()))?;
+    Ok(k)
+}
+
+/// The key in `path`, or a new random one written there 0600.
+fn load_or_create_key(path: &Path) -> std::io::Result<[u8; 32]> {
+    if let Ok(b) = std::fs::read(path) {
+        if let Ok(k) = <[u8; 32]>::try_from(b.as_slice()) {
+            return Ok(k);
+        }
+        tracing::warn!(path = %path.display(), "replacing a malformed auth key");
+    }
+    let k = random_key()?;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(&k)?;
+    f.sync_data()?;
+    std::fs::rename(&tmp, path)?;
+    Ok(k)
+}
+
+fn hex(b: &[u8; 32]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn parse_key(s: &str) -> Option<[u8; 32]> {
+    if s.len() != 64 || !s.is_ascii() {
+        return None;
+    }
+    let mut k = [0u8; 32];
+    for (i, b) in k.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(k)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::HeaderValue;
 
     fn cred(v: Option<&'static str>) -> Credential {
         let mut h = HeaderMap::new();
@@ -126,47 +430,167 @@ mod tests {
         Credential::of(&h)
     }
 
-    #[test]
-    fn a_yes_is_per_credential_and_repository() {
-        let a = Auth::new(Duration::from_secs(60));
-        let alice = cred(Some("Basic YWxpY2U6cHc="));
-        let mallory = cred(Some("Basic bWFsbG9yeTp4"));
-        assert_eq!(a.check(&alice, "team/app"), Verdict::Ask { stale: false });
-        a.allow(&alice, "team/app");
-        assert_eq!(a.check(&alice, "team/app"), Verdict::Allowed);
-        assert_eq!(
-            a.check(&alice, "team/other"),
-            Verdict::Ask { stale: false },
-            "never across repositories"
-        );
-        assert_eq!(
-            a.check(&mallory, "team/app"),
-            Verdict::Ask { stale: false },
-            "never across credentials"
-        );
-        assert_eq!(
-            a.check(&cred(None), "team/app"),
-            Verdict::Ask { stale: false },
-            "never to anonymous clients"
-        );
-        a.deny(&alice, "team/app");
-        assert_eq!(a.check(&alice, "team/app"), Verdict::Ask { stale: false });
+    fn d(s: &[u8]) -> Digest {
+        Digest::of(s)
+    }
+
+    fn auth(ttl: u64) -> (tempfile::TempDir, Auth) {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Auth::open(dir.path(), Duration::from_secs(ttl), false, None).unwrap();
+        (dir, a)
     }
 
     #[test]
-    fn yeses_expire_and_an_open_upstream_allows_everyone() {
-        let a = Auth::new(Duration::ZERO);
-        let alice = cred(Some("Bearer t"));
-        a.allow(&alice, "r");
+    fn a_yes_is_per_credential_repository_and_digest() {
+        let (_dir, a) = auth(60);
+        let alice = cred(Some("Basic YWxpY2U6cHc="));
+        let mallory = cred(Some("Basic bWFsbG9yeTp4"));
+        let (x, y) = (d(b"x"), d(b"y"));
+        let ask = Verdict::Ask {
+            seen: false,
+            known: false,
+        };
+        assert_eq!(a.check(&alice, "team/app", &x), ask);
+        let g = a.allow(&alice, "team/app", &x);
+        assert_eq!(a.check(&alice, "team/app", &x), Verdict::Allowed(g));
         assert_eq!(
-            a.check(&alice, "r"),
-            Verdict::Ask { stale: true },
-            "an expired yes is asked again"
+            a.check(&alice, "team/app", &y),
+            Verdict::Ask {
+                seen: false,
+                known: true
+            },
+            "never across digests"
         );
-        let a = Auth::new(Duration::from_secs(60));
-        a.upstream_open(true);
-        assert_eq!(a.check(&cred(None), "r"), Verdict::Allowed);
-        a.upstream_open(false);
-        assert_eq!(a.check(&cred(None), "r"), Verdict::Ask { stale: false });
+        assert!(
+            matches!(
+                a.check(&alice, "team/other", &x),
+                Verdict::Ask { seen: false, .. }
+            ),
+            "never across repositories"
+        );
+        assert_eq!(
+            a.check(&mallory, "team/app", &x),
+            ask,
+            "never across credentials"
+        );
+        assert_eq!(
+            a.check(&cred(None), "team/app", &x),
+            ask,
+            "never to anonymous clients"
+        );
+        a.deny(&alice, "team/app", Some(&x));
+        assert!(
+            matches!(
+                a.check(&alice, "team/app", &x),
+                Verdict::Ask { seen: false, .. }
+            ),
+            "a refusal forgets the yes, offline use included"
+        );
+    }
+
+    #[test]
+    fn a_manifest_vouches_for_what_it_references() {
+        let (_dir, a) = auth(60);
+        let alice = cred(Some("Bearer t"));
+        let (cfg, layer) = (d(b"cfg"), d(b"layer"));
+        let m = format!(
+            r#"{{"schemaVersion":2,"config":{{"digest":"{cfg}"}},"layers":[{{"digest":"{layer}"}}]}}"#
+        );
+        assert_eq!(referenced(m.as_bytes()), vec![cfg.clone(), layer.clone()]);
+        let g = a.allow(&alice, "r", &Digest::of(m.as_bytes()));
+        a.allow_referenced(&alice, "r", g, m.as_bytes());
+        assert_eq!(a.check(&alice, "r", &layer), Verdict::Allowed(g));
+        assert!(
+            matches!(a.check(&alice, "other", &layer), Verdict::Ask { .. }),
+            "only in the manifest's own repository"
+        );
+        let index = format!(r#"{{"manifests":[{{"digest":"{cfg}"}}],"subject":null}}"#);
+        assert_eq!(referenced(index.as_bytes()), vec![cfg]);
+        assert!(referenced(b"not json").is_empty());
+    }
+
+    #[test]
+    fn yeses_expire_to_offline_use_and_an_open_upstream_allows_everyone() {
+        let (_dir, a) = auth(0);
+        let alice = cred(Some("Bearer t"));
+        let x = d(b"x");
+        a.allow(&alice, "r", &x);
+        assert_eq!(
+            a.check(&alice, "r", &x),
+            Verdict::Ask {
+                seen: true,
+                known: true
+            },
+            "an expired yes is asked again, and still good offline"
+        );
+        let (_dir, a) = auth(60);
+        assert_eq!(a.openness(), Openness::Stale(false));
+        a.learned_open(true, None);
+        assert_eq!(a.openness(), Openness::Fresh(true));
+        assert_eq!(a.check(&cred(None), "r", &x), Verdict::Allowed(Grant::Open));
+        a.learned_open(false, Some(HeaderValue::from_static("Basic realm=\"r\"")));
+        assert!(matches!(
+            a.check(&cred(None), "r", &x),
+            Verdict::Ask { seen: false, .. }
+        ));
+        assert_eq!(a.challenge().unwrap(), "Basic realm=\"r\"");
+    }
+
+    #[test]
+    fn remembered_answers_survive_a_restart_as_keyed_hashes_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let keep = Some(Duration::from_secs(3600));
+        let secret = "Basic YWxpY2U6cGFzc3dvcmQ=";
+        let alice = cred(Some(secret));
+        let x = d(b"x");
+        let a = Auth::open(dir.path(), Duration::from_secs(60), false, keep).unwrap();
+        a.allow(&alice, "team/app", &x);
+        a.save().unwrap();
+        drop(a);
+        use std::os::unix::fs::PermissionsExt;
+        for f in ["auth.key", "allowed.json"] {
+            let mode = std::fs::metadata(dir.path().join(f))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{f} is readable by its owner only");
+        }
+        let text = std::fs::read_to_string(dir.path().join("allowed.json")).unwrap();
+        let plain_hash: String = Sha256::digest(secret.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert!(
+            !text.contains("YWxp") && !text.contains(&plain_hash) && !text.contains("team/app"),
+            "neither the credential, its plain hash nor the repository is written: {text}"
+        );
+
+        let a = Auth::open(dir.path(), Duration::from_secs(60), false, keep).unwrap();
+        assert_eq!(
+            a.check(&alice, "team/app", &x),
+            Verdict::Ask {
+                seen: true,
+                known: true
+            },
+            "after a restart the yes is good for offline use"
+        );
+        assert!(matches!(
+            a.check(&cred(Some("Basic d3Jvbmc=")), "team/app", &x),
+            Verdict::Ask {
+                seen: false,
+                known: false
+            }
+        ));
+        drop(a);
+
+        let a = Auth::open(dir.path(), Duration::from_secs(60), false, None).unwrap();
+        assert!(matches!(
+            a.check(&alice, "team/app", &x),
+            Verdict::Ask { seen: false, .. }
+        ));
+        assert!(
+            !dir.path().join("allowed.json").exists() && !dir.path().join("auth.key").exists(),
+            "without --remember-allowed nothing is kept on disk"
+        );
     }
 }

@@ -100,6 +100,13 @@ pub struct ServeArgs {
     #[arg(long, env = "REGPROXY_AUTH_TTL", default_value = "60s", value_parser = humantime::parse_duration)]
     pub auth_ttl: Duration,
 
+    /// Keep the upstream's yeses across restarts for this long, as keyed
+    /// hashes in the cache dir (`allowed.json`, 0600), so that a client it
+    /// allowed can pull cached content after a restart while the upstream is
+    /// down. Off by default: yeses are kept in memory only.
+    #[arg(long, env = "REGPROXY_REMEMBER_ALLOWED", value_parser = humantime::parse_duration)]
+    pub remember_allowed: Option<Duration>,
+
     /// Log lines as human text or one JSON object each.
 
     #[arg(long, env = "REGPROXY_LOG_FORMAT", value_enum, default_value = "text")]

@@ -75,7 +75,13 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         None => None,
     };
     let tags = Arc::new(Tags::open(&args.cache_dir, args.tag_ttl));
-    let auth = Auth::new(args.auth_ttl);
+    let auth = Auth::open(
+        &args.cache_dir,
+        args.auth_ttl,
+        tags.upstream_open(),
+        args.remember_allowed,
+    )
+    .map_err(|e| anyhow::anyhow!("cannot set up {}: {e}", args.cache_dir.display()))?;
     let app = Arc::new(App {
         cache: Arc::new(cache),
         upstream: Arc::new(upstream),
@@ -84,8 +90,15 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         auth,
         via,
         retries: args.upstream_retries,
+        open_due: Default::default(),
         realms: Default::default(),
     });
+    // Learn whether the upstream lets anyone in now, not when a client
+    // happens to ask `/v2/` (containerd never does).
+    tokio::spawn(Arc::clone(&app).watch_openness());
+    if args.remember_allowed.is_some() {
+        tokio::spawn(save_allowed_every(Arc::clone(&app), SAVE_ALLOWED_EVERY));
+    }
     tracing::info!(
         addr = %listener.local_addr()?,
         upstream = %args.upstream,
@@ -93,8 +106,35 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         cache_size = args.cache_size,
         "regproxy listening"
     );
-    run(listener, admin, app, shutdown_signal(), args.shutdown_grace).await;
+    run(
+        listener,
+        admin,
+        Arc::clone(&app),
+        shutdown_signal(),
+        args.shutdown_grace,
+    )
+    .await;
+    save_allowed(&app).await;
     Ok(())
+}
+
+/// How often the remembered yeses (`--remember-allowed`) are written when
+/// they changed: a crash loses at most this much of them.
+const SAVE_ALLOWED_EVERY: Duration = Duration::from_secs(5);
+
+async fn save_allowed_every(app: Arc<App>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        save_allowed(&app).await;
+    }
+}
+
+async fn save_allowed(app: &Arc<App>) {
+    let a = Arc::clone(app);
+    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || a.auth.save()).await {
+        tracing::warn!(error = %e, "could not save the remembered authorizations");
+    }
 }
 
 /// A token that names this process in `Via` headers.

@@ -142,6 +142,23 @@ impl Tags {
         }
     }
 
+    /// Forgets every tag of `name` that points at `digest` (the upstream
+    /// deleted that manifest).
+    pub async fn remove_digest(self: &Arc<Self>, name: &str, digest: &str) {
+        let removed = {
+            let mut st = self.lock();
+            let before = st.map.len();
+            st.map
+                .retain(|(n, _), e| !(n == name && e.digest == digest));
+            st.map.len() != before
+        };
+        if removed {
+            self.save().await;
+        }
+    }
+
+    /// What the state file says of the upstream's auth (see [`crate::auth`],
+    /// which owns the answer while the process runs).
     pub fn upstream_open(&self) -> bool {
         self.lock().upstream_open
     }

@@ -5,8 +5,9 @@
 mod support;
 
 use std::process::Command;
+use std::time::{Duration, Instant};
 
-use http::StatusCode;
+use http::{Method, StatusCode};
 use support::*;
 
 const USER: &str = "alice";
@@ -20,16 +21,25 @@ fn basic(user: &str, pw: &str) -> String {
     format!("Basic {}", String::from_utf8(out.stdout).unwrap())
 }
 
-/// A registry whose every request needs alice's password.
+/// Bob: another user of the same registry, who never pulls before a test
+/// asks for cached content with his credentials.
+const BOB: (&str, &str) = ("bob", "bobs-pw");
+
+/// A registry whose every request needs alice's (or bob's) password.
 fn private_registry() -> (Registry, TempDir) {
     let dir = TempDir::new("htpasswd");
     let file = dir.path().join("htpasswd");
-    let out = Command::new("htpasswd")
-        .args(["-Bbn", USER, PASSWORD])
-        .output()
-        .expect("htpasswd (apache2-utils) is installed");
-    assert!(out.status.success());
-    std::fs::write(&file, out.stdout).unwrap();
+    let mut lines = Vec::new();
+    for (user, pw) in [(USER, PASSWORD), BOB] {
+        let out = Command::new("htpasswd")
+            .args(["-Bbn", user, pw])
+            .output()
+            .expect("htpasswd (apache2-utils) is installed");
+        assert!(out.status.success());
+        lines.extend_from_slice(out.stdout.trim_ascii_end());
+        lines.push(b'\n');
+    }
+    std::fs::write(&file, lines).unwrap();
     let reg = Registry::start_with(&format!(
         "auth:\n  htpasswd:\n    realm: test-realm\n    path: {}\n",
         file.display()
@@ -167,5 +177,338 @@ fn login_pull_and_no_cached_blob_for_anyone_the_upstream_refuses() {
         out.stdout.is_empty(),
         "no credential in the cache dir: {}",
         String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+/// Polls `cond` until it holds; panics with `what` after `within`.
+fn wait_until(within: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !cond() {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Pushes `repo:v1`, a config and one layer, as alice; returns the layer.
+fn push_private(rt: &tokio::runtime::Runtime, reg: &Registry, repo: &str, seed: u64) -> Vec<u8> {
+    let alice = basic(USER, PASSWORD);
+    let layer = blob(200 << 10, seed);
+    let config = format!(r#"{{"architecture":"amd64","os":"linux","seed":{seed}}}"#);
+    rt.block_on(push_manifest_as(
+        &reg.url(),
+        &[("authorization", &alice)],
+        repo,
+        "v1",
+        config.as_bytes(),
+        &[&layer],
+    ));
+    layer
+}
+
+async fn status(method: Method, url: &str, auth: &str) -> StatusCode {
+    request(method, url, &[("authorization", auth)], Default::default())
+        .await
+        .0
+}
+
+#[test]
+fn a_yes_for_one_repository_opens_no_other_repositorys_digests_online_or_offline() {
+    let (mut reg, _htpasswd) = private_registry();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let secret = push_private(&rt, &reg, "private/app", 1);
+    push_private(&rt, &reg, "other/app", 2);
+    let cache = TempDir::new("cache");
+    let proxy = Proxy::start(&reg.url(), cache.path(), &[]);
+    let alice = basic(USER, PASSWORD);
+
+    let steps = rt.block_on(containerd_order_pull(
+        &proxy.url(),
+        "private/app",
+        "v1",
+        Some(&alice),
+    ));
+    assert!(all_ok(&steps), "alice pulls private/app: {steps:?}");
+    let manifest = steps[1].what.rsplit(' ').next().unwrap().to_owned();
+    let steps = rt.block_on(containerd_order_pull(
+        &proxy.url(),
+        "other/app",
+        "v1",
+        Some(&alice),
+    ));
+    assert!(all_ok(&steps), "alice pulls other/app: {steps:?}");
+
+    let secret_blob = format!(
+        "{}/v2/other/app/blobs/{}",
+        proxy.url(),
+        sha256_digest(&secret)
+    );
+    let secret_manifest = format!("{}/v2/other/app/manifests/{manifest}", proxy.url());
+    let gets_before = reg.all_blob_gets();
+    for upstream in ["up", "down"] {
+        for m in [Method::GET, Method::HEAD] {
+            assert_eq!(
+                rt.block_on(status(m.clone(), &secret_blob, &alice)),
+                StatusCode::NOT_FOUND,
+                "upstream {upstream}: {m} of private/app's layer through other/app is 404, \
+                 although alice may read other/app and the layer is on the node"
+            );
+        }
+        assert_eq!(
+            rt.block_on(status(Method::GET, &secret_manifest, &alice)),
+            StatusCode::NOT_FOUND,
+            "upstream {upstream}: private/app's manifest through other/app is 404"
+        );
+        reg.stop();
+    }
+    assert_eq!(
+        reg.all_blob_gets(),
+        gets_before,
+        "the checks were HEADs, never downloads"
+    );
+    let steps = rt.block_on(containerd_order_pull(
+        &proxy.url(),
+        "private/app",
+        "v1",
+        Some(&alice),
+    ));
+    assert!(
+        all_ok(&steps),
+        "with the upstream down, what alice was allowed before is still served: {steps:?}"
+    );
+}
+
+#[test]
+fn an_allowed_client_pulls_after_a_restart_during_an_outage_with_remember_allowed() {
+    let (mut reg, _htpasswd) = private_registry();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    push_private(&rt, &reg, "private/app", 3);
+    let cache = TempDir::new("cache");
+    let remember = ["--remember-allowed", "1h"];
+    let mut proxy = Proxy::start(&reg.url(), cache.path(), &remember);
+    let alice = basic(USER, PASSWORD);
+    let steps = rt.block_on(containerd_order_pull(
+        &proxy.url(),
+        "private/app",
+        "v1",
+        Some(&alice),
+    ));
+    assert!(all_ok(&steps), "{steps:?}");
+    let allowed = cache.path().join("allowed.json");
+    wait_until(
+        Duration::from_secs(30),
+        "the yeses for alice (credential, manifest, config, layer) are saved in allowed.json",
+        || {
+            std::fs::read(&allowed).is_ok_and(|b| {
+                serde_json::from_slice::<serde_json::Value>(&b)
+                    .is_ok_and(|v| v["allowed"].as_array().is_some_and(|a| a.len() >= 4))
+            })
+        },
+    );
+    proxy.signal("-TERM");
+    assert!(proxy.wait_exit(Duration::from_secs(30)));
+    reg.stop();
+
+    let proxy = Proxy::start(&reg.url(), cache.path(), &remember);
+    let steps = rt.block_on(containerd_order_pull(
+        &proxy.url(),
+        "private/app",
+        "v1",
+        Some(&alice),
+    ));
+    assert!(
+        all_ok(&steps),
+        "after a restart during the outage, alice still pulls what she was allowed: {steps:?}"
+    );
+    for (who, cred) in [
+        ("a wrong password", Some(basic(USER, "wrong"))),
+        ("bob, never seen allowed", Some(basic(BOB.0, BOB.1))),
+        ("an anonymous client", None),
+    ] {
+        let steps = rt.block_on(containerd_order_pull(
+            &proxy.url(),
+            "private/app",
+            "v1",
+            cred.as_deref(),
+        ));
+        assert_eq!(
+            steps[0].status,
+            StatusCode::UNAUTHORIZED,
+            "{who} gets 401 offline: {steps:?}"
+        );
+        let (_, h, _) = rt.block_on(request(
+            Method::GET,
+            &format!("{}/v2/private/app/manifests/v1", proxy.url()),
+            &cred
+                .as_deref()
+                .map(|c| vec![("authorization", c)])
+                .unwrap_or_default(),
+            Default::default(),
+        ));
+        assert!(
+            h.contains_key("www-authenticate"),
+            "{who}'s 401 carries a challenge"
+        );
+    }
+    let mut proxy = proxy;
+    proxy.signal("-TERM");
+    assert!(proxy.wait_exit(Duration::from_secs(30)));
+
+    let proxy = Proxy::start(&reg.url(), cache.path(), &[]);
+    let steps = rt.block_on(containerd_order_pull(
+        &proxy.url(),
+        "private/app",
+        "v1",
+        Some(&alice),
+    ));
+    assert_eq!(
+        steps[0].status,
+        StatusCode::UNAUTHORIZED,
+        "without --remember-allowed nothing of alice's survives a restart: {steps:?}"
+    );
+    assert!(!allowed.exists(), "and allowed.json is removed");
+}
+
+#[test]
+fn the_authorization_check_never_forwards_a_clients_range() {
+    let (reg, _htpasswd) = private_registry();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let layer = push_private(&rt, &reg, "private/app", 4);
+    let cache = TempDir::new("cache");
+    let proxy = Proxy::start(&reg.url(), cache.path(), &[]);
+    let alice = basic(USER, PASSWORD);
+    let steps = rt.block_on(containerd_order_pull(
+        &proxy.url(),
+        "private/app",
+        "v1",
+        Some(&alice),
+    ));
+    assert!(all_ok(&steps), "{steps:?}");
+
+    // Bob has not been allowed anything yet: his request is checked upstream.
+    let bob = basic(BOB.0, BOB.1);
+    let url = format!(
+        "{}/v2/private/app/blobs/{}",
+        proxy.url(),
+        sha256_digest(&layer)
+    );
+    let past_end = format!("bytes={}-", layer.len() + 10);
+    let (st, h, _) = rt.block_on(get(&url, &[("authorization", &bob), ("range", &past_end)]));
+    assert_eq!(
+        st,
+        StatusCode::RANGE_NOT_SATISFIABLE,
+        "an unsatisfiable range gets 416 from the node, not the check's answer"
+    );
+    assert_eq!(
+        h["content-range"],
+        format!("bytes */{}", layer.len()).as_str()
+    );
+    let (st, _, body) = rt.block_on(get(
+        &url,
+        &[("authorization", &bob), ("range", "bytes=0-9")],
+    ));
+    assert_eq!(st, StatusCode::PARTIAL_CONTENT);
+    assert_eq!(&body.unwrap()[..], &layer[..10]);
+}
+
+/// nginx in front of the registry, answering 404 to every request without
+/// credentials, as registries that hide private repositories do.
+struct Hiding {
+    url: String,
+    _dir: TempDir,
+    child: std::process::Child,
+}
+
+impl Hiding {
+    fn start(registry: &Registry) -> Hiding {
+        let dir = TempDir::new("hiding");
+        let port = free_port();
+        let d = dir.path().display();
+        let conf = format!(
+            "daemon off;\nmaster_process off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
+             events {{ worker_connections 64; }}\n\
+             http {{\n access_log {d}/access.log;\n client_body_temp_path {d}/body;\n \
+             proxy_temp_path {d}/proxy;\n fastcgi_temp_path {d}/fastcgi;\n uwsgi_temp_path {d}/uwsgi;\n \
+             scgi_temp_path {d}/scgi;\n server {{\n  listen 127.0.0.1:{port};\n  location / {{\n   \
+             if ($http_authorization = \"\") {{ return 404 '{{\"errors\":[{{\"code\":\"NAME_UNKNOWN\"}}]}}'; }}\n   \
+             proxy_pass http://{};\n  }}\n }}\n}}\n",
+            registry.addr
+        );
+        std::fs::write(dir.path().join("nginx.conf"), conf).unwrap();
+        let mut child = Command::new("nginx")
+            .arg("-c")
+            .arg(dir.path().join("nginx.conf"))
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .expect("nginx is installed (scripts/deps.sh)");
+        let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        wait_until(Duration::from_secs(20), "nginx listens", || {
+            assert!(child.try_wait().unwrap().is_none(), "nginx exited");
+            std::net::TcpStream::connect(addr).is_ok()
+        });
+        Hiding {
+            url: format!("http://{addr}"),
+            _dir: dir,
+            child,
+        }
+    }
+}
+
+impl Drop for Hiding {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_404_for_a_tag_from_a_client_the_upstream_does_not_authorize_keeps_the_stale_entry() {
+    let (reg, _htpasswd) = private_registry();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    push_private(&rt, &reg, "private/app", 5);
+    let mut hiding = Hiding::start(&reg);
+    let cache = TempDir::new("cache");
+    let proxy = Proxy::start(&hiding.url, cache.path(), &["--tag-ttl", "0s"]);
+    let alice = basic(USER, PASSWORD);
+    let steps = rt.block_on(containerd_order_pull(
+        &proxy.url(),
+        "private/app",
+        "v1",
+        Some(&alice),
+    ));
+    assert!(
+        all_ok(&steps),
+        "alice pulls through the hiding upstream: {steps:?}"
+    );
+
+    let tag = format!("{}/v2/private/app/manifests/v1", proxy.url());
+    let (st, _, _) = rt.block_on(request(
+        Method::HEAD,
+        &tag,
+        &[("accept", ACCEPT_MANIFESTS)],
+        Default::default(),
+    ));
+    assert_eq!(
+        st,
+        StatusCode::NOT_FOUND,
+        "an anonymous client gets the upstream's 404"
+    );
+    assert!(
+        std::fs::read_to_string(cache.path().join("state.json"))
+            .unwrap()
+            .contains("\"v1\""),
+        "the node keeps the tag: that 404 was about the client, not the tag"
+    );
+
+    let _ = hiding.child.kill();
+    let _ = hiding.child.wait();
+    let steps = rt.block_on(containerd_order_pull(
+        &proxy.url(),
+        "private/app",
+        "v1",
+        Some(&alice),
+    ));
+    assert!(
+        all_ok(&steps),
+        "with the upstream down, alice still gets the tag from the node: {steps:?}"
     );
 }

@@ -24,7 +24,7 @@ impl App {
         // upstream starts a fill with its own credentials.
         for _ in 0..3 {
             if let Some(hit) = self.cache.get(&d, false).await {
-                self.authorize(parts, name, &path).await?;
+                self.authorize(parts, name, &d, false).await?;
                 let size = hit.data.len() as u64;
                 let (status, start, end) = ranged(&parts.headers, size)?;
                 let resp = blob_response(status, &d, start, end, size);
@@ -41,10 +41,11 @@ impl App {
             let (fill, leader) = match self.cache.join(&d) {
                 Join::Committed => continue,
                 Join::Follower(f) => {
-                    self.authorize(parts, name, &path).await?;
+                    self.authorize(parts, name, &d, false).await?;
                     (f, false)
                 }
                 Join::Leader(f) => {
+                    self.upstream_contacted();
                     // The fill fetches the whole blob, whatever range this client wants.
                     let mut headers = parts.headers.clone();
                     headers.remove(header::RANGE);
@@ -65,8 +66,8 @@ impl App {
             return match fill.started().await {
                 Ok(size) => {
                     if leader {
-                        // The upstream served this client: its yes for this repository.
-                        self.auth.allow(&Credential::of(&parts.headers), name);
+                        // The upstream served this blob of this repository to this client.
+                        self.auth.allow(&Credential::of(&parts.headers), name, &d);
                     }
                     let (status, start, end) = ranged(&parts.headers, size)?;
                     let stream =
@@ -93,6 +94,10 @@ impl App {
                     mut headers,
                     body,
                 }) => {
+                    if matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
+                        self.auth
+                            .deny(&Credential::of(&parts.headers), name, Some(&d));
+                    }
                     // The body was read (and may be cut short); hyper sets its length.
                     headers.remove(header::CONTENT_LENGTH);
                     Ok((

@@ -13,7 +13,7 @@ use http::{Method, Response, StatusCode};
 use http_body_util::BodyExt;
 
 use super::{accepts, Answer, App};
-use crate::auth::Credential;
+use crate::auth::{Credential, Verdict};
 use crate::body::Body;
 use crate::digest::Digest;
 use crate::error::Error;
@@ -60,8 +60,8 @@ impl App {
         if let Some(hit) = self.cache.get(&d, true).await {
             let media_type = hit.media_type.unwrap_or_default();
             if accepts(&parts.headers, &media_type) {
-                self.authorize(parts, name, &format!("/v2/{name}/manifests/{d}"))
-                    .await?;
+                let grant = self.authorize(parts, name, &d, true).await?;
+                self.vouch(parts, name, grant, &hit.data);
                 let resp = manifest_response(&d, &media_type, hit.data.len());
                 let body = self.cached_body(hit.data, head);
                 return Ok((Outcome::Hit, resp.body(body).expect("valid response")));
@@ -121,7 +121,7 @@ impl App {
                 resp.status(),
                 StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN
             ) {
-                self.auth.deny(&cred, name);
+                self.auth.deny(&cred, name, expect);
             }
             let (p, body) = resp.into_parts();
             let body = Body::upstream(body, Arc::clone(&self.metrics), self.upstream.timeout());
@@ -129,7 +129,6 @@ impl App {
                 self.relayed(parts, p.status, &p.headers, body),
             ));
         }
-        self.auth.allow(&cred, name);
         let (p, body) = resp.into_parts();
         let media_type = p
             .headers
@@ -166,6 +165,9 @@ impl App {
                 "manifest {name}:{reference} hashed to {digest}, not what the upstream announced"
             ))));
         }
+        // The upstream served this manifest of this repository to this client.
+        let grant = self.auth.allow(&cred, name, &digest);
+        self.auth.allow_referenced(&cred, name, grant, &bytes);
         self.cache
             .put_manifest(digest.clone(), media_type.clone(), bytes.clone())
             .await;
@@ -190,13 +192,13 @@ impl App {
         if old.is_some() {
             self.metrics.tag_revalidations.fetch_add(1, Relaxed);
         }
+        self.upstream_contacted();
         let mut headers = parts.headers.clone();
         headers.insert(header::ACCEPT, HeaderValue::from_static(ALL_MANIFESTS));
         let path = format!("/v2/{name}/manifests/{tag}");
         let cred = Credential::of(&parts.headers);
         let failure = match self.upstream.send(Method::HEAD, &path, &headers, &[]).await {
             Ok(r) if r.status() == StatusCode::OK => {
-                self.auth.allow(&cred, name);
                 let digest = r
                     .headers()
                     .get("docker-content-digest")
@@ -208,6 +210,8 @@ impl App {
                     .and_then(|v| v.to_str().ok());
                 let (digest, media_type) = match (digest, media_type) {
                     (Some(d), Some(t)) => {
+                        // The upstream resolved the tag to it for this client.
+                        self.auth.allow(&cred, name, &d);
                         let known = old.as_ref().is_some_and(|o| o.digest == d.to_string())
                             || self.cache.get(&d, true).await.is_some();
                         if !known {
@@ -239,19 +243,19 @@ impl App {
                 return self.answer_tag(parts, name, &e, head, Outcome::Miss).await;
             }
             Ok(r) if matches!(r.status(), StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) => {
-                self.auth.deny(&cred, name);
-                self.metrics.auth_denied.fetch_add(1, Relaxed);
-                let challenge = r
-                    .headers()
-                    .get(header::WWW_AUTHENTICATE)
-                    .map(|v| self.rewrite_challenge(parts, v));
-                return Err(Error::Denied {
-                    status: r.status(),
-                    challenge,
-                });
+                let od = old.as_ref().and_then(|o| Digest::parse(&o.digest).ok());
+                return Err(self.denied(parts, &cred, name, od.as_ref(), &r));
             }
             Ok(r) if r.status() == StatusCode::NOT_FOUND => {
-                self.tags.remove(name, tag).await;
+                // Some registries answer 404 to a client that may not see a
+                // repository: only a client the upstream lets read what the
+                // tag pointed at may make the node forget it.
+                let od = old.as_ref().and_then(|o| Digest::parse(&o.digest).ok());
+                if od.is_none_or(|od| {
+                    matches!(self.auth.check(&cred, name, &od), Verdict::Allowed(_))
+                }) {
+                    self.tags.remove(name, tag).await;
+                }
                 return Err(Error::ManifestUnknown(format!("{name}:{tag}")));
             }
             Ok(r) if r.status().is_server_error() => {
@@ -308,8 +312,8 @@ impl App {
                 } => (bytes, media_type),
             },
         };
-        self.authorize(parts, name, &format!("/v2/{name}/manifests/{d}"))
-            .await?;
+        let grant = self.authorize(parts, name, &d, true).await?;
+        self.vouch(parts, name, grant, &data);
         let resp = manifest_response(&d, &media_type, data.len());
         let body = self.cached_body(data, head);
         Ok((outcome, resp.body(body).expect("valid response")))

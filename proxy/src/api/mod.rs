@@ -20,7 +20,9 @@ use http::request::Parts;
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
-use crate::auth::{Auth, Credential, Verdict};
+use std::sync::atomic::Ordering::Relaxed;
+
+use crate::auth::{Auth, Credential, Grant, Openness, Verdict};
 use crate::body::Body;
 use crate::cache::Cache;
 use crate::digest::{validate_name, Digest, Reference};
@@ -41,6 +43,9 @@ pub struct App {
     /// This instance's `Via` token: a request that carries it has looped.
     pub via: String,
     pub retries: u32,
+    /// Wakes [`App::watch_openness`] when what is known of the upstream's
+    /// auth has gone stale.
+    pub open_due: tokio::sync::Notify,
     /// Paths of auth realms on the upstream's own address (token services),
     /// relayed like the registry API.
     pub realms: std::sync::Mutex<std::collections::HashSet<String>>,
@@ -169,9 +174,10 @@ impl App {
                 Kind::Push,
                 passthrough(self.push_manifest(parts, body, name, reference).await),
             ),
-            Route::Manifest(..) if *m == Method::DELETE => {
-                (Kind::Push, passthrough(self.relay(parts, Some(body)).await))
-            }
+            Route::Manifest(name, reference) if *m == Method::DELETE => (
+                Kind::Push,
+                passthrough(self.delete_manifest(parts, body, name, reference).await),
+            ),
             _ => (Kind::Other, Err(Error::MethodNotAllowed(m.clone()))),
         }
     }
@@ -190,12 +196,12 @@ impl App {
     async fn ping(&self, parts: &Parts) -> Answer {
         match self.relay(parts, None).await {
             Ok(r) => {
-                if Credential::of(&parts.headers).is_anonymous() {
-                    let open = r.status().is_success();
-                    if open || r.status() == StatusCode::UNAUTHORIZED {
-                        self.auth.upstream_open(open);
-                        self.tags.set_upstream_open(open).await;
-                    }
+                let cred = Credential::of(&parts.headers);
+                if cred.is_anonymous() {
+                    let challenge = r.headers().get(header::WWW_AUTHENTICATE).cloned();
+                    self.learned_open(r.status(), challenge.as_ref()).await;
+                } else if r.status().is_success() {
+                    self.auth.allow_credential(&cred);
                 }
                 Ok((Outcome::Passthrough, r))
             }
@@ -212,67 +218,168 @@ impl App {
         }
     }
 
-    /// Makes sure the upstream would let this client read `probe` (a path of
-    /// repository `name`) before cached content goes out. A recent yes for
-    /// this credential and repository, or an upstream that lets anyone in,
-    /// costs nothing; otherwise one `HEAD` with the client's credentials.
-    /// While the upstream is unreachable, a client it said yes to before (or
-    /// anyone, if it had no auth) is served from the node.
-    async fn authorize(&self, parts: &Parts, name: &str, probe: &str) -> Result<(), Error> {
+    /// Makes sure the upstream would let this client read `d` in repository
+    /// `name` before cached content goes out, and says under which grant.
+    /// A recent yes for this (credential, repository, digest), or an upstream
+    /// that lets anyone in, costs nothing; otherwise one `HEAD` of `d` in
+    /// `name` with the client's credentials (never its `Range`). While the
+    /// upstream is unreachable, what it said yes to before is served; a
+    /// credential it never accepted gets 401, as the upstream would give.
+    async fn authorize(
+        &self,
+        parts: &Parts,
+        name: &str,
+        d: &Digest,
+        manifest: bool,
+    ) -> Result<Grant, Error> {
         let cred = Credential::of(&parts.headers);
-        let stale = match self.auth.check(&cred, name) {
-            Verdict::Allowed => return Ok(()),
-            Verdict::Ask { stale } => stale,
+        let (seen, known) = match self.auth.check(&cred, name, d) {
+            Verdict::Allowed(g) => return Ok(g),
+            Verdict::Ask { seen, known } => (seen, known),
         };
-        self.metrics
-            .auth_checks
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let offline_ok = stale || self.tags.upstream_open();
-        match self
+        self.upstream_contacted();
+        self.metrics.auth_checks.fetch_add(1, Relaxed);
+        let kind = if manifest { "manifests" } else { "blobs" };
+        let probe = format!("/v2/{name}/{kind}/{d}");
+        let mut headers = parts.headers.clone();
+        headers.remove(header::RANGE);
+        let unavailable = match self
             .upstream
-            .send(Method::HEAD, probe, &parts.headers, &[])
+            .send(Method::HEAD, &probe, &headers, &[])
             .await
         {
-            Ok(r) if r.status().is_success() => {
-                self.auth.allow(&cred, name);
-                Ok(())
-            }
+            Ok(r) if r.status().is_success() => return Ok(self.auth.allow(&cred, name, d)),
             // The cache is keyed by digest alone: content cached from one
             // repository is not served through another that does not hold it.
-            Ok(r) if r.status() == StatusCode::NOT_FOUND => Err(if probe.contains("/blobs/") {
-                Error::BlobUnknown(probe.rsplit('/').next().unwrap_or_default().to_owned())
-            } else {
-                Error::ManifestUnknown(probe.rsplit('/').next().unwrap_or_default().to_owned())
-            }),
-
-            Ok(r)
-                if r.status() == StatusCode::UNAUTHORIZED
-                    || r.status() == StatusCode::FORBIDDEN =>
-            {
-                self.auth.deny(&cred, name);
-                self.metrics
-                    .auth_denied
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let challenge = r
-                    .headers()
-                    .get(header::WWW_AUTHENTICATE)
-                    .map(|v| self.rewrite_challenge(parts, v));
-                Err(Error::Denied {
-                    status: r.status(),
-                    challenge,
+            Ok(r) if r.status() == StatusCode::NOT_FOUND => {
+                return Err(if manifest {
+                    Error::ManifestUnknown(d.to_string())
+                } else {
+                    Error::BlobUnknown(d.to_string())
                 })
             }
-            Ok(_) if offline_ok => Ok(()),
-            Ok(r) => Err(Error::UpstreamBad(format!(
-                "authorization check answered {}",
-                r.status()
-            ))),
-            Err(e) if e.is_upstream() && offline_ok => {
-                tracing::info!(repo = name, error = %e, "upstream unreachable; serving a client it allowed before");
-                Ok(())
+            Ok(r) if matches!(r.status(), StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) => {
+                return Err(self.denied(parts, &cred, name, Some(d), &r));
             }
-            Err(e) => Err(e),
+            Ok(r) if r.status().is_server_error() => {
+                Error::UpstreamBad(format!("authorization check answered {}", r.status()))
+            }
+            Ok(r) => {
+                return Err(Error::UpstreamBad(format!(
+                    "authorization check answered {}",
+                    r.status()
+                )))
+            }
+            Err(e) if e.is_upstream() => e,
+            Err(e) => return Err(e),
+        };
+        if seen {
+            tracing::info!(repo = name, digest = %d, error = %unavailable, "upstream unavailable; serving what it allowed before");
+            return Ok(Grant::Offline);
         }
+        if known {
+            // A credential the upstream accepted, but never for this digest
+            // in this repository: the node has nothing it may give.
+            tracing::info!(repo = name, digest = %d, error = %unavailable, "upstream unavailable; not seen allowed before");
+            return Err(if manifest {
+                Error::ManifestUnknown(d.to_string())
+            } else {
+                Error::BlobUnknown(d.to_string())
+            });
+        }
+        // Never accepted by the upstream: refused as the upstream would.
+        self.metrics.auth_denied.fetch_add(1, Relaxed);
+        Err(Error::Denied {
+            status: StatusCode::UNAUTHORIZED,
+            challenge: self
+                .auth
+                .challenge()
+                .map(|c| self.rewrite_challenge(parts, &c)),
+        })
+    }
+
+    /// The upstream refused `d` in `name` to this client: forget its yes
+    /// and relay the refusal with the upstream's challenge.
+    fn denied<B>(
+        &self,
+        parts: &Parts,
+        cred: &Credential,
+        name: &str,
+        d: Option<&Digest>,
+        r: &Response<B>,
+    ) -> Error {
+        self.auth.deny(cred, name, d);
+        self.metrics.auth_denied.fetch_add(1, Relaxed);
+        Error::Denied {
+            status: r.status(),
+            challenge: r
+                .headers()
+                .get(header::WWW_AUTHENTICATE)
+                .map(|v| self.rewrite_challenge(parts, v)),
+        }
+    }
+
+    /// Records what an anonymous `/v2/` answered: the upstream lets anyone
+    /// in (200) or asks for credentials (401). Kept in `state.json`, so that
+    /// a restart while the upstream is down still knows.
+    async fn learned_open(&self, status: StatusCode, challenge: Option<&HeaderValue>) {
+        let open = status.is_success();
+        if !open && status != StatusCode::UNAUTHORIZED {
+            return;
+        }
+        if self.auth.learned_open(open, challenge.cloned()) {
+            tracing::info!(
+                open,
+                "learned whether the upstream lets anonymous clients in"
+            );
+        }
+        // Saved only when it differs from the file.
+        self.tags.set_upstream_open(open).await;
+    }
+
+    /// Asks the upstream, anonymously, whether it lets anyone in.
+    pub async fn learn_open(&self) {
+        match self
+            .upstream
+            .send(Method::GET, "/v2/", &HeaderMap::new(), &[])
+            .await
+        {
+            Ok(r) => {
+                self.learned_open(r.status(), r.headers().get(header::WWW_AUTHENTICATE))
+                    .await
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "upstream unreachable; keeping what is known of its auth")
+            }
+        }
+    }
+
+    /// The proxy is about to talk to the upstream: if what it knows of the
+    /// upstream's auth is older than `--auth-ttl`, ask again (in the
+    /// background, one request at a time: see [`App::watch_openness`]).
+    fn upstream_contacted(&self) {
+        if matches!(self.auth.openness(), Openness::Stale(_)) {
+            self.open_due.notify_one();
+        }
+    }
+
+    /// Learns whether the upstream is open at start, and again whenever the
+    /// answer is stale and the proxy talks to the upstream. Runs until the
+    /// process ends.
+    pub async fn watch_openness(self: Arc<Self>) {
+        loop {
+            if matches!(self.auth.openness(), Openness::Stale(_)) {
+                self.learn_open().await;
+            }
+            self.open_due.notified().await;
+        }
+    }
+
+    /// Serves a manifest to a client under `grant`: what it references is
+    /// in the same repository, so the client may read it under that grant.
+    fn vouch(&self, parts: &Parts, name: &str, grant: Grant, manifest: &[u8]) {
+        let cred = Credential::of(&parts.headers);
+        self.auth.allow_referenced(&cred, name, grant, manifest);
     }
 
     /// The body of an answer from the node cache (none for a HEAD), counted

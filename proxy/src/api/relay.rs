@@ -85,4 +85,24 @@ impl App {
         let body = Body::upstream(body, Arc::clone(&self.metrics), self.upstream.timeout());
         Ok(self.relayed(parts, p.status, &p.headers, body))
     }
+
+    /// A manifest delete: relayed, and once the upstream accepted it, the
+    /// node forgets the tags of this repository that pointed at it, so that
+    /// they are not served stale while the upstream is down.
+    pub(super) async fn delete_manifest(
+        &self,
+        parts: &Parts,
+        body: Incoming,
+        name: &str,
+        reference: Reference,
+    ) -> Result<Response<Body>, Error> {
+        let resp = self.relay(parts, Some(body)).await?;
+        if resp.status().is_success() {
+            match reference {
+                Reference::Digest(d) => self.tags.remove_digest(name, &d.to_string()).await,
+                Reference::Tag(t) => self.tags.remove(name, &t).await,
+            }
+        }
+        Ok(resp)
+    }
 }

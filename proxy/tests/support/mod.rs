@@ -4,6 +4,10 @@
 //! lets a test pause or cut the upstream's bytes mid-transfer.
 #![allow(dead_code)] // each test binary uses a different part of this module
 
+mod order;
+#[allow(unused_imports)] // not every test binary pulls in a client's order
+pub use order::*;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener as StdListener, TcpStream};
@@ -425,11 +429,21 @@ pub async fn get(
 
 /// Pushes `data` as a blob of `repo` with a monolithic upload; returns its digest.
 pub async fn push_blob(registry: &str, repo: &str, data: &[u8]) -> String {
+    push_blob_as(registry, &[], repo, data).await
+}
+
+/// [`push_blob`] with extra request headers (credentials).
+pub async fn push_blob_as(
+    registry: &str,
+    auth: &[(&str, &str)],
+    repo: &str,
+    data: &[u8],
+) -> String {
     let digest = sha256_digest(data);
     let (st, h, _) = request(
         Method::POST,
         &format!("{registry}/v2/{repo}/blobs/uploads/"),
-        &[],
+        auth,
         Bytes::new(),
     )
     .await;
@@ -441,10 +455,12 @@ pub async fn push_blob(registry: &str, repo: &str, data: &[u8]) -> String {
         format!("{registry}{loc}")
     };
     let sep = if loc.contains('?') { '&' } else { '?' };
+    let mut headers = vec![("content-type", "application/octet-stream")];
+    headers.extend_from_slice(auth);
     let (st, _, _) = request(
         Method::PUT,
         &format!("{loc}{sep}digest={digest}"),
-        &[("content-type", "application/octet-stream")],
+        &headers,
         Bytes::copy_from_slice(data),
     )
     .await;
@@ -461,10 +477,22 @@ pub async fn push_manifest(
     config: &[u8],
     layers: &[&[u8]],
 ) -> (Vec<u8>, String) {
-    let cfg = push_blob(registry, repo, config).await;
+    push_manifest_as(registry, &[], repo, tag, config, layers).await
+}
+
+/// [`push_manifest`] with extra request headers (credentials).
+pub async fn push_manifest_as(
+    registry: &str,
+    auth: &[(&str, &str)],
+    repo: &str,
+    tag: &str,
+    config: &[u8],
+    layers: &[&[u8]],
+) -> (Vec<u8>, String) {
+    let cfg = push_blob_as(registry, auth, repo, config).await;
     let mut ls = Vec::new();
     for l in layers {
-        let d = push_blob(registry, repo, l).await;
+        let d = push_blob_as(registry, auth, repo, l).await;
         ls.push(serde_json::json!({"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": d, "size": l.len()}));
     }
     let m = serde_json::json!({
@@ -474,10 +502,12 @@ pub async fn push_manifest(
         "layers": ls,
     });
     let bytes = serde_json::to_vec_pretty(&m).unwrap();
+    let mut headers = vec![("content-type", "application/vnd.oci.image.manifest.v1+json")];
+    headers.extend_from_slice(auth);
     let (st, _, body) = request(
         Method::PUT,
         &format!("{registry}/v2/{repo}/manifests/{tag}"),
-        &[("content-type", "application/vnd.oci.image.manifest.v1+json")],
+        &headers,
         Bytes::from(bytes.clone()),
     )
     .await;
