@@ -73,6 +73,14 @@ pub struct Hit {
     pub media_type: Option<String>,
 }
 
+/// What a commit stores.
+enum Stored<'a> {
+    /// The verified blob of this fill, which leaves the single-flight table.
+    Fill(&'a Fill),
+    /// A manifest, stored whole with its media type.
+    Manifest(&'a str),
+}
+
 /// What a reader should do about a digest that was not in the index.
 pub enum Join {
     /// It was committed meanwhile: open it.
@@ -355,7 +363,7 @@ impl Cache {
     }
 
     /// Moves a verified temp file into place and indexes it, turning its
-    /// reservation into committed bytes. Ends the fill's single-flight entry
+    /// reservation into committed bytes. Ends a fill's single-flight entry
     /// under the same lock, so a request sees either the fill or the entry.
     fn commit(
         &self,
@@ -363,9 +371,12 @@ impl Cache {
         size: u64,
         temp: &Path,
         file: &File,
-        media_type: Option<&str>,
+        what: Stored<'_>,
     ) -> io::Result<()> {
-        let ends_fill = media_type.is_none();
+        let media_type = match what {
+            Stored::Manifest(t) => Some(t),
+            Stored::Fill(_) => None,
+        };
         let fin = self.path(d);
         let res = (|| {
             file.sync_data()?;
@@ -378,12 +389,10 @@ impl Cache {
             }
             fs::rename(temp, &fin)
         })();
-        // Fills are only committed as blobs; manifests are stored whole and
-        // carry their media type.
         let mut st = self.lock();
         st.reserved -= size;
-        if ends_fill {
-            st.fills.remove(d);
+        if let Stored::Fill(fill) = what {
+            end_fill(&mut st, fill);
         }
         if res.is_ok() {
             let prev = st.index.put(
@@ -409,8 +418,8 @@ impl Cache {
     }
 
     /// Ends a fill that will not be committed, releasing its reservation.
-    fn abandon(&self, d: &Digest, reserved: u64, temp: Option<&Path>) {
-        self.lock().fills.remove(d);
+    fn abandon(&self, fill: &Fill, reserved: u64, temp: Option<&Path>) {
+        end_fill(&mut self.lock(), fill);
         self.release(reserved, temp);
     }
 
@@ -444,11 +453,25 @@ impl Cache {
                 return this.release(size, Some(&p));
             }
             // `commit` releases the reservation whatever happens.
-            if let Err(e) = this.commit(&d, size, &p, &f, Some(&media_type)) {
+            if let Err(e) = this.commit(&d, size, &p, &f, Stored::Manifest(&media_type)) {
                 tracing::warn!(digest = %d, error = %e, "could not cache manifest");
             }
         })
         .await;
+    }
+}
+
+/// Takes `fill` out of the single-flight table, if it is still the fill
+/// there. Every fill leaves the table this way, committed or not, and before
+/// its readers learn that it failed: a request that looks after that starts
+/// a fill of its own instead of following one that is over.
+fn end_fill(st: &mut State, fill: &Fill) {
+    if st
+        .fills
+        .get(&fill.digest)
+        .is_some_and(|f| std::ptr::eq(&**f, fill))
+    {
+        st.fills.remove(&fill.digest);
     }
 }
 
