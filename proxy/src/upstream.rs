@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::Scheme;
 use http::{Method, Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
@@ -46,7 +47,7 @@ pub struct Upstream {
 /// A cheap description of the upstream for logs.
 impl std::fmt::Display for Upstream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.base)
+        f.write_str(&redact(&self.base))
     }
 }
 
@@ -139,7 +140,8 @@ impl Upstream {
 
     /// Sends `method path` upstream with the relayed `client` headers plus
     /// `extra`, and waits for the response head within the timeout. GET and
-    /// HEAD follow redirects; credentials are dropped when the host changes.
+    /// HEAD follow redirects; credentials are dropped when the host changes
+    /// or https is left.
     pub async fn send(
         &self,
         method: Method,
@@ -249,10 +251,10 @@ impl Upstream {
                         "redirect without a usable Location".into(),
                     ))
                 })?;
-            if next.authority() != uri.authority() {
+            if !keeps_credentials(&uri, &next) {
                 headers.remove(header::AUTHORIZATION);
             }
-            tracing::debug!(from = %uri, to = %next, "following upstream redirect");
+            tracing::debug!(from = %redact(&uri), to = %redact(&next), "following upstream redirect");
             uri = next;
         }
         Err(self.failed(Error::UpstreamBad(format!(
@@ -268,14 +270,22 @@ impl Upstream {
 }
 
 /// A URL fit for a log line or an error body: no query, where presigned
-/// storage URLs carry their signatures.
+/// storage URLs carry their signatures, and no `user:password@`.
 fn redact(uri: &Uri) -> String {
     format!(
-        "{}://{}{}",
+        "{}://{}{}{}",
         uri.scheme_str().unwrap_or("http"),
-        uri.authority().map_or("", |a| a.as_str()),
+        uri.host().unwrap_or(""),
+        uri.port().map(|p| format!(":{p}")).unwrap_or_default(),
         uri.path()
     )
+}
+
+/// Whether `Authorization` may follow a redirect from `from` to `to`: only to
+/// the same authority, and never from https to plain http.
+fn keeps_credentials(from: &Uri, to: &Uri) -> bool {
+    let downgrade = from.scheme() == Some(&Scheme::HTTPS) && to.scheme() != Some(&Scheme::HTTPS);
+    from.authority() == to.authority() && !downgrade
 }
 
 fn classify(uri: &Uri, e: hyper_util::client::legacy::Error) -> Error {
@@ -340,5 +350,45 @@ mod tests {
             "http://up:5000/other?x=1"
         );
         assert!(resolve(&base, "relative").is_none());
+    }
+
+    #[test]
+    fn credentials_stay_on_the_authority_and_never_downgrade() {
+        let u = |s: &str| s.parse::<Uri>().unwrap();
+        assert!(keeps_credentials(
+            &u("https://reg/v2/a"),
+            &u("https://reg/v2/b")
+        ));
+        assert!(keeps_credentials(
+            &u("http://reg:5000/a"),
+            &u("http://reg:5000/b")
+        ));
+        assert!(keeps_credentials(&u("http://reg/a"), &u("https://reg/b")));
+        assert!(
+            !keeps_credentials(&u("https://reg/v2/a"), &u("http://reg/v2/a")),
+            "credentials should not follow https to plain http on the same authority"
+        );
+        assert!(
+            !keeps_credentials(&u("https://reg:8443/a"), &u("http://reg:8443/a")),
+            "nor with an explicit port"
+        );
+        assert!(!keeps_credentials(
+            &u("https://reg/a"),
+            &u("https://s3.example/a")
+        ));
+    }
+
+    #[test]
+    fn redacted_urls_keep_no_signature_or_password() {
+        let u: Uri = "https://user:pw@bucket.s3.example:8443/blobs/ab?X-Amz-Signature=SECRET&X-Amz-Credential=KEY"
+            .parse()
+            .unwrap();
+        let r = redact(&u);
+        assert_eq!(r, "https://bucket.s3.example:8443/blobs/ab");
+        assert!(!r.contains("SECRET") && !r.contains("pw"), "{r}");
+        assert_eq!(
+            redact(&"http://[::1]:5000/v2/".parse().unwrap()),
+            "http://[::1]:5000/v2/"
+        );
     }
 }

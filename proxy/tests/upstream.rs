@@ -1,13 +1,29 @@
 //! What the proxy makes of upstream answers a real registry does not give: a
-//! 401 without a challenge. The upstream is a scripted stub; the proxy is the
-//! real binary.
+//! 401 without a challenge, and redirects whose signatures must not reach its
+//! log. The upstream is a scripted stub; the proxy is the real binary.
 
 mod support;
+
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Method, StatusCode};
 use support::stub::{answer, Stub};
 use support::*;
+
+/// Waits until the proxy's log holds `needle`: what it logged before that
+/// line has been read too.
+fn wait_for_log(proxy: &Proxy, needle: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !proxy.logs().contains(needle) {
+        assert!(
+            Instant::now() < deadline,
+            "the proxy should have logged {needle:?}; it logged:\n{}",
+            proxy.logs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_401_carries_a_challenge() {
@@ -42,6 +58,58 @@ async fn every_401_carries_a_challenge() {
         assert!(
             h.get("www-authenticate").is_some_and(|v| !v.is_empty()),
             "{method} {path}: a 401 should say how to authenticate; it came with {h:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signed_redirect_urls_never_reach_the_log() {
+    let data = blob(100_000, 11);
+    let d = sha256_digest(&data);
+    let lost = sha256_digest(b"a blob whose storage is down");
+    let closed = free_port();
+    let (d2, lost2) = (d.clone(), lost.clone());
+    let up = Stub::start("127.0.0.1:0", move |req| {
+        let p = req.uri().path();
+        if p == format!("/v2/team/app/blobs/{d2}") {
+            let to = format!("/storage/{d2}?X-Amz-Credential=KEY-ONE&X-Amz-Signature=SIG-ONE");
+            answer(307, &[("location", &to)], b"")
+        } else if p == format!("/storage/{d2}") {
+            answer(200, &[], &data)
+        } else if p == format!("/v2/team/app/blobs/{lost2}") {
+            let to = format!("http://127.0.0.1:{closed}/storage?X-Amz-Signature=SIG-TWO");
+            answer(307, &[("location", &to)], b"")
+        } else {
+            answer(404, &[], b"")
+        }
+    })
+    .await;
+    let cache = TempDir::new("cache");
+    let proxy = Proxy::start(&up.url(), cache.path(), &[]);
+
+    let (st, _, body) = get(&format!("{}/v2/team/app/blobs/{d}", proxy.url()), &[]).await;
+    assert_eq!(
+        st,
+        StatusCode::OK,
+        "a redirect on the upstream's own host is followed"
+    );
+    assert_eq!(sha256_digest(&body.unwrap()), d);
+    wait_for_log(&proxy, "following upstream redirect");
+
+    let (st, _, body) = get(&format!("{}/v2/team/app/blobs/{lost}", proxy.url()), &[]).await;
+    assert_eq!(st, StatusCode::BAD_GATEWAY, "storage that is down is a 502");
+    let body = String::from_utf8(body.unwrap().to_vec()).unwrap();
+    assert!(
+        !body.contains("SIG-TWO"),
+        "the error body should not carry the signature: {body}"
+    );
+    wait_for_log(&proxy, "upstream failure");
+
+    let logs = proxy.logs();
+    for secret in ["SIG-ONE", "KEY-ONE", "SIG-TWO"] {
+        assert!(
+            !logs.contains(secret),
+            "the log should never hold a signed URL's query ({secret}):\n{logs}"
         );
     }
 }
