@@ -1,9 +1,12 @@
 //! What the proxy makes of upstream answers a real registry does not give: a
-//! 401 without a challenge, and redirects whose signatures must not reach its
-//! log. The upstream is a scripted stub; the proxy is the real binary.
+//! 401 without a challenge, and redirects to places the proxy must not go or
+//! whose signatures must not reach its log. The upstream is a scripted stub;
+//! the proxy is the real binary.
 
 mod support;
 
+use std::process::Command;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -112,4 +115,109 @@ async fn signed_redirect_urls_never_reach_the_log() {
             "the log should never hold a signed URL's query ({secret}):\n{logs}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirect_to_the_proxy_itself_is_refused() {
+    // The proxy's API and admin URLs, known once it has started.
+    let own: Arc<OnceLock<(String, String)>> = Arc::default();
+    let o2 = Arc::clone(&own);
+    let up = Stub::start("127.0.0.1:0", move |req| {
+        let (api, admin) = o2.get().expect("the proxy started before it asked");
+        let p = req.uri().path();
+        if p == "/v2/team/app/tags/list" {
+            answer(302, &[("location", &format!("{admin}/metrics"))], b"")
+        } else if p.contains("/blobs/") {
+            answer(307, &[("location", &format!("{api}{p}"))], b"")
+        } else {
+            answer(404, &[], b"")
+        }
+    })
+    .await;
+    let cache = TempDir::new("cache");
+    let proxy = Proxy::start(&up.url(), cache.path(), &[]);
+    own.set((proxy.url(), format!("http://{}", proxy.admin)))
+        .unwrap();
+
+    let d = sha256_digest(b"anything");
+    let (st, _, _) = get(&format!("{}/v2/team/app/blobs/{d}", proxy.url()), &[]).await;
+    assert_eq!(
+        st,
+        StatusCode::BAD_GATEWAY,
+        "a redirect to the proxy's own listen address should be refused as an upstream error"
+    );
+    let (st, _, body) = get(&format!("{}/v2/team/app/tags/list", proxy.url()), &[]).await;
+    assert_eq!(
+        st,
+        StatusCode::BAD_GATEWAY,
+        "a redirect to the proxy's admin listener should be refused"
+    );
+    assert!(
+        !String::from_utf8_lossy(&body.unwrap()).contains("regproxy_"),
+        "the proxy's metrics should not be relayed as the upstream's answer"
+    );
+}
+
+/// An IPv4 address of this machine that is not loopback.
+fn non_loopback_ipv4() -> String {
+    let out = Command::new("ip")
+        .args(["-4", "-o", "addr", "show", "scope", "global"])
+        .output()
+        .expect("iproute2 is installed");
+    let out = String::from_utf8_lossy(&out.stdout);
+    out.split_whitespace()
+        .skip_while(|w| *w != "inet")
+        .nth(1)
+        .and_then(|a| a.split('/').next())
+        .map(str::to_owned)
+        .expect("this test needs an IPv4 address other than loopback on this machine")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_off_loopback_cannot_redirect_onto_it() {
+    let data = blob(10_000, 12);
+    let d = sha256_digest(&data);
+    // What this node serves on loopback only; the upstream must not reach it
+    // through the proxy.
+    let inside = Stub::start("127.0.0.1:0", move |_| answer(200, &[], &data)).await;
+    let port = inside.addr.port();
+    let by_name = sha256_digest(b"redirected to a name for loopback");
+    let (d2, n2) = (d.clone(), by_name.clone());
+    let up = Stub::start("0.0.0.0:0", move |req| {
+        let p = req.uri().path();
+        if p == format!("/v2/team/app/blobs/{d2}") {
+            let to = format!("http://127.0.0.1:{port}/{d2}");
+            answer(307, &[("location", &to)], b"")
+        } else if p == format!("/v2/team/app/blobs/{n2}") {
+            let to = format!("http://localhost:{port}/{n2}");
+            answer(307, &[("location", &to)], b"")
+        } else {
+            answer(404, &[], b"")
+        }
+    })
+    .await;
+    let upstream = format!("http://{}:{}", non_loopback_ipv4(), up.addr.port());
+    let cache = TempDir::new("cache");
+    let proxy = Proxy::start(&upstream, cache.path(), &[]);
+
+    for (what, digest) in [
+        ("a loopback address", &d),
+        ("a name for loopback", &by_name),
+    ] {
+        let (st, _, _) = get(&format!("{}/v2/team/app/blobs/{digest}", proxy.url()), &[]).await;
+        assert_eq!(
+            st,
+            StatusCode::BAD_GATEWAY,
+            "a redirect from {upstream} to {what} should be refused"
+        );
+    }
+    assert!(
+        up.requests().iter().any(|r| r.contains(&by_name)),
+        "the upstream was asked, and answered with its redirect"
+    );
+    assert!(
+        inside.requests().is_empty(),
+        "nothing on loopback should have been asked: {:?}",
+        inside.requests()
+    );
 }
