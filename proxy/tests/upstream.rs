@@ -146,6 +146,12 @@ async fn a_redirect_to_the_proxy_itself_is_refused() {
         StatusCode::BAD_GATEWAY,
         "a redirect to the proxy's own listen address should be refused as an upstream error"
     );
+    wait_for_log(&proxy, "upstream failure");
+    assert!(
+        !proxy.logs().contains("request loop"),
+        "the redirect should be refused before the proxy sends itself a request:\n{}",
+        proxy.logs()
+    );
     let (st, _, body) = get(&format!("{}/v2/team/app/tags/list", proxy.url()), &[]).await;
     assert_eq!(
         st,
