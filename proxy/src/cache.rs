@@ -38,6 +38,9 @@ struct Entry {
     size: u64,
     /// Whether a `.type` sidecar says this content is a manifest.
     manifest: bool,
+    /// Which commit of this digest the entry is: a reader that found the
+    /// file gone drops the entry it looked up, never one committed since.
+    generation: u64,
 }
 
 struct State {
@@ -48,6 +51,8 @@ struct State {
     /// cap holds on disk while they write.
     reserved: u64,
     fills: HashMap<Digest, Arc<Fill>>,
+    /// The generation the next indexed entry gets.
+    next_generation: u64,
     /// Recently served entries, kept mapped: a hit on them takes no system
     /// call. Their pages are the page cache's, not the process's memory.
     open: LruCache<Digest, Hit>,
@@ -71,6 +76,22 @@ pub struct Hit {
     pub data: Bytes,
     /// For manifests, the media type stored with it.
     pub media_type: Option<String>,
+}
+
+/// What a commit stores.
+enum Stored<'a> {
+    /// The verified blob of this fill, which leaves the single-flight table.
+    Fill(&'a Fill),
+    /// A manifest, stored whole with its media type.
+    Manifest(&'a str),
+}
+
+/// What the index holds for a digest a reader asked for.
+enum Lookup {
+    /// Mapped already: no system call needed.
+    Mapped(Hit),
+    /// Indexed; its file is to be opened.
+    Closed(Entry),
 }
 
 /// What a reader should do about a digest that was not in the index.
@@ -123,6 +144,7 @@ impl Cache {
                             Entry {
                                 size: meta.len(),
                                 manifest: false,
+                                generation: 0,
                             },
                         ));
                     }
@@ -146,9 +168,12 @@ impl Cache {
             committed: 0,
             reserved: 0,
             fills: HashMap::new(),
+            next_generation: 0,
             open: LruCache::new(std::num::NonZeroUsize::new(OPEN_FILES).expect("non-zero")),
         };
-        for (_, d, e) in found {
+        for (_, d, mut e) in found {
+            e.generation = state.next_generation;
+            state.next_generation += 1;
             state.committed += e.size;
             state.index.put(d, e);
         }
@@ -196,42 +221,56 @@ impl Cache {
     /// Opens committed content. `manifest` asks for the stored media type too;
     /// content cached only as a blob is then a miss.
     pub async fn get(self: &Arc<Self>, d: &Digest, manifest: bool) -> Option<Hit> {
-        let is_manifest = {
-            let mut st = self.lock();
-            let e = *st.index.get(d)?;
-            if manifest && !e.manifest {
-                return None;
-            }
-            if let Some(hit) = st.open.get(d) {
-                return Some(hit.clone());
-            }
-            e.manifest
+        let e = match self.lookup(d, manifest)? {
+            Lookup::Mapped(hit) => return Some(hit),
+            Lookup::Closed(e) => e,
         };
         let this = Arc::clone(self);
         let d2 = d.clone();
-        let opened = tokio::task::spawn_blocking(move || this.open_file(&d2, is_manifest)).await;
+        let opened = tokio::task::spawn_blocking(move || this.open_file(&d2, e.manifest)).await;
+        self.opened(d, e, opened.ok()?)
+    }
+
+    /// What the index holds for `d`, before any file is opened.
+    fn lookup(&self, d: &Digest, manifest: bool) -> Option<Lookup> {
+        let mut st = self.lock();
+        let e = *st.index.get(d)?;
+        if manifest && !e.manifest {
+            return None;
+        }
+        if let Some(hit) = st.open.get(d) {
+            return Some(Lookup::Mapped(hit.clone()));
+        }
+        Some(Lookup::Closed(e))
+    }
+
+    /// Takes in what opening the file of entry `e` of `d` gave. Other
+    /// requests ran meanwhile: the index may hold another commit of `d` now.
+    fn opened(&self, d: &Digest, e: Entry, opened: io::Result<Hit>) -> Option<Hit> {
         match opened {
-            Ok(Ok(hit)) => {
+            Ok(hit) => {
                 let mut st = self.lock();
                 // Keep it mapped unless it was evicted or replaced meanwhile.
-                if st.index.peek(d).is_some_and(|e| e.manifest == is_manifest) {
+                if st
+                    .index
+                    .peek(d)
+                    .is_some_and(|now| now.generation == e.generation)
+                {
                     st.open.put(d.clone(), hit.clone());
                 }
                 Some(hit)
             }
-            Ok(Err(e)) if e.kind() == io::ErrorKind::NotFound => {
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {
                 tracing::warn!(digest = %d, "cached file vanished; dropping it from the index");
-                self.forget(d);
+                self.forget(d, e.generation);
                 None
             }
-            Ok(Err(e)) => {
+            Err(err) => {
                 // Out of descriptors or memory maps: a miss this time, the
                 // entry (and its bytes under the cap) stay.
-                tracing::warn!(digest = %d, error = %e, "cached content could not be opened");
+                tracing::warn!(digest = %d, error = %err, "cached content could not be opened");
                 None
             }
-
-            Err(_) => None,
         }
     }
 
@@ -251,8 +290,13 @@ impl Cache {
         Ok(Hit { data, media_type })
     }
 
-    fn forget(&self, d: &Digest) {
+    /// Drops entry `generation` of `d` from the index; a later commit of `d`
+    /// stays.
+    fn forget(&self, d: &Digest, generation: u64) {
         let mut st = self.lock();
+        if st.index.peek(d).is_none_or(|e| e.generation != generation) {
+            return;
+        }
         if let Some(e) = st.index.pop(d) {
             st.committed -= e.size;
         }
@@ -355,7 +399,7 @@ impl Cache {
     }
 
     /// Moves a verified temp file into place and indexes it, turning its
-    /// reservation into committed bytes. Ends the fill's single-flight entry
+    /// reservation into committed bytes. Ends a fill's single-flight entry
     /// under the same lock, so a request sees either the fill or the entry.
     fn commit(
         &self,
@@ -363,9 +407,12 @@ impl Cache {
         size: u64,
         temp: &Path,
         file: &File,
-        media_type: Option<&str>,
+        what: Stored<'_>,
     ) -> io::Result<()> {
-        let ends_fill = media_type.is_none();
+        let media_type = match what {
+            Stored::Manifest(t) => Some(t),
+            Stored::Fill(_) => None,
+        };
         let fin = self.path(d);
         let res = (|| {
             file.sync_data()?;
@@ -378,19 +425,20 @@ impl Cache {
             }
             fs::rename(temp, &fin)
         })();
-        // Fills are only committed as blobs; manifests are stored whole and
-        // carry their media type.
         let mut st = self.lock();
         st.reserved -= size;
-        if ends_fill {
-            st.fills.remove(d);
+        if let Stored::Fill(fill) = what {
+            end_fill(&mut st, fill);
         }
         if res.is_ok() {
+            let generation = st.next_generation;
+            st.next_generation += 1;
             let prev = st.index.put(
                 d.clone(),
                 Entry {
                     size,
                     manifest: media_type.is_some(),
+                    generation,
                 },
             );
             st.committed += size;
@@ -409,8 +457,8 @@ impl Cache {
     }
 
     /// Ends a fill that will not be committed, releasing its reservation.
-    fn abandon(&self, d: &Digest, reserved: u64, temp: Option<&Path>) {
-        self.lock().fills.remove(d);
+    fn abandon(&self, fill: &Fill, reserved: u64, temp: Option<&Path>) {
+        end_fill(&mut self.lock(), fill);
         self.release(reserved, temp);
     }
 
@@ -444,11 +492,25 @@ impl Cache {
                 return this.release(size, Some(&p));
             }
             // `commit` releases the reservation whatever happens.
-            if let Err(e) = this.commit(&d, size, &p, &f, Some(&media_type)) {
+            if let Err(e) = this.commit(&d, size, &p, &f, Stored::Manifest(&media_type)) {
                 tracing::warn!(digest = %d, error = %e, "could not cache manifest");
             }
         })
         .await;
+    }
+}
+
+/// Takes `fill` out of the single-flight table, if it is still the fill
+/// there. Every fill leaves the table this way, committed or not, and before
+/// its readers learn that it failed: a request that looks after that starts
+/// a fill of its own instead of following one that is over.
+fn end_fill(st: &mut State, fill: &Fill) {
+    if st
+        .fills
+        .get(&fill.digest)
+        .is_some_and(|f| std::ptr::eq(&**f, fill))
+    {
+        st.fills.remove(&fill.digest);
     }
 }
 
@@ -566,6 +628,33 @@ mod tests {
         assert!(
             c.get(&digest(b"much too large"), true).await.is_none(),
             "content larger than the cap is not kept"
+        );
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_vanished_file_forgets_only_the_entry_that_was_looked_up() {
+        let dir = tempdir();
+        let c = Arc::new(Cache::open(&dir, 1 << 20, Arc::new(Metrics::default())).unwrap());
+        let d = digest(b"{}");
+        c.put_manifest(d.clone(), "t".into(), Bytes::from_static(b"{}"))
+            .await;
+        // A reader looks the entry up and finds its file gone...
+        let Some(Lookup::Closed(looked_up)) = c.lookup(&d, true) else {
+            panic!("a fresh commit is indexed and not mapped yet");
+        };
+        fs::remove_file(c.path(&d)).unwrap();
+        let opened = c.open_file(&d, looked_up.manifest);
+        // ...while the same digest is committed again, before it reports back.
+        c.put_manifest(d.clone(), "t".into(), Bytes::from_static(b"{}"))
+            .await;
+        assert!(
+            c.opened(&d, looked_up, opened).is_none(),
+            "the reader that found no file has a miss"
+        );
+        assert!(
+            c.get(&d, true).await.is_some(),
+            "the entry committed meanwhile should stay in the index"
         );
         fs::remove_dir_all(dir).unwrap();
     }

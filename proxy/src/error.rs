@@ -2,9 +2,25 @@
 //! (`{"errors":[{"code","message","detail"}]}`).
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Response, StatusCode};
+use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
 
 use crate::body::Body;
+
+/// The challenge of a 401 when the upstream gave none. A 401 must say how to
+/// authenticate (RFC 9110, 11.6.1); without one, clients give up instead of
+/// sending credentials, which the proxy relays to the upstream.
+pub const DEFAULT_CHALLENGE: &str = "Basic realm=\"regproxy\"";
+
+/// Gives a 401 that carries no `WWW-Authenticate` the default challenge.
+/// Applied to every response the proxy sends, relayed ones included.
+pub fn ensure_challenge(status: StatusCode, headers: &mut HeaderMap) {
+    if status == StatusCode::UNAUTHORIZED && !headers.contains_key(header::WWW_AUTHENTICATE) {
+        headers.insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static(DEFAULT_CHALLENGE),
+        );
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -113,7 +129,7 @@ impl Error {
             }
             _ => {}
         }
-
+        ensure_challenge(status, h);
         resp
     }
 }
@@ -137,6 +153,44 @@ mod tests {
             .as_str()
             .unwrap()
             .contains("sha256:00"));
+    }
+
+    #[test]
+    fn every_401_carries_a_challenge() {
+        let resp = Error::Denied {
+            status: StatusCode::UNAUTHORIZED,
+            challenge: None,
+        }
+        .into_response();
+        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            resp.headers()[header::WWW_AUTHENTICATE],
+            DEFAULT_CHALLENGE,
+            "a 401 without the upstream's challenge should carry ours"
+        );
+        let theirs = HeaderValue::from_static("Bearer realm=\"https://auth.example/token\"");
+        let resp = Error::Denied {
+            status: StatusCode::UNAUTHORIZED,
+            challenge: Some(theirs.clone()),
+        }
+        .into_response();
+        assert_eq!(
+            resp.headers()
+                .get_all(header::WWW_AUTHENTICATE)
+                .iter()
+                .collect::<Vec<_>>(),
+            [theirs],
+            "the upstream's challenge is relayed alone"
+        );
+        let resp = Error::Denied {
+            status: StatusCode::FORBIDDEN,
+            challenge: None,
+        }
+        .into_response();
+        assert!(
+            !resp.headers().contains_key(header::WWW_AUTHENTICATE),
+            "a 403 needs no challenge"
+        );
     }
 
     #[test]

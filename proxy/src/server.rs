@@ -48,7 +48,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let resolver = Resolver::new(args.upstream_resolver)
         .map_err(|e| anyhow::anyhow!("cannot set up the upstream resolver: {e}"))?;
     refuse_self_upstream(&args, &resolver).await?;
-    let upstream = Upstream::new(
+    let mut upstream = Upstream::new(
         args.upstream.clone(),
         resolver,
         args.upstream_ca.as_deref(),
@@ -74,6 +74,12 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         ),
         None => None,
     };
+    // Redirects to our own listeners are refused.
+    upstream.set_own_addrs(
+        std::iter::once(&listener)
+            .chain(&admin)
+            .filter_map(|l| l.local_addr().ok()),
+    );
     let tags = Arc::new(Tags::open(&args.cache_dir, args.tag_ttl));
     let auth = Auth::open(
         &args.cache_dir,

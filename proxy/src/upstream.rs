@@ -1,13 +1,22 @@
 //! The client to the real registry: HTTP or HTTPS (rustls, Mozilla roots plus
 //! `--upstream-ca`), connect and response timeouts, redirects for blob
 //! storage behind S3-style URLs, and the `Via` header that stops loops.
+//!
+//! A redirect is followed only to where the upstream itself could send us:
+//! never to loopback or link-local addresses unless the upstream is on them,
+//! never to this proxy's own listeners, credentials never over a downgrade.
+//! Upstream URLs are logged and reported without their query, where signed
+//! storage URLs carry their signatures.
 
+use std::io;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::Scheme;
 use http::{Method, Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
@@ -41,12 +50,17 @@ pub struct Upstream {
     timeout: Duration,
     via: HeaderValue,
     metrics: Arc<Metrics>,
+    /// The client's resolver, also asked where a redirect leads before it is
+    /// followed.
+    resolver: Resolver,
+    /// This proxy's own listen addresses, which no redirect may lead to.
+    own: Vec<SocketAddr>,
 }
 
 /// A cheap description of the upstream for logs.
 impl std::fmt::Display for Upstream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.base)
+        f.write_str(&redact(&self.base))
     }
 }
 
@@ -89,7 +103,7 @@ impl Upstream {
         .with_root_certificates(roots)
         .with_no_client_auth();
 
-        let mut http = HttpConnector::new_with_resolver(resolver);
+        let mut http = HttpConnector::new_with_resolver(resolver.clone());
         http.enforce_http(false);
         http.set_connect_timeout(Some(connect_timeout));
         http.set_nodelay(true);
@@ -114,7 +128,15 @@ impl Upstream {
             timeout,
             via: HeaderValue::from_str(&format!("1.1 {via}"))?,
             metrics,
+            resolver,
+            own: Vec::new(),
         })
+    }
+
+    /// Tells the client where this proxy listens (API and admin), once they
+    /// are bound: redirects to those addresses are refused.
+    pub fn set_own_addrs(&mut self, addrs: impl IntoIterator<Item = SocketAddr>) {
+        self.own = addrs.into_iter().collect();
     }
 
     pub fn timeout(&self) -> Duration {
@@ -139,7 +161,8 @@ impl Upstream {
 
     /// Sends `method path` upstream with the relayed `client` headers plus
     /// `extra`, and waits for the response head within the timeout. GET and
-    /// HEAD follow redirects; credentials are dropped when the host changes.
+    /// HEAD follow redirects that `redirect_allowed` lets through;
+    /// credentials are dropped when the host changes or https is left.
     pub async fn send(
         &self,
         method: Method,
@@ -249,15 +272,39 @@ impl Upstream {
                         "redirect without a usable Location".into(),
                     ))
                 })?;
-            if next.authority() != uri.authority() {
+            self.check_redirect(&next).await?;
+            if !keeps_credentials(&uri, &next) {
                 headers.remove(header::AUTHORIZATION);
             }
-            tracing::debug!(from = %uri, to = %next, "following upstream redirect");
+            tracing::debug!(from = %redact(&uri), to = %redact(&next), "following upstream redirect");
             uri = next;
         }
         Err(self.failed(Error::UpstreamBad(format!(
             "more than {MAX_REDIRECTS} redirects"
         ))))
+    }
+
+    /// Refuses a redirect to `to` unless [`redirect_allowed`] lets every
+    /// address its host resolves to through, asking the resolver the client
+    /// connects with.
+    async fn check_redirect(&self, to: &Uri) -> Result<(), Error> {
+        let target = addrs_of(&self.resolver, to).await.map_err(|e| {
+            self.failed(Error::UpstreamUnreachable(format!(
+                "redirect to {}: {e}",
+                redact(to)
+            )))
+        })?;
+        // An upstream that no longer resolves is on no special address.
+        let upstream = addrs_of(&self.resolver, &self.base)
+            .await
+            .unwrap_or_default();
+        // The request's error is logged where it is answered.
+        redirect_allowed(&upstream, &self.own, &target).map_err(|why| {
+            self.failed(Error::UpstreamBad(format!(
+                "refused a redirect to {}: {why}",
+                redact(to)
+            )))
+        })
     }
 
     /// Counts an upstream failure on its way out.
@@ -268,14 +315,94 @@ impl Upstream {
 }
 
 /// A URL fit for a log line or an error body: no query, where presigned
-/// storage URLs carry their signatures.
+/// storage URLs carry their signatures, and no `user:password@`.
 fn redact(uri: &Uri) -> String {
     format!(
-        "{}://{}{}",
+        "{}://{}{}{}",
         uri.scheme_str().unwrap_or("http"),
-        uri.authority().map_or("", |a| a.as_str()),
+        uri.host().unwrap_or(""),
+        uri.port().map(|p| format!(":{p}")).unwrap_or_default(),
         uri.path()
     )
+}
+
+/// Every address the host of `uri` resolves to, with its port.
+async fn addrs_of(resolver: &Resolver, uri: &Uri) -> io::Result<Vec<SocketAddr>> {
+    let https = uri.scheme() == Some(&Scheme::HTTPS);
+    let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+    resolver.resolve(uri.host().unwrap_or(""), port).await
+}
+
+/// Whether `Authorization` may follow a redirect from `from` to `to`: only to
+/// the same authority, and never from https to plain http.
+fn keeps_credentials(from: &Uri, to: &Uri) -> bool {
+    let downgrade = from.scheme() == Some(&Scheme::HTTPS) && to.scheme() != Some(&Scheme::HTTPS);
+    from.authority() == to.authority() && !downgrade
+}
+
+/// Addresses a redirect may reach only when the upstream is on them too: a
+/// registry on the internet has no business sending the proxy to the node's
+/// own services or the cloud metadata endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Inward {
+    /// 127/8, ::1, and the unspecified address (which connects to this host).
+    Loopback,
+    /// 169.254/16 (cloud metadata lives there) and fe80::/10.
+    LinkLocal,
+}
+
+fn inward(ip: IpAddr) -> Option<Inward> {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) if v4.is_loopback() || v4.is_unspecified() => Some(Inward::Loopback),
+        IpAddr::V4(v4) if v4.is_link_local() => Some(Inward::LinkLocal),
+        IpAddr::V6(v6) if v6.is_loopback() || v6.is_unspecified() => Some(Inward::Loopback),
+        IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80 => Some(Inward::LinkLocal),
+        _ => None,
+    }
+}
+
+/// Whether a connection to `to` would reach a listener bound to `own`.
+fn reaches(own: SocketAddr, to: SocketAddr) -> bool {
+    if own.port() != to.port() {
+        return false;
+    }
+    let (own, mut to) = (own.ip().to_canonical(), to.ip().to_canonical());
+    if to.is_unspecified() {
+        // A connection to the unspecified address goes to loopback.
+        to = match to {
+            IpAddr::V4(_) => IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+            IpAddr::V6(_) => IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
+        };
+    }
+    // A listener on the unspecified address takes every address of this
+    // host: those are the ones a socket can be bound to.
+    own == to
+        || (own.is_unspecified()
+            && (inward(to) == Some(Inward::Loopback)
+                || std::net::UdpSocket::bind(SocketAddr::new(to, 0)).is_ok()))
+}
+
+/// Whether a redirect whose host resolves to `target` may be followed, given
+/// the addresses the `upstream` resolves to and the proxy's `own` listeners;
+/// why not otherwise.
+fn redirect_allowed(
+    upstream: &[SocketAddr],
+    own: &[SocketAddr],
+    target: &[SocketAddr],
+) -> Result<(), String> {
+    for t in target {
+        if own.iter().any(|o| reaches(*o, *t)) {
+            return Err(format!("{t} is this proxy's own listen address"));
+        }
+        if let Some(kind) = inward(t.ip()) {
+            if !upstream.iter().any(|u| inward(u.ip()) == Some(kind)) {
+                return Err(format!(
+                    "{t} is a {kind:?} address and the upstream is not on one"
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn classify(uri: &Uri, e: hyper_util::client::legacy::Error) -> Error {
@@ -340,5 +467,142 @@ mod tests {
             "http://up:5000/other?x=1"
         );
         assert!(resolve(&base, "relative").is_none());
+    }
+
+    fn addrs(list: &[&str]) -> Vec<SocketAddr> {
+        list.iter().map(|a| a.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn redirects_inward_only_from_an_upstream_there() {
+        let public = addrs(&["203.0.113.7:443"]);
+        for to in [
+            "127.0.0.1:80",
+            "127.9.9.9:6443",
+            "0.0.0.0:80",
+            "[::1]:80",
+            "[::ffff:127.0.0.1]:80",
+            "169.254.169.254:80",
+            "[fe80::1]:80",
+            "[::ffff:169.254.169.254]:80",
+        ] {
+            assert!(
+                redirect_allowed(&public, &[], &addrs(&[to])).is_err(),
+                "a public upstream should not send the proxy to {to}"
+            );
+        }
+        assert!(
+            redirect_allowed(&public, &[], &addrs(&["198.51.100.1:443", "127.0.0.1:443"])).is_err(),
+            "one inward address among those a name resolves to is enough to refuse"
+        );
+        assert_eq!(
+            redirect_allowed(
+                &public,
+                &[],
+                &addrs(&["198.51.100.1:443", "[2001:db8::1]:443"])
+            ),
+            Ok(()),
+            "storage on other public addresses is where registries redirect to"
+        );
+        assert_eq!(
+            redirect_allowed(
+                &addrs(&["127.0.0.1:5000"]),
+                &[],
+                &addrs(&["127.0.0.1:9000"])
+            ),
+            Ok(()),
+            "an upstream on loopback may redirect to loopback"
+        );
+        assert!(
+            redirect_allowed(
+                &addrs(&["127.0.0.1:5000"]),
+                &[],
+                &addrs(&["169.254.169.254:80"])
+            )
+            .is_err(),
+            "an upstream on loopback is not on a link-local address"
+        );
+        assert_eq!(
+            redirect_allowed(
+                &addrs(&["[fe80::2]:5000"]),
+                &[],
+                &addrs(&["169.254.1.1:80"])
+            ),
+            Ok(()),
+            "an upstream on a link-local address may redirect to one"
+        );
+    }
+
+    #[test]
+    fn redirects_never_reach_the_proxy_itself() {
+        let up = addrs(&["127.0.0.1:5000"]);
+        let own = addrs(&["127.0.0.1:8080", "127.0.0.1:9090"]);
+        for to in [
+            "127.0.0.1:8080",
+            "127.0.0.1:9090",
+            "[::ffff:127.0.0.1]:8080",
+            "0.0.0.0:8080",
+        ] {
+            assert!(
+                redirect_allowed(&up, &own, &addrs(&[to])).is_err(),
+                "a redirect to {to}, a listener of this proxy, should be refused"
+            );
+        }
+        assert_eq!(
+            redirect_allowed(&up, &own, &addrs(&["127.0.0.1:8081"])),
+            Ok(())
+        );
+        let any = addrs(&["0.0.0.0:8080"]);
+        for to in ["127.0.0.1:8080", "127.3.2.1:8080", "0.0.0.0:8080"] {
+            assert!(
+                redirect_allowed(&up, &any, &addrs(&[to])).is_err(),
+                "a proxy listening on 0.0.0.0:8080 is reached through {to}"
+            );
+        }
+        assert_eq!(
+            redirect_allowed(&up, &any, &addrs(&["198.51.100.1:8080"])),
+            Ok(()),
+            "an address of another host is not ours"
+        );
+    }
+
+    #[test]
+    fn credentials_stay_on_the_authority_and_never_downgrade() {
+        let u = |s: &str| s.parse::<Uri>().unwrap();
+        assert!(keeps_credentials(
+            &u("https://reg/v2/a"),
+            &u("https://reg/v2/b")
+        ));
+        assert!(keeps_credentials(
+            &u("http://reg:5000/a"),
+            &u("http://reg:5000/b")
+        ));
+        assert!(keeps_credentials(&u("http://reg/a"), &u("https://reg/b")));
+        assert!(
+            !keeps_credentials(&u("https://reg/v2/a"), &u("http://reg/v2/a")),
+            "credentials should not follow https to plain http on the same authority"
+        );
+        assert!(
+            !keeps_credentials(&u("https://reg:8443/a"), &u("http://reg:8443/a")),
+            "nor with an explicit port"
+        );
+        assert!(!keeps_credentials(
+            &u("https://reg/a"),
+            &u("https://s3.example/a")
+        ));
+    }
+
+    #[test]
+    fn redacted_urls_keep_no_signature_or_password() {
+        let u: Uri = "https://user:pw@bucket.s3.example:8443/blobs/ab?X-Amz-Signature=SECRET&X-Amz-Credential=KEY"
+            .parse()
+            .unwrap();
+        let r = redact(&u);
+        assert_eq!(r, "https://bucket.s3.example:8443/blobs/ab");
+        assert!(!r.contains("SECRET") && !r.contains("pw"), "{r}");
+        assert_eq!(
+            redact(&"http://[::1]:5000/v2/".parse().unwrap()),
+            "http://[::1]:5000/v2/"
+        );
     }
 }

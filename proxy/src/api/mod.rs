@@ -128,6 +128,7 @@ impl App {
         resp.headers_mut()
             .entry(API_VERSION.0)
             .or_insert(HeaderValue::from_static(API_VERSION.1));
+        crate::error::ensure_challenge(resp.status(), resp.headers_mut());
         resp
     }
 

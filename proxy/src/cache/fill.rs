@@ -24,7 +24,7 @@ use hyper::body::Incoming;
 use sha2::{Digest as _, Sha256};
 use tokio::sync::watch;
 
-use super::Cache;
+use super::{Cache, Stored};
 use crate::body::BoxError;
 use crate::digest::Digest;
 use crate::error::Error;
@@ -198,9 +198,11 @@ impl Guard {
             return;
         }
         self.armed = false;
-        self.fill.set(Progress::Failed(f));
+        // Out of the table first: a follower that sees the failure and joins
+        // again must start a fill of its own, not find this one.
         self.cache
-            .abandon(&self.fill.digest, self.reserved, self.temp.as_deref());
+            .abandon(&self.fill, self.reserved, self.temp.as_deref());
+        self.fill.set(Progress::Failed(f));
         self.cache.metrics.fills_inflight.fetch_sub(1, Relaxed);
     }
 }
@@ -387,8 +389,9 @@ pub async fn run(cache: Arc<Cache>, upstream: Arc<Upstream>, fill: Arc<Fill>, re
     fill.set(Progress::Verified { size, data });
     g.armed = false;
     let c2 = Arc::clone(&cache);
-    let d2 = digest.clone();
-    match tokio::task::spawn_blocking(move || c2.commit(&d2, size, &temp, &file, None)).await {
+    let (d2, f2) = (digest.clone(), Arc::clone(&fill));
+    let commit = move || c2.commit(&d2, size, &temp, &file, Stored::Fill(&f2));
+    match tokio::task::spawn_blocking(commit).await {
         Ok(Ok(())) => tracing::debug!(%digest, size, "fill committed"),
         Ok(Err(e)) => tracing::warn!(%digest, error = %e, "verified blob could not be committed"),
         Err(e) => tracing::warn!(%digest, error = %e, "commit task failed"),
@@ -602,4 +605,97 @@ pub fn verified_stream(
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+    use std::sync::Mutex;
+    use std::task::{Context, Wake, Waker};
+
+    use super::*;
+    use crate::cache::Join;
+
+    /// A follower that joins again the moment it is woken. Wakers run inside
+    /// the sender's call, so it sees the single-flight table exactly as it is
+    /// when the fill's end is published: as early as any follower could.
+    struct Rejoin {
+        cache: Arc<Cache>,
+        digest: Digest,
+        joined: Mutex<Vec<&'static str>>,
+    }
+
+    impl Wake for Rejoin {
+        fn wake(self: Arc<Self>) {
+            self.wake_by_ref();
+        }
+        fn wake_by_ref(self: &Arc<Self>) {
+            let what = match self.cache.join(&self.digest) {
+                Join::Committed => "committed",
+                Join::Leader(_) => "leader",
+                Join::Follower(_) => "follower",
+            };
+            self.joined.lock().unwrap().push(what);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_fill_leaves_the_table_before_followers_hear_of_it() {
+        let dir = std::env::temp_dir().join(format!("regproxy-fill-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let cache = Arc::new(Cache::open(&dir, 1 << 20, Arc::new(Metrics::default())).unwrap());
+        let digest = Digest::of(b"a blob the upstream refuses");
+        let Join::Leader(fill) = cache.join(&digest) else {
+            panic!("the first request for a digest leads its fill");
+        };
+        let Join::Follower(followed) = cache.join(&digest) else {
+            panic!("a second request follows the fill in flight");
+        };
+
+        let rejoin = Arc::new(Rejoin {
+            cache: Arc::clone(&cache),
+            digest: digest.clone(),
+            joined: Mutex::new(Vec::new()),
+        });
+        let waker = Waker::from(Arc::clone(&rejoin));
+        let mut started = std::pin::pin!(followed.started());
+        assert!(
+            started
+                .as_mut()
+                .poll(&mut Context::from_waker(&waker))
+                .is_pending(),
+            "the follower waits while the fill connects"
+        );
+
+        cache.metrics.fills_inflight.fetch_add(1, Relaxed);
+        let refused = Failure::Relay {
+            status: StatusCode::UNAUTHORIZED,
+            headers: HeaderMap::new(),
+            body: Bytes::new(),
+        };
+        Guard {
+            cache: Arc::clone(&cache),
+            fill: Arc::clone(&fill),
+            reserved: 0,
+            temp: None,
+            armed: true,
+        }
+        .fail(refused);
+
+        assert_eq!(
+            *rejoin.joined.lock().unwrap(),
+            ["leader"],
+            "a follower woken by the failure should start a new fill, never find the dead one"
+        );
+        assert!(
+            matches!(started.await, Err(Failure::Relay { status, .. }) if status == StatusCode::UNAUTHORIZED),
+            "the follower should see the leader's refusal"
+        );
+        assert!(
+            matches!(cache.join(&digest), Join::Follower(f) if !Arc::ptr_eq(&f, &fill)),
+            "the new fill is the one in the table, and the dead fill's end did not remove it"
+        );
+        assert_eq!(cache.metrics.fills_inflight.load(Relaxed), 0);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 }

@@ -1,12 +1,14 @@
 //! Real processes for black-box tests, each on loopback ports, each stopped
 //! when its handle is dropped: Debian's `docker-registry` (Distribution 2.8)
 //! as the upstream, the `regproxy` binary, `dockerd`, and a TCP gate that
-//! lets a test pause or cut the upstream's bytes mid-transfer.
+//! lets a test pause or cut the upstream's bytes mid-transfer; `stub` scripts
+//! an upstream for answers a real registry never gives.
 #![allow(dead_code)] // each test binary uses a different part of this module
 
 mod order;
 #[allow(unused_imports)] // not every test binary pulls in a client's order
 pub use order::*;
+pub mod stub;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
