@@ -83,6 +83,7 @@ async fn first_bytes_reach_the_client_before_the_upstream_finishes() {
     let gate = Gate::start(reg.addr).await;
     let cache = TempDir::new("cache");
     let proxy = Proxy::start(&gate.url(), cache.path(), &[]);
+    proxy.wait_learned_open();
     let data = blob(16 * MIB, 2);
     let d = push_blob(&reg.url(), "team/app", &data).await;
 
@@ -124,6 +125,7 @@ async fn a_client_hanging_up_does_not_abort_the_fill() {
     let gate = Gate::start(reg.addr).await;
     let cache = TempDir::new("cache");
     let proxy = Proxy::start(&gate.url(), cache.path(), &[]);
+    proxy.wait_learned_open();
     let data = blob(8 * MIB, 3);
     let d = push_blob(&reg.url(), "team/app", &data).await;
 
@@ -158,6 +160,7 @@ async fn a_broken_uplink_is_resumed_with_a_range_request() {
     let gate = Gate::start(reg.addr).await;
     let cache = TempDir::new("cache");
     let proxy = Proxy::start(&gate.url(), cache.path(), &[]);
+    proxy.wait_learned_open();
     let data = blob(12 * MIB, 4);
     let d = push_blob(&reg.url(), "team/app", &data).await;
 
@@ -326,6 +329,7 @@ async fn kill_9_mid_fill_leaves_no_partial_blob() {
     let gate = Gate::start(reg.addr).await;
     let cache = TempDir::new("cache");
     let mut proxy = Proxy::start(&gate.url(), cache.path(), &[]);
+    proxy.wait_learned_open();
     let data = blob(8 * MIB, 7);
     let d = push_blob(&reg.url(), "team/app", &data).await;
 
@@ -362,6 +366,7 @@ async fn sigterm_lets_transfers_in_flight_finish() {
     let gate = Gate::start(reg.addr).await;
     let cache = TempDir::new("cache");
     let mut proxy = Proxy::start(&gate.url(), cache.path(), &[]);
+    proxy.wait_learned_open();
     let data = blob(8 * MIB, 8);
     let d = push_blob(&reg.url(), "team/app", &data).await;
 
@@ -594,6 +599,7 @@ async fn a_stalled_upstream_is_a_504() {
         cache.path(),
         &["--upstream-timeout", "1s", "--upstream-retries", "0"],
     );
+    proxy.wait_learned_open();
     gate.hold_after(0);
     let (st, _, body) = get(&format!("{}/v2/team/app/manifests/v1", proxy.url()), &[]).await;
     assert_eq!(st, StatusCode::GATEWAY_TIMEOUT);
@@ -740,6 +746,7 @@ async fn a_blob_that_cannot_fit_beside_fills_in_flight_evicts_nothing() {
     let gate = Gate::start(reg.addr).await;
     let cache = TempDir::new("cache");
     let proxy = Proxy::start(&gate.url(), cache.path(), &["--cache-size", "4MiB"]);
+    proxy.wait_learned_open();
     let a = push_blob(&reg.url(), "team/app", &blob(MIB, 40)).await;
     let b = push_blob(&reg.url(), "team/app", &blob(MIB, 41)).await;
     let c = push_blob(&reg.url(), "team/app", &blob(3 * MIB, 42)).await;
@@ -788,6 +795,7 @@ async fn a_relayed_body_that_stalls_is_cut_not_held_forever() {
     let gate = Gate::start(reg.addr).await;
     let cache = TempDir::new("cache");
     let proxy = Proxy::start(&gate.url(), cache.path(), &["--upstream-timeout", "1s"]);
+    proxy.wait_learned_open();
     for i in 0..40 {
         push_manifest(
             &reg.url(),

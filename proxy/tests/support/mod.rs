@@ -8,6 +8,7 @@
 mod order;
 #[allow(unused_imports)] // not every test binary pulls in a client's order
 pub use order::*;
+pub mod netns;
 pub mod stub;
 
 use std::collections::HashMap;
@@ -310,6 +311,22 @@ impl Proxy {
         self.child.id()
     }
 
+    /// Waits until the proxy has asked the upstream, anonymously, whether it
+    /// lets anyone in, and written the answer (open) to `state.json`. Tests
+    /// that meter the upstream's bytes through a [`Gate`] wait for it first,
+    /// so that this request of the proxy's own does not spend their budget.
+    pub fn wait_learned_open(&self) {
+        let state = self.cache_dir.join("state.json");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !std::fs::read_to_string(&state).is_ok_and(|s| s.contains("\"upstream_open\":true")) {
+            assert!(
+                Instant::now() < deadline,
+                "regproxy should learn that the upstream is open and say so in state.json"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn logs(&self) -> String {
         self.logs.lock().unwrap().join("\n")
     }
@@ -571,44 +588,58 @@ impl Gate {
                     });
                     use tokio::io::{AsyncReadExt, AsyncWriteExt};
                     let mut buf = vec![0u8; 64 << 10];
-                    loop {
-                        let passed = st.passed.load(Ordering::SeqCst);
-                        let budget = st.budget.load(Ordering::SeqCst);
-                        let held = st.held.load(Ordering::SeqCst);
-                        // Once one connection is held, the others flow.
-                        let mine = held == 0 || held == id;
-                        if mine && passed >= budget {
-                            let _ =
-                                st.held
-                                    .compare_exchange(0, id, Ordering::SeqCst, Ordering::SeqCst);
-                            if st.cut.load(Ordering::SeqCst) {
-                                st.cut.store(false, Ordering::SeqCst);
-                                st.budget.store(u64::MAX, Ordering::SeqCst);
-                                st.held.store(0, Ordering::SeqCst);
-                                break;
-                            }
-                            tokio::time::sleep(Duration::from_millis(5)).await;
-                            continue;
-                        }
-                        let room = if mine {
-                            (budget - passed).min(buf.len() as u64) as usize
-                        } else {
-                            buf.len()
-                        };
-                        let n = match ur.read(&mut buf[..room]).await {
+                    // The budget is checked as bytes go out, not when a read
+                    // starts: a pooled connection may already be waiting in
+                    // `read` when a test sets the budget.
+                    'conn: loop {
+                        let n = match ur.read(&mut buf).await {
                             Ok(0) | Err(_) => break,
                             Ok(n) => n,
                         };
-                        if mine && passed + n as u64 >= budget {
-                            // This connection spends the budget: it is the one
-                            // held, claimed before a test can see the budget spent.
-                            let _ =
-                                st.held
-                                    .compare_exchange(0, id, Ordering::SeqCst, Ordering::SeqCst);
-                        }
-                        st.passed.fetch_add(n as u64, Ordering::SeqCst);
-                        if dw.write_all(&buf[..n]).await.is_err() {
-                            break;
+                        let mut off = 0;
+                        while off < n {
+                            let passed = st.passed.load(Ordering::SeqCst);
+                            let budget = st.budget.load(Ordering::SeqCst);
+                            let held = st.held.load(Ordering::SeqCst);
+                            // Once one connection is held, the others flow.
+                            let mine = held == 0 || held == id;
+                            if mine && passed >= budget {
+                                let _ = st.held.compare_exchange(
+                                    0,
+                                    id,
+                                    Ordering::SeqCst,
+                                    Ordering::SeqCst,
+                                );
+                                if st.cut.load(Ordering::SeqCst) {
+                                    st.cut.store(false, Ordering::SeqCst);
+                                    st.budget.store(u64::MAX, Ordering::SeqCst);
+                                    st.held.store(0, Ordering::SeqCst);
+                                    break 'conn;
+                                }
+                                tokio::time::sleep(Duration::from_millis(5)).await;
+                                continue;
+                            }
+                            let room = if mine {
+                                (budget - passed).min((n - off) as u64) as usize
+                            } else {
+                                n - off
+                            };
+                            if mine && passed + room as u64 >= budget {
+                                // This connection spends the budget: it is the
+                                // one held, claimed before a test can see the
+                                // budget spent.
+                                let _ = st.held.compare_exchange(
+                                    0,
+                                    id,
+                                    Ordering::SeqCst,
+                                    Ordering::SeqCst,
+                                );
+                            }
+                            st.passed.fetch_add(room as u64, Ordering::SeqCst);
+                            if dw.write_all(&buf[off..off + room]).await.is_err() {
+                                break 'conn;
+                            }
+                            off += room;
                         }
                     }
                     req.abort();
