@@ -36,17 +36,29 @@ use crate::digest::Digest;
 /// Most remembered answers; the oldest go first. An entry is about 80 bytes.
 const MAX_ENTRIES: usize = 32 * 1024;
 
+/// How long after an unanswered `/v2/` the proxy waits before asking again.
+const ASK_OPEN_AGAIN: Duration = Duration::from_secs(5);
+
 /// A client's credential: a hash of its `Authorization` header, or `None`
 /// for an anonymous client. Held in memory only, for one request.
 #[derive(Clone, PartialEq, Eq, Hash, Debug)]
 pub struct Credential(Option<[u8; 32]>);
 
 impl Credential {
+    /// Every `Authorization` header counts (all of them are relayed).
     pub fn of(h: &HeaderMap) -> Credential {
-        Credential(
-            h.get(header::AUTHORIZATION)
-                .map(|v| Sha256::digest(v.as_bytes()).into()),
-        )
+        Credential::hash(h).unwrap_or(Credential(None))
+    }
+
+    fn hash(h: &HeaderMap) -> Option<Credential> {
+        let mut values = h.get_all(header::AUTHORIZATION).iter().peekable();
+        values.peek()?;
+        let mut hash = Sha256::new();
+        for v in values {
+            hash.update(v.as_bytes());
+            hash.update(b"\n");
+        }
+        Some(Credential(Some(hash.finalize().into())))
     }
 
     pub fn is_anonymous(&self) -> bool {
@@ -80,15 +92,6 @@ pub enum Verdict {
     },
 }
 
-/// What is known of the upstream's stance on anonymous clients.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Openness {
-    /// Known now (within `--auth-ttl`).
-    Fresh(bool),
-    /// Last known, but older than `--auth-ttl` (or from before a restart).
-    Stale(bool),
-}
-
 pub struct Auth {
     ttl: Duration,
     key: [u8; 32],
@@ -101,6 +104,9 @@ struct State {
     open: bool,
     /// When `open` was last learned from the upstream in this process.
     open_checked: Option<Instant>,
+    /// When the proxy last asked, answered or not: asking again waits a
+    /// little, so that an upstream that is down is not asked at every turn.
+    open_asked: Option<Instant>,
     /// The upstream's challenge to anonymous clients, for the 401s the node
     /// answers itself while the upstream is unreachable.
     challenge: Option<HeaderValue>,
@@ -182,6 +188,7 @@ impl Auth {
             state: Mutex::new(State {
                 open,
                 open_checked: None,
+                open_asked: None,
                 challenge: None,
                 allowed,
                 dirty: false,
@@ -229,17 +236,32 @@ impl Auth {
         }
     }
 
-    /// Whether the upstream lets anonymous clients in, as last learned.
-    pub fn openness(&self) -> Openness {
+    /// Whether it is time to ask the upstream again whether it is open:
+    /// the last answer is stale, and the last try is not too recent.
+    pub fn open_due(&self) -> bool {
         let st = self.lock();
-        match st.open_checked {
-            Some(t) if Instant::now() < t + self.ttl => Openness::Fresh(st.open),
-            _ => Openness::Stale(st.open),
-        }
+        let now = Instant::now();
+        let stale = st.open_checked.is_none_or(|t| now >= t + self.ttl);
+        stale
+            && st
+                .open_asked
+                .is_none_or(|t| now >= t + ASK_OPEN_AGAIN.min(self.ttl))
     }
 
-    /// The upstream answered an anonymous `/v2/`: 200 (`open`) or 401 with
-    /// `challenge`. Returns whether that changed what was known.
+    /// The proxy is asking the upstream whether it is open.
+    pub fn asking_open(&self) {
+        self.lock().open_asked = Some(Instant::now());
+    }
+
+    /// Whether a yes that stands until `until` has less than half its time
+    /// left: worth asking again while the upstream can answer.
+    pub fn half_spent(&self, until: Instant) -> bool {
+        until.saturating_duration_since(Instant::now()) < self.ttl / 2
+    }
+
+    /// The proxy's own anonymous `/v2/` was answered: open (a registry's 200)
+    /// or not, with the upstream's `challenge` if it gave one. Returns
+    /// whether that changed what was known.
     pub fn learned_open(&self, open: bool, challenge: Option<HeaderValue>) -> bool {
         let mut st = self.lock();
         st.open_checked = Some(Instant::now());
@@ -272,10 +294,10 @@ impl Auth {
     /// is in `repo` too, and may be read under the same grant.
     pub fn allow_referenced(&self, cred: &Credential, repo: &str, grant: Grant, manifest: &[u8]) {
         let until = match grant {
-            Grant::Open => return,
             Grant::Fresh(t) => t,
-            // Seen allowed, for offline use: already past its freshness.
-            Grant::Offline => Instant::now(),
+            // The upstream said nothing now: what it refused stays refused,
+            // and what it allowed before needs no new entry.
+            Grant::Open | Grant::Offline => return,
         };
         for d in referenced(manifest) {
             self.insert(self.key(cred, Some((repo, &d))), until);
@@ -287,11 +309,13 @@ impl Auth {
         let mut st = self.lock();
         if st.allowed.len() >= MAX_ENTRIES && !st.allowed.contains_key(&k) {
             // Drop the oldest eighth at once, so that this stays cheap.
-            let mut ages: Vec<u64> = st.allowed.values().map(|s| s.at_ms).collect();
+            let mut ages: Vec<(u64, [u8; 32])> =
+                st.allowed.iter().map(|(k, s)| (s.at_ms, *k)).collect();
             let cut = MAX_ENTRIES / 8;
             ages.select_nth_unstable(cut);
-            let limit = ages[cut];
-            st.allowed.retain(|_, s| s.at_ms > limit);
+            for (_, old) in &ages[..cut] {
+                st.allowed.remove(old);
+            }
         }
         let e = st.allowed.entry(k).or_insert(Seen { fresh_until, at_ms });
         e.fresh_until = e.fresh_until.max(fresh_until);
@@ -334,24 +358,31 @@ impl Auth {
             }
         };
         let tmp = path.with_extension("json.tmp");
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
+        let mut f = create_private(&tmp)?;
         f.write_all(&serde_json::to_vec(&p)?)?;
         f.sync_data()?;
         std::fs::rename(&tmp, path)
     }
 }
 
-/// The digests a manifest references: an image manifest's config and
-/// layers, an index's manifests, an artifact's blobs.
+/// Most descriptors of one manifest that vouch for their digests: a pull
+/// needs far fewer, and one manifest must not crowd out everyone's answers.
+const MAX_REFERENCED: usize = 1024;
+
+/// The digests a manifest references and that the upstream checked were in
+/// the manifest's repository when it accepted the push: an image manifest's
+/// config and layers, an index's manifests. Distribution checks each of them;
+/// it does not check a descriptor with `urls` (a foreign layer lives
+/// elsewhere), so those vouch for nothing, and neither do non-distributable
+/// media types.
 pub fn referenced(manifest: &[u8]) -> Vec<Digest> {
     #[derive(Deserialize)]
     struct Descriptor {
+        #[serde(rename = "mediaType", default)]
+        media_type: String,
         digest: String,
+        #[serde(default)]
+        urls: Vec<String>,
     }
     #[derive(Deserialize)]
     struct Manifest {
@@ -360,8 +391,6 @@ pub fn referenced(manifest: &[u8]) -> Vec<Digest> {
         layers: Vec<Descriptor>,
         #[serde(default)]
         manifests: Vec<Descriptor>,
-        #[serde(default)]
-        blobs: Vec<Descriptor>,
     }
     let Ok(m) = serde_json::from_slice::<Manifest>(manifest) else {
         return Vec::new();
@@ -370,8 +399,13 @@ pub fn referenced(manifest: &[u8]) -> Vec<Digest> {
         .into_iter()
         .chain(m.layers)
         .chain(m.manifests)
-        .chain(m.blobs)
+        .filter(|d| {
+            d.urls.is_empty()
+                && !d.media_type.contains("foreign")
+                && !d.media_type.contains("nondistributable")
+        })
         .filter_map(|d| Digest::parse(&d.digest).ok())
+        .take(MAX_REFERENCED)
         .collect()
 }
 
@@ -391,16 +425,25 @@ fn load_or_create_key(path: &Path) -> std::io::Result<[u8; 32]> {
     }
     let k = random_key()?;
     let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
+    let mut f = create_private(&tmp)?;
     f.write_all(&k)?;
     f.sync_data()?;
     std::fs::rename(&tmp, path)?;
     Ok(k)
+}
+
+/// A new file only its owner may read: a leftover of the same name (a crash
+/// between create and rename) is removed first, never reused with its mode.
+fn create_private(path: &Path) -> std::io::Result<std::fs::File> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
 }
 
 fn hex(b: &[u8; 32]) -> String {
@@ -505,7 +548,16 @@ mod tests {
             "only in the manifest's own repository"
         );
         let index = format!(r#"{{"manifests":[{{"digest":"{cfg}"}}],"subject":null}}"#);
-        assert_eq!(referenced(index.as_bytes()), vec![cfg]);
+        assert_eq!(referenced(index.as_bytes()), vec![cfg.clone()]);
+        let foreign = format!(
+            r#"{{"layers":[{{"digest":"{layer}","urls":["https://e.example/x"]}},
+                {{"mediaType":"application/vnd.docker.image.rootfs.foreign.diff.tar.gzip","digest":"{cfg}"}}],
+               "blobs":[{{"digest":"{layer}"}}]}}"#
+        );
+        assert!(
+            referenced(foreign.as_bytes()).is_empty(),
+            "a foreign layer, one with urls, or an artifact's blobs were never checked by the upstream to be in the repository"
+        );
         assert!(referenced(b"not json").is_empty());
     }
 
@@ -524,9 +576,11 @@ mod tests {
             "an expired yes is asked again, and still good offline"
         );
         let (_dir, a) = auth(60);
-        assert_eq!(a.openness(), Openness::Stale(false));
+        assert!(a.open_due(), "at start the upstream is asked");
+        a.asking_open();
+        assert!(!a.open_due(), "not again right after an unanswered try");
         a.learned_open(true, None);
-        assert_eq!(a.openness(), Openness::Fresh(true));
+        assert!(!a.open_due());
         assert_eq!(a.check(&cred(None), "r", &x), Verdict::Allowed(Grant::Open));
         a.learned_open(false, Some(HeaderValue::from_static("Basic realm=\"r\"")));
         assert!(matches!(

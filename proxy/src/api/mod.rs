@@ -22,7 +22,7 @@ use hyper::body::Incoming;
 
 use std::sync::atomic::Ordering::Relaxed;
 
-use crate::auth::{Auth, Credential, Grant, Openness, Verdict};
+use crate::auth::{Auth, Credential, Grant, Verdict};
 use crate::body::Body;
 use crate::cache::Cache;
 use crate::digest::{validate_name, Digest, Reference};
@@ -198,10 +198,7 @@ impl App {
         match self.relay(parts, None).await {
             Ok(r) => {
                 let cred = Credential::of(&parts.headers);
-                if cred.is_anonymous() {
-                    let challenge = r.headers().get(header::WWW_AUTHENTICATE).cloned();
-                    self.learned_open(r.status(), challenge.as_ref()).await;
-                } else if r.status().is_success() {
+                if !cred.is_anonymous() && r.status().is_success() {
                     self.auth.allow_credential(&cred);
                 }
                 Ok((Outcome::Passthrough, r))
@@ -235,6 +232,12 @@ impl App {
     ) -> Result<Grant, Error> {
         let cred = Credential::of(&parts.headers);
         let (seen, known) = match self.auth.check(&cred, name, d) {
+            // A manifest vouches for what it references until its own yes
+            // ends: asked again when half spent, so its layers stay allowed
+            // for the rest of a pull.
+            Verdict::Allowed(Grant::Fresh(t)) if manifest && self.auth.half_spent(t) => {
+                (true, true)
+            }
             Verdict::Allowed(g) => return Ok(g),
             Verdict::Ask { seen, known } => (seen, known),
         };
@@ -253,16 +256,23 @@ impl App {
             // The cache is keyed by digest alone: content cached from one
             // repository is not served through another that does not hold it.
             Ok(r) if r.status() == StatusCode::NOT_FOUND => {
+                self.auth.deny(&cred, name, Some(d));
                 return Err(if manifest {
                     Error::ManifestUnknown(d.to_string())
                 } else {
                     Error::BlobUnknown(d.to_string())
-                })
+                });
             }
             Ok(r) if matches!(r.status(), StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) => {
                 return Err(self.denied(parts, &cred, name, Some(d), &r));
             }
-            Ok(r) if r.status().is_server_error() => {
+            // A client can shape its own request into an error; the upstream
+            // counts as down only if it fails the proxy's own request too.
+            Ok(r)
+                if (r.status().is_server_error()
+                    || r.status() == StatusCode::TOO_MANY_REQUESTS)
+                    && self.upstream_down().await =>
+            {
                 Error::UpstreamBad(format!("authorization check answered {}", r.status()))
             }
             Ok(r) => {
@@ -320,15 +330,31 @@ impl App {
         }
     }
 
-    /// Records what an anonymous `/v2/` answered: the upstream lets anyone
-    /// in (200) or asks for credentials (401). Kept in `state.json`, so that
-    /// a restart while the upstream is down still knows.
-    async fn learned_open(&self, status: StatusCode, challenge: Option<&HeaderValue>) {
-        let open = status.is_success();
-        if !open && status != StatusCode::UNAUTHORIZED {
+    /// Asks the upstream, anonymously, whether it lets anyone in: a 200 from
+    /// a registry (it says `Docker-Distribution-API-Version`) is open, any
+    /// other answer is not; no answer, or a 5xx, changes nothing. Kept in
+    /// `state.json`, so that a restart while the upstream is down still
+    /// knows. Only the proxy's own request counts: a client shapes its own.
+    pub async fn learn_open(&self) {
+        self.auth.asking_open();
+        let r = match self
+            .upstream
+            .send(Method::GET, "/v2/", &HeaderMap::new(), &[])
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(error = %e, "upstream unreachable; keeping what is known of its auth");
+                return;
+            }
+        };
+        let status = r.status();
+        if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
             return;
         }
-        if self.auth.learned_open(open, challenge.cloned()) {
+        let open = status == StatusCode::OK && r.headers().contains_key(API_VERSION.0);
+        let challenge = r.headers().get(header::WWW_AUTHENTICATE).cloned();
+        if self.auth.learned_open(open, challenge) {
             tracing::info!(
                 open,
                 "learned whether the upstream lets anonymous clients in"
@@ -338,20 +364,16 @@ impl App {
         self.tags.set_upstream_open(open).await;
     }
 
-    /// Asks the upstream, anonymously, whether it lets anyone in.
-    pub async fn learn_open(&self) {
+    /// Whether the upstream fails the proxy's own anonymous `/v2/` (no
+    /// answer, or a 5xx or 429): it is down, not just refusing a client.
+    async fn upstream_down(&self) -> bool {
         match self
             .upstream
             .send(Method::GET, "/v2/", &HeaderMap::new(), &[])
             .await
         {
-            Ok(r) => {
-                self.learned_open(r.status(), r.headers().get(header::WWW_AUTHENTICATE))
-                    .await
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "upstream unreachable; keeping what is known of its auth")
-            }
+            Ok(r) => r.status().is_server_error() || r.status() == StatusCode::TOO_MANY_REQUESTS,
+            Err(e) => e.is_upstream(),
         }
     }
 
@@ -359,7 +381,7 @@ impl App {
     /// upstream's auth is older than `--auth-ttl`, ask again (in the
     /// background, one request at a time: see [`App::watch_openness`]).
     fn upstream_contacted(&self) {
-        if matches!(self.auth.openness(), Openness::Stale(_)) {
+        if self.auth.open_due() {
             self.open_due.notify_one();
         }
     }
@@ -369,7 +391,7 @@ impl App {
     /// process ends.
     pub async fn watch_openness(self: Arc<Self>) {
         loop {
-            if matches!(self.auth.openness(), Openness::Stale(_)) {
+            if self.auth.open_due() {
                 self.learn_open().await;
             }
             self.open_due.notified().await;

@@ -66,19 +66,39 @@ impl App {
                 .get("docker-content-digest")
                 .and_then(|v| v.to_str().ok())
                 .is_none_or(|v| v == digest.to_string());
-            let media_type = parts
+            // The manifest's own `mediaType` decides, when it has one: a
+            // pusher's `Content-Type` is not what every other client gets.
+            let declared = serde_json::from_slice::<serde_json::Value>(&bytes)
+                .ok()
+                .and_then(|v| v["mediaType"].as_str().map(str::to_owned));
+            let sent = parts
                 .headers
                 .get(header::CONTENT_TYPE)
                 .and_then(|v| v.to_str().ok());
-            if let (true, Some(t)) = (accepted, media_type) {
-                self.cache
-                    .put_manifest(digest.clone(), t.to_owned(), bytes)
-                    .await;
-                if let Reference::Tag(tag) = reference {
-                    self.tags
-                        .put(name, &tag, digest.to_string(), t.to_owned())
+            let media_type = match (declared.as_deref(), sent) {
+                (Some(d), Some(s)) if d != s => None,
+                (Some(d), _) => Some(d),
+                (None, s) => s,
+            };
+            // What the node holds already is never replaced by a push.
+            let held = self
+                .cache
+                .get(&digest, true)
+                .await
+                .and_then(|h| h.media_type);
+            let stored = match (accepted, held, media_type) {
+                (false, ..) => None,
+                (true, Some(h), _) => Some(h),
+                (true, None, Some(t)) => {
+                    self.cache
+                        .put_manifest(digest.clone(), t.to_owned(), bytes)
                         .await;
+                    Some(t.to_owned())
                 }
+                (true, None, None) => None,
+            };
+            if let (Some(t), Reference::Tag(tag)) = (stored, reference) {
+                self.tags.put(name, &tag, digest.to_string(), t).await;
             }
         }
         let (p, body) = resp.into_parts();
