@@ -22,6 +22,7 @@ use crate::tags::Tags;
 use crate::body::Body;
 use crate::cache::Cache;
 use crate::config::{LogFormat, ServeArgs};
+use crate::lock::CacheLock;
 use crate::metrics::Metrics;
 use crate::resolve::Resolver;
 
@@ -46,6 +47,8 @@ pub fn init_tracing(args: &ServeArgs) {
 /// SIGTERM or SIGINT.
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     args.validate().map_err(anyhow::Error::msg)?;
+    // Before anything else: nothing in the dir is touched unless it is ours.
+    let _lock = CacheLock::acquire(&args.cache_dir)?;
     raise_fd_limit(2 * args.max_connections as u64 + 1024);
     let metrics = Arc::new(Metrics::default());
     let via = instance_token();

@@ -1,9 +1,10 @@
 //! Listeners that cannot be starved: a header timeout that also closes idle
 //! kept-alive connections, a connection cap that refuses what is past it
-//! without touching transfers in flight.
+//! without touching transfers in flight; and one process per cache dir.
 
 mod support;
 
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use http::StatusCode;
@@ -215,4 +216,79 @@ async fn past_the_cap_connections_are_refused_and_a_transfer_in_flight_is_untouc
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+fn serve_again(cache_dir: &std::path::Path) -> std::process::Output {
+    let child = Command::new(regproxy_bin())
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--upstream",
+            "http://127.0.0.1:9",
+        ])
+        .arg("--cache-dir")
+        .arg(cache_dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    // It must exit at once; if it does not, stop it so the test can fail.
+    let watchdog = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(10));
+        let _ = Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status();
+    });
+    let out = child.wait_with_output().unwrap();
+    drop(watchdog);
+    out
+}
+
+#[test]
+fn a_second_serve_on_the_same_cache_dir_exits_at_once_and_touches_nothing() {
+    let cache = TempDir::new("cache");
+    let first = Proxy::start("http://127.0.0.1:9", cache.path(), &[]);
+    let part = cache.path().join("tmp/0-0.part");
+    std::fs::write(&part, b"a fill in flight").unwrap();
+
+    let started = Instant::now();
+    let out = serve_again(cache.path());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "a second serve on a held cache dir should exit at once"
+    );
+    assert!(
+        !out.status.success(),
+        "a second serve on a held cache dir should fail"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        err.trim().lines().count(),
+        1,
+        "the refusal should be one line: {err}"
+    );
+    assert!(
+        err.contains(&cache.path().display().to_string())
+            && err.contains(&format!("pid {}", first.pid())),
+        "the refusal should name the dir and the holder's pid: {err}"
+    );
+    assert_eq!(
+        std::fs::read(&part).unwrap(),
+        b"a fill in flight",
+        "the second process must not sweep the first one's temp files"
+    );
+
+    // The lock goes with the process: a successor starts once it is gone.
+    drop(first);
+    let second = Proxy::start("http://127.0.0.1:9", cache.path(), &[]);
+    assert!(
+        !part.exists(),
+        "the new holder sweeps what the old one left"
+    );
+    drop(second);
 }
