@@ -64,8 +64,10 @@ pub struct ServeArgs {
 
     /// Most connections each listener (API, admin) holds open at once; a
     /// connection past it is answered 503 and closed at once, and the
-    /// transfers already open are not touched.
-    #[arg(long, env = "REGPROXY_MAX_CONNECTIONS", default_value_t = 1024)]
+    /// transfers already open are not touched. The default fits the pod's
+    /// 128Mi with room even if every API connection drives a cold fill
+    /// (README, Memory).
+    #[arg(long, env = "REGPROXY_MAX_CONNECTIONS", default_value_t = 512)]
     pub max_connections: usize,
 
     /// PEM file of extra CA certificates trusted for an https upstream
