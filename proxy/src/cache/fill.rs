@@ -41,7 +41,7 @@ const WRITE_BATCH: usize = 256 << 10;
 /// of fills. Past half of it, fills stop gathering and write each chunk as
 /// it comes; when it is spent, a fill waits for room before it takes the
 /// next chunk off its connection, so the upstream is slowed by TCP instead
-/// of memory growing. Chunks are at most the client's read buffer
+/// of memory growing. Chunks are at most the upstream client's read buffer
 /// (`upstream::READ_BUF`), so a fill never waits for more than exists.
 pub const BUFFER_BUDGET: usize = 16 << 20;
 /// Below this many free bytes of the budget, fills write chunk by chunk.
@@ -423,16 +423,12 @@ fn backoff(attempt: u32) -> Duration {
 }
 
 /// Room in [`BUFFERS`] for `n` bytes held in memory; waits while the budget
-/// is spent.
+/// is spent (waiters are served first come, first served).
 async fn room_for(n: usize) -> tokio::sync::SemaphorePermit<'static> {
-    let n = n.min(BUFFER_BUDGET) as u32;
-    match BUFFERS.try_acquire_many(n) {
-        Ok(p) => p,
-        Err(_) => BUFFERS
-            .acquire_many(n)
-            .await
-            .expect("the budget is never closed"),
-    }
+    BUFFERS
+        .acquire_many(n.min(BUFFER_BUDGET) as u32)
+        .await
+        .expect("the budget is never closed")
 }
 
 /// Writes upstream chunks to the temp file in batches, hashing them on the
