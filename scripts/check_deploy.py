@@ -142,7 +142,19 @@ def main():
         "its upstream is resolved through DNS only, never /etc/hosts",
         f.get("--upstream-resolver") == "dns",
     )
-    admin_port = int(f.get("--admin-listen", ":0").rpartition(":")[2])
+    admin_listen = f.get("--admin-listen", "")
+    admin_host, _, admin_port = admin_listen.rpartition(":")
+    admin_port = int(admin_port or 0)
+    # The admin endpoints on the node's own address, from the downward API:
+    # reachable by kubelet and Prometheus, not on every interface of the node.
+    env = {e["name"]: e for e in main_c.get("env", [])}
+    var = admin_host[2:-1] if admin_host.startswith("$(") and admin_host.endswith(")") else None
+    field = env.get(var, {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") if var else None
+    check(
+        "the admin listen address is the node's own, from status.hostIP",
+        field == "status.hostIP",
+        f"--admin-listen={admin_listen}, env {var}: {env.get(var)}",
+    )
     ports = {p["name"]: p["containerPort"] for p in main_c.get("ports", [])}
     check("the admin port is declared", ports.get("admin") == admin_port, str(ports))
     for probe in ("readinessProbe", "livenessProbe"):

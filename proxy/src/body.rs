@@ -41,17 +41,56 @@ enum Kind {
         stream: BoxStream<'static, Result<Bytes, BoxError>>,
         len: Option<u64>,
     },
-    /// A client's body on its way to the upstream (a push).
-    Incoming(Incoming),
+    /// A client's body on its way to the upstream (a push); a silence longer
+    /// than `idle` ends it in an error, which aborts the upstream request, so
+    /// a client that stalls mid-upload holds neither connection forever.
+    Incoming {
+        body: Incoming,
+        idle: Idle,
+    },
     /// An upstream body relayed to a client, counted in `metrics`; a silence
     /// longer than `idle` ends it in an error, so a stalled upstream does
     /// not hold the client forever.
     Upstream {
         body: Incoming,
         metrics: Arc<Metrics>,
-        idle: Duration,
-        timer: Pin<Box<tokio::time::Sleep>>,
+        idle: Idle,
     },
+}
+
+/// How long a relayed body has kept us waiting. The clock runs only while
+/// the body is polled and has nothing: a pause on the other side (the reader
+/// of this body not reading) is not held against it.
+struct Idle {
+    limit: Duration,
+    timer: Pin<Box<tokio::time::Sleep>>,
+    waiting: bool,
+}
+
+impl Idle {
+    fn new(limit: Duration) -> Idle {
+        Idle {
+            limit,
+            timer: Box::pin(tokio::time::sleep(limit)),
+            waiting: false,
+        }
+    }
+
+    /// The body had nothing: true once it has had nothing for `limit`.
+    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        if !self.waiting {
+            self.waiting = true;
+            self.timer
+                .as_mut()
+                .reset(tokio::time::Instant::now() + self.limit);
+        }
+        self.timer.as_mut().poll(cx).is_ready()
+    }
+
+    /// The body gave a frame (or ended).
+    fn active(&mut self) {
+        self.waiting = false;
+    }
 }
 
 impl Body {
@@ -85,22 +124,24 @@ impl Body {
         }
     }
 
-    /// A client's body, relayed as it arrives.
-    pub fn incoming(b: Incoming) -> Body {
+    /// A client's body, relayed as it arrives; `idle` is the longest silence
+    /// allowed.
+    pub fn incoming(body: Incoming, idle: Duration) -> Body {
         Body {
-            kind: Kind::Incoming(b),
+            kind: Kind::Incoming {
+                body,
+                idle: Idle::new(idle),
+            },
         }
     }
 
     /// An upstream body for a client; `idle` is the longest silence allowed.
     pub fn upstream(body: Incoming, metrics: Arc<Metrics>, idle: Duration) -> Body {
-        let timer = Box::pin(tokio::time::sleep(idle));
         Body {
             kind: Kind::Upstream {
                 body,
                 metrics,
-                idle,
-                timer,
+                idle: Idle::new(idle),
             },
         }
     }
@@ -143,22 +184,31 @@ impl http_body::Body for Body {
                 Poll::Ready(None) => Poll::Ready(None),
                 Poll::Pending => Poll::Pending,
             },
-            Kind::Incoming(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            Kind::Incoming { body, idle } => match Pin::new(body).poll_frame(cx) {
+                Poll::Pending if idle.expired(cx) => Poll::Ready(Some(Err(format!(
+                    "client body silent for {:?}",
+                    idle.limit
+                )
+                .into()))),
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(f) => {
+                    idle.active();
+                    Poll::Ready(f.map(|f| f.map_err(Into::into)))
+                }
+            },
             Kind::Upstream {
                 body,
                 metrics,
                 idle,
-                timer,
             } => match Pin::new(body).poll_frame(cx) {
-                Poll::Pending => match timer.as_mut().poll(cx) {
-                    Poll::Ready(()) => Poll::Ready(Some(Err(format!(
-                        "upstream body silent for {idle:?}"
-                    )
-                    .into()))),
-                    Poll::Pending => Poll::Pending,
-                },
+                Poll::Pending if idle.expired(cx) => Poll::Ready(Some(Err(format!(
+                    "upstream body silent for {:?}",
+                    idle.limit
+                )
+                .into()))),
+                Poll::Pending => Poll::Pending,
                 Poll::Ready(f) => {
-                    timer.as_mut().reset(tokio::time::Instant::now() + *idle);
+                    idle.active();
                     if let Some(Ok(d)) = f.as_ref().map(|f| f.as_ref().map(|f| f.data_ref())) {
                         let n = d.map_or(0, |d| d.len() as u64);
                         metrics.upstream_bytes.fetch_add(n, Ordering::Relaxed);
@@ -178,7 +228,7 @@ impl http_body::Body for Body {
             Kind::Full(b) => b.as_ref().is_none_or(|b| b.is_empty()),
             Kind::Mapped { data, .. } => data.is_empty(),
             Kind::Stream { len, .. } => *len == Some(0),
-            Kind::Incoming(b) => b.is_end_stream(),
+            Kind::Incoming { body, .. } => body.is_end_stream(),
             Kind::Upstream { body, .. } => body.is_end_stream(),
         }
     }
@@ -190,7 +240,7 @@ impl http_body::Body for Body {
             Kind::Mapped { data, .. } => SizeHint::with_exact(data.len() as u64),
             Kind::Stream { len: Some(l), .. } => SizeHint::with_exact(*l),
             Kind::Stream { len: None, .. } => SizeHint::default(),
-            Kind::Incoming(b) => b.size_hint(),
+            Kind::Incoming { body, .. } => body.size_hint(),
             Kind::Upstream { body, .. } => body.size_hint(),
         }
     }

@@ -55,6 +55,21 @@ pub struct ServeArgs {
     #[arg(long, env = "REGPROXY_ADMIN_LISTEN")]
     pub admin_listen: Option<SocketAddr>,
 
+    /// Longest a connection, on either listener, may wait for a whole request
+    /// head: a new connection, and a kept-alive one between requests (hyper
+    /// starts this timer whenever a connection waits for a request, so it is
+    /// also the keep-alive idle timeout). Past it the connection is closed.
+    #[arg(long, env = "REGPROXY_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub header_read_timeout: Duration,
+
+    /// Most connections each listener (API, admin) holds open at once; a
+    /// connection past it is answered 503 and closed at once, and the
+    /// transfers already open are not touched. The default fits the pod's
+    /// 128Mi with room even if every API connection drives a cold fill
+    /// (README, Memory).
+    #[arg(long, env = "REGPROXY_MAX_CONNECTIONS", default_value_t = 512)]
+    pub max_connections: usize,
+
     /// PEM file of extra CA certificates trusted for an https upstream
     /// (added to the built-in Mozilla roots).
     #[arg(long, env = "REGPROXY_UPSTREAM_CA")]
@@ -116,6 +131,32 @@ pub struct ServeArgs {
     #[arg(long, env = "REGPROXY_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
 }
+
+impl ServeArgs {
+    /// Checks what clap's parsers cannot: values that parse but make no sense
+    /// together or would disable a guarantee.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.header_read_timeout.is_zero() {
+            return Err("--header-read-timeout must be longer than 0s: without it \
+                        a client that never finishes its headers holds a connection forever"
+                .into());
+        }
+        if self.upstream_timeout.is_zero() {
+            return Err("--upstream-timeout must be longer than 0s".into());
+        }
+        if !(1..=MAX_CONNECTIONS).contains(&self.max_connections) {
+            return Err(format!(
+                "--max-connections must be between 1 and {MAX_CONNECTIONS}, not {}",
+                self.max_connections
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Highest `--max-connections`: far past what one node's clients need, and
+/// what a 128Mi memory limit can hold (see the README's memory section).
+pub const MAX_CONNECTIONS: usize = 16_384;
 
 /// Accepts only `http` and `https` URLs with a host and no path, query or userinfo.
 pub fn parse_upstream(s: &str) -> Result<Uri, String> {
@@ -188,6 +229,23 @@ mod tests {
         assert!(parse_upstream("ftp://x").is_err());
         assert!(parse_upstream("http://u:p@x").is_err());
         assert!(parse_upstream("http://x/v2/").is_err());
+    }
+
+    #[test]
+    fn limits_are_validated() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["regproxy", "serve", "--upstream", "http://up:5000"];
+            argv.extend_from_slice(extra);
+            match Cli::try_parse_from(argv).expect("parses").command {
+                Command::Serve(a) => a.validate(),
+                Command::Hosts(_) => unreachable!(),
+            }
+        };
+        assert_eq!(parse(&[]), Ok(()), "the defaults are valid");
+        assert!(parse(&["--max-connections", "0"]).is_err());
+        assert!(parse(&["--max-connections", "100000"]).is_err());
+        assert!(parse(&["--header-read-timeout", "0s"]).is_err());
+        assert!(parse(&["--upstream-timeout", "0s"]).is_err());
     }
 
     #[test]

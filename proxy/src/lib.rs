@@ -10,6 +10,7 @@
 //! - [`cache`]: the content-addressed store on disk, its byte-weighted LRU
 //!   index, and single-flight fills that every reader follows while the bytes
 //!   arrive, verified against the digest before commit.
+//! - [`lock`]: one process per cache dir, an exclusive `flock` held while serving.
 //! - [`tags`]: tag → digest with a TTL, persisted, served stale when the
 //!   upstream is down.
 //! - [`auth`]: who may read cached content: the upstream's yes, remembered
@@ -34,6 +35,7 @@ pub mod config;
 pub mod digest;
 pub mod error;
 pub mod hosts;
+pub mod lock;
 pub mod metrics;
 pub mod resolve;
 pub mod server;

@@ -5,11 +5,22 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => {
+            // Before anything is bound or opened: one clear line, non-zero exit.
+            if let Err(e) = args.validate() {
+                eprintln!("regproxy serve: {e}");
+                std::process::exit(2);
+            }
             regproxy::server::init_tracing(&args);
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
-            rt.block_on(regproxy::server::serve(args))
+            // One line on stderr (the error and its causes), whatever
+            // RUST_BACKTRACE says: the pod's last log line.
+            if let Err(e) = rt.block_on(regproxy::server::serve(args)) {
+                eprintln!("regproxy serve: {e:#}");
+                std::process::exit(1);
+            }
+            Ok(())
         }
         Command::Hosts(args) => {
             // One line on stderr, for the init container's log.

@@ -71,6 +71,9 @@ pub struct Metrics {
     pub tags_stale_served: AtomicU64,
     pub auth_checks: AtomicU64,
     pub auth_denied: AtomicU64,
+    /// Connections answered 503 and closed because their listener was at
+    /// `--max-connections`.
+    pub connections_refused: AtomicU64,
 }
 
 impl Metrics {
@@ -216,6 +219,12 @@ impl Metrics {
             "counter",
             "Requests for cached content refused because the upstream refused the client.",
             g(&self.auth_denied),
+        );
+        one(
+            "regproxy_connections_refused_total",
+            "counter",
+            "Connections refused (503, closed) because their listener was at --max-connections.",
+            g(&self.connections_refused),
         );
         s
     }

@@ -1,6 +1,7 @@
 //! Listeners, the accept loops, the admin endpoints and graceful shutdown.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,7 +11,8 @@ use http::{header, Response, StatusCode};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 
 use crate::api::App;
@@ -20,6 +22,7 @@ use crate::tags::Tags;
 use crate::body::Body;
 use crate::cache::Cache;
 use crate::config::{LogFormat, ServeArgs};
+use crate::lock::CacheLock;
 use crate::metrics::Metrics;
 use crate::resolve::Resolver;
 
@@ -43,6 +46,10 @@ pub fn init_tracing(args: &ServeArgs) {
 /// Validates the configuration, opens the cache, binds, and serves until
 /// SIGTERM or SIGINT.
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    args.validate().map_err(anyhow::Error::msg)?;
+    // Before anything else: nothing in the dir is touched unless it is ours.
+    let _lock = CacheLock::acquire(&args.cache_dir)?;
+    raise_fd_limit(2 * args.max_connections as u64 + 1024);
     let metrics = Arc::new(Metrics::default());
     let via = instance_token();
     let resolver = Resolver::new(args.upstream_resolver)
@@ -112,9 +119,14 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         cache_size = args.cache_size,
         "regproxy listening"
     );
+    let limits = Limits {
+        header_read_timeout: args.header_read_timeout,
+        max_connections: args.max_connections,
+    };
     run(
         listener,
         admin,
+        limits,
         Arc::clone(&app),
         shutdown_signal(),
         args.shutdown_grace,
@@ -140,6 +152,30 @@ async fn save_allowed(app: &Arc<App>) {
     let a = Arc::clone(app);
     if let Ok(Err(e)) = tokio::task::spawn_blocking(move || a.auth.save()).await {
         tracing::warn!(error = %e, "could not save the remembered authorizations");
+    }
+}
+
+/// Raises the soft limit of open files to the hard one: each connection, fill
+/// and upstream connection takes a descriptor, and container runtimes often
+/// start processes with a soft limit of 1024. Warns when even the hard limit
+/// is below `want`.
+fn raise_fd_limit(want: u64) {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut l = getrlimit(Resource::Nofile);
+    if l.current != l.maximum {
+        l.current = l.maximum;
+        if let Err(e) = setrlimit(Resource::Nofile, l) {
+            tracing::warn!(error = %e, "cannot raise the open files limit");
+        }
+    }
+    let now = getrlimit(Resource::Nofile).current;
+    if now.is_some_and(|n| n < want) {
+        tracing::warn!(
+            limit = now,
+            want,
+            "the open files limit is low for --max-connections on two listeners; \
+             connections past it fail to be accepted"
+        );
     }
 }
 
@@ -197,12 +233,95 @@ async fn shutdown_signal() {
     }
 }
 
+/// What keeps a listener from being starved by slow or idle clients; both
+/// listeners get the same.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Longest wait for a whole request head, and so the keep-alive idle
+    /// timeout too: hyper 1.x starts this timer whenever a connection waits
+    /// for a request (`proto/h1/conn.rs`, `poll_read_head`), a fresh one or
+    /// a kept-alive one whose last response is done.
+    pub header_read_timeout: Duration,
+    /// Connections a listener holds at once; one more is answered 503 and
+    /// closed.
+    pub max_connections: usize,
+}
+
+/// Largest read buffer of a client connection (hyper's minimum is 8 KiB).
+/// It bounds a request head (hyper answers 431 past it) and what a
+/// connection holds of a push body it relays, so that `--max-connections`
+/// idle or slow connections cost a known amount of memory.
+const CONN_READ_BUF: usize = 16 << 10;
+
+/// The answer to a connection past the cap, written without reading its
+/// request: the client learns why instead of seeing a bare close.
+const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nconnection: close\r\n\
+content-type: text/plain\r\ncontent-length: 28\r\nretry-after: 1\r\n\r\n\
+too many connections, retry\n";
+
+/// A listener and its connection cap.
+struct Listener {
+    inner: TcpListener,
+    limits: Limits,
+    slots: Arc<Semaphore>,
+    /// Which listener, for logs.
+    name: &'static str,
+}
+
+impl Listener {
+    fn new(inner: TcpListener, limits: Limits, name: &'static str) -> Listener {
+        Listener {
+            inner,
+            limits,
+            slots: Arc::new(Semaphore::new(limits.max_connections)),
+            name,
+        }
+    }
+
+    /// The next connection that fits under the cap, with the permit that
+    /// holds its place until it ends. Connections past the cap are answered
+    /// 503 and closed here; failures to accept (out of descriptors) back off.
+    async fn accept(&self, metrics: &Metrics) -> (TcpStream, SocketAddr, OwnedSemaphorePermit) {
+        loop {
+            let (stream, peer) = match self.inner.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off, keep serving.
+                    tracing::warn!(listener = self.name, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            match Arc::clone(&self.slots).try_acquire_owned() {
+                Ok(permit) => return (stream, peer, permit),
+                Err(_) => {
+                    metrics.connections_refused.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(listener = self.name, client.addr = %peer, "connection refused: at --max-connections");
+                    // Fits in any socket buffer; whatever the client sees, the
+                    // connection is closed on drop.
+                    let _ = stream.try_write(BUSY);
+                }
+            }
+        }
+    }
+
+    /// hyper's HTTP/1 server settings for this listener's connections.
+    fn http1(&self) -> hyper::server::conn::http1::Builder {
+        let mut b = hyper::server::conn::http1::Builder::new();
+        b.timer(TokioTimer::new())
+            .header_read_timeout(self.limits.header_read_timeout)
+            .max_buf_size(CONN_READ_BUF);
+        b
+    }
+}
+
 /// Serves the API on `listener` (and the admin endpoints on `admin`) until
 /// `shutdown` completes; then stops accepting, reports not-ready, and lets
 /// transfers in flight finish for at most `grace`.
 pub async fn run(
     listener: TcpListener,
     admin: Option<TcpListener>,
+    limits: Limits,
     app: Arc<App>,
     shutdown: impl Future<Output = ()>,
     grace: Duration,
@@ -213,21 +332,15 @@ pub async fn run(
         if let Ok(a) = l.local_addr() {
             tracing::info!(addr = %a, "admin listening");
         }
+        let l = Listener::new(l, limits, "admin");
         tokio::spawn(admin_loop(l, Arc::clone(&app), Arc::clone(&ready)))
     });
+    let listener = Listener::new(listener, limits, "api");
     tokio::pin!(shutdown);
     loop {
-        let (stream, peer) = tokio::select! {
+        let (stream, peer, permit) = tokio::select! {
             _ = &mut shutdown => break,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off, keep serving.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            c = listener.accept(&app.metrics) => c,
         };
         let _ = stream.set_nodelay(true);
         let app = Arc::clone(&app);
@@ -235,16 +348,14 @@ pub async fn run(
             let app = Arc::clone(&app);
             async move { Ok::<_, std::convert::Infallible>(app.handle(req).await) }
         });
-        let conn = hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(Duration::from_secs(30))
-            .serve_connection(TokioIo::new(stream), svc);
+        let conn = listener.http1().serve_connection(TokioIo::new(stream), svc);
         let conn = graceful.watch(conn);
         tokio::spawn(
             async move {
                 if let Err(e) = conn.await {
                     tracing::debug!(error = %e, "connection ended with an error");
                 }
+                drop(permit);
             }
             .instrument(tracing::debug_span!("conn", client.addr = %peer)),
         );
@@ -270,23 +381,21 @@ pub async fn run(
     }
 }
 
-async fn admin_loop(listener: TcpListener, app: Arc<App>, ready: Arc<AtomicBool>) {
+/// The admin endpoints, with the same limits as the API: a flood of slow
+/// connections here must not take `/healthz` away from kubelet for longer
+/// than the header timeout.
+async fn admin_loop(listener: Listener, app: Arc<App>, ready: Arc<AtomicBool>) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            // Out of descriptors: do not spin.
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        };
-
+        let (stream, _, permit) = listener.accept(&app.metrics).await;
         let (app, ready) = (Arc::clone(&app), Arc::clone(&ready));
         let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
             let resp = admin_response(req.uri().path(), &app, ready.load(Ordering::SeqCst));
             async move { Ok::<_, std::convert::Infallible>(resp) }
         });
+        let conn = listener.http1().serve_connection(TokioIo::new(stream), svc);
         tokio::spawn(async move {
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            let _ = conn.await;
+            drop(permit);
         });
     }
 }

@@ -39,6 +39,12 @@ const FORWARDED: [HeaderName; 5] = [
     header::VIA,
 ];
 
+/// Largest read buffer of an upstream connection (hyper's default is about
+/// 400 KiB). A fill in flight holds its connection's buffer, so this times
+/// the fills in flight is memory outside the fills' shared budget
+/// (`cache::fill::BUFFER_BUDGET`): keep it small.
+pub const READ_BUF: usize = 64 << 10;
+
 /// How many redirects a blob GET follows (S3, GCS and CDN storage redirect).
 const MAX_REDIRECTS: usize = 5;
 
@@ -116,6 +122,7 @@ impl Upstream {
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(64)
+            .http1_max_buf_size(READ_BUF)
             .build(https);
         Ok(Upstream {
             client,

@@ -178,10 +178,13 @@ async fn a_broken_uplink_is_resumed_with_a_range_request() {
         "the resume fetched only the missing part, not the whole blob again ({} bytes)",
         m["regproxy_upstream_bytes_total"]
     );
-    assert!(
-        proxy.cache_path(&d).exists(),
-        "the resumed blob is verified and cached"
-    );
+    // The last byte goes out once the fill is verified; the rename into the
+    // cache follows on the blocking pool, so it may come a moment later.
+    wait_until(
+        || proxy.cache_path(&d).exists(),
+        "the resumed blob is verified and cached",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

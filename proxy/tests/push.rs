@@ -203,3 +203,85 @@ async fn monolithic_uploads_and_cross_repo_mounts_pass_through() {
     .await;
     assert_eq!(st, StatusCode::ACCEPTED, "a DELETE is relayed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_body_that_stalls_is_ended_and_its_upstream_request_aborted() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // An upstream that takes the request and never answers: it only notes
+    // when the proxy's connection to it closes.
+    let up = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up_addr = up.local_addr().unwrap();
+    let (closed_tx, mut closed_rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = up.accept().await else {
+                return;
+            };
+            let tx = closed_tx.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 << 10];
+                let mut got = 0usize;
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => got += n,
+                    }
+                }
+                let _ = tx.send((std::time::Instant::now(), got));
+            });
+        }
+    });
+
+    let cache = TempDir::new("cache");
+    let proxy = Proxy::start(
+        &format!("http://{up_addr}"),
+        cache.path(),
+        &["--upstream-timeout", "2s"],
+    );
+    let mut client = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    client
+        .write_all(
+            b"PATCH /v2/team/stall/blobs/uploads/0f1e2d HTTP/1.1\r\nhost: x\r\n\
+              content-type: application/octet-stream\r\ncontent-length: 1048576\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    client.write_all(&[7u8; 4096]).await.unwrap();
+    let stalled = std::time::Instant::now();
+
+    // The proxy gives up on the silent client within the timeout and a margin.
+    let mut answer = Vec::new();
+    let ended = tokio::time::timeout(
+        std::time::Duration::from_secs(8),
+        client.read_to_end(&mut answer),
+    )
+    .await;
+    assert!(
+        ended.is_ok(),
+        "a push body silent for --upstream-timeout should end the request"
+    );
+    let waited = stalled.elapsed();
+    assert!(
+        waited >= std::time::Duration::from_millis(1800),
+        "the client should be given the whole timeout, it was cut after {waited:?}"
+    );
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 5"),
+        "the stalled push should end in an error, not a success: {answer}"
+    );
+
+    // And the upstream request was aborted, not left open.
+    let (closed, got) = tokio::time::timeout(std::time::Duration::from_secs(5), closed_rx.recv())
+        .await
+        .expect("the upstream connection of a stalled push should be closed")
+        .unwrap();
+    assert!(
+        got > 0,
+        "the upstream should have seen the request before it was aborted"
+    );
+    assert!(
+        closed.duration_since(stalled) < std::time::Duration::from_secs(8),
+        "the upstream request should be aborted within the timeout and a margin"
+    );
+}

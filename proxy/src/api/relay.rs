@@ -29,7 +29,12 @@ impl App {
         let resp = match body {
             Some(b) if m != Method::GET && m != Method::HEAD => {
                 self.upstream
-                    .send_body(m, pq, &parts.headers, Body::incoming(b))
+                    .send_body(
+                        m,
+                        pq,
+                        &parts.headers,
+                        Body::incoming(b, self.upstream.timeout()),
+                    )
                     .await?
             }
             _ => self.upstream.send(m, pq, &parts.headers, &[]).await?,

@@ -33,9 +33,22 @@ use crate::upstream::Upstream;
 
 /// Readers take at most this much per frame from a fill in flight.
 const FOLLOW_CHUNK: u64 = 1 << 20;
-/// Upstream bytes gathered before one write to the temp file. With the batch
-/// in flight, a fill holds at most twice this in memory.
+/// Upstream bytes gathered before one write to the temp file, when the
+/// budget allows: few large writes while memory is plentiful.
 const WRITE_BATCH: usize = 256 << 10;
+/// Bytes that all fills together may hold between the upstream socket and
+/// the temp file (gathering, or on their way to disk), whatever the number
+/// of fills. Past half of it, fills stop gathering and write each chunk as
+/// it comes; when it is spent, a fill waits for room before it takes the
+/// next chunk off its connection, so the upstream is slowed by TCP instead
+/// of memory growing. Chunks are at most the upstream client's read buffer
+/// (`upstream::READ_BUF`), so a fill never waits for more than exists.
+pub const BUFFER_BUDGET: usize = 16 << 20;
+/// Below this many free bytes of the budget, fills write chunk by chunk.
+const GATHER_FLOOR: usize = BUFFER_BUDGET / 2;
+
+/// The process-wide budget of [`BUFFER_BUDGET`] bytes, in permits of a byte.
+static BUFFERS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(BUFFER_BUDGET);
 /// Error bodies relayed from upstream are cut at this size.
 const MAX_RELAY_BODY: usize = 64 << 10;
 
@@ -293,6 +306,7 @@ pub async fn run(cache: Arc<Cache>, upstream: Arc<Upstream>, fill: Arc<Fill>, re
         written_pending: 0,
         batch: Vec::new(),
         batch_len: 0,
+        batch_room: None,
     };
     let mut body = resp.into_body();
     let mut resumes = 0;
@@ -411,8 +425,18 @@ fn backoff(attempt: u32) -> Duration {
     Duration::from_millis(200 * (1 << attempt.min(5)))
 }
 
+/// Room in [`BUFFERS`] for `n` bytes held in memory; waits while the budget
+/// is spent (waiters are served first come, first served).
+async fn room_for(n: usize) -> tokio::sync::SemaphorePermit<'static> {
+    BUFFERS
+        .acquire_many(n.min(BUFFER_BUDGET) as u32)
+        .await
+        .expect("the budget is never closed")
+}
+
 /// Writes upstream chunks to the temp file in batches, hashing them on the
-/// blocking pool while the next batch is read from the network.
+/// blocking pool while the next batch is read from the network. Every byte
+/// it holds is counted in [`BUFFERS`].
 struct Writer {
     file: Arc<File>,
     /// Taken by a batch in flight, returned when it is written.
@@ -424,6 +448,8 @@ struct Writer {
     written_pending: u64,
     batch: Vec<Bytes>,
     batch_len: usize,
+    /// The budget held by `batch`; it goes with the batch to disk.
+    batch_room: Option<tokio::sync::SemaphorePermit<'static>>,
 }
 
 impl Writer {
@@ -439,9 +465,22 @@ impl Writer {
         size: u64,
         data: &Bytes,
     ) -> std::io::Result<()> {
+        let room = match BUFFERS.try_acquire_many(chunk.len().min(BUFFER_BUDGET) as u32) {
+            Ok(p) => p,
+            Err(_) => {
+                // The budget is spent: give back what this fill holds (its
+                // bytes go to disk), then wait for room for this chunk.
+                self.flush(fill, size, data).await?;
+                room_for(chunk.len()).await
+            }
+        };
+        match &mut self.batch_room {
+            Some(r) => r.merge(room),
+            None => self.batch_room = Some(room),
+        }
         self.batch_len += chunk.len();
         self.batch.push(chunk);
-        if self.batch_len >= WRITE_BATCH {
+        if self.batch_len >= WRITE_BATCH || BUFFERS.available_permits() < GATHER_FLOOR {
             self.start_batch(fill, size, data).await?;
         }
         Ok(())
@@ -456,6 +495,7 @@ impl Writer {
         }
         let batch = std::mem::take(&mut self.batch);
         let len = std::mem::take(&mut self.batch_len) as u64;
+        let room = self.batch_room.take();
         let mut hasher = self.hasher.take().expect("one batch at a time");
         let file = Arc::clone(&self.file);
         let mut off = self.written;
@@ -466,6 +506,8 @@ impl Writer {
                 hasher.update(b);
                 off += b.len() as u64;
             }
+            // The bytes are on disk: their room goes back to the budget.
+            drop((batch, room));
             Ok((hasher, len))
         }));
         Ok(())

@@ -208,6 +208,28 @@ impl Registry {
             .count()
     }
 
+    /// Stores `data` as a blob of `repo` the way the registry's filesystem
+    /// driver lays out a pushed blob (the content, and the repository's link
+    /// to it): the same as a push, without sending the bytes through HTTP.
+    /// Returns its digest.
+    pub fn put_blob_files(&self, repo: &str, data: &[u8]) -> String {
+        let digest = sha256_digest(data);
+        let hex = digest.strip_prefix("sha256:").unwrap();
+        let data_path = self.blob_data_path(&digest);
+        std::fs::create_dir_all(data_path.parent().unwrap()).unwrap();
+        std::fs::write(&data_path, data).unwrap();
+        let link = self
+            .dir
+            .path()
+            .join("data/docker/registry/v2/repositories")
+            .join(repo)
+            .join("_layers/sha256")
+            .join(hex);
+        std::fs::create_dir_all(&link).unwrap();
+        std::fs::write(link.join("link"), &digest).unwrap();
+        digest
+    }
+
     /// Where the registry keeps the bytes of blob `digest`.
     pub fn blob_data_path(&self, digest: &str) -> PathBuf {
         let hex = digest.strip_prefix("sha256:").unwrap();
@@ -556,6 +578,8 @@ struct GateState {
     /// The connection that reached the budget first (0: none yet); only it
     /// is held, so other requests still reach the upstream.
     held: AtomicU64,
+    /// Response bytes per second each connection may pass; 0: unlimited.
+    rate: AtomicU64,
 }
 
 impl Gate {
@@ -568,6 +592,7 @@ impl Gate {
             cut: false.into(),
             conns: AtomicU64::new(0),
             held: AtomicU64::new(0),
+            rate: AtomicU64::new(0),
         });
         let st = Arc::clone(&state);
         tokio::spawn(async move {
@@ -591,13 +616,28 @@ impl Gate {
                     // The budget is checked as bytes go out, not when a read
                     // starts: a pooled connection may already be waiting in
                     // `read` when a test sets the budget.
+                    let (started, mut sent) = (tokio::time::Instant::now(), 0u64);
                     'conn: loop {
-                        let n = match ur.read(&mut buf).await {
+                        let rate = st.rate.load(Ordering::SeqCst);
+                        // Small steps when paced, so the pace is smooth.
+                        let step = if rate > 0 {
+                            ((rate / 50).max(1024) as usize).min(buf.len())
+                        } else {
+                            buf.len()
+                        };
+                        let n = match ur.read(&mut buf[..step]).await {
                             Ok(0) | Err(_) => break,
                             Ok(n) => n,
                         };
                         let mut off = 0;
                         while off < n {
+                            let rate = st.rate.load(Ordering::SeqCst);
+                            if rate > 0 {
+                                // Pace this connection: no byte before its time.
+                                let due =
+                                    started + Duration::from_secs_f64(sent as f64 / rate as f64);
+                                tokio::time::sleep_until(due).await;
+                            }
                             let passed = st.passed.load(Ordering::SeqCst);
                             let budget = st.budget.load(Ordering::SeqCst);
                             let held = st.held.load(Ordering::SeqCst);
@@ -636,6 +676,7 @@ impl Gate {
                                 );
                             }
                             st.passed.fetch_add(room as u64, Ordering::SeqCst);
+                            sent += room as u64;
                             if dw.write_all(&buf[off..off + room]).await.is_err() {
                                 break 'conn;
                             }
@@ -665,6 +706,12 @@ impl Gate {
     pub fn cut_after(&self, n: u64) {
         self.state.cut.store(true, Ordering::SeqCst);
         self.hold_after(n);
+    }
+
+    /// Paces every connection, those open and those to come, to
+    /// `bytes_per_sec` of response bytes (0: unlimited).
+    pub fn throttle(&self, bytes_per_sec: u64) {
+        self.state.rate.store(bytes_per_sec, Ordering::SeqCst);
     }
 
     pub fn open(&self) {
@@ -907,4 +954,74 @@ pub fn succeeded(out: Output, what: &str) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap()
+}
+
+/// Raises this process's soft limit of open files to its hard limit: tests
+/// that hold a thousand connections need more than a default 1024.
+pub fn raise_fd_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut l = getrlimit(Resource::Nofile);
+    l.current = l.maximum;
+    setrlimit(Resource::Nofile, l).expect("the soft limit can rise to the hard one");
+}
+
+/// Anonymous resident memory of process `pid` (`RssAnon` in
+/// `/proc/<pid>/status`), in bytes.
+pub fn rss_anon(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("RssAnon:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib << 10)
+}
+
+/// Samples a process's `RssAnon` on a thread of its own, every few
+/// milliseconds, until dropped or asked for the peak.
+pub struct RssSampler {
+    peak: Arc<AtomicU64>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RssSampler {
+    pub fn start(pid: u32) -> RssSampler {
+        let peak = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (p, s) = (Arc::clone(&peak), Arc::clone(&stop));
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::SeqCst) {
+                match rss_anon(pid) {
+                    Some(r) => {
+                        p.fetch_max(r, Ordering::SeqCst);
+                    }
+                    None => return,
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        RssSampler {
+            peak,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// The highest value seen so far.
+    pub fn peak(&self) -> u64 {
+        self.peak.load(Ordering::SeqCst)
+    }
+
+    /// Stops sampling; returns the peak.
+    pub fn finish(mut self) -> u64 {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.peak()
+    }
+}
+
+impl Drop for RssSampler {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
 }
