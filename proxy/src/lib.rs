@@ -14,9 +14,9 @@
 //! - [`tags`]: tag → digest with a TTL, persisted, served stale when the
 //!   upstream is down.
 //! - [`auth`]: who may read cached content: the upstream's yes, remembered
-//!   per credential and repository for a short time.
+//!   per credential, repository and digest (as keyed hashes), and whether
+//!   the upstream lets anyone in.
 //! - [`upstream`]: the HTTP(S) client to the real registry, timeouts, redirects.
-
 //! - [`digest`]: digests, repository names and references, parsed strictly.
 //! - [`error`]: typed errors and their OCI error responses, in one place.
 //! - [`body`]: the response body type.
