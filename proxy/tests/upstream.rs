@@ -1,16 +1,19 @@
 //! What the proxy makes of upstream answers a real registry does not give: a
 //! 401 without a challenge, and redirects to places the proxy must not go or
-//! whose signatures must not reach its log. The upstream is a scripted stub;
-//! the proxy is the real binary.
+//! whose signatures must not reach its log. The upstream is a scripted stub
+//! (nginx in a network namespace of the test's own where it must be off
+//! loopback); the proxy is the real binary.
 
 mod support;
 
-use std::process::Command;
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Stdio};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Method, StatusCode};
+use support::netns::Netns;
 use support::stub::{answer, Stub};
 use support::*;
 
@@ -164,19 +167,94 @@ async fn a_redirect_to_the_proxy_itself_is_refused() {
     );
 }
 
-/// An IPv4 address of this machine that is not loopback.
-fn non_loopback_ipv4() -> String {
-    let out = Command::new("ip")
-        .args(["-4", "-o", "addr", "show", "scope", "global"])
-        .output()
-        .expect("iproute2 is installed");
-    let out = String::from_utf8_lossy(&out.stdout);
-    out.split_whitespace()
-        .skip_while(|w| *w != "inet")
-        .nth(1)
-        .and_then(|a| a.split('/').next())
-        .map(str::to_owned)
-        .expect("this test needs an IPv4 address other than loopback on this machine")
+/// nginx inside `ns`, listening on the namespace's end of its link: a peer
+/// off loopback whose redirects are `locations` (nginx `location` blocks).
+/// One process (`master_process off`), so killing it on drop stops it; its
+/// pid file, logs and temp paths are in a temp dir.
+struct NginxInNs {
+    addr: SocketAddr,
+    dir: TempDir,
+    child: Child,
+}
+
+impl NginxInNs {
+    fn start(ns: &Netns, locations: &str) -> NginxInNs {
+        let dir = TempDir::new("nginx");
+        // The namespace is new, so every port in it is free.
+        let addr = SocketAddr::from((ns.ns_ip, 5000));
+        let conf = dir.path().join("nginx.conf");
+        let conf_text = format!(
+            r#"daemon off;
+master_process off;
+pid {p}/nginx.pid;
+error_log {p}/error.log info;
+events {{ worker_connections 64; }}
+http {{
+  access_log {p}/access.log;
+  client_body_temp_path {p}/body;
+  proxy_temp_path {p}/proxy;
+  fastcgi_temp_path {p}/fastcgi;
+  uwsgi_temp_path {p}/uwsgi;
+  scgi_temp_path {p}/scgi;
+  server {{
+    listen {addr};
+{locations}
+    location / {{ return 404; }}
+  }}
+}}
+"#,
+            p = dir.path().display(),
+        );
+        std::fs::write(&conf, conf_text).unwrap();
+        let out = std::fs::File::create(dir.path().join("nginx.out")).unwrap();
+        let mut child = ns
+            .command("nginx")
+            .arg("-p")
+            .arg(dir.path())
+            .arg("-e")
+            .arg(dir.path().join("error.log"))
+            .arg("-c")
+            .arg(&conf)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("nginx is installed (scripts/deps.sh)");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+            if let Ok(Some(st)) = child.try_wait() {
+                panic!(
+                    "nginx in {} exited with {st}:\n{}{}",
+                    ns.name,
+                    std::fs::read_to_string(dir.path().join("nginx.out")).unwrap_or_default(),
+                    std::fs::read_to_string(dir.path().join("error.log")).unwrap_or_default()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nginx in {} did not listen on {addr} within 20s",
+                ns.name
+            );
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        NginxInNs { addr, dir, child }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The access log's lines so far.
+    fn access_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("access.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for NginxInNs {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -188,21 +266,18 @@ async fn an_upstream_off_loopback_cannot_redirect_onto_it() {
     let inside = Stub::start("127.0.0.1:0", move |_| answer(200, &[], &data)).await;
     let port = inside.addr.port();
     let by_name = sha256_digest(b"redirected to a name for loopback");
-    let (d2, n2) = (d.clone(), by_name.clone());
-    let up = Stub::start("0.0.0.0:0", move |req| {
-        let p = req.uri().path();
-        if p == format!("/v2/team/app/blobs/{d2}") {
-            let to = format!("http://127.0.0.1:{port}/{d2}");
-            answer(307, &[("location", &to)], b"")
-        } else if p == format!("/v2/team/app/blobs/{n2}") {
-            let to = format!("http://localhost:{port}/{n2}");
-            answer(307, &[("location", &to)], b"")
-        } else {
-            answer(404, &[], b"")
-        }
-    })
-    .await;
-    let upstream = format!("http://{}:{}", non_loopback_ipv4(), up.addr.port());
+    // The upstream is off loopback: in a namespace of the test's own, at the
+    // far end of a veth pair.
+    let ns = Netns::create();
+    let blobs = "/v2/team/app/blobs";
+    let up = NginxInNs::start(
+        &ns,
+        &format!(
+            "location = {blobs}/{d} {{ return 307 http://127.0.0.1:{port}/{d}; }}\n\
+             location = {blobs}/{by_name} {{ return 307 http://localhost:{port}/{by_name}; }}"
+        ),
+    );
+    let upstream = up.url();
     let cache = TempDir::new("cache");
     let proxy = Proxy::start(&upstream, cache.path(), &[]);
 
@@ -217,10 +292,19 @@ async fn an_upstream_off_loopback_cannot_redirect_onto_it() {
             "a redirect from {upstream} to {what} should be refused"
         );
     }
-    assert!(
-        up.requests().iter().any(|r| r.contains(&by_name)),
-        "the upstream was asked, and answered with its redirect"
-    );
+    // nginx logs a request once it has answered it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for digest in [&d, &by_name] {
+        let asked = format!("\"GET /v2/team/app/blobs/{digest} HTTP/1.1\" 307 ");
+        while !up.access_log().contains(&asked) {
+            assert!(
+                Instant::now() < deadline,
+                "the upstream was asked for {digest}, and answered with its redirect; its access log:\n{}",
+                up.access_log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
     assert!(
         inside.requests().is_empty(),
         "nothing on loopback should have been asked: {:?}",
