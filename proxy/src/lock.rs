@@ -77,9 +77,15 @@ impl CacheLock {
             }
             Err(e) => return Err(io(e.into())),
         }
-        file.set_len(0).map_err(io)?;
-        file.seek(SeekFrom::Start(0)).map_err(io)?;
-        writeln!(file, "{}", std::process::id()).map_err(io)?;
+        // The pid is only for the message a second process prints: failing
+        // to write it (a full disk) is no reason not to serve.
+        let written = file
+            .set_len(0)
+            .and_then(|()| file.seek(SeekFrom::Start(0)))
+            .and_then(|_| writeln!(file, "{}", std::process::id()));
+        if let Err(e) = written {
+            tracing::warn!(path = %path.display(), error = %e, "could not write our pid into the lock file");
+        }
         Ok(CacheLock { _file: file })
     }
 }

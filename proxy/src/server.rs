@@ -48,7 +48,7 @@ pub fn init_tracing(args: &ServeArgs) {
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     args.validate().map_err(anyhow::Error::msg)?;
     // Before anything else: nothing in the dir is touched unless it is ours.
-    let _lock = CacheLock::acquire(&args.cache_dir)?;
+    let lock = CacheLock::acquire(&args.cache_dir)?;
     raise_fd_limit(2 * args.max_connections as u64 + 1024);
     let metrics = Arc::new(Metrics::default());
     let via = instance_token();
@@ -133,6 +133,10 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     )
     .await;
     save_allowed(&app).await;
+    // Fills past the grace period and their commits end only with the
+    // runtime: the lock is held until the process exits, so that no
+    // successor sweeps a dir this process still writes.
+    std::mem::forget(lock);
     Ok(())
 }
 
@@ -242,9 +246,27 @@ pub struct Limits {
     /// for a request (`proto/h1/conn.rs`, `poll_read_head`), a fresh one or
     /// a kept-alive one whose last response is done.
     pub header_read_timeout: Duration,
-    /// Connections a listener holds at once; one more is answered 503 and
-    /// closed.
+    /// Connections a listener holds at once. Past it, the API listener
+    /// leaves new connections waiting in the kernel's backlog until one
+    /// ends (clients do not retry a refusal); the admin listener answers
+    /// them 503, except the node's own (see [`LOCAL_RESERVE`]).
     pub max_connections: usize,
+}
+
+/// Admin connections kept for clients on the listener's own address: on a
+/// node, kubelet's probes come from the node's address to the node's
+/// address, while a flood from other pods comes from theirs. So a flood of
+/// the admin port fails no probe.
+const LOCAL_RESERVE: usize = 8;
+
+/// What a listener does with a connection past its cap.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PastCap {
+    /// Leave it in the backlog until a slot frees.
+    Wait,
+    /// Answer 503 and close it, unless it comes from the listener's own
+    /// address and a reserved slot is free.
+    Refuse,
 }
 
 /// Largest read buffer of a client connection (hyper's minimum is 8 KiB).
@@ -264,24 +286,45 @@ struct Listener {
     inner: TcpListener,
     limits: Limits,
     slots: Arc<Semaphore>,
+    past_cap: PastCap,
+    /// Slots only clients on the listener's own address may take.
+    reserve: Arc<Semaphore>,
     /// Which listener, for logs.
     name: &'static str,
 }
 
 impl Listener {
-    fn new(inner: TcpListener, limits: Limits, name: &'static str) -> Listener {
+    fn new(inner: TcpListener, limits: Limits, past_cap: PastCap, name: &'static str) -> Listener {
+        let reserved = if past_cap == PastCap::Refuse {
+            LOCAL_RESERVE
+        } else {
+            0
+        };
         Listener {
             inner,
             limits,
             slots: Arc::new(Semaphore::new(limits.max_connections)),
+            past_cap,
+            reserve: Arc::new(Semaphore::new(reserved)),
             name,
         }
     }
 
     /// The next connection that fits under the cap, with the permit that
-    /// holds its place until it ends. Connections past the cap are answered
-    /// 503 and closed here; failures to accept (out of descriptors) back off.
+    /// holds its place until it ends. Failures to accept (out of
+    /// descriptors) back off.
     async fn accept(&self, metrics: &Metrics) -> (TcpStream, SocketAddr, OwnedSemaphorePermit) {
+        // Past the cap, wait before accepting: the connection waits in the
+        // backlog, and is served as soon as another ends.
+        let mut waited = match self.past_cap {
+            PastCap::Wait => Some(
+                Arc::clone(&self.slots)
+                    .acquire_owned()
+                    .await
+                    .expect("the semaphore is never closed"),
+            ),
+            PastCap::Refuse => None,
+        };
         loop {
             let (stream, peer) = match self.inner.accept().await {
                 Ok(x) => x,
@@ -292,7 +335,17 @@ impl Listener {
                     continue;
                 }
             };
-            match Arc::clone(&self.slots).try_acquire_owned() {
+            if let Some(permit) = waited.take() {
+                return (stream, peer, permit);
+            }
+            let own = self.inner.local_addr().is_ok_and(|l| l.ip() == peer.ip());
+            let permit = Arc::clone(&self.slots)
+                .try_acquire_owned()
+                .or_else(|e| match own {
+                    true => Arc::clone(&self.reserve).try_acquire_owned(),
+                    false => Err(e),
+                });
+            match permit {
                 Ok(permit) => return (stream, peer, permit),
                 Err(_) => {
                     metrics.connections_refused.fetch_add(1, Ordering::Relaxed);
@@ -332,10 +385,10 @@ pub async fn run(
         if let Ok(a) = l.local_addr() {
             tracing::info!(addr = %a, "admin listening");
         }
-        let l = Listener::new(l, limits, "admin");
+        let l = Listener::new(l, limits, PastCap::Refuse, "admin");
         tokio::spawn(admin_loop(l, Arc::clone(&app), Arc::clone(&ready)))
     });
-    let listener = Listener::new(listener, limits, "api");
+    let listener = Listener::new(listener, limits, PastCap::Wait, "api");
     tokio::pin!(shutdown);
     loop {
         let (stream, peer, permit) = tokio::select! {
@@ -381,9 +434,9 @@ pub async fn run(
     }
 }
 
-/// The admin endpoints, with the same limits as the API: a flood of slow
-/// connections here must not take `/healthz` away from kubelet for longer
-/// than the header timeout.
+/// The admin endpoints, with the same limits as the API, and slots kept for
+/// the node itself: a flood of connections from elsewhere takes no probe
+/// away from kubelet.
 async fn admin_loop(listener: Listener, app: Arc<App>, ready: Arc<AtomicBool>) {
     loop {
         let (stream, _, permit) = listener.accept(&app.metrics).await;

@@ -1,6 +1,7 @@
 //! Listeners that cannot be starved: a header timeout that also closes idle
-//! kept-alive connections, a connection cap that refuses what is past it
-//! without touching transfers in flight; and one process per cache dir.
+//! kept-alive connections, a connection cap that holds what is past it
+//! without touching transfers in flight, places on the admin port that a
+//! flood from elsewhere cannot take; and one process per cache dir.
 
 mod support;
 
@@ -139,7 +140,7 @@ async fn an_idle_kept_alive_connection_is_closed_after_the_header_timeout() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn past_the_cap_connections_are_refused_and_a_transfer_in_flight_is_untouched() {
+async fn past_the_cap_connections_wait_and_a_transfer_in_flight_is_untouched() {
     let reg = Registry::start();
     let gate = Gate::start(reg.addr).await;
     let data = blob(4 << 20, 81);
@@ -170,20 +171,38 @@ async fn past_the_cap_connections_are_refused_and_a_transfer_in_flight_is_untouc
     for _ in 0..3 {
         idle.push(TcpStream::connect(proxy.addr).await.unwrap());
     }
-    // The proxy accepts in order: once the fifth is refused, the three
-    // before it hold their places.
+    // A fifth waits in the backlog, unanswered, until a place frees:
+    // clients do not retry a refusal, so none is made.
     let mut fifth = TcpStream::connect(proxy.addr).await.unwrap();
-    let mut answer = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), fifth.read_to_end(&mut answer))
+    fifth
+        .write_all(b"GET /v2/ HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
         .await
-        .expect("a connection past the cap should be closed at once")
         .unwrap();
+    let mut answer = Vec::new();
     assert!(
-        answer.starts_with(b"HTTP/1.1 503"),
-        "a connection past the cap should be told 503, got {:?}",
+        tokio::time::timeout(Duration::from_secs(1), fifth.read_to_end(&mut answer))
+            .await
+            .is_err(),
+        "a connection past the cap waits, neither answered nor closed: {:?}",
         String::from_utf8_lossy(&answer)
     );
-    assert!(proxy.metric("regproxy_connections_refused_total").await >= 1);
+
+    // Once the idle connections are gone, it is served.
+    drop(idle);
+    tokio::time::timeout(Duration::from_secs(10), fifth.read_to_end(&mut answer))
+        .await
+        .expect("the waiting connection is served once a place frees")
+        .unwrap();
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "the waiting connection gets its answer, got {:?}",
+        String::from_utf8_lossy(&answer)
+    );
+    assert_eq!(
+        proxy.metric("regproxy_connections_refused_total").await,
+        0,
+        "the API refuses no connection"
+    );
 
     // The transfer in flight goes on to the end, every byte right.
     gate.open();
@@ -198,27 +217,51 @@ async fn past_the_cap_connections_are_refused_and_a_transfer_in_flight_is_untouc
         digest,
         "the transfer in flight should deliver its blob whole"
     );
+}
 
-    // Once the idle connections are gone, there is room again.
-    drop(idle);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let mut s = TcpStream::connect(proxy.addr).await.unwrap();
-        let req = format!(
-            "GET /v2/team/cap/blobs/{digest} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
-        );
-        let _ = s.write_all(req.as_bytes()).await;
-        let mut got = Vec::new();
-        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut got)).await;
-        if got.starts_with(b"HTTP/1.1 200") {
-            break;
-        }
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_the_admin_port_from_elsewhere_leaves_the_nodes_own_probes_a_place() {
+    raise_fd_limit();
+    let cache = TempDir::new("cache");
+    let proxy = Proxy::start(
+        "http://127.0.0.1:9",
+        cache.path(),
+        &["--header-read-timeout", "30s", "--max-connections", "16"],
+    );
+    // The flood comes from another address (on a node: other pods); the
+    // admin listener is on 127.0.0.1, the node's own address here.
+    let mut flood = Vec::new();
+    for _ in 0..200 {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        let mut s = sock.connect(proxy.admin).await.unwrap();
+        let _ = s
+            .write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nx-slow: ")
+            .await;
+        flood.push(s);
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while proxy.metric("regproxy_connections_refused_total").await < 184 {
         assert!(
             Instant::now() < deadline,
-            "the proxy should take connections again once it is under the cap"
+            "the flood past the admin cap of 16 is refused at once"
         );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        let (st, _, _) = tokio::time::timeout(
+            Duration::from_secs(5),
+            get(&format!("http://{}{path}", proxy.admin), &[]),
+        )
+        .await
+        .expect("the node's own request is answered at once");
+        assert_eq!(
+            st,
+            StatusCode::OK,
+            "{path} answers the node itself while its admin port is flooded from elsewhere"
+        );
+    }
+    drop(flood);
 }
 
 fn serve_again(cache_dir: &std::path::Path) -> std::process::Output {

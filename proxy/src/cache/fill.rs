@@ -49,6 +49,13 @@ const GATHER_FLOOR: usize = BUFFER_BUDGET / 2;
 
 /// The process-wide budget of [`BUFFER_BUDGET`] bytes, in permits of a byte.
 static BUFFERS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(BUFFER_BUDGET);
+/// Fills that talk to the upstream at once. Each holds an upstream
+/// connection, its read buffer (`upstream::READ_BUF`) and a temp file, and
+/// a fill goes on after its client hung up: without this, clients that ask
+/// for many cold blobs and hang up could start any number. More wait for a
+/// place before they connect; their readers wait as for a slow upstream.
+pub const MAX_FILLS: usize = 256;
+static FILLS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_FILLS);
 /// Error bodies relayed from upstream are cut at this size.
 const MAX_RELAY_BODY: usize = 64 << 10;
 
@@ -241,6 +248,10 @@ pub async fn run(cache: Arc<Cache>, upstream: Arc<Upstream>, fill: Arc<Fill>, re
         armed: true,
     };
     let path = format!("/v2/{}/blobs/{}", req.name, digest);
+    let _place = FILLS
+        .acquire()
+        .await
+        .expect("the semaphore is never closed");
 
     let resp = match upstream.send(Method::GET, &path, &req.headers, &[]).await {
         Ok(r) => r,
