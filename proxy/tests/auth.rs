@@ -84,6 +84,10 @@ fn login_pull_and_no_cached_blob_for_anyone_the_upstream_refuses() {
         &image,
     ]);
     assert!(manifest.starts_with("sha256:"));
+    // The pull ends when the bytes are verified; wait for the proxy's
+    // commits and for the upstream to have logged its GETs.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let upstream_gets_before = rt.block_on(proxy.settled(&reg));
     let layers: Vec<String> = std::fs::read_dir(cache.path().join("sha256"))
         .unwrap()
         .flat_map(|d| std::fs::read_dir(d.unwrap().path()).unwrap())
@@ -91,8 +95,6 @@ fn login_pull_and_no_cached_blob_for_anyone_the_upstream_refuses() {
         .filter(|n| !n.ends_with(".type"))
         .collect();
     assert!(!layers.is_empty(), "the pull filled the node cache");
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let upstream_gets_before = reg.all_blob_gets();
     for hex in &layers {
         let url = format!("{}/v2/team/private/blobs/sha256:{hex}", proxy.url());
         let (st, h, _) = rt.block_on(get(&url, &[]));
@@ -137,7 +139,7 @@ fn login_pull_and_no_cached_blob_for_anyone_the_upstream_refuses() {
     }
 
     assert_eq!(
-        reg.all_blob_gets(),
+        rt.block_on(proxy.settled(&reg)),
         upstream_gets_before,
         "the checks were HEADs; the bytes came from the node"
     );
