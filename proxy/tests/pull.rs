@@ -357,13 +357,16 @@ async fn kill_9_mid_fill_leaves_no_partial_blob() {
     let d = push_blob(&reg.url(), "team/app", &data).await;
 
     gate.hold_after(3 * MIB as u64);
-    let url = format!("{}/v2/team/app/blobs/{d}", proxy.url());
-    let pending = tokio::spawn(async move { get(&url, &[]).await });
+    // The response head is the client's sign that the fill is streaming;
+    // a kill before it would cut the request, not the body.
+    let resp = hyper_get_streaming(&format!("{}/v2/team/app/blobs/{d}", proxy.url())).await;
+    assert_eq!(resp.status(), StatusCode::OK);
     wait_until(|| gate.passed() >= 3 * MIB as u64, "the fill is under way").await;
     proxy.signal("-KILL");
     proxy.wait_exit(PATIENCE);
+    use http_body_util::BodyExt;
     assert!(
-        pending.await.unwrap().2.is_err(),
+        resp.into_body().collect().await.is_err(),
         "the client of the killed proxy saw a cut body"
     );
     assert!(
