@@ -77,13 +77,13 @@ run() {
 
 for i in 1 2; do
   run "pinned$i" "taskset -c 0 (one core)" \
-    taskset -c 0 cargo test --workspace --locked
+    taskset -c 0 cargo test --workspace --locked --no-fail-fast
 done
 for i in 1 2; do
   stress-ng --cpu 2 --timeout "${HOG_SECONDS}s" --quiet >"$logs/hog$i.log" 2>&1 &
   hog=$!
   run "hog$i" "stress-ng --cpu 2 beside it" \
-    cargo test --workspace --locked
+    cargo test --workspace --locked --no-fail-fast
   stop_hog
 done
 
