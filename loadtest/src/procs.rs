@@ -318,6 +318,16 @@ impl AccessLog {
         fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0)
     }
 
+    /// Waits until at least `n` entries were appended after `mark` (at most
+    /// `max`): the registry writes a request's line after its response went
+    /// out, so the client can be done before the line is there.
+    pub fn wait_entries(&self, mark: u64, n: u64, max: Duration) {
+        let deadline = Instant::now() + max;
+        while (self.since(mark).len() as u64) < n && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Waits until nothing has been appended for `quiet` (at most `max`):
     /// a line is written when a response completes.
     pub fn settle(&self, quiet: Duration, max: Duration) {
@@ -389,19 +399,31 @@ mod tests {
         assert!(parse_access_line("time=\"x\" level=info msg=\"y\"").is_none_or(|e| e.status == 0));
     }
 
+    /// How long these tests wait for what must happen: on a loaded machine
+    /// this thread may get little CPU, and the sampler's thread may wait to
+    /// be scheduled, so neither is given a fixed short time.
+    const PATIENCE: Duration = Duration::from_secs(60);
+
     #[test]
     fn cpu_time_of_this_process_grows() {
         let before = cpu_seconds(std::process::id());
+        // Busy work until it shows: a share of a loaded CPU may take a
+        // while to add up to a clock tick.
         let start = Instant::now();
         let mut x = 0u64;
-        while start.elapsed() < Duration::from_millis(60) {
-            x = x.wrapping_mul(31).wrapping_add(7);
+        let mut after = before;
+        while after <= before && start.elapsed() < PATIENCE {
+            let burst = Instant::now();
+            while burst.elapsed() < Duration::from_millis(20) {
+                x = x.wrapping_mul(31).wrapping_add(7);
+            }
+            after = cpu_seconds(std::process::id());
         }
         std::hint::black_box(x);
-        let after = cpu_seconds(std::process::id());
         assert!(
             after > before,
-            "busy work should show as CPU time: {before} -> {after}"
+            "busy work should show as CPU time: {before} -> {after} after {:?}",
+            start.elapsed()
         );
     }
 
@@ -409,8 +431,16 @@ mod tests {
     fn the_sampler_sees_this_process() {
         let s = MemSampler::start(Duration::from_millis(5));
         s.watch(vec![std::process::id()]);
-        std::thread::sleep(Duration::from_millis(50));
-        let p = s.take();
+        // The sampler's thread samples when it is scheduled: wait for a
+        // sample rather than for a fixed time.
+        let start = Instant::now();
+        let p = loop {
+            std::thread::sleep(Duration::from_millis(50));
+            let p = s.state.lock().expect("sampler lock").peak;
+            if p.rss_kib > 0 || start.elapsed() > PATIENCE {
+                break s.take();
+            }
+        };
         assert!(
             p.rss_kib > 0 && p.anon_kib > 0,
             "this process should have resident memory: {p:?}"

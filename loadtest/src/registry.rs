@@ -366,12 +366,20 @@ impl Registry {
 /// `regproxy_upstream_bytes_total` (summed over any labels) from regproxy's
 /// admin address: what regproxy itself says it received from the upstream.
 pub async fn regproxy_upstream_bytes(admin: &str) -> anyhow::Result<u64> {
+    regproxy_metric(admin, "regproxy_upstream_bytes_total").await
+}
+
+/// The metric `name` (summed over any labels) from regproxy's admin address.
+pub async fn regproxy_metric(admin: &str, name: &str) -> anyhow::Result<u64> {
     let text = Registry::new(admin, Duration::from_secs(5))
         .get_text("/metrics")
         .await?;
     Ok(text
         .lines()
-        .filter(|l| l.starts_with("regproxy_upstream_bytes_total"))
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with([' ', '{']))
+        })
         .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
         .sum::<f64>() as u64)
 }

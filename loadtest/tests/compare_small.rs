@@ -124,8 +124,12 @@ fn a_short_compare_verifies_everything_and_regproxy_fetches_once() {
         out.status.success(),
         "loadtest compare should finish without errors\nstdout:\n{stdout}\nstderr:\n{stderr}"
     );
+    // Not a measure of speed (the machine may be loaded, or pinned to one
+    // core): a bound far above a normal run that still catches a harness
+    // waiting out its timeouts instead of finishing (32 rows of up to
+    // --scenario-timeout 60s each would take half an hour).
     assert!(
-        started.elapsed() < Duration::from_secs(120),
+        started.elapsed() < Duration::from_secs(600),
         "a short compare should stay short, took {:?}",
         started.elapsed()
     );

@@ -5,7 +5,7 @@
 mod support;
 
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use http::{Method, StatusCode};
 use support::*;
@@ -94,6 +94,10 @@ fn login_pull_and_no_cached_blob_for_anyone_the_upstream_refuses() {
         &image,
     ]);
     assert!(manifest.starts_with("sha256:"));
+    // The pull ends when the bytes are verified; wait for the proxy's
+    // commits and for the upstream to have logged its GETs.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let upstream_gets_before = rt.block_on(proxy.settled(&reg));
     let layers: Vec<String> = std::fs::read_dir(cache.path().join("sha256"))
         .unwrap()
         .flat_map(|d| std::fs::read_dir(d.unwrap().path()).unwrap())
@@ -101,8 +105,6 @@ fn login_pull_and_no_cached_blob_for_anyone_the_upstream_refuses() {
         .filter(|n| !n.ends_with(".type"))
         .collect();
     assert!(!layers.is_empty(), "the pull filled the node cache");
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let upstream_gets_before = reg.all_blob_gets();
     for hex in &layers {
         let url = format!("{}/v2/team/private/blobs/sha256:{hex}", proxy.url());
         let (st, h, _) = rt.block_on(get(&url, &[]));
@@ -147,7 +149,7 @@ fn login_pull_and_no_cached_blob_for_anyone_the_upstream_refuses() {
     }
 
     assert_eq!(
-        reg.all_blob_gets(),
+        rt.block_on(proxy.settled(&reg)),
         upstream_gets_before,
         "the checks were HEADs; the bytes came from the node"
     );
@@ -178,15 +180,6 @@ fn login_pull_and_no_cached_blob_for_anyone_the_upstream_refuses() {
         "no credential in the cache dir: {}",
         String::from_utf8_lossy(&out.stdout)
     );
-}
-
-/// Polls `cond` until it holds; panics with `what` after `within`.
-fn wait_until(within: Duration, what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !cond() {
-        assert!(Instant::now() < deadline, "{what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// Pushes `repo:v1`, a config and one layer, as alice; returns the layer.
@@ -243,7 +236,10 @@ fn a_yes_for_one_repository_opens_no_other_repositorys_digests_online_or_offline
         sha256_digest(&secret)
     );
     let secret_manifest = format!("{}/v2/other/app/manifests/{manifest}", proxy.url());
-    let gets_before = reg.all_blob_gets();
+    // The access log's line for a GET comes after its bytes went out.
+    let gets_before = rt.block_on(reg.logged(4, "blob GETs of the two pulls", |l| {
+        l.contains("\"GET /v2/") && l.contains("/blobs/sha256:")
+    }));
     for upstream in ["up", "down"] {
         for m in [Method::GET, Method::HEAD] {
             assert_eq!(
@@ -294,15 +290,14 @@ fn an_allowed_client_pulls_after_a_restart_during_an_outage_with_remember_allowe
     ));
     assert!(all_ok(&steps), "{steps:?}");
     let allowed = cache.path().join("allowed.json");
-    wait_until(
-        Duration::from_secs(30),
-        "the yeses for alice (credential, manifest, config, layer) are saved in allowed.json",
+    wait_blocking(
         || {
             std::fs::read(&allowed).is_ok_and(|b| {
                 serde_json::from_slice::<serde_json::Value>(&b)
                     .is_ok_and(|v| v["allowed"].as_array().is_some_and(|a| a.len() >= 4))
             })
         },
+        "the yeses for alice (credential, manifest, config, layer) are saved in allowed.json",
     );
     proxy.signal("-TERM");
     assert!(proxy.wait_exit(Duration::from_secs(30)));
@@ -441,10 +436,13 @@ impl Hiding {
             .spawn()
             .expect("nginx is installed (scripts/deps.sh)");
         let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        wait_until(Duration::from_secs(20), "nginx listens", || {
-            assert!(child.try_wait().unwrap().is_none(), "nginx exited");
-            std::net::TcpStream::connect(addr).is_ok()
-        });
+        wait_blocking(
+            || {
+                assert!(child.try_wait().unwrap().is_none(), "nginx exited");
+                std::net::TcpStream::connect(addr).is_ok()
+            },
+            "nginx listens",
+        );
         Hiding {
             url: format!("http://{addr}"),
             _dir: dir,

@@ -70,7 +70,7 @@ fn skopeo_and_containerd_pull_through_the_proxy() {
     let listed = containerd.ctr(&["images", "ls", "-q"]);
     assert!(String::from_utf8_lossy(&listed.stdout).contains(&image));
     assert_eq!(
-        reg.blob_gets(&layer_digest),
+        rt.block_on(reg.blob_gets_logged(&layer_digest, 1)),
         1,
         "both clients together made one upstream fetch of the layer"
     );

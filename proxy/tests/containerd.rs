@@ -80,12 +80,15 @@ fn containerd_pulls_the_registry_name_through_the_proxy_by_hosts_toml() {
         String::from_utf8_lossy(&content.stdout).contains(&layer_digest),
         "containerd's content store should hold the layer"
     );
+    // containerd is done once the bytes are verified; the proxy's commit
+    // into its cache follows.
+    rt.block_on(proxy.fills_done());
     assert!(
         proxy.cache_path(&layer_digest).exists(),
         "the layer should have come through the proxy and into its cache"
     );
     assert_eq!(
-        reg.blob_gets(&layer_digest),
+        rt.block_on(reg.blob_gets_logged(&layer_digest, 1)),
         1,
         "the proxy fetched the layer upstream once"
     );

@@ -4,6 +4,8 @@
 
 mod support;
 
+use std::time::Duration;
+
 use support::*;
 
 #[test]
@@ -38,7 +40,10 @@ fn docker_pulls_through_the_registry_name_and_the_second_pull_stays_on_the_node(
         id,
         "the image pulled through the proxy is the upstream's image"
     );
-    let upstream_gets = reg.all_blob_gets();
+    // The pull is done once the bytes are verified: wait for the proxy's
+    // commits and the upstream's access log before counting.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let upstream_gets = rt.block_on(proxy.settled(&reg));
     assert!(
         upstream_gets >= 2,
         "the first pull fetched config and layer from upstream"
@@ -48,11 +53,10 @@ fn docker_pulls_through_the_registry_name_and_the_second_pull_stays_on_the_node(
     docker.docker(&["pull", &node_ref]);
     assert_eq!(docker.image_id(&node_ref), id);
     assert_eq!(
-        reg.all_blob_gets(),
+        rt.block_on(proxy.settled(&reg)),
         upstream_gets,
         "the second pull makes no upstream blob GET"
     );
-    let rt = tokio::runtime::Runtime::new().unwrap();
     let hits = rt.block_on(proxy.metric("regproxy_requests_total{kind=\"blob\",result=\"hit\"}"));
     assert!(
         hits >= 2,
@@ -74,7 +78,9 @@ fn import(docker: &Dockerd, reference: &str, seed: u64) {
 fn docker_pushes_through_the_name_and_pulls_it_back_from_the_node() {
     let reg = Registry::start();
     let cache = TempDir::new("cache");
-    let proxy = Proxy::start(&reg.url(), cache.path(), &[]);
+    // The tag pushed must still be fresh when it is pulled back, however
+    // slowly docker gets there: a TTL far longer than the test.
+    let proxy = Proxy::start(&reg.url(), cache.path(), &["--tag-ttl", "1h"]);
     let docker = Dockerd::start();
     let image = format!("{REGISTRY_NAME}:{}/team/pushed:v1", proxy.addr.port());
     import(&docker, &image, 7);
@@ -110,6 +116,7 @@ fn docker_pushes_through_the_name_and_pulls_it_back_from_the_node() {
 fn docker_pulls_a_tag_it_pulled_before_while_the_upstream_is_stopped() {
     let mut reg = Registry::start();
     let cache = TempDir::new("cache");
+    const TAG_TTL: Duration = Duration::from_secs(1);
     let proxy = Proxy::start(
         &reg.url(),
         cache.path(),
@@ -125,7 +132,9 @@ fn docker_pulls_a_tag_it_pulled_before_while_the_upstream_is_stopped() {
     let image = format!("{REGISTRY_NAME}:{}/team/app:v1", proxy.addr.port());
     docker.docker(&["pull", &image]);
     reg.stop();
-    std::thread::sleep(std::time::Duration::from_millis(1200)); // past the tag TTL
+    // The tag was resolved during the pull, so once this much has passed
+    // since, it is past its TTL, with a margin.
+    std::thread::sleep(TAG_TTL + Duration::from_secs(1));
     docker.docker(&["rmi", &image]);
     docker.docker(&["pull", &image]);
     assert_eq!(

@@ -43,8 +43,52 @@ fn status_of(addr: SocketAddr, path: &str) -> Option<u16> {
     head.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// Runs the proxy container `name` detached, with the arguments `args`
+/// makes for a listen port and an admin address, and waits until it is
+/// ready. The ports are picked free, but another process may bind one before
+/// the container does: the container then exits saying so, and is run again
+/// on other ports. Returns the listen port and the admin address.
+fn run_proxy(
+    docker: &Dockerd,
+    name: &str,
+    args: impl Fn(u16, SocketAddr) -> Vec<String>,
+) -> (u16, SocketAddr) {
+    for attempt in 1..=5 {
+        let (port, admin_port) = (free_port(), free_port());
+        let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
+        let mut run = vec!["run".to_owned(), "-d".to_owned(), "--name".to_owned()];
+        run.push(name.to_owned());
+        run.extend(args(port, admin));
+        docker.docker(&run.iter().map(String::as_str).collect::<Vec<_>>());
+        // It logs both lines once it has bound both ports: only then is
+        // whatever answers on them this container.
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let logs = docker.sh(&format!("docker logs {name} 2>&1"));
+            if logs.contains("regproxy listening") && logs.contains("admin listening") {
+                wait_ready(docker, name, admin);
+                return (port, admin);
+            }
+            let running = docker.docker(&["inspect", "-f", "{{.State.Running}}", name]);
+            if running.trim() == "false" {
+                if attempt < 5 && logs.contains("cannot listen") {
+                    docker.docker(&["rm", "-f", name]);
+                    break;
+                }
+                panic!("the container {name} exited before it listened; it logged:\n{logs}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the container {name} should listen within {PATIENCE:?}; it logged:\n{logs}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    panic!("the container {name} found its ports taken 5 times in a row");
+}
+
 fn wait_ready(docker: &Dockerd, container: &str, admin: SocketAddr) {
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + PATIENCE;
     while Instant::now() < deadline {
         if status_of(admin, "/readyz") == Some(200) {
             return;
@@ -52,7 +96,7 @@ fn wait_ready(docker: &Dockerd, container: &str, admin: SocketAddr) {
         std::thread::sleep(Duration::from_millis(100));
     }
     panic!(
-        "the container should be ready on {admin} within 30s; it logged:\n{}",
+        "the container should be ready on {admin} within {PATIENCE:?}; it logged:\n{}",
         docker.sh(&format!("docker logs {container} 2>&1"))
     );
 }
@@ -137,34 +181,31 @@ fn the_scratch_image_runs_with_host_network_and_a_node_pulls_through_it() {
     // root, no capabilities, the cache on a host directory, and the upstream
     // named `localhost` so the static binary has to resolve it.
     let cache = TempDir::new("image-cache");
-    let (port, admin_port) = (free_port(), free_port());
-    let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
     let name = format!("regproxy-image-test-{}", std::process::id());
     let container = Container {
         docker: &docker,
         name: name.clone(),
     };
-    docker.docker(&[
-        "run",
-        "-d",
-        "--name",
-        &name,
-        "--network",
-        "host",
-        "--read-only",
-        "--cap-drop",
-        "ALL",
-        "-v",
-        &format!("{}:/var/lib/regproxy", cache.path().display()),
-        &tag,
-        "serve",
-        &format!("--listen=127.0.0.1:{port}"),
-        &format!("--upstream=http://localhost:{}", reg.addr.port()),
-        "--cache-dir=/var/lib/regproxy",
-        &format!("--admin-listen={admin}"),
-        "--log-format=json",
-    ]);
-    wait_ready(&docker, &name, admin);
+    let (port, admin) = run_proxy(&docker, &name, |port, admin| {
+        [
+            "--network",
+            "host",
+            "--read-only",
+            "--cap-drop",
+            "ALL",
+            "-v",
+            &format!("{}:/var/lib/regproxy", cache.path().display()),
+            &tag,
+            "serve",
+            &format!("--listen=127.0.0.1:{port}"),
+            &format!("--upstream=http://localhost:{}", reg.addr.port()),
+            "--cache-dir=/var/lib/regproxy",
+            &format!("--admin-listen={admin}"),
+            "--log-format=json",
+        ]
+        .map(String::from)
+        .to_vec()
+    });
 
     let node_ref = format!("{REGISTRY_NAME}:{port}/team/image-test:v1");
     docker.docker(&["pull", &node_ref]);
@@ -173,7 +214,10 @@ fn the_scratch_image_runs_with_host_network_and_a_node_pulls_through_it() {
         id,
         "the image pulled through the containerised proxy should be the upstream's"
     );
-    let upstream_gets = reg.all_blob_gets();
+    // The pull is done once the bytes are verified: wait for the proxy's
+    // commits and the upstream's access log before counting.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let upstream_gets = rt.block_on(upstream_settled(admin, &reg));
     assert!(
         upstream_gets >= 2,
         "the first pull should have fetched config and layer upstream"
@@ -182,7 +226,7 @@ fn the_scratch_image_runs_with_host_network_and_a_node_pulls_through_it() {
     docker.docker(&["pull", &node_ref]);
     assert_eq!(docker.image_id(&node_ref), id);
     assert_eq!(
-        reg.all_blob_gets(),
+        rt.block_on(upstream_settled(admin, &reg)),
         upstream_gets,
         "the second pull should be served from the container's cache on the host directory"
     );
@@ -234,36 +278,33 @@ fn the_scratch_image_runs_with_host_network_and_a_node_pulls_through_it() {
     // from a CA of our own, handed to the container with --upstream-ca.
     let tls = TlsRegistry::start(&reg.dir.path().join("data"));
     let https_cache = TempDir::new("image-cache-https");
-    let (port, admin_port) = (free_port(), free_port());
-    let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
     let name = format!("regproxy-image-https-{}", std::process::id());
     let _container = Container {
         docker: &docker,
         name: name.clone(),
     };
-    docker.docker(&[
-        "run",
-        "-d",
-        "--name",
-        &name,
-        "--network",
-        "host",
-        "--read-only",
-        "--cap-drop",
-        "ALL",
-        "-v",
-        &format!("{}:/var/lib/regproxy", https_cache.path().display()),
-        "-v",
-        &format!("{}:/certs/ca.pem:ro", tls.ca.display()),
-        &tag,
-        "serve",
-        &format!("--listen=127.0.0.1:{port}"),
-        &format!("--upstream=https://localhost:{}", tls.port),
-        "--upstream-ca=/certs/ca.pem",
-        "--cache-dir=/var/lib/regproxy",
-        &format!("--admin-listen={admin}"),
-    ]);
-    wait_ready(&docker, &name, admin);
+    let (port, _) = run_proxy(&docker, &name, |port, admin| {
+        [
+            "--network",
+            "host",
+            "--read-only",
+            "--cap-drop",
+            "ALL",
+            "-v",
+            &format!("{}:/var/lib/regproxy", https_cache.path().display()),
+            "-v",
+            &format!("{}:/certs/ca.pem:ro", tls.ca.display()),
+            &tag,
+            "serve",
+            &format!("--listen=127.0.0.1:{port}"),
+            &format!("--upstream=https://localhost:{}", tls.port),
+            "--upstream-ca=/certs/ca.pem",
+            "--cache-dir=/var/lib/regproxy",
+            &format!("--admin-listen={admin}"),
+        ]
+        .map(String::from)
+        .to_vec()
+    });
     docker.docker(&["rmi", &node_ref]);
     let node_ref = format!("{REGISTRY_NAME}:{port}/team/image-test:v1");
     docker.docker(&["pull", &node_ref]);
@@ -301,47 +342,46 @@ impl TlsRegistry {
             "openssl should make the test certificates: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let port = free_port();
-        let d = dir.path().display();
-        let config = dir.path().join("config.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
-                 http:\n  addr: 127.0.0.1:{port}\n  tls:\n    certificate: {d}/cert.pem\n    key: {d}/key.pem\n",
-                storage.display()
-            ),
-        )
-        .unwrap();
-        let log_path = dir.path().join("registry.log");
-        let log = std::fs::File::create(&log_path).unwrap();
-        let mut child = Command::new("docker-registry")
-            .arg("serve")
-            .arg(&config)
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("docker-registry is installed (scripts/deps.sh)");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if let Ok(Some(st)) = child.try_wait() {
-                panic!(
-                    "the TLS registry exited with {st}: {}",
-                    std::fs::read_to_string(&log_path).unwrap_or_default()
-                );
+        // The port is picked free, but another process may bind it first:
+        // then the registry says so, and it is started on another port.
+        for attempt in 1..=5 {
+            let port = free_port();
+            let d = dir.path().display();
+            let config = dir.path().join("config.yml");
+            std::fs::write(
+                &config,
+                format!(
+                    "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
+                     http:\n  addr: 127.0.0.1:{port}\n  tls:\n    certificate: {d}/cert.pem\n    key: {d}/key.pem\n",
+                    storage.display()
+                ),
+            )
+            .unwrap();
+            let log_path = dir.path().join("registry.log");
+            let log = std::fs::File::create(&log_path).unwrap();
+            let mut child = Command::new("docker-registry")
+                .arg("serve")
+                .arg(&config)
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .expect("docker-registry is installed (scripts/deps.sh)");
+            let addr = format!("127.0.0.1:{port}").parse().unwrap();
+            match wait_listening(&mut child, &log_path, 0, addr) {
+                Ok(()) => {
+                    return TlsRegistry {
+                        port,
+                        ca: dir.path().join("ca.pem"),
+                        child,
+                        _dir: dir,
+                    }
+                }
+                Err(NotListening::PortTaken) if attempt < 5 => continue,
+                Err(NotListening::PortTaken) => {}
+                Err(NotListening::Failed(why)) => panic!("the TLS registry: {why}"),
             }
-            assert!(
-                Instant::now() < deadline,
-                "the TLS registry should listen within 20s"
-            );
-            std::thread::sleep(Duration::from_millis(25));
         }
-        TlsRegistry {
-            port,
-            ca: dir.path().join("ca.pem"),
-            child,
-            _dir: dir,
-        }
+        panic!("the TLS registry found its port taken 5 times in a row")
     }
 }
 

@@ -5,32 +5,10 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use http::{Method, StatusCode};
 use support::*;
-
-/// Polls `cond` until it holds; panics with `what` after `within`.
-fn wait_until(within: Duration, what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !cond() {
-        assert!(Instant::now() < deadline, "{what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// Waits until the proxy has written, in its state file, that the upstream
-/// lets anonymous clients in.
-fn wait_learned_open(cache: &std::path::Path) {
-    wait_until(
-        Duration::from_secs(30),
-        "regproxy should learn by itself that the upstream is open, and keep it in state.json",
-        || {
-            std::fs::read_to_string(cache.join("state.json"))
-                .is_ok_and(|s| s.contains("\"upstream_open\":true"))
-        },
-    );
-}
 
 fn stop(mut proxy: Proxy) {
     proxy.signal("-TERM");
@@ -54,7 +32,7 @@ fn containerd_order_pulls_a_cached_tag_after_a_restart_with_the_upstream_down() 
     ));
     let cache = TempDir::new("offline-cache");
     let proxy = Proxy::start(&reg.url(), cache.path(), &[]);
-    wait_learned_open(cache.path());
+    proxy.wait_learned_open();
     let steps = rt.block_on(containerd_order_pull(&proxy.url(), "team/app", "v1", None));
     assert!(all_ok(&steps), "the first pull goes through: {steps:?}");
     stop(proxy);
@@ -99,7 +77,7 @@ fn a_deleted_manifest_is_not_served_stale_by_its_tags() {
     ));
     let cache = TempDir::new("delete-cache");
     let proxy = Proxy::start(&reg.url(), cache.path(), &["--tag-ttl", "0s"]);
-    wait_learned_open(cache.path());
+    proxy.wait_learned_open();
     let steps = rt.block_on(containerd_order_pull(&proxy.url(), "team/del", "v1", None));
     assert!(all_ok(&steps), "{steps:?}");
 
@@ -168,7 +146,7 @@ fn ctr_pulls_a_cached_tag_after_a_restart_with_the_upstream_down() {
     ));
     let cache = TempDir::new("ctr-offline-cache");
     let proxy = Proxy::start(&reg.url(), cache.path(), &[]);
-    wait_learned_open(cache.path());
+    proxy.wait_learned_open();
     let containerd = Containerd::start();
     let image = format!("{REGISTRY_NAME}:{}/team/ctr:v1", proxy.addr.port());
     let pull = |what: &str| {

@@ -3,6 +3,7 @@
 
 mod support;
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -20,14 +21,33 @@ async fn setup(args: &[&str]) -> (Registry, TempDir, Proxy) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ten_concurrent_cold_gets_make_one_upstream_fetch() {
-    let (reg, _c, proxy) = setup(&[]).await;
+    let reg = Registry::start();
+    let gate = Gate::start(reg.addr).await;
+    let cache = TempDir::new("cache");
+    let proxy = Proxy::start(&gate.url(), cache.path(), &[]);
     let data = blob(48 * MIB, 1);
     let d = push_blob(&reg.url(), "team/app", &data).await;
     let url = format!("{}/v2/team/app/blobs/{d}", proxy.url());
-    let gets = (0..10).map(|_| {
-        let url = url.clone();
-        tokio::spawn(async move { get(&url, &[]).await })
-    });
+    // The uplink stalls early in the blob until all ten requests have joined
+    // its fill: on a slow machine one that came only after the commit would
+    // be a hit, and the test would not be about concurrent cold GETs.
+    gate.hold_after(MIB as u64);
+    let gets: Vec<_> = (0..10)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { get(&url, &[]).await })
+        })
+        .collect();
+    let started = |m: HashMap<String, u64>| {
+        m["regproxy_requests_total{kind=\"blob\",result=\"miss\"}"]
+            + m["regproxy_requests_total{kind=\"blob\",result=\"coalesced\"}"]
+    };
+    wait_for(
+        || async { started(proxy.metrics().await) == 10 },
+        "all ten requests are answered from the one fill",
+    )
+    .await;
+    gate.open();
     for g in futures_util::future::join_all(gets).await {
         let (st, h, body) = g.unwrap();
         assert_eq!(st, StatusCode::OK);
@@ -39,7 +59,7 @@ async fn ten_concurrent_cold_gets_make_one_upstream_fetch() {
         );
     }
     assert_eq!(
-        reg.blob_gets(&d),
+        reg.blob_gets_logged(&d, 1).await,
         1,
         "ten concurrent cold GETs make exactly one upstream GET"
     );
@@ -62,8 +82,8 @@ async fn ten_concurrent_cold_gets_make_one_upstream_fetch() {
         10 * data.len() as u64
     );
 
-    let path = proxy.cache_path(&d);
-    wait_until(|| path.exists(), "the blob is committed").await;
+    proxy.fills_done().await;
+    assert!(proxy.cache_path(&d).exists(), "the blob is committed");
     let (st, _, body) = get(&url, &[]).await;
     assert_eq!(st, StatusCode::OK);
     assert_eq!(sha256_digest(&body.unwrap()), d);
@@ -92,7 +112,7 @@ async fn first_bytes_reach_the_client_before_the_upstream_finishes() {
     let (parts, mut body) = resp.into_parts();
     assert_eq!(parts.status, StatusCode::OK);
     use http_body_util::BodyExt;
-    let first = tokio::time::timeout(Duration::from_secs(10), body.frame())
+    let first = tokio::time::timeout(PATIENCE, body.frame())
         .await
         .expect("bytes arrive while the upstream is still stalled")
         .unwrap()
@@ -141,17 +161,11 @@ async fn a_client_hanging_up_does_not_abort_the_fill() {
     .await;
     let (_, _, body) = get(&format!("{}/v2/team/app/blobs/{d}", proxy.url()), &[]).await;
     assert_eq!(sha256_digest(&body.unwrap()), d);
-    assert_eq!(reg.blob_gets(&d), 1, "the blob was fetched once");
-}
-
-async fn wait_until(mut f: impl FnMut() -> bool, what: &str) {
-    for _ in 0..500 {
-        if f() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("timed out waiting: {what}");
+    assert_eq!(
+        reg.blob_gets_logged(&d, 1).await,
+        1,
+        "the blob was fetched once"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -178,13 +192,12 @@ async fn a_broken_uplink_is_resumed_with_a_range_request() {
         "the resume fetched only the missing part, not the whole blob again ({} bytes)",
         m["regproxy_upstream_bytes_total"]
     );
-    // The last byte goes out once the fill is verified; the rename into the
-    // cache follows on the blocking pool, so it may come a moment later.
-    wait_until(
-        || proxy.cache_path(&d).exists(),
-        "the resumed blob is verified and cached",
-    )
-    .await;
+    // The client's body ends at verification; the commit follows.
+    proxy.fills_done().await;
+    assert!(
+        proxy.cache_path(&d).exists(),
+        "the resumed blob is verified and cached"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -200,10 +213,7 @@ async fn a_restart_keeps_the_cache_even_with_upstream_gone() {
     assert_eq!(st, StatusCode::OK);
 
     proxy.signal("-TERM");
-    assert!(
-        proxy.wait_exit(Duration::from_secs(10)),
-        "SIGTERM is a clean exit"
-    );
+    assert!(proxy.wait_exit(PATIENCE), "SIGTERM is a clean exit");
     reg.stop();
     let proxy = Proxy::start(&reg.url(), cache.path(), &[]);
     let (st, h, body) = get(&format!("{}/v2/team/app/blobs/{d}", proxy.url()), &[]).await;
@@ -244,6 +254,9 @@ async fn a_blob_corrupted_upstream_is_never_served_whole_nor_cached() {
         body.is_err(),
         "the connection is cut short instead of ending cleanly"
     );
+    // The client is cut off as soon as the digest fails; the fill is thrown
+    // away (single-flight entry, temp file) right after.
+    proxy.fills_done().await;
     assert!(
         !proxy.cache_path(&d).exists(),
         "the corrupt blob is not cached"
@@ -255,16 +268,27 @@ async fn a_blob_corrupted_upstream_is_never_served_whole_nor_cached() {
         body.is_err(),
         "the next request fetches again and is cut again"
     );
-    assert_eq!(reg.blob_gets(&d), 2, "nothing of the corrupt blob was kept");
+    proxy.fills_done().await;
+    assert_eq!(
+        reg.blob_gets_logged(&d, 2).await,
+        2,
+        "nothing of the corrupt blob was kept"
+    );
 
-    // Ten at once: none of them gets a clean end.
+    // Ten at once: none of them gets a clean end. Each is cut short, or, if
+    // it came just as the fill it joined failed, told so with an error.
     let gets = (0..10).map(|_| {
         let url = url.clone();
         tokio::spawn(async move { get(&url, &[]).await })
     });
     for g in futures_util::future::join_all(gets).await {
-        assert!(g.unwrap().2.is_err(), "no follower sees a complete body");
+        let (st, _, body) = g.unwrap();
+        assert!(
+            body.is_err() || st == StatusCode::BAD_GATEWAY,
+            "no follower sees a complete body ({st}, {body:?})"
+        );
     }
+    proxy.fills_done().await;
     let tmp = std::fs::read_dir(proxy.cache_dir.join("tmp"))
         .unwrap()
         .count();
@@ -337,13 +361,16 @@ async fn kill_9_mid_fill_leaves_no_partial_blob() {
     let d = push_blob(&reg.url(), "team/app", &data).await;
 
     gate.hold_after(3 * MIB as u64);
-    let url = format!("{}/v2/team/app/blobs/{d}", proxy.url());
-    let pending = tokio::spawn(async move { get(&url, &[]).await });
+    // The response head is the client's sign that the fill is streaming;
+    // a kill before it would cut the request, not the body.
+    let resp = hyper_get_streaming(&format!("{}/v2/team/app/blobs/{d}", proxy.url())).await;
+    assert_eq!(resp.status(), StatusCode::OK);
     wait_until(|| gate.passed() >= 3 * MIB as u64, "the fill is under way").await;
     proxy.signal("-KILL");
-    proxy.wait_exit(Duration::from_secs(5));
+    proxy.wait_exit(PATIENCE);
+    use http_body_util::BodyExt;
     assert!(
-        pending.await.unwrap().2.is_err(),
+        resp.into_body().collect().await.is_err(),
         "the client of the killed proxy saw a cut body"
     );
     assert!(
@@ -368,7 +395,9 @@ async fn sigterm_lets_transfers_in_flight_finish() {
     let reg = Registry::start();
     let gate = Gate::start(reg.addr).await;
     let cache = TempDir::new("cache");
-    let mut proxy = Proxy::start(&gate.url(), cache.path(), &[]);
+    // A grace period far longer than the held transfer takes, however slow
+    // the machine: the test is about finishing, not about the deadline.
+    let mut proxy = Proxy::start(&gate.url(), cache.path(), &["--shutdown-grace", "5m"]);
     proxy.wait_learned_open();
     let data = blob(8 * MIB, 8);
     let d = push_blob(&reg.url(), "team/app", &data).await;
@@ -388,12 +417,14 @@ async fn sigterm_lets_transfers_in_flight_finish() {
         "new connections are refused",
     )
     .await;
-    let (st, _, _) = get(&format!("http://{}/readyz", proxy.admin), &[]).await;
-    assert_eq!(
-        st,
-        StatusCode::SERVICE_UNAVAILABLE,
-        "readiness turns off during the grace period"
-    );
+    // The listener closes, then readiness turns off: wait for it, while the
+    // held transfer keeps the proxy in its grace period.
+    let readyz = format!("http://{}/readyz", proxy.admin);
+    wait_for(
+        || async { get(&readyz, &[]).await.0 == StatusCode::SERVICE_UNAVAILABLE },
+        "readiness turns off during the grace period",
+    )
+    .await;
     gate.open();
 
     let (st, _, body) = pending.await.unwrap();
@@ -402,10 +433,7 @@ async fn sigterm_lets_transfers_in_flight_finish() {
         sha256_digest(&body.expect("the transfer in flight completes")),
         d
     );
-    assert!(
-        proxy.wait_exit(Duration::from_secs(10)),
-        "then the proxy exits 0"
-    );
+    assert!(proxy.wait_exit(PATIENCE), "then the proxy exits 0");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -447,7 +475,11 @@ async fn ranges_and_heads() {
         h["content-range"],
         format!("bytes */{}", data.len()).as_str()
     );
-    assert_eq!(reg.blob_gets(&d), 1);
+    assert_eq!(
+        reg.blob_gets_logged(&d, 1).await,
+        1,
+        "the fill that served every range was the only upstream GET"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -473,11 +505,10 @@ async fn manifests_by_digest_are_cached_with_their_exact_bytes_and_type() {
         assert_eq!(h["docker-content-digest"], d.as_str());
         assert_eq!(&body.unwrap()[..], &bytes[..], "the exact manifest bytes");
     }
+    let needle = format!("\"GET /v2/team/app/manifests/{d}");
     let manifest_gets = reg
-        .log()
-        .lines()
-        .filter(|l| l.contains(&format!("\"GET /v2/team/app/manifests/{d}")))
-        .count();
+        .logged(1, "GETs of the manifest", |l| l.contains(&needle))
+        .await;
     assert_eq!(
         manifest_gets, 1,
         "the second GET by digest is served from the node"
@@ -652,21 +683,24 @@ async fn a_request_that_loops_back_is_stopped() {
     // A proxy whose upstream is a second proxy whose upstream is the first.
     let cache = TempDir::new("cache");
     let cache2 = TempDir::new("cache2");
-    let port = free_port();
-    let first = Proxy::start_on(
-        &format!("127.0.0.1:{port}"),
-        "http://127.0.0.1:9",
-        cache.path(),
-        &[],
-    );
-    drop(first);
-    let second = Proxy::start(&format!("http://127.0.0.1:{port}"), cache2.path(), &[]);
-    let first = Proxy::start_on(
-        &format!("127.0.0.1:{port}"),
-        &second.url(),
-        cache.path(),
-        &[],
-    );
+    // The first one's port is picked free before the second starts, and
+    // another process may take it meanwhile: then both start again.
+    let (_second, first) = (1..=5)
+        .find_map(|attempt| {
+            let port = free_port();
+            let second = Proxy::start(&format!("http://127.0.0.1:{port}"), cache2.path(), &[]);
+            match Proxy::try_start_on(
+                &format!("127.0.0.1:{port}"),
+                &second.url(),
+                cache.path(),
+                &[],
+            ) {
+                Ok(first) => Some((second, first)),
+                Err(logs) if attempt < 5 && logs.contains("cannot listen") => None,
+                Err(logs) => panic!("regproxy did not start; it logged:\n{logs}"),
+            }
+        })
+        .expect("the first proxy started");
     let (st, _, body) = get(&format!("{}/v2/team/app/manifests/v1", first.url()), &[]).await;
     assert_eq!(
         st,
@@ -767,17 +801,11 @@ async fn a_blob_that_cannot_fit_beside_fills_in_flight_evicts_nothing() {
     let pending = tokio::spawn(async move { get(&url_c, &[]).await });
     wait_until(|| gate.passed() >= 100_000, "C's fill is under way").await;
     // C's reservation is in place (B and C: 4 MiB) before D is asked for.
-    for _ in 0..500 {
-        if proxy.metric("regproxy_cache_bytes").await == 4 * MIB as u64 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(
-        proxy.metric("regproxy_cache_bytes").await,
-        4 * MIB as u64,
-        "C reserved its room"
-    );
+    wait_for(
+        || async { proxy.metric("regproxy_cache_bytes").await == 4 * MIB as u64 },
+        "C reserved its room (B and C hold the 4 MiB cap)",
+    )
+    .await;
 
     let (st, _, body) = get(&format!("{}/v2/team/app/blobs/{d}", proxy.url()), &[]).await;
     assert_eq!(st, StatusCode::OK);
@@ -821,7 +849,7 @@ async fn a_relayed_body_that_stalls_is_cut_not_held_forever() {
     );
     gate.hold_after(head_len as u64 + 200); // the head and part of the body, then silence
     let url = format!("{}/v2/team/many/tags/list", proxy.url());
-    let (st, _, body) = tokio::time::timeout(Duration::from_secs(15), get(&url, &[]))
+    let (st, _, body) = tokio::time::timeout(PATIENCE, get(&url, &[]))
         .await
         .expect("the client is answered or cut within the timeout, not held");
     assert!(

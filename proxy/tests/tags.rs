@@ -10,15 +10,14 @@ use support::*;
 
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 
-/// Upstream requests for the tag `team/app:v1` (GET or HEAD) in its access log.
-fn tag_requests(reg: &Registry) -> usize {
-    reg.log()
-        .lines()
-        .filter(|l| {
-            l.contains("\"GET /v2/team/app/manifests/v1 ")
-                || l.contains("\"HEAD /v2/team/app/manifests/v1 ")
-        })
-        .count()
+/// Upstream requests for the tag `team/app:v1` (GET or HEAD) in its access
+/// log, once it shows at least `expected` (see [`Registry::logged`]).
+async fn tag_requests(reg: &Registry, expected: usize) -> usize {
+    reg.logged(expected, "requests for team/app:v1", |l| {
+        l.contains("\"GET /v2/team/app/manifests/v1 ")
+            || l.contains("\"HEAD /v2/team/app/manifests/v1 ")
+    })
+    .await
 }
 
 async fn tag_digest(proxy: &Proxy) -> (StatusCode, Option<String>) {
@@ -42,9 +41,12 @@ async fn tag_digest(proxy: &Proxy) -> (StatusCode, Option<String>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_moved_tag_is_seen_after_the_ttl_and_not_before() {
+    // Long enough that the checks "within the TTL" (three pushes, five GETs)
+    // fit in it on a loaded machine; each check says how long it took.
+    const TTL: Duration = Duration::from_secs(5);
     let reg = Registry::start();
     let cache = TempDir::new("cache");
-    let proxy = Proxy::start(&reg.url(), cache.path(), &["--tag-ttl", "2s"]);
+    let proxy = Proxy::start(&reg.url(), cache.path(), &["--tag-ttl", "5s"]);
     let (_, m1) = push_manifest(
         &reg.url(),
         "team/app",
@@ -56,8 +58,11 @@ async fn a_moved_tag_is_seen_after_the_ttl_and_not_before() {
     let (st, _, _) = get(&format!("{}/v2/", proxy.url()), &[]).await;
     assert_eq!(st, StatusCode::OK);
 
+    // The tag's TTL counts from its resolution, between these two instants.
+    let before_resolution = std::time::Instant::now();
     assert_eq!(tag_digest(&proxy).await, (StatusCode::OK, Some(m1.clone())));
-    let asked = tag_requests(&reg);
+    let resolved = std::time::Instant::now();
+    let asked = tag_requests(&reg, 1).await;
     assert_eq!(asked, 1, "the first resolution is one HEAD");
 
     let (_, m2) = push_manifest(
@@ -72,16 +77,18 @@ async fn a_moved_tag_is_seen_after_the_ttl_and_not_before() {
         assert_eq!(
             tag_digest(&proxy).await.1,
             Some(m1.clone()),
-            "within the TTL the tag keeps its digest"
+            "within the TTL ({TTL:?}) the tag keeps its digest ({:?} after its resolution began)",
+            before_resolution.elapsed()
         );
     }
     assert_eq!(
-        tag_requests(&reg),
+        tag_requests(&reg, asked).await,
         asked,
         "within the TTL no tag request reaches the upstream"
     );
 
-    tokio::time::sleep(Duration::from_millis(2200)).await;
+    // Past the TTL, with an explicit margin.
+    tokio::time::sleep_until((resolved + TTL + Duration::from_secs(1)).into()).await;
     let url = format!("{}/v2/team/app/manifests/v1", proxy.url());
     let gets = (0..10).map(|_| {
         let url = url.clone();
@@ -97,7 +104,7 @@ async fn a_moved_tag_is_seen_after_the_ttl_and_not_before() {
         );
     }
     assert_eq!(
-        tag_requests(&reg),
+        tag_requests(&reg, asked + 1).await,
         asked + 1,
         "ten concurrent requests after the TTL make one revalidation"
     );
@@ -148,10 +155,13 @@ async fn a_tag_is_served_from_the_node_while_the_upstream_is_down_even_after_a_r
     .await;
     assert_eq!(st, StatusCode::OK);
     assert!(proxy.metric("regproxy_tags_stale_served_total").await >= 2);
-    assert!(
-        proxy.logs().contains("serving the tag from the node"),
-        "a log line says so"
-    );
+    // Logged before the answer, but read from the proxy's stderr by a
+    // thread of the test: wait for it to arrive.
+    wait_until(
+        || proxy.logs().contains("serving the tag from the node"),
+        "a log line says the tag is served from the node",
+    )
+    .await;
 
     let started = std::time::Instant::now();
     let (st, _, body) = get(
@@ -172,7 +182,7 @@ async fn a_tag_is_served_from_the_node_while_the_upstream_is_down_even_after_a_r
     );
 
     proxy.signal("-TERM");
-    assert!(proxy.wait_exit(Duration::from_secs(10)));
+    assert!(proxy.wait_exit(PATIENCE), "SIGTERM is a clean exit");
     let proxy = Proxy::start(&reg.url(), cache.path(), &["--tag-ttl", "0s"]);
     let (st, _, _) = get(&format!("{}/v2/", proxy.url()), &[]).await;
     assert_eq!(st, StatusCode::OK, "the ping is answered by the node");
@@ -289,11 +299,10 @@ async fn every_manifest_kind_keeps_its_bytes_type_and_digest() {
         assert_eq!(st, StatusCode::OK);
         assert_eq!(h["docker-content-digest"], amd64.as_str());
     }
+    let needle = format!("\"GET /v2/team/multi/manifests/{amd64}");
     let n = reg
-        .log()
-        .lines()
-        .filter(|l| l.contains(&format!("\"GET /v2/team/multi/manifests/{amd64}")))
-        .count();
+        .logged(1, "GETs of the amd64 manifest", |l| l.contains(&needle))
+        .await;
     assert_eq!(n, 1, "the platform manifest is fetched once");
 }
 

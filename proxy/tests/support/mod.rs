@@ -13,7 +13,7 @@ pub mod stub;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpListener as StdListener, TcpStream};
+use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -65,18 +65,97 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-fn wait_for_port(addr: SocketAddr, child: &mut Child, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        if TcpStream::connect(addr).is_ok() {
-            return;
+/// How long a test waits for something that must happen (a process coming
+/// up, a commit, a log line) before it fails. Generous on purpose: only what
+/// never happens fails a test, never a slow or loaded machine; what happens
+/// sooner ends the wait at once.
+pub const PATIENCE: Duration = Duration::from_secs(60);
+
+/// Polls `f` until it holds; fails naming `what` if it does not within
+/// [`PATIENCE`].
+pub async fn wait_until(mut f: impl FnMut() -> bool, what: &str) {
+    let deadline = Instant::now() + PATIENCE;
+    while !f() {
+        assert!(
+            Instant::now() < deadline,
+            "waited {PATIENCE:?} in vain until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// [`wait_until`] for a test without a runtime: blocks the thread.
+pub fn wait_blocking(mut f: impl FnMut() -> bool, what: &str) {
+    let deadline = Instant::now() + PATIENCE;
+    while !f() {
+        assert!(
+            Instant::now() < deadline,
+            "waited {PATIENCE:?} in vain until {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// [`wait_until`] for a check that is itself asynchronous (a metric).
+pub async fn wait_for<F, Fut>(mut f: F, what: &str)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + PATIENCE;
+    while !f().await {
+        assert!(
+            Instant::now() < deadline,
+            "waited {PATIENCE:?} in vain until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Why a started registry is not serving.
+pub enum NotListening {
+    /// Another process took the port between `free_port` and the bind.
+    PortTaken,
+    Failed(String),
+}
+
+/// Waits for a `docker-registry` started with its log going to `log` to say
+/// that it listens on `addr` (it logs that after the bind): the line is
+/// looked for after byte `from`, where this start's output begins.
+pub fn wait_listening(
+    child: &mut Child,
+    log: &Path,
+    from: usize,
+    addr: SocketAddr,
+) -> Result<(), NotListening> {
+    let needle = format!("listening on {addr}");
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let out = std::fs::read(log).unwrap_or_default();
+        let out = String::from_utf8_lossy(out.get(from..).unwrap_or_default());
+        if out.contains(&needle) {
+            return Ok(());
         }
         if let Ok(Some(st)) = child.try_wait() {
-            panic!("{what} exited with {st} before listening on {addr}");
+            let out = String::from_utf8_lossy(&std::fs::read(log).unwrap_or_default()[from..])
+                .into_owned();
+            return Err(if out.contains("address already in use") {
+                NotListening::PortTaken
+            } else {
+                NotListening::Failed(format!(
+                    "docker-registry exited with {st} before listening on {addr}:\n{out}"
+                ))
+            });
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(NotListening::Failed(format!(
+                "docker-registry did not listen on {addr} within {PATIENCE:?}:\n{out}"
+            )));
         }
         std::thread::sleep(Duration::from_millis(25));
     }
-    panic!("{what} did not listen on {addr} within 20s");
 }
 
 pub fn sha256_digest(data: &[u8]) -> String {
@@ -131,38 +210,65 @@ impl Registry {
 
     fn start_config(extra: &str, http_extra: &str, scheme: &'static str) -> Registry {
         let dir = TempDir::new("upstream");
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let config = dir.path().join("config.yml");
         let storage = dir.path().join("data");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n{http_extra}{extra}",
-                storage.display()
-            ),
-        )
-        .unwrap();
         let log = dir.path().join("registry.log");
         let mut r = Registry {
-            addr,
+            addr: "127.0.0.1:0".parse().unwrap(),
             dir,
             child: None,
             log,
             config,
             scheme,
         };
-        r.restart();
+        // The port is free when picked, but another process may bind it
+        // before the registry does: then the registry says so, and it is
+        // started again on another port.
+        for attempt in 1.. {
+            r.addr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+            std::fs::write(
+                &r.config,
+                format!(
+                    "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {}\n{http_extra}{extra}",
+                    storage.display(),
+                    r.addr
+                ),
+            )
+            .unwrap();
+            match r.spawn() {
+                Ok(()) => break,
+                Err(NotListening::PortTaken) if attempt < 5 => continue,
+                Err(NotListening::PortTaken) => {
+                    panic!("docker-registry found its port taken 5 times in a row")
+                }
+                Err(NotListening::Failed(why)) => panic!("{why}"),
+            }
+        }
         r
     }
 
     /// Starts the registry (again) on the same address and storage.
     pub fn restart(&mut self) {
+        match self.spawn() {
+            Ok(()) => {}
+            Err(NotListening::PortTaken) => {
+                panic!(
+                    "docker-registry could not listen on {} again: the port was taken meanwhile",
+                    self.addr
+                )
+            }
+            Err(NotListening::Failed(why)) => panic!("{why}"),
+        }
+    }
+
+    fn spawn(&mut self) -> Result<(), NotListening> {
         assert!(self.child.is_none(), "registry is already running");
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.log)
             .unwrap();
+        let from = out.metadata().unwrap().len() as usize;
         let mut child = Command::new("docker-registry")
             .arg("serve")
             .arg(&self.config)
@@ -171,8 +277,9 @@ impl Registry {
             .stderr(out)
             .spawn()
             .expect("docker-registry is installed (scripts/deps.sh)");
-        wait_for_port(self.addr, &mut child, "docker-registry");
+        wait_listening(&mut child, &self.log, from, self.addr)?;
         self.child = Some(child);
+        Ok(())
     }
 
     pub fn stop(&mut self) {
@@ -230,6 +337,31 @@ impl Registry {
         digest
     }
 
+    /// How many access log lines `is_it` picks, once there are at least
+    /// `expected`. The registry writes a request's line after its response
+    /// went out, so whoever sent the request (the proxy, and so the test's
+    /// client) can be done with the bytes before the line is there: a count
+    /// taken right away can miss it. Returns the count (then compared with
+    /// `expected` by the caller), so that one too many still shows.
+    pub async fn logged(&self, expected: usize, what: &str, is_it: impl Fn(&str) -> bool) -> usize {
+        let count = || self.log().lines().filter(|l| is_it(l)).count();
+        wait_until(
+            || count() >= expected,
+            &format!("the upstream's access log shows {expected} {what}"),
+        )
+        .await;
+        count()
+    }
+
+    /// [`Registry::blob_gets`], once the access log shows at least `expected`.
+    pub async fn blob_gets_logged(&self, digest: &str, expected: usize) -> usize {
+        let needle = format!("/blobs/{digest} HTTP/1.1\"");
+        self.logged(expected, &format!("GETs of {digest}"), |l| {
+            l.contains("\"GET /v2/") && l.contains(&needle)
+        })
+        .await
+    }
+
     /// Where the registry keeps the bytes of blob `digest`.
     pub fn blob_data_path(&self, digest: &str) -> PathBuf {
         let hex = digest.strip_prefix("sha256:").unwrap();
@@ -268,6 +400,18 @@ impl Proxy {
     }
 
     pub fn start_on(listen: &str, upstream: &str, cache_dir: &Path, args: &[&str]) -> Proxy {
+        Proxy::try_start_on(listen, upstream, cache_dir, args)
+            .unwrap_or_else(|logs| panic!("regproxy did not start; it logged:\n{logs}"))
+    }
+
+    /// [`Proxy::start_on`], or what regproxy logged if it did not start
+    /// (within [`PATIENCE`]).
+    pub fn try_start_on(
+        listen: &str,
+        upstream: &str,
+        cache_dir: &Path,
+        args: &[&str],
+    ) -> Result<Proxy, String> {
         let mut child = Command::new(regproxy_bin())
             .args([
                 "serve",
@@ -307,22 +451,23 @@ impl Proxy {
         });
         let (mut addr, mut admin) = (None, None);
         while addr.is_none() || admin.is_none() {
-            match rx.recv_timeout(Duration::from_secs(20)) {
+            match rx.recv_timeout(PATIENCE) {
                 Ok((m, a)) if m == "regproxy listening" => addr = Some(a.parse().unwrap()),
                 Ok((_, a)) => admin = Some(a.parse().unwrap()),
-                Err(_) => panic!(
-                    "regproxy did not start; it logged:\n{}",
-                    logs.lock().unwrap().join("\n")
-                ),
+                Err(_) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(logs.lock().unwrap().join("\n"));
+                }
             }
         }
-        Proxy {
+        Ok(Proxy {
             addr: addr.unwrap(),
             admin: admin.unwrap(),
             cache_dir: cache_dir.to_owned(),
             child,
             logs,
-        }
+        })
     }
 
     pub fn url(&self) -> String {
@@ -339,14 +484,10 @@ impl Proxy {
     /// so that this request of the proxy's own does not spend their budget.
     pub fn wait_learned_open(&self) {
         let state = self.cache_dir.join("state.json");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !std::fs::read_to_string(&state).is_ok_and(|s| s.contains("\"upstream_open\":true")) {
-            assert!(
-                Instant::now() < deadline,
-                "regproxy should learn that the upstream is open and say so in state.json"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_blocking(
+            || std::fs::read_to_string(&state).is_ok_and(|s| s.contains("\"upstream_open\":true")),
+            "regproxy learned that the upstream is open and said so in state.json",
+        );
     }
 
     pub fn logs(&self) -> String {
@@ -355,17 +496,21 @@ impl Proxy {
 
     /// The metrics as name{labels} → value.
     pub async fn metrics(&self) -> HashMap<String, u64> {
-        let (status, _, body) = get(&format!("http://{}/metrics", self.admin), &[]).await;
-        assert_eq!(status, StatusCode::OK);
-        String::from_utf8(body.unwrap().to_vec())
-            .unwrap()
-            .lines()
-            .filter(|l| !l.starts_with('#'))
-            .filter_map(|l| {
-                l.rsplit_once(' ')
-                    .map(|(k, v)| (k.to_owned(), v.parse().unwrap()))
-            })
-            .collect()
+        metrics_at(self.admin).await
+    }
+
+    /// Waits until no blob fill is in flight: every fill started so far has
+    /// committed its blob under `sha256/` or thrown it away and cleaned up.
+    /// A client's response ends when the bytes are verified; the commit
+    /// (fsync, rename) follows, and `regproxy_fills_inflight` drops only
+    /// after it (or after the clean-up of a failed fill).
+    pub async fn fills_done(&self) {
+        fills_done_at(self.admin).await
+    }
+
+    /// [`upstream_settled`] for this proxy.
+    pub async fn settled(&self, upstream: &Registry) -> usize {
+        upstream_settled(self.admin, upstream).await
     }
 
     pub async fn metric(&self, name: &str) -> u64 {
@@ -384,7 +529,8 @@ impl Proxy {
         assert!(st.success());
     }
 
-    /// Waits for the process to exit and returns whether it exited 0.
+    /// Waits for the process to exit and returns whether it exited 0;
+    /// fails if it is still running after `within`.
     pub fn wait_exit(&mut self, within: Duration) -> bool {
         let deadline = Instant::now() + within;
         loop {
@@ -423,6 +569,47 @@ impl Proxy {
         let hex = digest.strip_prefix("sha256:").unwrap();
         self.cache_dir.join("sha256").join(&hex[..2]).join(hex)
     }
+}
+
+/// The metrics of the regproxy whose admin endpoint is `admin`, as
+/// name{labels} → value.
+pub async fn metrics_at(admin: SocketAddr) -> HashMap<String, u64> {
+    let (status, _, body) = get(&format!("http://{admin}/metrics"), &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    String::from_utf8(body.unwrap().to_vec())
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            l.rsplit_once(' ')
+                .map(|(k, v)| (k.to_owned(), v.parse().unwrap()))
+        })
+        .collect()
+}
+
+/// [`Proxy::fills_done`] for the regproxy whose admin endpoint is `admin`.
+pub async fn fills_done_at(admin: SocketAddr) {
+    wait_for(
+        || async { metrics_at(admin).await["regproxy_fills_inflight"] == 0 },
+        "no blob fill is in flight (each one committed or thrown away)",
+    )
+    .await
+}
+
+/// Waits until the regproxy whose admin endpoint is `admin` has no fill in
+/// flight (see [`Proxy::fills_done`]) and the upstream's access log shows a
+/// blob GET for every GET the proxy sent for a fill (`regproxy_fills_total`,
+/// plus the resumes); returns the access log's count of blob GETs. Only then
+/// do counts of upstream GETs say what a pull did.
+pub async fn upstream_settled(admin: SocketAddr, upstream: &Registry) -> usize {
+    fills_done_at(admin).await;
+    let m = metrics_at(admin).await;
+    let sent = (m["regproxy_fills_total"] + m["regproxy_upstream_resumes_total"]) as usize;
+    upstream
+        .logged(sent, "blob GETs, one for each the proxy sent", |l| {
+            l.contains("\"GET /v2/") && l.contains("/blobs/sha256:")
+        })
+        .await
 }
 
 impl Drop for Proxy {
@@ -766,7 +953,7 @@ impl Dockerd {
             .stderr(log)
             .spawn()
             .expect("unshare and dockerd are installed");
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + 2 * PATIENCE;
         loop {
             let dk = Dockerd::cli_at(&sock).arg("version").output().unwrap();
             if dk.status.success() {
@@ -874,7 +1061,7 @@ impl Containerd {
             .stderr(log)
             .spawn()
             .expect("containerd is installed (scripts/deps.sh)");
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + PATIENCE;
         loop {
             let v = Command::new("ctr")
                 .arg("--address")
@@ -890,7 +1077,8 @@ impl Containerd {
             }
             assert!(
                 Instant::now() < deadline,
-                "containerd should answer within 30s"
+                "containerd should answer within {PATIENCE:?}:\n{}",
+                std::fs::read_to_string(dir.path().join("containerd.log")).unwrap_or_default()
             );
             std::thread::sleep(Duration::from_millis(100));
         }
