@@ -198,6 +198,20 @@ fn push_private(rt: &tokio::runtime::Runtime, reg: &Registry, repo: &str, seed: 
     layer
 }
 
+/// Alice pulls `repo:v1` through `proxy` in containerd's order; every step
+/// must answer 200 with the right bytes.
+fn alice_pulls(rt: &tokio::runtime::Runtime, proxy: &Proxy, repo: &str, what: &str) -> Vec<Step> {
+    let alice = basic(USER, PASSWORD);
+    let steps = rt.block_on(containerd_order_pull(
+        &proxy.url(),
+        repo,
+        "v1",
+        Some(&alice),
+    ));
+    assert!(all_ok(&steps), "{what}: {steps:?}");
+    steps
+}
+
 async fn status(method: Method, url: &str, auth: &str) -> StatusCode {
     request(method, url, &[("authorization", auth)], Default::default())
         .await
@@ -214,21 +228,9 @@ fn a_yes_for_one_repository_opens_no_other_repositorys_digests_online_or_offline
     let proxy = Proxy::start(&reg.url(), cache.path(), &[]);
     let alice = basic(USER, PASSWORD);
 
-    let steps = rt.block_on(containerd_order_pull(
-        &proxy.url(),
-        "private/app",
-        "v1",
-        Some(&alice),
-    ));
-    assert!(all_ok(&steps), "alice pulls private/app: {steps:?}");
+    let steps = alice_pulls(&rt, &proxy, "private/app", "alice pulls private/app");
     let manifest = steps[1].what.rsplit(' ').next().unwrap().to_owned();
-    let steps = rt.block_on(containerd_order_pull(
-        &proxy.url(),
-        "other/app",
-        "v1",
-        Some(&alice),
-    ));
-    assert!(all_ok(&steps), "alice pulls other/app: {steps:?}");
+    alice_pulls(&rt, &proxy, "other/app", "alice pulls other/app");
 
     let secret_blob = format!(
         "{}/v2/other/app/blobs/{}",
@@ -261,15 +263,11 @@ fn a_yes_for_one_repository_opens_no_other_repositorys_digests_online_or_offline
         gets_before,
         "the checks were HEADs, never downloads"
     );
-    let steps = rt.block_on(containerd_order_pull(
-        &proxy.url(),
+    alice_pulls(
+        &rt,
+        &proxy,
         "private/app",
-        "v1",
-        Some(&alice),
-    ));
-    assert!(
-        all_ok(&steps),
-        "with the upstream down, what alice was allowed before is still served: {steps:?}"
+        "with the upstream down, what alice was allowed before is still served",
     );
 }
 
@@ -282,13 +280,7 @@ fn an_allowed_client_pulls_after_a_restart_during_an_outage_with_remember_allowe
     let remember = ["--remember-allowed", "1h"];
     let mut proxy = Proxy::start(&reg.url(), cache.path(), &remember);
     let alice = basic(USER, PASSWORD);
-    let steps = rt.block_on(containerd_order_pull(
-        &proxy.url(),
-        "private/app",
-        "v1",
-        Some(&alice),
-    ));
-    assert!(all_ok(&steps), "{steps:?}");
+    alice_pulls(&rt, &proxy, "private/app", "alice pulls");
     let allowed = cache.path().join("allowed.json");
     wait_blocking(
         || {
@@ -304,15 +296,11 @@ fn an_allowed_client_pulls_after_a_restart_during_an_outage_with_remember_allowe
     reg.stop();
 
     let proxy = Proxy::start(&reg.url(), cache.path(), &remember);
-    let steps = rt.block_on(containerd_order_pull(
-        &proxy.url(),
+    alice_pulls(
+        &rt,
+        &proxy,
         "private/app",
-        "v1",
-        Some(&alice),
-    ));
-    assert!(
-        all_ok(&steps),
-        "after a restart during the outage, alice still pulls what she was allowed: {steps:?}"
+        "after a restart during the outage, alice still pulls what she was allowed",
     );
     for (who, cred) in [
         ("a wrong password", Some(basic(USER, "wrong"))),
@@ -370,14 +358,7 @@ fn the_authorization_check_never_forwards_a_clients_range() {
     let layer = push_private(&rt, &reg, "private/app", 4);
     let cache = TempDir::new("cache");
     let proxy = Proxy::start(&reg.url(), cache.path(), &[]);
-    let alice = basic(USER, PASSWORD);
-    let steps = rt.block_on(containerd_order_pull(
-        &proxy.url(),
-        "private/app",
-        "v1",
-        Some(&alice),
-    ));
-    assert!(all_ok(&steps), "{steps:?}");
+    alice_pulls(&rt, &proxy, "private/app", "alice pulls");
 
     // Bob has not been allowed anything yet: his request is checked upstream.
     let bob = basic(BOB.0, BOB.1);
@@ -466,16 +447,11 @@ fn a_404_for_a_tag_from_a_client_the_upstream_does_not_authorize_keeps_the_stale
     let mut hiding = Hiding::start(&reg);
     let cache = TempDir::new("cache");
     let proxy = Proxy::start(&hiding.url, cache.path(), &["--tag-ttl", "0s"]);
-    let alice = basic(USER, PASSWORD);
-    let steps = rt.block_on(containerd_order_pull(
-        &proxy.url(),
+    alice_pulls(
+        &rt,
+        &proxy,
         "private/app",
-        "v1",
-        Some(&alice),
-    ));
-    assert!(
-        all_ok(&steps),
-        "alice pulls through the hiding upstream: {steps:?}"
+        "alice pulls through the hiding upstream",
     );
 
     let tag = format!("{}/v2/private/app/manifests/v1", proxy.url());
@@ -499,14 +475,10 @@ fn a_404_for_a_tag_from_a_client_the_upstream_does_not_authorize_keeps_the_stale
 
     let _ = hiding.child.kill();
     let _ = hiding.child.wait();
-    let steps = rt.block_on(containerd_order_pull(
-        &proxy.url(),
+    alice_pulls(
+        &rt,
+        &proxy,
         "private/app",
-        "v1",
-        Some(&alice),
-    ));
-    assert!(
-        all_ok(&steps),
-        "with the upstream down, alice still gets the tag from the node: {steps:?}"
+        "with the upstream down, alice still gets the tag from the node",
     );
 }
