@@ -257,11 +257,7 @@ impl App {
             // repository is not served through another that does not hold it.
             Ok(r) if r.status() == StatusCode::NOT_FOUND => {
                 self.auth.deny(&cred, name, Some(d));
-                return Err(if manifest {
-                    Error::ManifestUnknown(d.to_string())
-                } else {
-                    Error::BlobUnknown(d.to_string())
-                });
+                return Err(unknown(manifest, d));
             }
             Ok(r) if matches!(r.status(), StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) => {
                 return Err(self.denied(parts, &cred, name, Some(d), &r));
@@ -292,11 +288,7 @@ impl App {
             // A credential the upstream accepted, but never for this digest
             // in this repository: the node has nothing it may give.
             tracing::info!(repo = name, digest = %d, error = %unavailable, "upstream unavailable; not seen allowed before");
-            return Err(if manifest {
-                Error::ManifestUnknown(d.to_string())
-            } else {
-                Error::BlobUnknown(d.to_string())
-            });
+            return Err(unknown(manifest, d));
         }
         // Never accepted by the upstream: refused as the upstream would.
         self.metrics.auth_denied.fetch_add(1, Relaxed);
@@ -337,11 +329,7 @@ impl App {
     /// knows. Only the proxy's own request counts: a client shapes its own.
     pub async fn learn_open(&self) {
         self.auth.asking_open();
-        let r = match self
-            .upstream
-            .send(Method::GET, "/v2/", &HeaderMap::new(), &[])
-            .await
-        {
+        let r = match self.own_ping().await {
             Ok(r) => r,
             Err(e) => {
                 tracing::debug!(error = %e, "upstream unreachable; keeping what is known of its auth");
@@ -364,14 +352,17 @@ impl App {
         self.tags.set_upstream_open(open).await;
     }
 
+    /// The proxy's own anonymous `GET /v2/`: no header of any client's.
+    async fn own_ping(&self) -> Result<Response<Incoming>, Error> {
+        self.upstream
+            .send(Method::GET, "/v2/", &HeaderMap::new(), &[])
+            .await
+    }
+
     /// Whether the upstream fails the proxy's own anonymous `/v2/` (no
     /// answer, or a 5xx or 429): it is down, not just refusing a client.
     async fn upstream_down(&self) -> bool {
-        match self
-            .upstream
-            .send(Method::GET, "/v2/", &HeaderMap::new(), &[])
-            .await
-        {
+        match self.own_ping().await {
             Ok(r) => r.status().is_server_error() || r.status() == StatusCode::TOO_MANY_REQUESTS,
             Err(e) => e.is_upstream(),
         }
@@ -483,6 +474,15 @@ impl App {
             resp.headers_mut().append(k.clone(), v);
         }
         resp
+    }
+}
+
+/// The 404 for cached content the node may not give this client.
+fn unknown(manifest: bool, d: &Digest) -> Error {
+    if manifest {
+        Error::ManifestUnknown(d.to_string())
+    } else {
+        Error::BlobUnknown(d.to_string())
     }
 }
 
