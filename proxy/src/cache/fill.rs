@@ -27,7 +27,7 @@ use tokio::sync::watch;
 use super::{Cache, Stored};
 use crate::body::BoxError;
 use crate::digest::Digest;
-use crate::error::Error;
+use crate::error::{Cause, Error, UpstreamError, Wait};
 use crate::metrics::Metrics;
 use crate::upstream::Upstream;
 
@@ -91,7 +91,7 @@ pub enum Failure {
     Uncached,
     /// Upstream failed or sent bytes that did not match: an error response
     /// before the head, an aborted body after it.
-    Error(Arc<Error>),
+    Error(Error),
 }
 
 /// A fill in flight. Its readers subscribe to the progress channel.
@@ -185,9 +185,7 @@ impl Fill {
 }
 
 fn vanished() -> Failure {
-    Failure::Error(Arc::new(Error::UpstreamBad(
-        "the fill ended without a result".into(),
-    )))
+    Failure::Error(Error::Internal("the fill ended without a result"))
 }
 
 /// What the leader needs to fetch the blob.
@@ -255,7 +253,7 @@ pub async fn run(cache: Arc<Cache>, upstream: Arc<Upstream>, fill: Arc<Fill>, re
 
     let resp = match upstream.send(Method::GET, &path, &req.headers, &[]).await {
         Ok(r) => r,
-        Err(e) => return g.fail(Failure::Error(Arc::new(e))),
+        Err(e) => return g.fail(Failure::Error(e)),
     };
     if resp.status() != StatusCode::OK {
         let (parts, body) = resp.into_parts();
@@ -267,14 +265,14 @@ pub async fn run(cache: Arc<Cache>, upstream: Arc<Upstream>, fill: Arc<Fill>, re
         });
     }
     let Some(size) = content_length(resp.headers()) else {
-        return g.fail(Failure::Error(Arc::new(upstream.failed(
-            Error::UpstreamBad("upstream sent a blob without Content-Length".into()),
+        return g.fail(Failure::Error(upstream.failed(UpstreamError::Invalid(
+            "upstream sent a blob without Content-Length".into(),
         ))));
     };
     if !digest.admits_size(size) {
         m.digest_mismatches.fetch_add(1, Relaxed);
-        let e = Error::UpstreamBad(format!("upstream announced {digest} with 0 bytes"));
-        return g.fail(Failure::Error(Arc::new(upstream.failed(e))));
+        let e = UpstreamError::Invalid(format!("upstream announced {digest} with 0 bytes"));
+        return g.fail(Failure::Error(upstream.failed(e)));
     }
     if !cache.reserve(size) {
         m.uncached_fills.fetch_add(1, Relaxed);
@@ -331,17 +329,22 @@ pub async fn run(cache: Arc<Cache>, upstream: Arc<Upstream>, fill: Arc<Fill>, re
                 },
                 Ok(None) if w.total() == size => break None,
                 Ok(None) => {
-                    break Some(format!(
+                    break Some(Error::invalid(format!(
                         "upstream body ended after {} of {size} bytes",
                         w.total()
-                    ))
+                    )))
                 }
-                Ok(Some(Err(e))) => break Some(format!("upstream body failed: {e}")),
+                Ok(Some(Err(e))) => {
+                    break Some(Error::from(UpstreamError::Broken {
+                        url: path.clone(),
+                        cause: Cause::new(e),
+                    }))
+                }
                 Err(_) => {
-                    break Some(format!(
-                        "upstream body stalled for {:?}",
-                        upstream.timeout()
-                    ))
+                    break Some(Error::from(UpstreamError::Timeout {
+                        url: path.clone(),
+                        wait: Wait::Body(upstream.timeout()),
+                    }))
                 }
             };
             let mut chunk = chunk;
@@ -354,8 +357,8 @@ pub async fn run(cache: Arc<Cache>, upstream: Arc<Upstream>, fill: Arc<Fill>, re
             if w.total() + chunk.len() as u64 > size {
                 m.digest_mismatches.fetch_add(1, Relaxed);
                 tracing::warn!(%digest, size, "upstream sent more bytes than it announced; discarding");
-                let e = Error::UpstreamBad(format!("{digest}: longer than its Content-Length"));
-                return g.fail(Failure::Error(Arc::new(e)));
+                let e = Error::invalid(format!("{digest}: longer than its Content-Length"));
+                return g.fail(Failure::Error(e));
             }
             if let Err(e) = w.push(chunk, &fill, size, &data).await {
                 return g.fail(write_failed(&digest, e));
@@ -371,7 +374,7 @@ pub async fn run(cache: Arc<Cache>, upstream: Arc<Upstream>, fill: Arc<Fill>, re
             m.upstream_errors.fetch_add(1, Relaxed);
             if resumes >= req.retries {
                 tracing::warn!(%digest, error = %why, resumes, "giving up on the upstream download");
-                return g.fail(Failure::Error(Arc::new(Error::UpstreamBad(why))));
+                return g.fail(Failure::Error(why));
             }
             resumes += 1;
             m.upstream_resumes.fetch_add(1, Relaxed);
@@ -396,8 +399,8 @@ pub async fn run(cache: Arc<Cache>, upstream: Arc<Upstream>, fill: Arc<Fill>, re
                     body = r.into_body();
                     break;
                 }
-                Ok(r) => why = format!("resume answered {}", r.status()),
-                Err(e) => why = e.to_string(),
+                Ok(r) => why = Error::status("resume", r.status()),
+                Err(e) => why = e,
             }
         }
     }
@@ -408,8 +411,11 @@ pub async fn run(cache: Arc<Cache>, upstream: Arc<Upstream>, fill: Arc<Fill>, re
     if got != digest {
         m.digest_mismatches.fetch_add(1, Relaxed);
         tracing::warn!(%digest, %got, "upstream content does not match its digest; not cached, readers cut off");
-        let e = Error::UpstreamBad(format!("content of {digest} hashed to {got}"));
-        return g.fail(Failure::Error(Arc::new(e)));
+        let e = Error::from(UpstreamError::DigestMismatch {
+            expected: digest.clone(),
+            got,
+        });
+        return g.fail(Failure::Error(e));
     }
     fill.set(Progress::Verified { size, data });
     g.armed = false;
@@ -427,9 +433,7 @@ pub async fn run(cache: Arc<Cache>, upstream: Arc<Upstream>, fill: Arc<Fill>, re
 
 fn write_failed(digest: &Digest, e: std::io::Error) -> Failure {
     tracing::warn!(%digest, error = %e, "cache write failed");
-    Failure::Error(Arc::new(Error::UpstreamBad(format!(
-        "cache write failed: {e}"
-    ))))
+    Failure::Error(Error::disk("write a blob", e))
 }
 
 fn backoff(attempt: u32) -> Duration {
