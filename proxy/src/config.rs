@@ -154,6 +154,85 @@ impl ServeArgs {
     }
 }
 
+/// The validated configuration of `serve`, built once from the flags by
+/// [`ServeArgs::config`]; each part takes the piece it needs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub admin_listen: Option<SocketAddr>,
+    pub cache_dir: PathBuf,
+    pub cache_size: u64,
+    pub limits: crate::server::Limits,
+    pub shutdown_grace: Duration,
+    pub upstream: UpstreamConfig,
+    pub tag_ttl: Duration,
+    pub auth: AuthConfig,
+    pub log: LogConfig,
+}
+
+/// How the upstream is reached, and how hard a download is tried.
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub url: Uri,
+    pub ca: Option<PathBuf>,
+    pub resolver: crate::resolve::ResolverMode,
+    pub connect_timeout: Duration,
+    /// Longest wait for a response head, and between two reads of a body.
+    pub timeout: Duration,
+    /// Resumes of a broken blob download before its fill fails.
+    pub retries: u32,
+}
+
+/// How long the upstream's answers about who may read are used.
+#[derive(Debug, Clone, Copy)]
+pub struct AuthConfig {
+    /// `--auth-ttl`: a yes, and whether the upstream is open, stand this long.
+    pub ttl: Duration,
+    /// `--remember-allowed`: yeses kept on disk this long, or not at all.
+    pub remember: Option<Duration>,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+impl ServeArgs {
+    /// The validated configuration, or why the flags make none.
+    pub fn config(self) -> Result<Config, String> {
+        self.validate()?;
+        Ok(Config {
+            listen: self.listen,
+            admin_listen: self.admin_listen,
+            cache_dir: self.cache_dir,
+            cache_size: self.cache_size,
+            limits: crate::server::Limits {
+                header_read_timeout: self.header_read_timeout,
+                max_connections: self.max_connections,
+            },
+            shutdown_grace: self.shutdown_grace,
+            upstream: UpstreamConfig {
+                url: self.upstream,
+                ca: self.upstream_ca,
+                resolver: self.upstream_resolver,
+                connect_timeout: self.connect_timeout,
+                timeout: self.upstream_timeout,
+                retries: self.upstream_retries,
+            },
+            tag_ttl: self.tag_ttl,
+            auth: AuthConfig {
+                ttl: self.auth_ttl,
+                remember: self.remember_allowed,
+            },
+            log: LogConfig {
+                format: self.log_format,
+                level: self.log_level,
+            },
+        })
+    }
+}
+
 /// Highest `--max-connections`: far past what one node's clients need, and
 /// what a 128Mi memory limit can hold (see the README's memory section).
 pub const MAX_CONNECTIONS: usize = 16_384;

@@ -2,7 +2,8 @@
 //!
 //! A request flows `server` → `api` → (`cache` | `upstream`):
 //!
-//! - [`config`]: the command line (clap), every flag also an env var.
+//! - [`config`]: the command line (clap), every flag also an env var,
+//!   validated once into a [`config::Config`] that hands each part its piece.
 //! - [`server`]: binds the listeners, the accept loop, the admin endpoints
 //!   (`/metrics`, `/healthz`, `/readyz`) and graceful shutdown on SIGTERM.
 //! - [`api`]: the OCI distribution routes, what is served from the cache and
@@ -15,7 +16,8 @@
 //!   upstream is down.
 //! - [`auth`]: who may read cached content: the upstream's yes, remembered
 //!   per credential, repository and digest (as keyed hashes), and whether
-//!   the upstream lets anyone in.
+//!   the upstream lets anyone in (kept in `open.json`), and when each of
+//!   those answers goes stale.
 //! - [`upstream`]: the HTTP(S) client to the real registry, timeouts, redirects.
 //! - [`digest`]: digests, repository names and references, parsed strictly.
 //! - [`error`]: typed errors with their origin (client, upstream, this node),

@@ -6,17 +6,20 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => {
             // Before anything is bound or opened: one clear line, non-zero exit.
-            if let Err(e) = args.validate() {
-                eprintln!("regproxy serve: {e}");
-                std::process::exit(2);
-            }
-            regproxy::server::init_tracing(&args);
+            let config = match args.config() {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("regproxy serve: {e}");
+                    std::process::exit(2);
+                }
+            };
+            regproxy::server::init_tracing(&config.log);
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
             // One line on stderr (the error and its causes), whatever
             // RUST_BACKTRACE says: the pod's last log line.
-            if let Err(e) = rt.block_on(regproxy::server::serve(args)) {
+            if let Err(e) = rt.block_on(regproxy::server::serve(config)) {
                 eprintln!("regproxy serve: {e:#}");
                 std::process::exit(1);
             }

@@ -21,59 +21,50 @@ use crate::tags::Tags;
 
 use crate::body::Body;
 use crate::cache::Cache;
-use crate::config::{LogFormat, ServeArgs};
+use crate::config::{Config, LogConfig, LogFormat};
 use crate::lock::CacheLock;
 use crate::metrics::Metrics;
 use crate::resolve::Resolver;
 
 use crate::upstream::Upstream;
 
-pub fn init_tracing(args: &ServeArgs) {
+pub fn init_tracing(log: &LogConfig) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&args.log_level));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&log.level));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(ansi);
 
-    match args.log_format {
+    match log.format {
         LogFormat::Text => b.init(),
         LogFormat::Json => b.json().flatten_event(true).init(),
     }
 }
 
-/// Validates the configuration, opens the cache, binds, and serves until
-/// SIGTERM or SIGINT.
-pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    args.validate().map_err(anyhow::Error::msg)?;
+/// Opens the cache, binds, and serves until SIGTERM or SIGINT.
+pub async fn serve(config: Config) -> anyhow::Result<()> {
     // Before anything else: nothing in the dir is touched unless it is ours.
-    let lock = CacheLock::acquire(&args.cache_dir)?;
-    raise_fd_limit(2 * args.max_connections as u64 + 1024);
+    let lock = CacheLock::acquire(&config.cache_dir)?;
+    raise_fd_limit(2 * config.limits.max_connections as u64 + 1024);
     let metrics = Arc::new(Metrics::default());
-    let via = instance_token();
-    let resolver = Resolver::new(args.upstream_resolver)
+    let resolver = Resolver::new(config.upstream.resolver)
         .map_err(|e| anyhow::anyhow!("cannot set up the upstream resolver: {e}"))?;
-    refuse_self_upstream(&args, &resolver).await?;
-    let mut upstream = Upstream::new(
-        args.upstream.clone(),
-        resolver,
-        args.upstream_ca.as_deref(),
-        args.connect_timeout,
-        args.upstream_timeout,
-        &via,
-        Arc::clone(&metrics),
-    )?;
-    let dir = args.cache_dir.clone();
-    let (cap, m) = (args.cache_size, Arc::clone(&metrics));
+    refuse_self_upstream(&config, &resolver).await?;
+    let mut upstream = Upstream::new(&config.upstream, resolver, Arc::clone(&metrics))?;
+    let dir = config.cache_dir.clone();
+    let (cap, m) = (config.cache_size, Arc::clone(&metrics));
     let cache = tokio::task::spawn_blocking(move || Cache::open(&dir, cap, m))
         .await?
-        .map_err(|e| anyhow::anyhow!("cannot open cache dir {}: {e}", args.cache_dir.display()))?;
+        .map_err(|e| {
+            anyhow::anyhow!("cannot open cache dir {}: {e}", config.cache_dir.display())
+        })?;
 
-    let listener = TcpListener::bind(args.listen)
+    let listener = TcpListener::bind(config.listen)
         .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
-    let admin = match args.admin_listen {
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
+    let admin = match config.admin_listen {
         Some(a) => Some(
             TcpListener::bind(a)
                 .await
@@ -87,52 +78,33 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .chain(&admin)
             .filter_map(|l| l.local_addr().ok()),
     );
-    let tags = Arc::new(Tags::open(&args.cache_dir, args.tag_ttl));
-    let auth = Auth::open(
-        &args.cache_dir,
-        args.auth_ttl,
-        tags.upstream_open(),
-        args.remember_allowed,
-    )
-    .map_err(|e| anyhow::anyhow!("cannot set up {}: {e}", args.cache_dir.display()))?;
-    let app = Arc::new(App {
-        cache: Arc::new(cache),
-        upstream: Arc::new(upstream),
-        metrics,
-        tags,
-        auth,
-        via,
-        retries: args.upstream_retries,
-        open_due: Default::default(),
-        realms: Default::default(),
-    });
+    let tags = Tags::open(&config.cache_dir, config.tag_ttl);
+    let auth = Auth::open(&config.cache_dir, &config.auth)
+        .map_err(|e| anyhow::anyhow!("cannot set up {}: {e}", config.cache_dir.display()))?;
+    let app = Arc::new(App::new(cache, upstream, tags, auth, metrics));
     // Learn whether the upstream lets anyone in now, not when a client
     // happens to ask `/v2/` (containerd never does).
     tokio::spawn(Arc::clone(&app).watch_openness());
-    if args.remember_allowed.is_some() {
+    if config.auth.remember.is_some() {
         tokio::spawn(save_allowed_every(Arc::clone(&app), SAVE_ALLOWED_EVERY));
     }
     tracing::info!(
         addr = %listener.local_addr()?,
-        upstream = %args.upstream,
-        cache_dir = %args.cache_dir.display(),
-        cache_size = args.cache_size,
+        upstream = %config.upstream.url,
+        cache_dir = %config.cache_dir.display(),
+        cache_size = config.cache_size,
         "regproxy listening"
     );
-    let limits = Limits {
-        header_read_timeout: args.header_read_timeout,
-        max_connections: args.max_connections,
-    };
     run(
         listener,
         admin,
-        limits,
+        config.limits,
         Arc::clone(&app),
         shutdown_signal(),
-        args.shutdown_grace,
+        config.shutdown_grace,
     )
     .await;
-    save_allowed(&app).await;
+    app.save_allowed().await;
     // Fills past the grace period and their commits end only with the
     // runtime: the lock is held until the process exits, so that no
     // successor sweeps a dir this process still writes.
@@ -148,14 +120,7 @@ async fn save_allowed_every(app: Arc<App>, every: Duration) {
     let mut tick = tokio::time::interval(every);
     loop {
         tick.tick().await;
-        save_allowed(&app).await;
-    }
-}
-
-async fn save_allowed(app: &Arc<App>) {
-    let a = Arc::clone(app);
-    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || a.auth.save()).await {
-        tracing::warn!(error = %e, "could not save the remembered authorizations");
+        app.save_allowed().await;
     }
 }
 
@@ -183,26 +148,14 @@ fn raise_fd_limit(want: u64) {
     }
 }
 
-/// A token that names this process in `Via` headers.
-fn instance_token() -> String {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u32(std::process::id());
-    format!("regproxy-{:016x}", h.finish())
-}
-
 /// Refuses an upstream that resolves to our own listen address: on a node
 /// whose `/etc/hosts` maps the registry name to this proxy, that is a loop.
-async fn refuse_self_upstream(args: &ServeArgs, resolver: &Resolver) -> anyhow::Result<()> {
-    let host = args
-        .upstream
-        .host()
-        .unwrap_or_default()
-        .trim_matches(['[', ']']);
-    let port = args
-        .upstream
+async fn refuse_self_upstream(config: &Config, resolver: &Resolver) -> anyhow::Result<()> {
+    let url = &config.upstream.url;
+    let host = url.host().unwrap_or_default().trim_matches(['[', ']']);
+    let port = url
         .port_u16()
-        .unwrap_or(if args.upstream.scheme_str() == Some("https") {
+        .unwrap_or(if url.scheme_str() == Some("https") {
             443
         } else {
             80
@@ -212,7 +165,7 @@ async fn refuse_self_upstream(args: &ServeArgs, resolver: &Resolver) -> anyhow::
         tracing::warn!(host, "upstream host does not resolve yet");
         return Ok(());
     };
-    let l = args.listen;
+    let l = config.listen;
     for a in addrs {
         let same_ip = a.ip() == l.ip()
             || (l.ip().is_unspecified() && (a.ip().is_loopback() || a.ip().is_unspecified()));
@@ -221,7 +174,7 @@ async fn refuse_self_upstream(args: &ServeArgs, resolver: &Resolver) -> anyhow::
                 "the upstream {} resolves to {a}, which is this proxy's own --listen address: \
                  that is a loop (is the registry name mapped to the proxy in /etc/hosts?); \
                  point --upstream at a name or address that reaches the real registry",
-                args.upstream
+                url
             );
         }
     }
@@ -393,7 +346,7 @@ pub async fn run(
     loop {
         let (stream, peer, permit) = tokio::select! {
             _ = &mut shutdown => break,
-            c = listener.accept(&app.metrics) => c,
+            c = listener.accept(app.metrics()) => c,
         };
         let _ = stream.set_nodelay(true);
         let app = Arc::clone(&app);
@@ -420,7 +373,7 @@ pub async fn run(
     // Fills run on their own tasks (a client may have hung up): let them
     // finish and commit too, so that what was fetched is kept.
     let fills_done = async {
-        while app.metrics.fills_inflight.load(Ordering::SeqCst) > 0 {
+        while app.metrics().fills_inflight.load(Ordering::SeqCst) > 0 {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     };
@@ -439,7 +392,7 @@ pub async fn run(
 /// away from kubelet.
 async fn admin_loop(listener: Listener, app: Arc<App>, ready: Arc<AtomicBool>) {
     loop {
-        let (stream, _, permit) = listener.accept(&app.metrics).await;
+        let (stream, _, permit) = listener.accept(app.metrics()).await;
         let (app, ready) = (Arc::clone(&app), Arc::clone(&ready));
         let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
             let resp = admin_response(req.uri().path(), &app, ready.load(Ordering::SeqCst));
@@ -458,7 +411,7 @@ fn admin_response(path: &str, app: &App, ready: bool) -> Response<Body> {
         "/metrics" => (
             StatusCode::OK,
             "text/plain; version=0.0.4",
-            app.metrics.render(),
+            app.metrics().render(),
         ),
         "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
         "/readyz" if ready => (StatusCode::OK, "text/plain", "ready\n".to_owned()),

@@ -2,6 +2,9 @@
 //! (written atomically), so that a tag resolved once keeps resolving while
 //! the upstream is down, across restarts too. Revalidation is single-flight
 //! per tag: concurrent requests for a stale tag wait for the one in flight.
+//!
+//! Freshness is decided on [`tokio::time::Instant`], so that tests can
+//! advance the clock past `--tag-ttl`; the file keeps wall-clock times.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -10,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
 
 /// Most tags remembered; the least recently checked go first.
 const MAX_TAGS: usize = 50_000;
@@ -22,11 +26,10 @@ pub struct TagEntry {
     pub checked_ms: u64,
 }
 
+/// The file. It once also held `upstream_open`, now in `open.json` (see
+/// [`crate::auth`], which reads it from here once).
 #[derive(Serialize, Deserialize, Default)]
 struct Persisted {
-    /// Whether the upstream was last seen letting anonymous clients in.
-    #[serde(default)]
-    upstream_open: bool,
     #[serde(default)]
     tags: Vec<(String, String, TagEntry)>,
 }
@@ -43,9 +46,16 @@ pub struct Tags {
 }
 
 struct State {
-    map: HashMap<Key, TagEntry>,
-    upstream_open: bool,
+    map: HashMap<Key, Remembered>,
     flights: HashMap<Key, Arc<tokio::sync::Mutex<()>>>,
+}
+
+/// A tag's entry, and when the upstream confirmed it on the clock that
+/// decides freshness.
+struct Remembered {
+    entry: TagEntry,
+    /// `None`: too long ago for the clock to tell, so stale.
+    checked: Option<Instant>,
 }
 
 fn now_ms() -> u64 {
@@ -65,13 +75,21 @@ impl Tags {
             }),
             Err(_) => Persisted::default(),
         };
-        let map = p.tags.into_iter().map(|(n, t, e)| ((n, t), e)).collect();
+        let (now, now_ms) = (Instant::now(), now_ms());
+        let map = p
+            .tags
+            .into_iter()
+            .map(|(n, t, entry)| {
+                let age = Duration::from_millis(now_ms.saturating_sub(entry.checked_ms));
+                let checked = now.checked_sub(age);
+                ((n, t), Remembered { entry, checked })
+            })
+            .collect();
         Tags {
             path,
             ttl,
             state: Mutex::new(State {
                 map,
-                upstream_open: p.upstream_open,
                 flights: HashMap::new(),
             }),
             write: Mutex::new(()),
@@ -85,9 +103,9 @@ impl Tags {
     /// The entry for a tag, and whether it is within the TTL.
     pub fn get(&self, name: &str, tag: &str) -> Option<(TagEntry, bool)> {
         let st = self.lock();
-        let e = st.map.get(&(name.to_owned(), tag.to_owned()))?.clone();
-        let fresh = now_ms().saturating_sub(e.checked_ms) < self.ttl.as_millis() as u64;
-        Some((e, fresh))
+        let r = st.map.get(&(name.to_owned(), tag.to_owned()))?;
+        let fresh = r.checked.is_some_and(|t| t.elapsed() < self.ttl);
+        Some((r.entry.clone(), fresh))
     }
 
     /// Records what the upstream just said about a tag.
@@ -109,13 +127,17 @@ impl Tags {
             let changed = st
                 .map
                 .get(&key)
-                .is_none_or(|o| o.digest != e.digest || o.media_type != e.media_type);
-            st.map.insert(key, e.clone());
+                .is_none_or(|o| o.entry.digest != e.digest || o.entry.media_type != e.media_type);
+            let r = Remembered {
+                entry: e.clone(),
+                checked: Some(Instant::now()),
+            };
+            st.map.insert(key, r);
             if st.map.len() > MAX_TAGS {
                 if let Some(k) = st
                     .map
                     .iter()
-                    .min_by_key(|(_, e)| e.checked_ms)
+                    .min_by_key(|(_, r)| r.entry.checked_ms)
                     .map(|(k, _)| k.clone())
                 {
                     st.map.remove(&k);
@@ -149,23 +171,10 @@ impl Tags {
             let mut st = self.lock();
             let before = st.map.len();
             st.map
-                .retain(|(n, _), e| !(n == name && e.digest == digest));
+                .retain(|(n, _), r| !(n == name && r.entry.digest == digest));
             st.map.len() != before
         };
         if removed {
-            self.save().await;
-        }
-    }
-
-    /// What the state file says of the upstream's auth (see [`crate::auth`],
-    /// which owns the answer while the process runs).
-    pub fn upstream_open(&self) -> bool {
-        self.lock().upstream_open
-    }
-
-    pub async fn set_upstream_open(self: &Arc<Self>, open: bool) {
-        let changed = std::mem::replace(&mut self.lock().upstream_open, open) != open;
-        if changed {
             self.save().await;
         }
     }
@@ -179,7 +188,7 @@ impl Tags {
         Flight {
             tags: self,
             key,
-            _guard: Some(guard),
+            _guard: guard,
         }
     }
 
@@ -190,11 +199,10 @@ impl Tags {
             let p = {
                 let st = this.lock();
                 Persisted {
-                    upstream_open: st.upstream_open,
                     tags: st
                         .map
                         .iter()
-                        .map(|((n, t), e)| (n.clone(), t.clone(), e.clone()))
+                        .map(|((n, t), r)| (n.clone(), t.clone(), r.entry.clone()))
                         .collect(),
                 }
             };
@@ -215,18 +223,20 @@ impl Tags {
 pub struct Flight<'a> {
     tags: &'a Tags,
     key: Key,
-    _guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+    /// Dropped after [`Flight::drop`] ran.
+    _guard: tokio::sync::OwnedMutexGuard<()>,
 }
 
 impl Drop for Flight<'_> {
     fn drop(&mut self) {
-        self._guard.take();
         let mut st = self.tags.lock();
-        // Forget the flight's mutex once nobody else waits on it.
+        // Forget the flight's mutex once nobody else waits on it: its only
+        // holders are the map and this flight's guard. A request that comes
+        // after takes the state lock, so it finds a new mutex, free.
         if st
             .flights
             .get(&self.key)
-            .is_some_and(|m| Arc::strong_count(m) == 1)
+            .is_some_and(|m| Arc::strong_count(m) == 2)
         {
             st.flights.remove(&self.key);
         }
@@ -255,20 +265,49 @@ mod tests {
         let t = Arc::new(Tags::open(&d, Duration::from_secs(60)));
         t.put("team/app", "v1", "sha256:aa".into(), "application/x".into())
             .await;
-        t.set_upstream_open(true).await;
         let (e, fresh) = t.get("team/app", "v1").unwrap();
         assert!(fresh);
         assert_eq!(e.digest, "sha256:aa");
         drop(t);
-        let t = Tags::open(&d, Duration::ZERO);
+        let t = Tags::open(&d, Duration::from_secs(60));
         let (e, fresh) = t.get("team/app", "v1").expect("the tag survives a restart");
         assert_eq!(e.digest, "sha256:aa");
-        assert!(!fresh, "with a TTL of 0 every tag is revalidated");
-        assert!(t.upstream_open());
+        assert!(fresh, "a restart keeps a tag's age, not more");
+        let t = Tags::open(&d, Duration::ZERO);
+        assert!(
+            !t.get("team/app", "v1").unwrap().1,
+            "with a TTL of 0 every tag is revalidated"
+        );
         std::fs::remove_dir_all(d).unwrap();
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
+    async fn a_tag_is_fresh_until_its_ttl_and_revalidated_from_then() {
+        let d = dir();
+        let ttl = Duration::from_secs(30);
+        let t = Arc::new(Tags::open(&d, ttl));
+        t.put("a", "v1", "sha256:aa".into(), "application/x".into())
+            .await;
+        tokio::time::advance(ttl - Duration::from_millis(1)).await;
+        assert!(
+            t.get("a", "v1").unwrap().1,
+            "a tag is used without asking just before --tag-ttl"
+        );
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(
+            !t.get("a", "v1").unwrap().1,
+            "a tag is revalidated once --tag-ttl has passed"
+        );
+        t.put("a", "v1", "sha256:aa".into(), "application/x".into())
+            .await;
+        assert!(
+            t.get("a", "v1").unwrap().1,
+            "a re-check makes it fresh again"
+        );
+        std::fs::remove_dir_all(d).unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn one_flight_per_tag() {
         let d = dir();
         let t = Arc::new(Tags::open(&d, Duration::from_secs(1)));

@@ -10,7 +10,6 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,6 +24,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
 use crate::body::Body;
+use crate::config::UpstreamConfig;
 use crate::error::{Cause, Error, UpstreamError, Wait};
 use crate::metrics::Metrics;
 use crate::resolve::Resolver;
@@ -54,6 +54,9 @@ pub struct Upstream {
     /// `scheme://authority` of `base`.
     origin: String,
     timeout: Duration,
+    /// Resumes of a broken blob download before its fill fails.
+    retries: u32,
+    /// `1.1 <this instance's token>`: a request that carries it has looped.
     via: HeaderValue,
     metrics: Arc<Metrics>,
     /// The client's resolver, also asked where a redirect leads before it is
@@ -63,27 +66,18 @@ pub struct Upstream {
     own: Vec<SocketAddr>,
 }
 
-/// A cheap description of the upstream for logs.
-impl std::fmt::Display for Upstream {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&redact(&self.base))
-    }
-}
-
 impl Upstream {
-    /// `via` is this instance's `Via` token, added to every upstream request.
+    /// The client `config` describes, resolving names with `resolver`. It
+    /// adds this process's own `Via` token to every request.
     pub fn new(
-        base: Uri,
+        config: &UpstreamConfig,
         resolver: Resolver,
-        ca_file: Option<&Path>,
-        connect_timeout: Duration,
-        timeout: Duration,
-        via: &str,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Upstream> {
+        let base = config.url.clone();
         let mut roots = rustls::RootCertStore::empty();
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-        if let Some(path) = ca_file {
+        if let Some(path) = config.ca.as_deref() {
             let pem = std::fs::read(path).map_err(|e| {
                 anyhow::anyhow!("cannot read --upstream-ca {}: {e}", path.display())
             })?;
@@ -111,7 +105,7 @@ impl Upstream {
 
         let mut http = HttpConnector::new_with_resolver(resolver.clone());
         http.enforce_http(false);
-        http.set_connect_timeout(Some(connect_timeout));
+        http.set_connect_timeout(Some(config.connect_timeout));
         http.set_nodelay(true);
         http.set_keepalive(Some(Duration::from_secs(60)));
         let https = hyper_rustls::HttpsConnectorBuilder::new()
@@ -131,9 +125,10 @@ impl Upstream {
                 base.scheme_str().unwrap_or("http"),
                 base.authority().map_or("", |a| a.as_str())
             ),
-            base: base.clone(),
-            timeout,
-            via: HeaderValue::from_str(&format!("1.1 {via}"))?,
+            base,
+            timeout: config.timeout,
+            retries: config.retries,
+            via: instance_token(),
             metrics,
             resolver,
             own: Vec::new(),
@@ -148,6 +143,22 @@ impl Upstream {
 
     pub fn timeout(&self) -> Duration {
         self.timeout
+    }
+
+    /// How many times a blob download that broke off is resumed.
+    pub fn retries(&self) -> u32 {
+        self.retries
+    }
+
+    /// Whether a request came through this very proxy before: one of its
+    /// `Via` hops carries this instance's token.
+    pub fn looped(&self, h: &HeaderMap) -> bool {
+        let token = self.via.to_str().unwrap_or_default();
+        let token = token.strip_prefix("1.1 ").unwrap_or(token);
+        h.get_all(header::VIA).iter().any(|v| {
+            v.to_str()
+                .is_ok_and(|v| v.split(',').any(|hop| hop.trim().ends_with(token)))
+        })
     }
 
     /// `scheme://authority` of the upstream, as it appears in the URLs it
@@ -319,6 +330,15 @@ impl Upstream {
         self.metrics.upstream_errors.fetch_add(1, Relaxed);
         Error::Upstream(e)
     }
+}
+
+/// `1.1 regproxy-<random>`: the `Via` value that names this process.
+fn instance_token() -> HeaderValue {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    HeaderValue::from_str(&format!("1.1 regproxy-{:016x}", h.finish()))
+        .expect("a token is a valid header value")
 }
 
 /// A URL fit for a log line or an error body: no query, where presigned

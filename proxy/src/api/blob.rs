@@ -53,7 +53,6 @@ impl App {
                     let fr = FillRequest {
                         name: name.to_owned(),
                         headers,
-                        retries: self.retries,
                     };
                     tokio::spawn(fill::run(
                         Arc::clone(&self.cache),

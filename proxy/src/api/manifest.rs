@@ -42,6 +42,23 @@ enum Fetched {
     Relayed(Response<Body>),
 }
 
+/// What revalidating a tag found. The answer to the client is built from it
+/// after the tag's single flight is released.
+enum Revalidated {
+    /// The upstream resolved the tag (`Miss`), now remembered; or another
+    /// request just did (`Hit`).
+    Fresh(TagEntry, Outcome),
+    /// The upstream has no such tag, or will not say to this client.
+    Gone,
+    /// The upstream is unreachable or failing; `old` is what it said last.
+    Unavailable { error: Error, old: Option<TagEntry> },
+    /// The upstream's answer to fetching the manifest, relayed as it is.
+    Relayed(Response<Body>),
+    /// An answer the proxy does not interpret: the client's own request is
+    /// relayed.
+    Uninterpreted,
+}
+
 fn manifest_response(d: &Digest, media_type: &str, len: usize) -> http::response::Builder {
     Response::builder()
         .header(header::CONTENT_TYPE, media_type)
@@ -190,71 +207,61 @@ impl App {
         if let Some((e, true)) = self.tags.get(name, tag) {
             return self.answer_tag(parts, name, &e, head, Outcome::Hit).await;
         }
-        let flight = self.tags.flight(name, tag).await;
+        match self.revalidate(parts, name, tag).await? {
+            Revalidated::Fresh(e, outcome) => self.answer_tag(parts, name, &e, head, outcome).await,
+            Revalidated::Gone => Err(Error::ManifestUnknown(format!("{name}:{tag}"))),
+            Revalidated::Unavailable { error, old: None } => Err(error),
+            // The upstream is down or failing: the last digest it gave still stands.
+            Revalidated::Unavailable {
+                error,
+                old: Some(old),
+            } => {
+                self.metrics.tags_stale_served.fetch_add(1, Relaxed);
+                tracing::warn!(repo = name, tag, digest = %old.digest, %error, "upstream unavailable; serving the tag from the node");
+                self.answer_tag(parts, name, &old, head, Outcome::Hit).await
+            }
+            Revalidated::Relayed(r) => Ok((Outcome::Passthrough, r)),
+            Revalidated::Uninterpreted => self
+                .relay(parts, None)
+                .await
+                .map(|r| (Outcome::Passthrough, r)),
+        }
+    }
+
+    /// Asks the upstream what `name:tag` points at now, under the tag's
+    /// single flight (held until this returns): one `HEAD`, and the manifest
+    /// itself when the node does not hold it. Concurrent requests for the
+    /// tag wait, and find it fresh.
+    async fn revalidate(&self, parts: &Parts, name: &str, tag: &str) -> Result<Revalidated, Error> {
+        let _flight = self.tags.flight(name, tag).await;
         // Another request may have revalidated it while this one waited.
-        if let Some((e, true)) = self.tags.get(name, tag) {
-            drop(flight);
-            return self.answer_tag(parts, name, &e, head, Outcome::Hit).await;
-        }
-        let old = self.tags.get(name, tag).map(|(e, _)| e);
-        if old.is_some() {
-            self.metrics.tag_revalidations.fetch_add(1, Relaxed);
-        }
+        let old = match self.tags.get(name, tag) {
+            Some((e, true)) => return Ok(Revalidated::Fresh(e, Outcome::Hit)),
+            Some((e, false)) => {
+                self.metrics.tag_revalidations.fetch_add(1, Relaxed);
+                Some(e)
+            }
+            None => None,
+        };
         self.upstream_contacted();
         let mut headers = parts.headers.clone();
         headers.insert(header::ACCEPT, HeaderValue::from_static(ALL_MANIFESTS));
         let path = format!("/v2/{name}/manifests/{tag}");
         let cred = Credential::of(&parts.headers);
-        let failure = match self.upstream.send(Method::HEAD, &path, &headers, &[]).await {
-            Ok(r) if r.status() == StatusCode::OK => {
-                let digest = r
-                    .headers()
-                    .get(CONTENT_DIGEST)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| Digest::parse(v).ok());
-                let media_type = r
-                    .headers()
-                    .get(header::CONTENT_TYPE)
-                    .and_then(|v| v.to_str().ok());
-                let (digest, media_type) = match (digest, media_type) {
-                    (Some(d), Some(t)) => {
-                        // The upstream resolved the tag to it for this client.
-                        self.auth.allow(&cred, name, &d);
-                        let known = old.as_ref().is_some_and(|o| o.digest == d.to_string())
-                            || self.cache.get(&d, true).await.is_some();
-                        if !known {
-                            if let Fetched::Relayed(r) = self
-                                .fetch_manifest(parts, name, &d.to_string(), Some(&d), true)
-                                .await?
-                            {
-                                return Ok((Outcome::Passthrough, r));
-                            }
-                        }
-                        (d, t.to_owned())
-                    }
-                    // No digest in the answer: fetch by tag and hash it ourselves.
-                    _ => match self.fetch_manifest(parts, name, tag, None, true).await? {
-                        Fetched::Relayed(r) => return Ok((Outcome::Passthrough, r)),
-                        Fetched::Manifest {
-                            digest, media_type, ..
-                        } => (digest, media_type),
-                    },
-                };
-                if old.as_ref().is_some_and(|o| o.digest != digest.to_string()) {
-                    tracing::info!(repo = name, tag, %digest, "tag moved upstream");
-                }
-                let e = self
-                    .tags
-                    .put(name, tag, digest.to_string(), media_type)
-                    .await;
-                drop(flight);
-                return self.answer_tag(parts, name, &e, head, Outcome::Miss).await;
+        let r = match self.upstream.send(Method::HEAD, &path, &headers, &[]).await {
+            Ok(r) => r,
+            Err(e) if e.origin() == Origin::Upstream => {
+                return Ok(Revalidated::Unavailable { error: e, old })
             }
-            Ok(r) if matches!(r.status(), StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) => {
+            Err(e) => return Err(e),
+        };
+        match r.status() {
+            StatusCode::OK => {}
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
                 let od = old.as_ref().and_then(|o| Digest::parse(&o.digest).ok());
                 return Err(self.denied(parts, &cred, name, od.as_ref(), &r));
             }
-            Ok(r) if r.status() == StatusCode::NOT_FOUND => {
+            StatusCode::NOT_FOUND => {
                 // Some registries answer 404 to a client that may not see a
                 // repository: only a client the upstream lets read what the
                 // tag pointed at may make the node forget it.
@@ -264,25 +271,55 @@ impl App {
                 }) {
                     self.tags.remove(name, tag).await;
                 }
-                return Err(Error::ManifestUnknown(format!("{name}:{tag}")));
+                return Ok(Revalidated::Gone);
             }
-            Ok(r) if r.status().is_server_error() => Error::status(path, r.status()),
-            Ok(_) => {
-                drop(flight);
-                return self
-                    .relay(parts, None)
-                    .await
-                    .map(|r| (Outcome::Passthrough, r));
+            s if s.is_server_error() => {
+                let error = Error::status(path, s);
+                return Ok(Revalidated::Unavailable { error, old });
             }
-            Err(e) if e.origin() == Origin::Upstream => e,
-            Err(e) => return Err(e),
+            _ => return Ok(Revalidated::Uninterpreted),
+        }
+        let digest = r
+            .headers()
+            .get(CONTENT_DIGEST)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| Digest::parse(v).ok());
+        let media_type = r
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok());
+        let (digest, media_type) = match (digest, media_type) {
+            (Some(d), Some(t)) => {
+                // The upstream resolved the tag to it for this client.
+                self.auth.allow(&cred, name, &d);
+                let known = old.as_ref().is_some_and(|o| o.digest == d.to_string())
+                    || self.cache.get(&d, true).await.is_some();
+                if !known {
+                    if let Fetched::Relayed(r) = self
+                        .fetch_manifest(parts, name, &d.to_string(), Some(&d), true)
+                        .await?
+                    {
+                        return Ok(Revalidated::Relayed(r));
+                    }
+                }
+                (d, t.to_owned())
+            }
+            // No digest in the answer: fetch by tag and hash it ourselves.
+            _ => match self.fetch_manifest(parts, name, tag, None, true).await? {
+                Fetched::Relayed(r) => return Ok(Revalidated::Relayed(r)),
+                Fetched::Manifest {
+                    digest, media_type, ..
+                } => (digest, media_type),
+            },
         };
-        drop(flight);
-        // The upstream is down or failing: the last digest it gave still stands.
-        let Some(old) = old else { return Err(failure) };
-        self.metrics.tags_stale_served.fetch_add(1, Relaxed);
-        tracing::warn!(repo = name, tag, digest = %old.digest, error = %failure, "upstream unavailable; serving the tag from the node");
-        self.answer_tag(parts, name, &old, head, Outcome::Hit).await
+        if old.as_ref().is_some_and(|o| o.digest != digest.to_string()) {
+            tracing::info!(repo = name, tag, %digest, "tag moved upstream");
+        }
+        let e = self
+            .tags
+            .put(name, tag, digest.to_string(), media_type)
+            .await;
+        Ok(Revalidated::Fresh(e, Outcome::Miss))
     }
 
     /// Serves the manifest a tag points at, from the node when it is there.

@@ -1,11 +1,13 @@
 //! Requests relayed to the upstream as they are, bodies streamed both ways:
 //! listings, and the whole push protocol. URLs the upstream hands out
 //! (`Location`, `Link`, an auth realm) are rewritten to the proxy's address,
-//! so clients come back through it.
+//! so clients come back through it; a realm there is relayed too.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 
-use http::header;
+use http::header::{self, HeaderMap, HeaderValue};
 use http::request::Parts;
 use http::{Method, Response, StatusCode};
 use http_body_util::BodyExt;
@@ -17,6 +19,7 @@ use crate::body::Body;
 use crate::digest::{Digest, Reference};
 use crate::error::Error;
 use crate::headers::CONTENT_DIGEST;
+use crate::upstream::is_hop_by_hop;
 
 impl App {
     /// Relays the request; `body` is the client's, for the methods that carry one.
@@ -130,5 +133,198 @@ impl App {
             }
         }
         Ok(resp)
+    }
+
+    /// The proxy's own origin as this client addressed it.
+    fn origin(parts: &Parts) -> String {
+        match parts
+            .headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+        {
+            Some(host) => format!("http://{host}"),
+            None => String::new(),
+        }
+    }
+
+    /// A header value with the upstream's origin replaced by the proxy's.
+    pub(super) fn rewrite(&self, parts: &Parts, v: &HeaderValue) -> HeaderValue {
+        let Ok(s) = v.to_str() else { return v.clone() };
+        let from = self.upstream.origin();
+        let out = replace_origin(s, from, &Self::origin(parts));
+        HeaderValue::from_str(&out).unwrap_or_else(|_| v.clone())
+    }
+
+    /// An auth challenge with a realm on the upstream's own address, pointed
+    /// at the proxy; the realm's path is then relayed to the upstream (a
+    /// token service beside the registry keeps working through the proxy).
+    pub(super) fn rewrite_challenge(&self, parts: &Parts, v: &HeaderValue) -> HeaderValue {
+        if let Ok(s) = v.to_str() {
+            let origin = self.upstream.origin();
+            if let Some(path) = realm_path(s, origin) {
+                self.realms.learn(path);
+            }
+        }
+        self.rewrite(parts, v)
+    }
+
+    /// Copies an upstream response head, pointing its URLs at the proxy.
+    pub(super) fn relayed(
+        &self,
+        parts: &Parts,
+        status: StatusCode,
+        headers: &HeaderMap,
+        body: Body,
+    ) -> Response<Body> {
+        let mut resp = Response::new(body);
+        *resp.status_mut() = status;
+        for (k, v) in headers {
+            if is_hop_by_hop(k) {
+                continue;
+            }
+            let v = if k == header::WWW_AUTHENTICATE {
+                self.rewrite_challenge(parts, v)
+            } else if k == header::LOCATION || k == header::LINK {
+                self.rewrite(parts, v)
+            } else {
+                v.clone()
+            };
+            resp.headers_mut().append(k.clone(), v);
+        }
+        resp
+    }
+}
+
+/// Replaces `from` (an origin, `scheme://host:port`) by `to` wherever it
+/// stands as a whole origin: followed by a path, a quote, `>` or the end.
+fn replace_origin(s: &str, from: &str, to: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find(from) {
+        let after = &rest[i + from.len()..];
+        let whole = after.is_empty() || after.starts_with(['/', '"', '>', '?', ',', ' ', ';']);
+        out.push_str(&rest[..i]);
+        out.push_str(if whole { to } else { from });
+        rest = after;
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The path of a `realm="..."` in a challenge when it is on `origin`.
+fn realm_path(challenge: &str, origin: &str) -> Option<String> {
+    let i = challenge.find("realm=\"")? + "realm=\"".len();
+    let url = &challenge[i..challenge[i..].find('"')? + i];
+    let rest = url.strip_prefix(origin)?;
+    let path = rest.split('?').next().unwrap_or("");
+    (path.starts_with('/') && !path.starts_with("/v2")).then(|| path.to_owned())
+}
+
+/// Most realm paths relayed. An upstream names one token service, a few at
+/// most; the bound keeps an upstream that names a new one in every challenge
+/// from growing the set without end.
+pub const MAX_REALMS: usize = 16;
+
+/// Paths of auth realms on the upstream's own address (token services),
+/// learned from its challenges and relayed like the registry API. At most
+/// [`MAX_REALMS`]: past it a new realm is not relayed (its requests get the
+/// proxy's 404), and a warning says so, once.
+#[derive(Default)]
+pub(super) struct Realms {
+    paths: Mutex<HashSet<String>>,
+    warned_full: AtomicBool,
+}
+
+impl Realms {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.paths.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A challenge of the upstream named the realm at `path`.
+    fn learn(&self, path: String) {
+        let mut paths = self.lock();
+        if paths.len() < MAX_REALMS {
+            paths.insert(path);
+        } else if !paths.contains(&path) && !self.warned_full.swap(true, Relaxed) {
+            tracing::warn!(realm = path, max = MAX_REALMS, "the upstream named more auth realms than are relayed; this one and any further are not");
+        }
+    }
+
+    /// Whether `path` is the realm of a challenge the upstream gave.
+    pub(super) fn contains(&self, path: &str) -> bool {
+        self.lock().contains(path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn realms_on_the_upstream_are_found() {
+        let up = "https://reg.example";
+        assert_eq!(
+            realm_path(
+                "Bearer realm=\"https://reg.example/service/token\",service=\"r\"",
+                up
+            )
+            .as_deref(),
+            Some("/service/token")
+        );
+        assert_eq!(
+            realm_path("Bearer realm=\"https://auth.example/token\"", up),
+            None,
+            "another host's realm stays theirs"
+        );
+        assert_eq!(
+            realm_path("Basic realm=\"test-realm\"", up),
+            None,
+            "a plain realm is no URL"
+        );
+    }
+
+    #[test]
+    fn origins_are_rewritten_only_whole() {
+        let up = "http://10.0.0.5:5000";
+        assert_eq!(
+            replace_origin(
+                "http://10.0.0.5:5000/v2/a/blobs/uploads/x?_state=1",
+                up,
+                "http://node:80"
+            ),
+            "http://node:80/v2/a/blobs/uploads/x?_state=1"
+        );
+        assert_eq!(
+            replace_origin(
+                "Bearer realm=\"http://10.0.0.5:5000/token\",service=\"r\"",
+                up,
+                "http://p"
+            ),
+            "Bearer realm=\"http://p/token\",service=\"r\""
+        );
+        assert_eq!(
+            replace_origin("http://10.0.0.5:50001/x", up, "http://p"),
+            "http://10.0.0.5:50001/x",
+            "another port is another origin"
+        );
+        assert_eq!(
+            replace_origin("</v2/_catalog?n=1>; rel=\"next\"", up, "http://p"),
+            "</v2/_catalog?n=1>; rel=\"next\""
+        );
+    }
+
+    #[test]
+    fn realms_are_bounded() {
+        let r = Realms::default();
+        for i in 0..MAX_REALMS + 4 {
+            r.learn(format!("/token/{i}"));
+        }
+        assert!(r.contains("/token/0"));
+        assert!(
+            !r.contains(&format!("/token/{MAX_REALMS}")),
+            "past MAX_REALMS a new realm is not relayed"
+        );
+        r.learn("/token/0".into());
+        assert!(r.contains("/token/0"), "a known realm stays");
     }
 }

@@ -193,7 +193,6 @@ pub struct FillRequest {
     pub name: String,
     /// Client headers relayed upstream (credentials, user agent).
     pub headers: HeaderMap,
-    pub retries: u32,
 }
 
 /// Ends the fill as failed if the task stops early (error, panic, shutdown),
@@ -372,7 +371,7 @@ pub async fn run(cache: Arc<Cache>, upstream: Arc<Upstream>, fill: Arc<Fill>, re
         let mut why = first_err;
         loop {
             m.upstream_errors.fetch_add(1, Relaxed);
-            if resumes >= req.retries {
+            if resumes >= upstream.retries() {
                 tracing::warn!(%digest, error = %why, resumes, "giving up on the upstream download");
                 return g.fail(Failure::Error(why));
             }

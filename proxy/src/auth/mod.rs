@@ -18,20 +18,29 @@
 //! `--remember-allowed` the key lives in `<cache-dir>/auth.key` (0600) and the
 //! answers in `<cache-dir>/allowed.json` (0600), so that they survive a
 //! restart; without it the key is made anew in memory by every process.
+//! Whether the upstream is open is kept in `<cache-dir>/open.json`, so that a
+//! restart while the upstream is down still knows.
+//!
+//! Expiry is decided on [`tokio::time::Instant`], so that tests can advance
+//! the clock past `--auth-ttl`.
+
+mod files;
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hmac::{Hmac, Mac};
 use http::header::{self, HeaderMap, HeaderValue};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
+use tokio::time::Instant;
 
+use crate::config::AuthConfig;
 use crate::digest::Digest;
+use files::{create_private, hex, load_or_create_key, parse_key, random_key};
 
 /// Most remembered answers; the oldest go first. An entry is about 80 bytes.
 const MAX_ENTRIES: usize = 32 * 1024;
@@ -92,16 +101,25 @@ pub enum Verdict {
     },
 }
 
+/// The one owner of what the upstream said about who may read: its yeses,
+/// whether it is open, and when each answer goes stale.
 pub struct Auth {
     ttl: Duration,
     key: [u8; 32],
+    /// The cache dir, where `open.json` is kept.
+    dir: PathBuf,
     /// `--remember-allowed`: where answers are kept, and for how long.
     remember: Option<(PathBuf, Duration)>,
     state: Mutex<State>,
+    /// Wakes the task that asks whether the upstream is open (see
+    /// [`Auth::contacted`]).
+    due: tokio::sync::Notify,
 }
 
 struct State {
     open: bool,
+    /// What `open.json` says.
+    saved_open: bool,
     /// When `open` was last learned from the upstream in this process.
     open_checked: Option<Instant>,
     /// When the proxy last asked, answered or not: asking again waits a
@@ -135,15 +153,12 @@ fn now_ms() -> u64 {
 }
 
 impl Auth {
-    /// `open` is what the state file last said of the upstream. With
-    /// `remember`, answers are loaded from and kept in `dir`; without it any
-    /// kept there before are removed.
-    pub fn open(
-        dir: &Path,
-        ttl: Duration,
-        open: bool,
-        remember: Option<Duration>,
-    ) -> std::io::Result<Auth> {
+    /// Loads what `dir` says of whether the upstream is open. With
+    /// `--remember-allowed`, answers are loaded from and kept in `dir`;
+    /// without it any kept there before are removed. Blocking.
+    pub fn open(dir: &Path, config: &AuthConfig) -> std::io::Result<Auth> {
+        let (ttl, remember) = (config.ttl, config.remember);
+        let open = files::load_open(dir);
         let key_path = dir.join("auth.key");
         let file = dir.join("allowed.json");
         let mut allowed = HashMap::new();
@@ -184,9 +199,12 @@ impl Auth {
         Ok(Auth {
             ttl,
             key,
+            dir: dir.to_owned(),
             remember: remember.map(|d| (file, d)),
+            due: tokio::sync::Notify::new(),
             state: Mutex::new(State {
                 open,
+                saved_open: open,
                 open_checked: None,
                 open_asked: None,
                 challenge: None,
@@ -248,6 +266,19 @@ impl Auth {
                 .is_none_or(|t| now >= t + ASK_OPEN_AGAIN.min(self.ttl))
     }
 
+    /// The proxy is about to talk to the upstream: if what it knows of the
+    /// upstream's auth is stale, wake whoever waits in [`Auth::until_due`].
+    pub fn contacted(&self) {
+        if self.open_due() {
+            self.due.notify_one();
+        }
+    }
+
+    /// Waits for [`Auth::contacted`] to find the answer stale.
+    pub async fn until_due(&self) {
+        self.due.notified().await;
+    }
+
     /// The proxy is asking the upstream whether it is open.
     pub fn asking_open(&self) {
         self.lock().open_asked = Some(Instant::now());
@@ -260,15 +291,30 @@ impl Auth {
     }
 
     /// The proxy's own anonymous `/v2/` was answered: open (a registry's 200)
-    /// or not, with the upstream's `challenge` if it gave one. Returns
-    /// whether that changed what was known.
-    pub fn learned_open(&self, open: bool, challenge: Option<HeaderValue>) -> bool {
-        let mut st = self.lock();
-        st.open_checked = Some(Instant::now());
-        if challenge.is_some() {
-            st.challenge = challenge;
+    /// or not, with the upstream's `challenge` if it gave one. Kept in
+    /// `open.json` when it differs from the file. Returns whether that
+    /// changed what was known.
+    pub async fn learned_open(&self, open: bool, challenge: Option<HeaderValue>) -> bool {
+        let (changed, unsaved) = {
+            let mut st = self.lock();
+            st.open_checked = Some(Instant::now());
+            if challenge.is_some() {
+                st.challenge = challenge;
+            }
+            let changed = std::mem::replace(&mut st.open, open) != open;
+            (changed, st.saved_open != open)
+        };
+        if unsaved {
+            let dir = self.dir.clone();
+            match tokio::task::spawn_blocking(move || files::save_open(&dir, open)).await {
+                Ok(Ok(())) => self.lock().saved_open = open,
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "could not save whether the upstream is open")
+                }
+                Err(e) => tracing::warn!(error = %e, "could not save whether the upstream is open"),
+            }
         }
-        std::mem::replace(&mut st.open, open) != open
+        changed
     }
 
     /// The upstream's last challenge to anonymous clients.
@@ -409,58 +455,6 @@ pub fn referenced(manifest: &[u8]) -> Vec<Digest> {
         .collect()
 }
 
-fn random_key() -> std::io::Result<[u8; 32]> {
-    let mut k = [0u8; 32];
-    getrandom::getrandom(&mut k).map_err(|e| std::io::Error::other(e.to_string()))?;
-    Ok(k)
-}
-
-/// The key in `path`, or a new random one written there 0600.
-fn load_or_create_key(path: &Path) -> std::io::Result<[u8; 32]> {
-    if let Ok(b) = std::fs::read(path) {
-        if let Ok(k) = <[u8; 32]>::try_from(b.as_slice()) {
-            return Ok(k);
-        }
-        tracing::warn!(path = %path.display(), "replacing a malformed auth key");
-    }
-    let k = random_key()?;
-    let tmp = path.with_extension("tmp");
-    let mut f = create_private(&tmp)?;
-    f.write_all(&k)?;
-    f.sync_data()?;
-    std::fs::rename(&tmp, path)?;
-    Ok(k)
-}
-
-/// A new file only its owner may read: a leftover of the same name (a crash
-/// between create and rename) is removed first, never reused with its mode.
-fn create_private(path: &Path) -> std::io::Result<std::fs::File> {
-    match std::fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-        _ => {}
-    }
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-}
-
-fn hex(b: &[u8; 32]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn parse_key(s: &str) -> Option<[u8; 32]> {
-    if s.len() != 64 || !s.is_ascii() {
-        return None;
-    }
-    let mut k = [0u8; 32];
-    for (i, b) in k.iter_mut().enumerate() {
-        *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
-    }
-    Some(k)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -477,9 +471,13 @@ mod tests {
         Digest::of(s)
     }
 
+    fn config(ttl: Duration, remember: Option<Duration>) -> AuthConfig {
+        AuthConfig { ttl, remember }
+    }
+
     fn auth(ttl: u64) -> (tempfile::TempDir, Auth) {
         let dir = tempfile::tempdir().unwrap();
-        let a = Auth::open(dir.path(), Duration::from_secs(ttl), false, None).unwrap();
+        let a = Auth::open(dir.path(), &config(Duration::from_secs(ttl), None)).unwrap();
         (dir, a)
     }
 
@@ -561,8 +559,8 @@ mod tests {
         assert!(referenced(b"not json").is_empty());
     }
 
-    #[test]
-    fn yeses_expire_to_offline_use_and_an_open_upstream_allows_everyone() {
+    #[tokio::test]
+    async fn yeses_expire_to_offline_use_and_an_open_upstream_allows_everyone() {
         let (_dir, a) = auth(0);
         let alice = cred(Some("Bearer t"));
         let x = d(b"x");
@@ -579,15 +577,116 @@ mod tests {
         assert!(a.open_due(), "at start the upstream is asked");
         a.asking_open();
         assert!(!a.open_due(), "not again right after an unanswered try");
-        a.learned_open(true, None);
+        a.learned_open(true, None).await;
         assert!(!a.open_due());
         assert_eq!(a.check(&cred(None), "r", &x), Verdict::Allowed(Grant::Open));
-        a.learned_open(false, Some(HeaderValue::from_static("Basic realm=\"r\"")));
+        a.learned_open(false, Some(HeaderValue::from_static("Basic realm=\"r\"")))
+            .await;
         assert!(matches!(
             a.check(&cred(None), "r", &x),
             Verdict::Ask { seen: false, .. }
         ));
         assert_eq!(a.challenge().unwrap(), "Basic realm=\"r\"");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_yes_is_reused_until_auth_ttl_and_asked_again_from_then() {
+        let ttl = Duration::from_secs(60);
+        let (_dir, a) = auth(ttl.as_secs());
+        let alice = cred(Some("Bearer t"));
+        let x = d(b"x");
+        let g = a.allow(&alice, "r", &x);
+        tokio::time::advance(ttl / 2 - Duration::from_millis(1)).await;
+        let Verdict::Allowed(Grant::Fresh(until)) = a.check(&alice, "r", &x) else {
+            panic!("a yes is reused within --auth-ttl");
+        };
+        assert!(!a.half_spent(until), "not yet half spent");
+        tokio::time::advance(Duration::from_millis(2)).await;
+        assert!(a.half_spent(until), "half spent: a manifest asks again");
+        tokio::time::advance(ttl / 2 - Duration::from_millis(2)).await;
+        assert_eq!(
+            a.check(&alice, "r", &x),
+            Verdict::Allowed(g),
+            "a yes is reused just before --auth-ttl"
+        );
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(
+            a.check(&alice, "r", &x),
+            Verdict::Ask {
+                seen: true,
+                known: true
+            },
+            "at --auth-ttl the upstream is asked again; the yes stays good offline"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn whether_the_upstream_is_open_goes_stale_after_auth_ttl() {
+        let ttl = Duration::from_secs(60);
+        let (dir, a) = auth(ttl.as_secs());
+        let x = d(b"x");
+        let anon = cred(None);
+        a.asking_open();
+        tokio::time::advance(ASK_OPEN_AGAIN - Duration::from_millis(1)).await;
+        assert!(!a.open_due(), "an unanswered ask waits before the next");
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(a.open_due(), "and is asked again after ASK_OPEN_AGAIN");
+        a.asking_open();
+        a.learned_open(true, None).await;
+        tokio::time::advance(ttl - Duration::from_millis(1)).await;
+        assert!(!a.open_due());
+        assert_eq!(a.check(&anon, "r", &x), Verdict::Allowed(Grant::Open));
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(a.open_due(), "at --auth-ttl the upstream is asked again");
+        assert_eq!(
+            a.check(&anon, "r", &x),
+            Verdict::Ask {
+                seen: true,
+                known: false
+            },
+            "a stale open answer no longer lets everyone in unasked, \
+             but lets everything be served while the upstream is down"
+        );
+        let again = Auth::open(dir.path(), &config(ttl, None)).unwrap();
+        assert!(
+            matches!(again.check(&anon, "r", &x), Verdict::Ask { seen: true, .. }),
+            "open.json tells a restarted proxy that the upstream was open"
+        );
+        a.learned_open(false, None).await;
+        let again = Auth::open(dir.path(), &config(ttl, None)).unwrap();
+        assert!(
+            matches!(
+                again.check(&anon, "r", &x),
+                Verdict::Ask { seen: false, .. }
+            ),
+            "and that it no longer is"
+        );
+    }
+
+    #[test]
+    fn an_upgrade_keeps_the_open_answer_of_state_json() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("state.json"),
+            r#"{"upstream_open":true,"tags":[]}"#,
+        )
+        .unwrap();
+        let cfg = config(Duration::from_secs(60), None);
+        let a = Auth::open(dir.path(), &cfg).unwrap();
+        let anon = cred(None);
+        assert!(matches!(
+            a.check(&anon, "r", &d(b"x")),
+            Verdict::Ask { seen: true, .. }
+        ));
+        std::fs::remove_file(dir.path().join("state.json")).unwrap();
+        let a = Auth::open(dir.path(), &cfg).unwrap();
+        assert!(
+            matches!(
+                a.check(&anon, "r", &d(b"x")),
+                Verdict::Ask { seen: true, .. }
+            ),
+            "the answer moved to open.json at once"
+        );
     }
 
     #[test]
@@ -597,7 +696,7 @@ mod tests {
         let secret = "Basic YWxpY2U6cGFzc3dvcmQ=";
         let alice = cred(Some(secret));
         let x = d(b"x");
-        let a = Auth::open(dir.path(), Duration::from_secs(60), false, keep).unwrap();
+        let a = Auth::open(dir.path(), &config(Duration::from_secs(60), keep)).unwrap();
         a.allow(&alice, "team/app", &x);
         a.save().unwrap();
         drop(a);
@@ -619,7 +718,7 @@ mod tests {
             "neither the credential, its plain hash nor the repository is written: {text}"
         );
 
-        let a = Auth::open(dir.path(), Duration::from_secs(60), false, keep).unwrap();
+        let a = Auth::open(dir.path(), &config(Duration::from_secs(60), keep)).unwrap();
         assert_eq!(
             a.check(&alice, "team/app", &x),
             Verdict::Ask {
@@ -637,7 +736,7 @@ mod tests {
         ));
         drop(a);
 
-        let a = Auth::open(dir.path(), Duration::from_secs(60), false, None).unwrap();
+        let a = Auth::open(dir.path(), &config(Duration::from_secs(60), None)).unwrap();
         assert!(matches!(
             a.check(&alice, "team/app", &x),
             Verdict::Ask { seen: false, .. }
