@@ -51,9 +51,9 @@ pub struct Metrics {
     /// Body bytes sent to clients out of the node cache (including followers of a fill).
     pub served_cache_bytes: Arc<AtomicU64>,
     /// Body bytes relayed from upstream without going through the cache.
-    pub served_upstream_bytes: Arc<AtomicU64>,
+    pub served_upstream_bytes: AtomicU64,
     /// Body bytes received from upstream.
-    pub upstream_bytes: Arc<AtomicU64>,
+    pub upstream_bytes: AtomicU64,
     pub upstream_requests: AtomicU64,
     pub upstream_errors: AtomicU64,
     pub upstream_resumes: AtomicU64,
