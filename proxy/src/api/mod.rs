@@ -5,7 +5,6 @@
 //!   `--tag-ttl`, served stale while the upstream is down).
 //! - [`relay`]: everything relayed as it is, pushes included, with the
 //!   upstream's URLs rewritten to the proxy's.
-//!
 //! - [`authorize`]: before cached content goes out, the upstream would serve
 //!   it to this client (see [`crate::auth`], which owns the answers).
 
@@ -99,6 +98,7 @@ fn route(path: &str) -> Result<Route<'_>, Error> {
 type Answer = Result<(Outcome, Response<Body>), Error>;
 
 impl App {
+    /// The parts, each opened from its piece of the configuration.
     pub fn new(
         cache: Cache,
         upstream: Upstream,
