@@ -11,12 +11,12 @@ use support::*;
 #[test]
 fn docker_pulls_through_the_registry_name_and_the_second_pull_stays_on_the_node() {
     let reg = Registry::start();
-    let cache = TempDir::new("cache");
+    let cache = temp_dir("cache");
     let proxy = Proxy::start(&reg.url(), cache.path(), &[]);
     let docker = Dockerd::start();
 
     // An image made without any network, pushed straight to the upstream.
-    let root = TempDir::new("rootfs");
+    let root = temp_dir("rootfs");
     std::fs::create_dir_all(root.path().join("app")).unwrap();
     std::fs::write(root.path().join("app/data.bin"), blob(3 << 20, 42)).unwrap();
     std::fs::write(
@@ -66,7 +66,7 @@ fn docker_pulls_through_the_registry_name_and_the_second_pull_stays_on_the_node(
 
 /// An image of one layer, made without any network, tagged `reference`.
 fn import(docker: &Dockerd, reference: &str, seed: u64) {
-    let root = TempDir::new("rootfs");
+    let root = temp_dir("rootfs");
     std::fs::write(root.path().join("data.bin"), blob(2 << 20, seed)).unwrap();
     docker.sh(&format!(
         "tar c -C {} . | docker import - {reference}",
@@ -77,7 +77,7 @@ fn import(docker: &Dockerd, reference: &str, seed: u64) {
 #[test]
 fn docker_pushes_through_the_name_and_pulls_it_back_from_the_node() {
     let reg = Registry::start();
-    let cache = TempDir::new("cache");
+    let cache = temp_dir("cache");
     // The tag pushed must still be fresh when it is pulled back, however
     // slowly docker gets there: a TTL far longer than the test.
     let proxy = Proxy::start(&reg.url(), cache.path(), &["--tag-ttl", "1h"]);
@@ -115,7 +115,7 @@ fn docker_pushes_through_the_name_and_pulls_it_back_from_the_node() {
 #[test]
 fn docker_pulls_a_tag_it_pulled_before_while_the_upstream_is_stopped() {
     let mut reg = Registry::start();
-    let cache = TempDir::new("cache");
+    let cache = temp_dir("cache");
     const TAG_TTL: Duration = Duration::from_secs(1);
     let proxy = Proxy::start(
         &reg.url(),

@@ -29,7 +29,7 @@ async fn closed_by(s: &mut TcpStream, deadline: tokio::time::Instant) -> Option<
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_thousand_unfinished_headers_on_the_admin_port_are_closed_and_metrics_still_answer() {
     raise_fd_limit();
-    let cache = TempDir::new("cache");
+    let cache = temp_dir("cache");
     // No upstream is needed: nothing here reaches it.
     // A cap above the flood, so that every slow connection is held (and
     // must be closed by the timeout) and one more still fits.
@@ -107,7 +107,7 @@ async fn a_thousand_unfinished_headers_on_the_admin_port_are_closed_and_metrics_
 
 #[tokio::test]
 async fn an_idle_kept_alive_connection_is_closed_after_the_header_timeout() {
-    let cache = TempDir::new("cache");
+    let cache = temp_dir("cache");
     let proxy = Proxy::start(
         "http://127.0.0.1:9",
         cache.path(),
@@ -145,7 +145,7 @@ async fn past_the_cap_connections_wait_and_a_transfer_in_flight_is_untouched() {
     let gate = Gate::start(reg.addr).await;
     let data = blob(4 << 20, 81);
     let digest = reg.put_blob_files("team/cap", &data);
-    let cache = TempDir::new("cache");
+    let cache = temp_dir("cache");
     let proxy = Proxy::start(
         &gate.url(),
         cache.path(),
@@ -222,7 +222,7 @@ async fn past_the_cap_connections_wait_and_a_transfer_in_flight_is_untouched() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_the_admin_port_from_elsewhere_leaves_the_nodes_own_probes_a_place() {
     raise_fd_limit();
-    let cache = TempDir::new("cache");
+    let cache = temp_dir("cache");
     let proxy = Proxy::start(
         "http://127.0.0.1:9",
         cache.path(),
@@ -297,7 +297,7 @@ fn serve_again(cache_dir: &std::path::Path) -> std::process::Output {
 
 #[test]
 fn a_second_serve_on_the_same_cache_dir_exits_at_once_and_touches_nothing() {
-    let cache = TempDir::new("cache");
+    let cache = temp_dir("cache");
     let first = Proxy::start("http://127.0.0.1:9", cache.path(), &[]);
     let part = cache.path().join("tmp/0-0.part");
     std::fs::write(&part, b"a fill in flight").unwrap();

@@ -45,7 +45,7 @@ async fn a_moved_tag_is_seen_after_the_ttl_and_not_before() {
     // fit in it on a loaded machine; each check says how long it took.
     const TTL: Duration = Duration::from_secs(5);
     let reg = Registry::start();
-    let cache = TempDir::new("cache");
+    let cache = temp_dir("cache");
     let proxy = Proxy::start(&reg.url(), cache.path(), &["--tag-ttl", "5s"]);
     let (_, m1) = push_manifest(
         &reg.url(),
@@ -114,7 +114,7 @@ async fn a_moved_tag_is_seen_after_the_ttl_and_not_before() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_tag_is_served_from_the_node_while_the_upstream_is_down_even_after_a_restart() {
     let mut reg = Registry::start();
-    let cache = TempDir::new("cache");
+    let cache = temp_dir("cache");
     let mut proxy = Proxy::start(
         &reg.url(),
         cache.path(),
@@ -210,7 +210,7 @@ async fn a_tag_is_served_from_the_node_while_the_upstream_is_down_even_after_a_r
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_manifest_kind_keeps_its_bytes_type_and_digest() {
     let reg = Registry::start();
-    let cache = TempDir::new("cache");
+    let cache = temp_dir("cache");
     let proxy = Proxy::start(&reg.url(), cache.path(), &[]);
     let (_, amd64) = push_manifest(
         &reg.url(),
@@ -309,7 +309,7 @@ async fn every_manifest_kind_keeps_its_bytes_type_and_digest() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listings_pass_through_with_links_pointing_at_the_proxy() {
     let reg = Registry::start();
-    let cache = TempDir::new("cache");
+    let cache = temp_dir("cache");
     let proxy = Proxy::start(&reg.url(), cache.path(), &[]);
     for t in ["a", "b", "c"] {
         push_manifest(&reg.url(), "team/list", t, b"{}", &[]).await;

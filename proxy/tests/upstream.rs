@@ -42,7 +42,7 @@ async fn every_401_carries_a_challenge() {
         )
     })
     .await;
-    let cache = TempDir::new("cache");
+    let cache = temp_dir("cache");
     let proxy = Proxy::start(&up.url(), cache.path(), &[]);
     let d = sha256_digest(b"a layer");
     for (method, path) in [
@@ -90,7 +90,7 @@ async fn signed_redirect_urls_never_reach_the_log() {
         }
     })
     .await;
-    let cache = TempDir::new("cache");
+    let cache = temp_dir("cache");
     let proxy = Proxy::start(&up.url(), cache.path(), &[]);
 
     let (st, _, body) = get(&format!("{}/v2/team/app/blobs/{d}", proxy.url()), &[]).await;
@@ -137,7 +137,7 @@ async fn a_redirect_to_the_proxy_itself_is_refused() {
         }
     })
     .await;
-    let cache = TempDir::new("cache");
+    let cache = temp_dir("cache");
     let proxy = Proxy::start(&up.url(), cache.path(), &[]);
     own.set((proxy.url(), format!("http://{}", proxy.admin)))
         .unwrap();
@@ -179,7 +179,7 @@ struct NginxInNs {
 
 impl NginxInNs {
     fn start(ns: &Netns, locations: &str) -> NginxInNs {
-        let dir = TempDir::new("nginx");
+        let dir = temp_dir("nginx");
         // The namespace is new, so every port in it is free.
         let addr = SocketAddr::from((ns.ns_ip, 5000));
         let conf = dir.path().join("nginx.conf");
@@ -278,7 +278,7 @@ async fn an_upstream_off_loopback_cannot_redirect_onto_it() {
         ),
     );
     let upstream = up.url();
-    let cache = TempDir::new("cache");
+    let cache = temp_dir("cache");
     let proxy = Proxy::start(&upstream, cache.path(), &[]);
 
     for (what, digest) in [
