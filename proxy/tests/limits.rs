@@ -157,14 +157,7 @@ async fn past_the_cap_connections_wait_and_a_transfer_in_flight_is_untouched() {
     gate.hold_after(2 << 20);
     let url = format!("{}/v2/team/cap/blobs/{digest}", proxy.url());
     let transfer = tokio::spawn(async move { get(&url, &[]).await });
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while gate.passed() < 2 << 20 {
-        assert!(
-            Instant::now() < deadline,
-            "the transfer should start within 20s"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until(|| gate.passed() >= 2 << 20, "the transfer started").await;
 
     // Three idle connections fill the cap of four.
     let mut idle = Vec::new();
@@ -240,14 +233,11 @@ async fn a_flood_of_the_admin_port_from_elsewhere_leaves_the_nodes_own_probes_a_
             .await;
         flood.push(s);
     }
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while proxy.metric("regproxy_connections_refused_total").await < 184 {
-        assert!(
-            Instant::now() < deadline,
-            "the flood past the admin cap of 16 is refused at once"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for(
+        || async { proxy.metric("regproxy_connections_refused_total").await >= 184 },
+        "the flood past the admin cap of 16 is refused",
+    )
+    .await;
     for path in ["/healthz", "/readyz", "/metrics"] {
         let (st, _, _) = tokio::time::timeout(
             Duration::from_secs(5),

@@ -4,7 +4,6 @@
 mod support;
 
 use std::collections::HashMap;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, StatusCode};
@@ -152,7 +151,13 @@ async fn a_client_hanging_up_does_not_abort_the_fill() {
     gate.hold_after(MIB as u64);
     let resp = hyper_get_streaming(&format!("{}/v2/team/app/blobs/{d}", proxy.url())).await;
     drop(resp); // the only client hangs up mid-transfer
-    tokio::time::sleep(Duration::from_millis(200)).await;
+                // The fill must outlive the client's connection: the gate opens only
+                // once the proxy has seen that connection end.
+    wait_until(
+        || proxy.logs().contains("connection ended with an error"),
+        "the proxy saw its only client hang up",
+    )
+    .await;
     gate.open();
     wait_until(
         || proxy.cache_path(&d).exists(),
