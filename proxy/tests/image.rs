@@ -56,20 +56,25 @@ fn run_proxy(
     for attempt in 1..=5 {
         let (port, admin_port) = (free_port(), free_port());
         let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
+        // It writes its ready file once it has bound both ports: only then
+        // is whatever answers on them this container.
+        let ready = temp_dir("ready");
         let mut run = vec!["run".to_owned(), "-d".to_owned(), "--name".to_owned()];
         run.push(name.to_owned());
+        run.push("-v".to_owned());
+        run.push(format!("{}:/ready", ready.path().display()));
+        run.push("--env=REGPROXY_READY_FILE=/ready/ready.json".to_owned());
         run.extend(args(port, admin));
         docker.docker(&run.iter().map(String::as_str).collect::<Vec<_>>());
-        // It logs both lines once it has bound both ports: only then is
-        // whatever answers on them this container.
         let deadline = Instant::now() + PATIENCE;
         loop {
-            let logs = docker.sh(&format!("docker logs {name} 2>&1"));
-            if logs.contains("regproxy listening") && logs.contains("admin listening") {
+            if ready.path().join("ready.json").exists() {
                 wait_ready(docker, name, admin);
                 return (port, admin);
             }
+            // Whether it runs first: the logs of a container that stopped are whole.
             let running = docker.docker(&["inspect", "-f", "{{.State.Running}}", name]);
+            let logs = docker.sh(&format!("docker logs {name} 2>&1"));
             if running.trim() == "false" {
                 if attempt < 5 && logs.contains("cannot listen") {
                     docker.docker(&["rm", "-f", name]);

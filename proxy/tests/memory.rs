@@ -63,6 +63,8 @@ async fn two_hundred_cold_fills_at_once_keep_the_proxy_under_64_mib() {
     let pid = proxy.pid();
     let rss = RssSampler::start(pid);
 
+    // The most fills in flight, sampled every 100 ms (an interval between
+    // samples, not a wait for anything).
     let max_fills = Arc::new(AtomicU64::new(0));
     let watcher = {
         let (max_fills, admin) = (Arc::clone(&max_fills), proxy.admin);
