@@ -55,6 +55,12 @@ pub struct ServeArgs {
     #[arg(long, env = "REGPROXY_ADMIN_LISTEN")]
     pub admin_listen: Option<SocketAddr>,
 
+    /// Once every listener is bound, their addresses are written here as
+    /// JSON, `{"listen":["ADDR"],"admin":"ADDR"}` (`null` without an admin
+    /// listener), atomically: how a supervisor or a test learns a port 0.
+    #[arg(long, env = "REGPROXY_READY_FILE")]
+    pub ready_file: Option<PathBuf>,
+
     /// Longest a connection, on either listener, may wait for a whole request
     /// head: a new connection, and a kept-alive one between requests (hyper
     /// starts this timer whenever a connection waits for a request, so it is
@@ -162,6 +168,8 @@ pub struct Config {
     pub admin_listen: Option<SocketAddr>,
     pub cache_dir: PathBuf,
     pub cache_size: u64,
+    /// `--ready-file`: where the bound addresses are written once bound.
+    pub ready_file: Option<PathBuf>,
     pub limits: crate::server::Limits,
     pub shutdown_grace: Duration,
     pub upstream: UpstreamConfig,
@@ -207,6 +215,7 @@ impl ServeArgs {
             admin_listen: self.admin_listen,
             cache_dir: self.cache_dir,
             cache_size: self.cache_size,
+            ready_file: self.ready_file,
             limits: crate::server::Limits {
                 header_read_timeout: self.header_read_timeout,
                 max_connections: self.max_connections,
