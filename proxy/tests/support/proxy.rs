@@ -124,14 +124,14 @@ impl Proxy {
     }
 
     /// Waits until the proxy has asked the upstream, anonymously, whether it
-    /// lets anyone in, and written the answer (open) to `state.json`. Tests
+    /// lets anyone in, and written the answer (open) to `open.json`. Tests
     /// that meter the upstream's bytes through a [`Gate`] wait for it first,
     /// so that this request of the proxy's own does not spend their budget.
     pub fn wait_learned_open(&self) {
         let state = self.cache_dir.join("open.json");
         wait_blocking(
             || std::fs::read_to_string(&state).is_ok_and(|s| s.contains("\"upstream_open\":true")),
-            "regproxy learned that the upstream is open and said so in state.json",
+            "regproxy learned that the upstream is open and said so in open.json",
         );
     }
 
