@@ -163,7 +163,6 @@ async fn pull_as_one_client(
                     out.verified += 1;
                     out.blob_latency.push(f.elapsed);
                     out.blob_ttfb.push(f.ttfb);
-                    out.blob_ttfb.push(f.ttfb);
                     have.insert(digest);
                 }
                 Err(e) => {
