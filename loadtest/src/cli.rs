@@ -91,81 +91,8 @@ pub struct PullArgs {
 
 #[derive(Debug, Args)]
 pub struct CompareArgs {
-    /// Targets, in run order.
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "regproxy,nginx,distribution,direct"
-    )]
-    pub targets: Vec<Kind>,
-    /// Run only these scenarios [default: all]: cold_concurrent, images_cold,
-    /// images_warm, warm_single, warm_concurrent, small_requests, uplink_node1, uplink_node2.
-    #[arg(long, value_delimiter = ',')]
-    pub scenarios: Vec<String>,
-    /// The big blob (warm single stream; cold concurrent).
-    #[arg(long, default_value = "256MiB", value_parser = parse_size)]
-    pub big: u64,
-    /// The blob of the warm concurrent scenario.
-    #[arg(long, default_value = "16MiB", value_parser = parse_size)]
-    pub medium: u64,
-    /// Clients GETting one cold big blob at once.
-    #[arg(long, default_value_t = 10)]
-    pub cold_clients: usize,
-    /// Clients GETting the warm medium blob at once.
-    #[arg(long, default_value_t = 32)]
-    pub warm_clients: usize,
-    /// Timed repetitions of each warm scenario (median reported); the small-request
-    /// scenario runs at most 5.
-    #[arg(long, default_value_t = 11)]
-    pub repeat: usize,
-    /// Repetitions of the cold concurrent scenario, each on a fresh big blob (median reported).
-    #[arg(long, default_value_t = 5)]
-    pub cold_repeat: usize,
-    /// Images in the image set, `bench/app-<i>:v1`.
-    #[arg(long, default_value_t = 4)]
-    pub images: usize,
-    /// Base layers all images of the set share, comma-separated sizes.
-    #[arg(long, default_value = "48MiB,16MiB", value_parser = parse_size_list)]
-    pub shared_layers: std::vec::Vec<u64>,
-    /// Layers of each image's own, comma-separated sizes.
-    #[arg(long, default_value = "24MiB,4MiB,512KiB", value_parser = parse_size_list)]
-    pub unique_layers: std::vec::Vec<u64>,
-    /// Clients pulling the whole image set at once.
-    #[arg(long, default_value_t = 8)]
-    pub image_clients: usize,
-    /// Blobs one client downloads at once (containerd's default is 3).
-    #[arg(long, default_value_t = 3)]
-    pub layer_concurrency: usize,
-    /// Clients sending small requests (manifests, HEADs) as fast as they can.
-    #[arg(long, default_value_t = 8)]
-    pub small_workers: usize,
-    /// How long each repetition of the small-request scenario runs.
-    #[arg(long, default_value = "1s", value_parser = parse_duration)]
-    pub small_duration: Duration,
-    /// At most this many small requests per repetition.
-    #[arg(long, default_value_t = 200_000)]
-    pub small_max: u64,
-    /// Uplink rate in Mbit/s (0 leaves the uplink scenario out).
-    #[arg(long, default_value_t = 100)]
-    pub uplink_mbit: u32,
-    /// Images in the uplink's image set, `bench/edge-<i>:v1`.
-    #[arg(long, default_value_t = 3)]
-    pub uplink_images: usize,
-    /// Base layers the uplink's images share.
-    #[arg(long, default_value = "12MiB", value_parser = parse_size_list)]
-    pub uplink_shared: std::vec::Vec<u64>,
-    /// Layers of each uplink image's own.
-    #[arg(long, default_value = "4MiB,512KiB", value_parser = parse_size_list)]
-    pub uplink_unique: std::vec::Vec<u64>,
-    /// Clients on each node pulling the uplink's image set at once.
-    #[arg(long, default_value_t = 6)]
-    pub uplink_clients: usize,
-    /// Per request, and per body between two reads.
-    #[arg(long, default_value = "120s", value_parser = parse_duration)]
-    pub timeout: Duration,
-    /// Per repetition of a scenario on one target.
-    #[arg(long, default_value = "300s", value_parser = parse_duration)]
-    pub scenario_timeout: Duration,
+    #[command(flatten)]
+    pub params: Params,
     /// The regproxy binary [default: `regproxy` next to this executable].
     #[arg(long, env = "REGPROXY_BIN")]
     pub regproxy_bin: Option<PathBuf>,
@@ -352,7 +279,7 @@ fn default_regproxy() -> anyhow::Result<PathBuf> {
 }
 
 async fn compare(a: CompareArgs) -> anyhow::Result<()> {
-    for s in &a.scenarios {
+    for s in &a.params.scenarios {
         if !compare::SCENARIOS.iter().any(|(id, _)| id == s) {
             bail!("unknown scenario {s:?}; see --help");
         }
@@ -367,8 +294,8 @@ async fn compare(a: CompareArgs) -> anyhow::Result<()> {
     };
     for (needed, path) in [
         (true, &tools.registry),
-        (a.targets.contains(&Kind::Nginx), &tools.nginx),
-        (a.targets.contains(&Kind::Regproxy), &tools.regproxy),
+        (a.params.targets.contains(&Kind::Nginx), &tools.nginx),
+        (a.params.targets.contains(&Kind::Regproxy), &tools.regproxy),
     ] {
         if needed && !path.is_file() {
             bail!(
@@ -377,31 +304,6 @@ async fn compare(a: CompareArgs) -> anyhow::Result<()> {
             );
         }
     }
-    let params = Params {
-        targets: a.targets.clone(),
-        scenarios: a.scenarios.clone(),
-        big: a.big,
-        medium: a.medium,
-        cold_clients: a.cold_clients,
-        warm_clients: a.warm_clients,
-        repeat: a.repeat,
-        cold_repeat: a.cold_repeat,
-        images: a.images,
-        shared_layers: a.shared_layers.clone(),
-        unique_layers: a.unique_layers.clone(),
-        image_clients: a.image_clients,
-        layer_concurrency: a.layer_concurrency,
-        small_workers: a.small_workers,
-        small_duration: a.small_duration,
-        small_max: a.small_max,
-        uplink_mbit: a.uplink_mbit,
-        uplink_images: a.uplink_images,
-        uplink_shared: a.uplink_shared.clone(),
-        uplink_unique: a.uplink_unique.clone(),
-        uplink_clients: a.uplink_clients,
-        timeout: a.timeout,
-        scenario_timeout: a.scenario_timeout,
-    };
     let temp;
     let work = match &a.work_dir {
         Some(w) => w.clone(),
@@ -412,7 +314,7 @@ async fn compare(a: CompareArgs) -> anyhow::Result<()> {
             temp.path().to_path_buf()
         }
     };
-    let report = compare::run(params, tools, work).await?;
+    let report = compare::run(a.params, tools, work).await?;
     let checks = crate::report::checks(&report);
     print!("{}", crate::report::table(&report));
     println!();
@@ -446,9 +348,9 @@ mod tests {
         let Command::Compare(c) = parse(&["loadtest", "compare"]) else {
             unreachable!()
         };
-        assert_eq!((c.big, c.medium), (256 << 20, 16 << 20));
-        assert_eq!(c.unique_layers, vec![24 << 20, 4 << 20, 512 << 10]);
-        assert_eq!(c.small_duration, Duration::from_secs(1));
+        assert_eq!((c.params.big, c.params.medium), (256 << 20, 16 << 20));
+        assert_eq!(c.params.unique_layers, vec![24 << 20, 4 << 20, 512 << 10]);
+        assert_eq!(c.params.small_duration, Duration::from_secs(1));
         let Command::Seed(s) = parse(&["loadtest", "seed", "--registry", "r", "--blob", "4KiB"])
         else {
             unreachable!()
