@@ -1,10 +1,17 @@
 //! Typed errors, and the one place where they become OCI error responses
 //! (`{"errors":[{"code","message","detail"}]}`).
 
+use std::fmt;
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
 
 use crate::body::Body;
+use crate::digest::Digest;
+use crate::headers::{API_VERSION, API_VERSION_VALUE};
 
 /// The challenge of a 401 when the upstream gave none. A 401 must say how to
 /// authenticate (RFC 9110, 11.6.1); without one, clients give up instead of
@@ -22,9 +29,124 @@ pub fn ensure_challenge(status: StatusCode, headers: &mut HeaderMap) {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
+/// Where a failure came from. It decides the status class of the answer
+/// and what is counted and logged as whose fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// The request: bad input, or content this client may not read.
+    /// Answered 4xx, logged at debug.
+    Client,
+    /// The real registry: unreachable, too slow, an error, or bytes that
+    /// are not what it announced. Answered 502 or 504, counted in
+    /// `regproxy_upstream_errors_total`.
+    Upstream,
+    /// This node: its cache disk, its shutdown, or a chain of proxies that
+    /// loops back to it, or a bug. Answered with a 5xx of its own (see
+    /// [`Error::status_and_code`]), never counted as an upstream error.
+    Node,
+}
+
+/// A lower-level error (`io::Error`, hyper's), shared by the clones of the
+/// [`Error`] it caused. Displays its whole chain of sources.
+#[derive(Debug, Clone)]
+pub struct Cause(Arc<dyn std::error::Error + Send + Sync>);
+
+impl Cause {
+    pub fn new(e: impl std::error::Error + Send + Sync + 'static) -> Cause {
+        Cause(Arc::new(e))
+    }
+
+    pub fn boxed(e: Box<dyn std::error::Error + Send + Sync>) -> Cause {
+        Cause(Arc::from(e))
+    }
+
+    /// Whether some error in the chain is an `io::Error` of `kind`.
+    pub fn is_io(&self, kind: io::ErrorKind) -> bool {
+        let mut next: Option<&(dyn std::error::Error + 'static)> = Some(&*self.0);
+        while let Some(e) = next {
+            if e.downcast_ref::<io::Error>()
+                .is_some_and(|e| e.kind() == kind)
+            {
+                return true;
+            }
+            next = e.source();
+        }
+        false
+    }
+}
+
+impl fmt::Display for Cause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut next = self.0.source();
+        while let Some(e) = next {
+            write!(f, ": {e}")?;
+            next = e.source();
+        }
+        Ok(())
+    }
+}
+
+/// Which wait on the upstream ran out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    /// `--connect-timeout`: no TCP connection.
+    Connect,
+    /// `--upstream-timeout`: no response head.
+    Response(Duration),
+    /// `--upstream-timeout`: a response body that stopped sending.
+    Body(Duration),
+}
+
+/// How the upstream failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("cannot reach {url}: {cause}")]
+    Unreachable { url: String, cause: Cause },
+    #[error("{url}: {}", match .wait {
+        Wait::Connect => "no connection within --connect-timeout".to_string(),
+        Wait::Response(d) => format!("no response within {d:?}"),
+        Wait::Body(d) => format!("the body stalled for {d:?}"),
+    })]
+    Timeout { url: String, wait: Wait },
+    /// The connection failed after it was made: reset, closed mid-body.
+    #[error("{url}: {cause}")]
+    Broken { url: String, cause: Cause },
+    /// An error status where content was expected.
+    #[error("{what} answered {status}")]
+    Status { what: String, status: StatusCode },
+    /// An answer that breaks the protocol: no `Content-Length` for a blob,
+    /// more bytes than announced, a redirect that may not be followed.
+    #[error("{0}")]
+    Invalid(String),
+    #[error("content of {expected} hashed to {got}")]
+    DigestMismatch { expected: Digest, got: Digest },
+}
+
+impl UpstreamError {
+    /// A failure of the upstream HTTP client, by kind: a connect that timed
+    /// out, a connect that failed, or a connection that broke.
+    pub fn from_client(url: String, e: hyper_util::client::legacy::Error) -> UpstreamError {
+        let connect = e.is_connect();
+        let cause = Cause::new(e);
+        if connect && cause.is_io(io::ErrorKind::TimedOut) {
+            UpstreamError::Timeout {
+                url,
+                wait: Wait::Connect,
+            }
+        } else if connect {
+            UpstreamError::Unreachable { url, cause }
+        } else {
+            UpstreamError::Broken { url, cause }
+        }
+    }
+}
+
+/// Every failure a request can meet. `Clone`, so that one fill's failure
+/// reaches each of its readers whole.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
-    // Client input.
+    // The client's: its input.
     #[error("{0}")]
     DigestInvalid(String),
     #[error("{0}")]
@@ -45,7 +167,6 @@ pub enum Error {
     BlobUnknown(String),
     #[error("manifest unknown: {0}")]
     ManifestUnknown(String),
-
     /// The upstream refused this client: its status and auth challenge.
     #[error("the upstream registry refused these credentials for this repository")]
     Denied {
@@ -53,22 +174,72 @@ pub enum Error {
         challenge: Option<HeaderValue>,
     },
 
-    // Upstream.
-    #[error("upstream registry unreachable: {0}")]
-    UpstreamUnreachable(String),
-    #[error("upstream registry timed out: {0}")]
-    UpstreamTimeout(String),
-    #[error("upstream registry failed: {0}")]
-    UpstreamBad(String),
+    /// The upstream's.
+    #[error("upstream registry: {0}")]
+    Upstream(#[from] UpstreamError),
+
+    // This node's.
     #[error("request loop: this request already passed through this regproxy")]
     LoopDetected,
-
-    // Us.
+    #[error("this node's cache could not {op}: {cause}")]
+    Disk { op: &'static str, cause: Cause },
+    /// Something of this node's that should not fail did (a fill task
+    /// that ended without a result).
+    #[error("this node failed: {0}")]
+    Internal(&'static str),
     #[error("shutting down")]
     ShuttingDown,
 }
 
 impl Error {
+    /// This node's cache disk failed at `op` (a verb: "create a temp file").
+    pub fn disk(op: &'static str, e: io::Error) -> Error {
+        Error::Disk {
+            op,
+            cause: Cause::new(e),
+        }
+    }
+
+    /// An upstream answer that breaks the protocol.
+    pub fn invalid(why: impl Into<String>) -> Error {
+        Error::Upstream(UpstreamError::Invalid(why.into()))
+    }
+
+    /// An upstream error status where content was expected.
+    pub fn status(what: impl Into<String>, status: StatusCode) -> Error {
+        Error::Upstream(UpstreamError::Status {
+            what: what.into(),
+            status,
+        })
+    }
+
+    pub fn origin(&self) -> Origin {
+        use Error::*;
+        match self {
+            Upstream(_) => Origin::Upstream,
+            LoopDetected | Disk { .. } | Internal(_) | ShuttingDown => Origin::Node,
+            DigestInvalid(_)
+            | NameInvalid(_)
+            | TagInvalid(_)
+            | ManifestInvalid(_)
+            | Unsupported(_)
+            | MethodNotAllowed(_)
+            | NotFound
+            | RangeNotSatisfiable { .. }
+            | BlobUnknown(_)
+            | ManifestUnknown(_)
+            | Denied { .. } => Origin::Client,
+        }
+    }
+
+    /// The status and OCI code of the answer.
+    ///
+    /// The upstream's failures are a gateway's: 504 when it was too slow,
+    /// 502 otherwise. The node's own failures are never 500 (a bug) nor 502
+    /// (which would blame the upstream): a loop is 508 Loop Detected, and a
+    /// disk that fails or a proxy that is shutting down is 503 Service
+    /// Unavailable: this node cannot answer now, and a client with another
+    /// host to try (containerd's `hosts.toml`) or a retry goes on.
     fn status_and_code(&self) -> (StatusCode, &'static str) {
         use Error::*;
         match self {
@@ -82,21 +253,15 @@ impl Error {
             RangeNotSatisfiable { .. } => (StatusCode::RANGE_NOT_SATISFIABLE, "RANGE_INVALID"),
             BlobUnknown(_) => (StatusCode::NOT_FOUND, "BLOB_UNKNOWN"),
             ManifestUnknown(_) => (StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN"),
-            UpstreamUnreachable(_) | UpstreamBad(_) => (StatusCode::BAD_GATEWAY, "UNAVAILABLE"),
-            UpstreamTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, "UNAVAILABLE"),
-            LoopDetected => (StatusCode::LOOP_DETECTED, "UNAVAILABLE"),
             Denied { status, .. } if *status == StatusCode::FORBIDDEN => (*status, "DENIED"),
             Denied { .. } => (StatusCode::UNAUTHORIZED, "UNAUTHORIZED"),
-            ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE"),
+            Upstream(UpstreamError::Timeout { .. }) => (StatusCode::GATEWAY_TIMEOUT, "UNAVAILABLE"),
+            Upstream(_) => (StatusCode::BAD_GATEWAY, "UNAVAILABLE"),
+            LoopDetected => (StatusCode::LOOP_DETECTED, "UNAVAILABLE"),
+            Disk { .. } | Internal(_) | ShuttingDown => {
+                (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE")
+            }
         }
-    }
-
-    /// Whether the upstream is to blame (counted in `regproxy_upstream_errors_total`).
-    pub fn is_upstream(&self) -> bool {
-        matches!(
-            self,
-            Error::UpstreamUnreachable(_) | Error::UpstreamTimeout(_) | Error::UpstreamBad(_)
-        )
     }
 
     /// The OCI error response for this error.
@@ -112,10 +277,7 @@ impl Error {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        h.insert(
-            "Docker-Distribution-API-Version",
-            HeaderValue::from_static("registry/2.0"),
-        );
+        h.insert(API_VERSION, HeaderValue::from_static(API_VERSION_VALUE));
         match self {
             Error::RangeNotSatisfiable { size } => {
                 if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
@@ -194,12 +356,54 @@ mod tests {
     }
 
     #[test]
-    fn upstream_failures_are_gateway_errors_never_500() {
+    fn the_nodes_own_failures_are_503_never_an_upstream_error() {
         for e in [
-            Error::UpstreamUnreachable("x".into()),
-            Error::UpstreamBad("x".into()),
-            Error::UpstreamTimeout("x".into()),
+            Error::disk("write", io::Error::from(io::ErrorKind::StorageFull)),
+            Error::Internal("test"),
+            Error::ShuttingDown,
         ] {
+            assert_eq!(e.origin(), Origin::Node, "{e}");
+            assert_eq!(
+                e.status_and_code().0,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "{e}"
+            );
+        }
+        assert_eq!(Error::LoopDetected.origin(), Origin::Node);
+    }
+
+    #[test]
+    fn causes_are_classified_by_type_not_text() {
+        let timed_out = Cause::new(io::Error::new(io::ErrorKind::TimedOut, "anything"));
+        assert!(timed_out.is_io(io::ErrorKind::TimedOut));
+        let says_timed_out = Cause::new(io::Error::other("connection timed out"));
+        assert!(
+            !says_timed_out.is_io(io::ErrorKind::TimedOut),
+            "a message is not a kind"
+        );
+    }
+
+    #[test]
+    fn upstream_failures_are_gateway_errors_never_500() {
+        let url = String::from("http://upstream");
+        let cause = Cause::new(io::Error::from(io::ErrorKind::ConnectionRefused));
+        for e in [
+            UpstreamError::Unreachable {
+                url: url.clone(),
+                cause: cause.clone(),
+            },
+            UpstreamError::Broken {
+                url: url.clone(),
+                cause,
+            },
+            UpstreamError::Invalid("x".into()),
+            UpstreamError::Timeout {
+                url,
+                wait: Wait::Connect,
+            },
+        ] {
+            let e = Error::from(e);
+            assert_eq!(e.origin(), Origin::Upstream);
             let s = e.status_and_code().0;
             assert!(
                 s == StatusCode::BAD_GATEWAY || s == StatusCode::GATEWAY_TIMEOUT,

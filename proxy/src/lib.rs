@@ -18,7 +18,9 @@
 //!   the upstream lets anyone in.
 //! - [`upstream`]: the HTTP(S) client to the real registry, timeouts, redirects.
 //! - [`digest`]: digests, repository names and references, parsed strictly.
-//! - [`error`]: typed errors and their OCI error responses, in one place.
+//! - [`error`]: typed errors with their origin (client, upstream, this node),
+//!   and the one place where they become OCI error responses.
+//! - [`headers`]: the registry API's header names.
 //! - [`body`]: the response body type.
 //! - [`metrics`]: counters in the Prometheus text format.
 //! - [`resolve`]: upstream name resolution, `getaddrinfo` or DNS only (never
@@ -34,6 +36,7 @@ pub mod cache;
 pub mod config;
 pub mod digest;
 pub mod error;
+pub mod headers;
 pub mod hosts;
 pub mod lock;
 pub mod metrics;

@@ -25,7 +25,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
 use crate::body::Body;
-use crate::error::Error;
+use crate::error::{Cause, Error, UpstreamError, Wait};
 use crate::metrics::Metrics;
 use crate::resolve::Resolver;
 
@@ -242,13 +242,12 @@ impl Upstream {
             };
             let resp = match tokio::time::timeout(limit, self.client.request(req)).await {
                 Err(_) => {
-                    return Err(self.failed(Error::UpstreamTimeout(format!(
-                        "no response from {} within {:?}",
-                        redact(&uri),
-                        self.timeout
-                    ))))
+                    return Err(self.failed(UpstreamError::Timeout {
+                        url: redact(&uri),
+                        wait: Wait::Response(self.timeout),
+                    }))
                 }
-                Ok(Err(e)) => return Err(self.failed(classify(&uri, e))),
+                Ok(Err(e)) => return Err(self.failed(UpstreamError::from_client(redact(&uri), e))),
                 Ok(Ok(r)) => r,
             };
             let redirect = matches!(
@@ -275,7 +274,7 @@ impl Upstream {
                 .and_then(|l| l.to_str().ok())
                 .and_then(|l| resolve(&uri, l))
                 .ok_or_else(|| {
-                    self.failed(Error::UpstreamBad(
+                    self.failed(UpstreamError::Invalid(
                         "redirect without a usable Location".into(),
                     ))
                 })?;
@@ -286,7 +285,7 @@ impl Upstream {
             tracing::debug!(from = %redact(&uri), to = %redact(&next), "following upstream redirect");
             uri = next;
         }
-        Err(self.failed(Error::UpstreamBad(format!(
+        Err(self.failed(UpstreamError::Invalid(format!(
             "more than {MAX_REDIRECTS} redirects"
         ))))
     }
@@ -296,10 +295,10 @@ impl Upstream {
     /// connects with.
     async fn check_redirect(&self, to: &Uri) -> Result<(), Error> {
         let target = addrs_of(&self.resolver, to).await.map_err(|e| {
-            self.failed(Error::UpstreamUnreachable(format!(
-                "redirect to {}: {e}",
-                redact(to)
-            )))
+            self.failed(UpstreamError::Unreachable {
+                url: redact(to),
+                cause: Cause::new(e),
+            })
         })?;
         // An upstream that no longer resolves is on no special address.
         let upstream = addrs_of(&self.resolver, &self.base)
@@ -307,17 +306,18 @@ impl Upstream {
             .unwrap_or_default();
         // The request's error is logged where it is answered.
         redirect_allowed(&upstream, &self.own, &target).map_err(|why| {
-            self.failed(Error::UpstreamBad(format!(
+            self.failed(UpstreamError::Invalid(format!(
                 "refused a redirect to {}: {why}",
                 redact(to)
             )))
         })
     }
 
-    /// Counts an upstream failure on its way out.
-    pub fn failed(&self, e: Error) -> Error {
+    /// Counts an upstream failure on its way out: the one place where
+    /// `regproxy_upstream_errors_total` grows for a failed request.
+    pub fn failed(&self, e: UpstreamError) -> Error {
         self.metrics.upstream_errors.fetch_add(1, Relaxed);
-        e
+        Error::Upstream(e)
     }
 }
 
@@ -410,23 +410,6 @@ fn redirect_allowed(
         }
     }
     Ok(())
-}
-
-fn classify(uri: &Uri, e: hyper_util::client::legacy::Error) -> Error {
-    let uri = redact(uri);
-    let mut msg = e.to_string();
-    let mut src: Option<&dyn std::error::Error> = std::error::Error::source(&e);
-    while let Some(s) = src {
-        msg = format!("{msg}: {s}");
-        src = s.source();
-    }
-    if msg.contains("timed out") || msg.contains("timeout") {
-        Error::UpstreamTimeout(format!("{uri}: {msg}"))
-    } else if e.is_connect() {
-        Error::UpstreamUnreachable(format!("{uri}: {msg}"))
-    } else {
-        Error::UpstreamBad(format!("{uri}: {msg}"))
-    }
 }
 
 /// Resolves a `Location` header against the URL it came from.

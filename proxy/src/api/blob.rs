@@ -13,7 +13,8 @@ use crate::body::Body;
 use crate::cache::fill::{self, FillRequest};
 use crate::cache::{Failure, Join};
 use crate::digest::Digest;
-use crate::error::Error;
+use crate::error::{Error, UpstreamError};
+use crate::headers::CONTENT_DIGEST;
 use crate::metrics::Outcome;
 
 impl App {
@@ -101,14 +102,16 @@ impl App {
                         self.relayed(parts, status, &headers, Body::full(body)),
                     ))
                 }
-                Err(Failure::Error(e)) => Err(clone_error(&e)),
+                Err(Failure::Error(e)) => Err(e),
                 Err(Failure::Uncached) => self
                     .blob_uncached(parts, &path, d)
                     .await
                     .map(|r| (Outcome::Passthrough, r)),
             };
         }
-        Err(Error::UpstreamBad("the blob could not be fetched".into()))
+        Err(Error::Internal(
+            "the blob vanished from the cache on every attempt",
+        ))
     }
 
     /// A blob that will not be kept: straight from upstream, still verified.
@@ -136,13 +139,13 @@ impl App {
             .and_then(|v| v.to_str().ok()?.parse().ok())
             .ok_or_else(|| {
                 self.upstream
-                    .failed(Error::UpstreamBad("blob without Content-Length".into()))
+                    .failed(UpstreamError::Invalid("blob without Content-Length".into()))
             })?;
         if !d.admits_size(size) {
             self.metrics
                 .digest_mismatches
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let e = Error::UpstreamBad(format!("upstream announced {d} with 0 bytes"));
+            let e = UpstreamError::Invalid(format!("upstream announced {d} with 0 bytes"));
             return Err(self.upstream.failed(e));
         }
         let stream = fill::verified_stream(
@@ -158,15 +161,6 @@ impl App {
     }
 }
 
-/// `Error` is not `Clone` (it is shared by every reader of a fill): rebuild it.
-fn clone_error(e: &Error) -> Error {
-    match e {
-        Error::UpstreamTimeout(m) => Error::UpstreamTimeout(m.clone()),
-        Error::UpstreamUnreachable(m) => Error::UpstreamUnreachable(m.clone()),
-        other => Error::UpstreamBad(other.to_string()),
-    }
-}
-
 fn blob_response(
     status: StatusCode,
     d: &Digest,
@@ -179,7 +173,7 @@ fn blob_response(
         .header(header::CONTENT_TYPE, "application/octet-stream")
         .header(header::CONTENT_LENGTH, end - start)
         .header(header::ACCEPT_RANGES, "bytes")
-        .header("docker-content-digest", d.to_string())
+        .header(CONTENT_DIGEST, d.to_string())
         .header(header::ETAG, format!("\"{d}\""))
         .header(header::CACHE_CONTROL, "max-age=31536000");
     if status == StatusCode::PARTIAL_CONTENT {

@@ -16,7 +16,8 @@ use super::{accepts, Answer, App};
 use crate::auth::{Credential, Verdict};
 use crate::body::Body;
 use crate::digest::Digest;
-use crate::error::Error;
+use crate::error::{Cause, Error, Origin, UpstreamError, Wait};
+use crate::headers::CONTENT_DIGEST;
 use crate::metrics::Outcome;
 use crate::tags::TagEntry;
 
@@ -45,7 +46,7 @@ fn manifest_response(d: &Digest, media_type: &str, len: usize) -> http::response
     Response::builder()
         .header(header::CONTENT_TYPE, media_type)
         .header(header::CONTENT_LENGTH, len)
-        .header("docker-content-digest", d.to_string())
+        .header(CONTENT_DIGEST, d.to_string())
         .header(header::ETAG, format!("\"{d}\""))
 }
 
@@ -139,14 +140,16 @@ impl App {
         let limited = http_body_util::Limited::new(body, MAX_MANIFEST);
         let bytes = match tokio::time::timeout(self.upstream.timeout(), limited.collect()).await {
             Err(_) => {
-                return Err(self
-                    .upstream
-                    .failed(Error::UpstreamTimeout("manifest body stalled".into())))
+                return Err(self.upstream.failed(UpstreamError::Timeout {
+                    url: format!("manifest {name}:{reference}"),
+                    wait: Wait::Body(self.upstream.timeout()),
+                }))
             }
             Ok(Err(e)) => {
-                return Err(self
-                    .upstream
-                    .failed(Error::UpstreamBad(format!("manifest body: {e}"))))
+                return Err(self.upstream.failed(UpstreamError::Broken {
+                    url: format!("manifest {name}:{reference}"),
+                    cause: Cause::boxed(e),
+                }))
             }
             Ok(Ok(c)) => c.to_bytes(),
         };
@@ -156,14 +159,19 @@ impl App {
         let digest = Digest::of(&bytes);
         let announced = p
             .headers
-            .get("docker-content-digest")
+            .get(CONTENT_DIGEST)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| Digest::parse(v).ok());
-        if expect.is_some_and(|e| *e != digest) || announced.is_some_and(|a| a != digest) {
+        if let Some(expected) = [expect.cloned(), announced]
+            .into_iter()
+            .flatten()
+            .find(|e| *e != digest)
+        {
             self.metrics.digest_mismatches.fetch_add(1, Relaxed);
-            return Err(self.upstream.failed(Error::UpstreamBad(format!(
-                "manifest {name}:{reference} hashed to {digest}, not what the upstream announced"
-            ))));
+            return Err(self.upstream.failed(UpstreamError::DigestMismatch {
+                expected,
+                got: digest,
+            }));
         }
         // The upstream served this manifest of this repository to this client.
         let grant = self.auth.allow(&cred, name, &digest);
@@ -201,7 +209,7 @@ impl App {
             Ok(r) if r.status() == StatusCode::OK => {
                 let digest = r
                     .headers()
-                    .get("docker-content-digest")
+                    .get(CONTENT_DIGEST)
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| Digest::parse(v).ok());
                 let media_type = r
@@ -258,9 +266,7 @@ impl App {
                 }
                 return Err(Error::ManifestUnknown(format!("{name}:{tag}")));
             }
-            Ok(r) if r.status().is_server_error() => {
-                Error::UpstreamBad(format!("{path} answered {}", r.status()))
-            }
+            Ok(r) if r.status().is_server_error() => Error::status(path, r.status()),
             Ok(_) => {
                 drop(flight);
                 return self
@@ -268,7 +274,7 @@ impl App {
                     .await
                     .map(|r| (Outcome::Passthrough, r));
             }
-            Err(e) if e.is_upstream() => e,
+            Err(e) if e.origin() == Origin::Upstream => e,
             Err(e) => return Err(e),
         };
         drop(flight);

@@ -26,12 +26,11 @@ use crate::auth::{Auth, Credential, Grant, Verdict};
 use crate::body::Body;
 use crate::cache::Cache;
 use crate::digest::{validate_name, Digest, Reference};
-use crate::error::Error;
+use crate::error::{Error, Origin};
+use crate::headers::{API_VERSION, API_VERSION_VALUE};
 use crate::metrics::{Kind, Metrics, Outcome};
 use crate::tags::Tags;
 use crate::upstream::{is_hop_by_hop, Upstream};
-
-const API_VERSION: (&str, &str) = ("docker-distribution-api-version", "registry/2.0");
 
 /// Everything a request handler needs.
 pub struct App {
@@ -117,17 +116,22 @@ impl App {
             }
             Err(e) => {
                 self.metrics.request(kind, Outcome::Error);
-                if e.is_upstream() {
-                    tracing::warn!(method = %parts.method, path = parts.uri.path(), error = %e, "upstream failure");
-                } else {
-                    tracing::debug!(method = %parts.method, path = parts.uri.path(), error = %e, "request refused");
+                let (method, path) = (&parts.method, parts.uri.path());
+                match e.origin() {
+                    Origin::Upstream => {
+                        tracing::warn!(%method, path, error = %e, "upstream failure")
+                    }
+                    Origin::Node => tracing::warn!(%method, path, error = %e, "node failure"),
+                    Origin::Client => {
+                        tracing::debug!(%method, path, error = %e, "request refused")
+                    }
                 }
                 e.into_response()
             }
         };
         resp.headers_mut()
-            .entry(API_VERSION.0)
-            .or_insert(HeaderValue::from_static(API_VERSION.1));
+            .entry(API_VERSION)
+            .or_insert(HeaderValue::from_static(API_VERSION_VALUE));
         crate::error::ensure_challenge(resp.status(), resp.headers_mut());
         resp
     }
@@ -203,7 +207,7 @@ impl App {
                 }
                 Ok((Outcome::Passthrough, r))
             }
-            Err(e) if e.is_upstream() => {
+            Err(e) if e.origin() == Origin::Upstream => {
                 tracing::warn!(error = %e, "upstream down; answering /v2/ from the node");
                 let mut r = Response::new(Body::full(&b"{}"[..]));
                 r.headers_mut().insert(
@@ -269,15 +273,10 @@ impl App {
                     || r.status() == StatusCode::TOO_MANY_REQUESTS)
                     && self.upstream_down().await =>
             {
-                Error::UpstreamBad(format!("authorization check answered {}", r.status()))
+                Error::status("authorization check", r.status())
             }
-            Ok(r) => {
-                return Err(Error::UpstreamBad(format!(
-                    "authorization check answered {}",
-                    r.status()
-                )))
-            }
-            Err(e) if e.is_upstream() => e,
+            Ok(r) => return Err(Error::status("authorization check", r.status())),
+            Err(e) if e.origin() == Origin::Upstream => e,
             Err(e) => return Err(e),
         };
         if seen {
@@ -340,7 +339,7 @@ impl App {
         if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
             return;
         }
-        let open = status == StatusCode::OK && r.headers().contains_key(API_VERSION.0);
+        let open = status == StatusCode::OK && r.headers().contains_key(API_VERSION);
         let challenge = r.headers().get(header::WWW_AUTHENTICATE).cloned();
         if self.auth.learned_open(open, challenge) {
             tracing::info!(
@@ -364,7 +363,7 @@ impl App {
     async fn upstream_down(&self) -> bool {
         match self.own_ping().await {
             Ok(r) => r.status().is_server_error() || r.status() == StatusCode::TOO_MANY_REQUESTS,
-            Err(e) => e.is_upstream(),
+            Err(e) => e.origin() == Origin::Upstream,
         }
     }
 

@@ -16,6 +16,7 @@ use super::App;
 use crate::body::Body;
 use crate::digest::{Digest, Reference};
 use crate::error::Error;
+use crate::headers::CONTENT_DIGEST;
 
 impl App {
     /// Relays the request; `body` is the client's, for the methods that carry one.
@@ -68,7 +69,7 @@ impl App {
             let digest = Digest::of(&bytes);
             let accepted = resp
                 .headers()
-                .get("docker-content-digest")
+                .get(CONTENT_DIGEST)
                 .and_then(|v| v.to_str().ok())
                 .is_none_or(|v| v == digest.to_string());
             // The manifest's own `mediaType` decides, when it has one: a

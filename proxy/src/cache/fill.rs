@@ -26,7 +26,7 @@ use super::growing::Growing;
 use super::{Cache, Stored};
 use crate::body::BoxError;
 use crate::digest::Digest;
-use crate::error::Error;
+use crate::error::{Error, UpstreamError};
 use crate::metrics::Metrics;
 use crate::upstream::Upstream;
 
@@ -76,7 +76,7 @@ pub enum Failure {
     Uncached,
     /// Upstream failed or sent bytes that did not match: an error response
     /// before the head, an aborted body after it.
-    Error(Arc<Error>),
+    Error(Error),
 }
 
 /// A fill in flight. Its readers subscribe to the progress channel.
@@ -167,9 +167,7 @@ impl Fill {
 }
 
 fn vanished() -> Failure {
-    Failure::Error(Arc::new(Error::UpstreamBad(
-        "the fill ended without a result".into(),
-    )))
+    Failure::Error(Error::Internal("the fill ended without a result"))
 }
 
 /// What the leader needs to fetch the blob.
@@ -222,7 +220,7 @@ pub(super) async fn run(
         tracing::debug!(%digest, size, "fill started");
         let src = Resumable::new(&upstream, &path, &req, digest, &metrics, (size, body));
         let sink = copy(src, Writer::new(&fill, file), digest).await?;
-        verify(digest, sink, &metrics).map_err(|e| Failure::Error(e.into()))
+        verify(digest, sink, &metrics).map_err(Failure::Error)
     };
     match verified.await {
         Ok((file, data)) => guard.commit(file, data).await,
@@ -233,7 +231,7 @@ pub(super) async fn run(
 /// Copies the blob's bytes into the temp file, where readers follow them.
 async fn copy(mut src: Resumable<'_>, mut w: Writer<'_>, digest: &Digest) -> Result<Sink, Failure> {
     let failed = |e| write_failed(digest, e);
-    while let Some(chunk) = src.next().await.map_err(|e| Failure::Error(e.into()))? {
+    while let Some(chunk) = src.next().await.map_err(Failure::Error)? {
         if chunk.is_empty() {
             // The upstream broke: readers get what came before the resume.
             w.flush().await.map_err(failed)?;
@@ -251,12 +249,13 @@ fn verify(digest: &Digest, sink: Sink, m: &Metrics) -> Result<(Growing, Bytes), 
     if got != *digest {
         m.digest_mismatches.fetch_add(1, Relaxed);
         tracing::warn!(%digest, %got, "upstream content does not match its digest; not cached, readers cut off");
-        return Err(Error::UpstreamBad(format!(
-            "content of {digest} hashed to {got}"
-        )));
+        return Err(Error::from(UpstreamError::DigestMismatch {
+            expected: digest.clone(),
+            got,
+        }));
     }
     let Some(data) = sink.file.complete() else {
-        return Err(Error::UpstreamBad(format!(
+        return Err(Error::invalid(format!(
             "{digest}: shorter than its Content-Length"
         )));
     };
@@ -265,9 +264,7 @@ fn verify(digest: &Digest, sink: Sink, m: &Metrics) -> Result<(Growing, Bytes), 
 
 fn write_failed(digest: &Digest, e: std::io::Error) -> Failure {
     tracing::warn!(%digest, error = %e, "cache write failed");
-    Failure::Error(Arc::new(Error::UpstreamBad(format!(
-        "cache write failed: {e}"
-    ))))
+    Failure::Error(Error::disk("write a blob", e))
 }
 
 /// A fill from its start to its end, which it owns. Ended as failed when the

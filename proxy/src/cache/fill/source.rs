@@ -12,7 +12,7 @@ use hyper::body::Incoming;
 
 use super::{Failure, FillRequest};
 use crate::digest::Digest;
-use crate::error::Error;
+use crate::error::{Cause, Error, UpstreamError, Wait};
 use crate::metrics::Metrics;
 use crate::upstream::Upstream;
 
@@ -31,7 +31,7 @@ pub(super) async fn start(
     let resp = upstream
         .send(Method::GET, path, &req.headers, &[])
         .await
-        .map_err(|e| Failure::Error(e.into()))?;
+        .map_err(Failure::Error)?;
     if resp.status() != StatusCode::OK {
         let (parts, body) = resp.into_parts();
         let body = read_capped(body, MAX_RELAY_BODY, upstream.timeout()).await;
@@ -42,13 +42,13 @@ pub(super) async fn start(
         });
     }
     let Some(size) = content_length(resp.headers()) else {
-        let e = Error::UpstreamBad("upstream sent a blob without Content-Length".into());
-        return Err(Failure::Error(upstream.failed(e).into()));
+        let e = UpstreamError::Invalid("upstream sent a blob without Content-Length".into());
+        return Err(Failure::Error(upstream.failed(e)));
     };
     if !digest.admits_size(size) {
         metrics.digest_mismatches.fetch_add(1, Relaxed);
-        let e = Error::UpstreamBad(format!("upstream announced {digest} with 0 bytes"));
-        return Err(Failure::Error(upstream.failed(e).into()));
+        let e = UpstreamError::Invalid(format!("upstream announced {digest} with 0 bytes"));
+        return Err(Failure::Error(upstream.failed(e)));
     }
     Ok((size, resp.into_body()))
 }
@@ -73,7 +73,7 @@ pub(super) struct Resumable<'a> {
     resumes: u32,
     /// Why the body broke, once the empty chunk that announces the resume
     /// was handed out.
-    cut: Option<String>,
+    cut: Option<Error>,
 }
 
 impl<'a> Resumable<'a> {
@@ -114,13 +114,23 @@ impl<'a> Resumable<'a> {
                 Ok(Some(Ok(f))) => f,
                 Ok(None) if self.pos == self.size => return Ok(None),
                 Ok(None) => {
-                    break format!(
+                    break Error::invalid(format!(
                         "upstream body ended after {} of {} bytes",
                         self.pos, self.size
-                    )
+                    ))
                 }
-                Ok(Some(Err(e))) => break format!("upstream body failed: {e}"),
-                Err(_) => break format!("upstream body stalled for {timeout:?}"),
+                Ok(Some(Err(e))) => {
+                    break Error::from(UpstreamError::Broken {
+                        url: self.path.to_owned(),
+                        cause: Cause::new(e),
+                    })
+                }
+                Err(_) => {
+                    break Error::from(UpstreamError::Timeout {
+                        url: self.path.to_owned(),
+                        wait: Wait::Body(timeout),
+                    })
+                }
             };
             let Ok(mut chunk) = frame.into_data() else {
                 continue;
@@ -140,7 +150,7 @@ impl<'a> Resumable<'a> {
                 self.metrics.digest_mismatches.fetch_add(1, Relaxed);
                 let (digest, size) = (self.digest, self.size);
                 tracing::warn!(%digest, size, "upstream sent more bytes than it announced; discarding");
-                return Err(Error::UpstreamBad(format!(
+                return Err(Error::invalid(format!(
                     "{digest}: longer than its Content-Length"
                 )));
             }
@@ -153,14 +163,14 @@ impl<'a> Resumable<'a> {
 
     /// Asks again from the first byte not handed out, until an answer comes
     /// or the retries are spent.
-    async fn resume(&mut self, mut why: String) -> Result<(), Error> {
+    async fn resume(&mut self, mut why: Error) -> Result<(), Error> {
         let digest = self.digest;
         loop {
             self.metrics.upstream_errors.fetch_add(1, Relaxed);
             if self.resumes >= self.req.retries {
                 let resumes = self.resumes;
                 tracing::warn!(%digest, error = %why, resumes, "giving up on the upstream download");
-                return Err(Error::UpstreamBad(why));
+                return Err(why);
             }
             self.resumes += 1;
             self.metrics.upstream_resumes.fetch_add(1, Relaxed);
@@ -187,8 +197,8 @@ impl<'a> Resumable<'a> {
                     self.body = r.into_body();
                     return Ok(());
                 }
-                Ok(r) => why = format!("resume answered {}", r.status()),
-                Err(e) => why = e.to_string(),
+                Ok(r) => why = Error::status("resume", r.status()),
+                Err(e) => why = e,
             }
         }
     }

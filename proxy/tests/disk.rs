@@ -1,0 +1,105 @@
+//! This node's own disk failing is this node's failure: never a clean short
+//! body, never counted against the upstream, nothing partial kept, and the
+//! proxy goes on caching once there is room.
+
+mod support;
+
+use std::path::Path;
+use std::process::Command;
+
+use support::*;
+
+/// A tmpfs of `mib` MiB mounted on a fresh directory, unmounted on drop.
+struct Tmpfs(TempDir);
+
+impl Tmpfs {
+    fn mount(mib: u64) -> Tmpfs {
+        let dir = TempDir::new("tmpfs");
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(dir.path())
+            .output()
+            .expect("mount runs");
+        assert!(out.status.success(), "mount tmpfs: {out:?}");
+        Tmpfs(dir)
+    }
+
+    fn path(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(self.0.path()).status();
+    }
+}
+
+/// Every file under `dir`, recursively.
+fn files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(files(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_cache_write_that_fails_cuts_the_client_and_is_not_an_upstream_error() {
+    let reg = Registry::start();
+    // The cap says 1 GiB fits; the filesystem under it holds 8 MiB.
+    let disk = Tmpfs::mount(8);
+    let cache = disk.path().join("cache");
+    let big = blob(24 << 20, 77);
+    let big_digest = reg.put_blob_files("team/disk", &big);
+    let proxy = Proxy::start(&reg.url(), &cache, &["--cache-size", "1GiB"]);
+    proxy.wait_learned_open();
+    let errors_before = proxy.metric("regproxy_upstream_errors_total").await;
+
+    let url = format!("{}/v2/team/disk/blobs/{big_digest}", proxy.url());
+    let (status, _, body) = get(&url, &[]).await;
+    assert_eq!(status, 200, "the head goes out before the disk fills");
+    assert!(
+        body.is_err(),
+        "a fill whose cache write failed must cut the client, not end cleanly short: got {} bytes",
+        body.map(|b| b.len()).unwrap_or(0)
+    );
+    proxy.fills_done().await;
+    assert_eq!(
+        proxy.metric("regproxy_upstream_errors_total").await,
+        errors_before,
+        "the node's disk is not the upstream's fault"
+    );
+    assert!(
+        proxy.logs().contains("cache write failed"),
+        "the node says why: {}",
+        proxy.logs()
+    );
+    let left = files(&cache);
+    assert!(
+        left.iter().all(|p| !p.starts_with(cache.join("tmp"))),
+        "no temp file survives a failed fill: {left:?}"
+    );
+    assert!(
+        !proxy.cache_path(&big_digest).exists(),
+        "nothing partial is committed"
+    );
+
+    // The failed fill gave its room back: a blob that fits is cached.
+    let small = blob(1 << 20, 78);
+    let small_digest = reg.put_blob_files("team/disk", &small);
+    let url = format!("{}/v2/team/disk/blobs/{small_digest}", proxy.url());
+    let (status, _, body) = get(&url, &[]).await;
+    assert_eq!(status, 200);
+    assert_eq!(body.expect("whole body"), small);
+    proxy.fills_done().await;
+    assert!(
+        proxy.cache_path(&small_digest).exists(),
+        "a blob that fits is cached once there is room"
+    );
+}
