@@ -7,6 +7,9 @@
 //! digest and size. If the fill fails, the reader's body ends in an error, so
 //! hyper cuts the connection short of its `Content-Length`; no client can take
 //! a wrong layer for a whole one.
+//!
+//! `run` is the steps of a fill; `source` gets the blob's bytes from the
+//! upstream (resuming after a cut), `writer` puts them on disk.
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering::Relaxed;

@@ -11,7 +11,6 @@
 //!
 //! Nobody else may write into the cache dir (the README says so, and the
 //! cache lock keeps a second regproxy out).
-#![allow(unsafe_code)]
 
 use std::fs::File;
 use std::io;
@@ -22,14 +21,14 @@ use bytes::Bytes;
 /// Maps a committed cache file read-only as `Bytes`.
 pub(super) fn map_committed(file: &File) -> io::Result<Bytes> {
     let len = file.metadata()?.len();
-    // SAFETY (committed files): see `map`. A committed file is never written
-    // after its rename, and eviction unlinks it, so the whole file is final.
+    // For `map`'s SAFETY: a committed file is never written after its
+    // rename, and eviction unlinks it, so the whole file is final.
     map(file, len)
 }
 
 /// A fill's temp file: its final size is set before it is mapped, and its
-/// bytes are written once, in order. Readers see only the first
-/// [`Growing::written`] bytes, which never change again.
+/// bytes are written once, in order. Readers get only the bytes written so
+/// far ([`Growing::readable`]), which never change again.
 ///
 /// It owns the file, so that nothing else can write into the mapping.
 pub struct Growing {
@@ -45,8 +44,8 @@ impl Growing {
     /// and maps it.
     pub fn new(file: File, size: u64) -> io::Result<Growing> {
         file.set_len(size)?;
-        // SAFETY (temp files): see `map`. `file` is owned from here on, and
-        // `append` is the only code that writes to it.
+        // For `map`'s SAFETY: `file` is owned from here on, and `append` is
+        // the only code that writes to it.
         let map = map(&file, size)?;
         Ok(Growing {
             file,
@@ -95,6 +94,7 @@ impl Growing {
 
 /// Maps the first `len` bytes of `file` read-only; an empty file is an empty
 /// buffer (a zero-length mapping is an error).
+#[allow(unsafe_code)]
 fn map(file: &File, len: u64) -> io::Result<Bytes> {
     if len == 0 {
         return Ok(Bytes::new());
