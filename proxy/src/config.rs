@@ -55,6 +55,12 @@ pub struct ServeArgs {
     #[arg(long, env = "REGPROXY_ADMIN_LISTEN")]
     pub admin_listen: Option<SocketAddr>,
 
+    /// Once every listener is bound, their addresses are written here as
+    /// JSON, `{"listen":["ADDR"],"admin":"ADDR"}` (`null` without an admin
+    /// listener), atomically: how a supervisor or a test learns a port 0.
+    #[arg(long, env = "REGPROXY_READY_FILE")]
+    pub ready_file: Option<PathBuf>,
+
     /// Longest a connection, on either listener, may wait for a whole request
     /// head: a new connection, and a kept-alive one between requests (hyper
     /// starts this timer whenever a connection waits for a request, so it is

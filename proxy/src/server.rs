@@ -119,6 +119,12 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         cache_size = args.cache_size,
         "regproxy listening"
     );
+    if let Some(path) = &args.ready_file {
+        let admin = admin.as_ref().map(TcpListener::local_addr).transpose()?;
+        let ready = serde_json::json!({"listen": [listener.local_addr()?], "admin": admin});
+        write_atomically(path, ready.to_string().as_bytes())
+            .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+    }
     let limits = Limits {
         header_read_timeout: args.header_read_timeout,
         max_connections: args.max_connections,
@@ -138,6 +144,15 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // successor sweeps a dir this process still writes.
     std::mem::forget(lock);
     Ok(())
+}
+
+/// Writes `bytes` to `path` through a temp file beside it and a rename, so
+/// that a reader sees the whole file or none.
+fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
 }
 
 /// How often the remembered yeses (`--remember-allowed`) are written when

@@ -27,7 +27,7 @@ const BOB: (&str, &str) = ("bob", "bobs-pw");
 
 /// A registry whose every request needs alice's (or bob's) password.
 fn private_registry() -> (Registry, TempDir) {
-    let dir = TempDir::new("htpasswd");
+    let dir = temp_dir("htpasswd");
     let file = dir.path().join("htpasswd");
     let mut lines = Vec::new();
     for (user, pw) in [(USER, PASSWORD), BOB] {
@@ -50,11 +50,11 @@ fn private_registry() -> (Registry, TempDir) {
 #[test]
 fn login_pull_and_no_cached_blob_for_anyone_the_upstream_refuses() {
     let (reg, _htpasswd) = private_registry();
-    let cache = TempDir::new("cache");
+    let cache = temp_dir("cache");
     let proxy = Proxy::start(&reg.url(), cache.path(), &[]);
     let docker = Dockerd::start();
 
-    let root = TempDir::new("rootfs");
+    let root = temp_dir("rootfs");
     std::fs::write(root.path().join("secret.bin"), blob(1 << 20, 99)).unwrap();
     let upstream_ref = format!("{}/team/private:v1", reg.addr);
     docker.docker(&["login", "-u", USER, "-p", PASSWORD, &reg.addr.to_string()]);
@@ -224,7 +224,7 @@ fn a_yes_for_one_repository_opens_no_other_repositorys_digests_online_or_offline
     let rt = tokio::runtime::Runtime::new().unwrap();
     let secret = push_private(&rt, &reg, "private/app", 1);
     push_private(&rt, &reg, "other/app", 2);
-    let cache = TempDir::new("cache");
+    let cache = temp_dir("cache");
     let proxy = Proxy::start(&reg.url(), cache.path(), &[]);
     let alice = basic(USER, PASSWORD);
 
@@ -276,7 +276,7 @@ fn an_allowed_client_pulls_after_a_restart_during_an_outage_with_remember_allowe
     let (mut reg, _htpasswd) = private_registry();
     let rt = tokio::runtime::Runtime::new().unwrap();
     push_private(&rt, &reg, "private/app", 3);
-    let cache = TempDir::new("cache");
+    let cache = temp_dir("cache");
     let remember = ["--remember-allowed", "1h"];
     let mut proxy = Proxy::start(&reg.url(), cache.path(), &remember);
     let alice = basic(USER, PASSWORD);
@@ -356,7 +356,7 @@ fn the_authorization_check_never_forwards_a_clients_range() {
     let (reg, _htpasswd) = private_registry();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let layer = push_private(&rt, &reg, "private/app", 4);
-    let cache = TempDir::new("cache");
+    let cache = temp_dir("cache");
     let proxy = Proxy::start(&reg.url(), cache.path(), &[]);
     alice_pulls(&rt, &proxy, "private/app", "alice pulls");
 
@@ -396,7 +396,7 @@ struct Hiding {
 
 impl Hiding {
     fn start(registry: &Registry) -> Hiding {
-        let dir = TempDir::new("hiding");
+        let dir = temp_dir("hiding");
         let port = free_port();
         let d = dir.path().display();
         let conf = format!(
@@ -445,7 +445,7 @@ fn a_404_for_a_tag_from_a_client_the_upstream_does_not_authorize_keeps_the_stale
     let rt = tokio::runtime::Runtime::new().unwrap();
     push_private(&rt, &reg, "private/app", 5);
     let mut hiding = Hiding::start(&reg);
-    let cache = TempDir::new("cache");
+    let cache = temp_dir("cache");
     let proxy = Proxy::start(&hiding.url, cache.path(), &["--tag-ttl", "0s"]);
     alice_pulls(
         &rt,

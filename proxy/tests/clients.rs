@@ -10,7 +10,7 @@ fn skopeo_and_containerd_pull_through_the_proxy() {
     let reg = Registry::start();
     let rt = tokio::runtime::Runtime::new().unwrap();
     // A real (uncompressed tar) layer, so that containerd can unpack it.
-    let root = TempDir::new("rootfs");
+    let root = temp_dir("rootfs");
     std::fs::write(root.path().join("data.bin"), blob(2 << 20, 21)).unwrap();
     let tar = std::process::Command::new("tar")
         .arg("c")
@@ -33,11 +33,11 @@ fn skopeo_and_containerd_pull_through_the_proxy() {
         &[&layer],
     ));
     let layer_digest = sha256_digest(&layer);
-    let cache = TempDir::new("cache");
+    let cache = temp_dir("cache");
     let proxy = Proxy::start(&reg.url(), cache.path(), &[]);
     let image = format!("{REGISTRY_NAME}:{}/team/app:v1", proxy.addr.port());
 
-    let out_dir = TempDir::new("skopeo");
+    let out_dir = temp_dir("skopeo");
     let dest = format!("dir:{}", out_dir.path().join("img").display());
     let out = on_node(
         "skopeo",

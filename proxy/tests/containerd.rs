@@ -46,10 +46,10 @@ fn containerd_pulls_the_registry_name_through_the_proxy_by_hosts_toml() {
     ));
     let layer_digest = sha256_digest(&layer);
 
-    let cache = TempDir::new("ctr-cache");
+    let cache = temp_dir("ctr-cache");
     let proxy = Proxy::start(&reg.url(), cache.path(), &[]);
     let containerd = Containerd::start();
-    let certs_dir = TempDir::new("certs.d");
+    let certs_dir = temp_dir("certs.d");
     let certs = certs_dir.path().to_str().unwrap();
     let endpoint = format!("http://{}", proxy.addr);
     // The image reference has no port, as on a node (the proxy is on :80 there).

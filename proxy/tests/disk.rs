@@ -14,7 +14,7 @@ struct Tmpfs(TempDir);
 
 impl Tmpfs {
     fn mount(mib: u64) -> Tmpfs {
-        let dir = TempDir::new("tmpfs");
+        let dir = temp_dir("tmpfs");
         let out = Command::new("mount")
             .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
             .arg(dir.path())

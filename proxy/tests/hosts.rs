@@ -26,6 +26,16 @@ fn spawn(args: &[String]) -> Child {
         .expect("regproxy should start")
 }
 
+/// Whether process `pid` has `file` open.
+fn has_open(pid: u32, file: &Path) -> bool {
+    let want = std::fs::canonicalize(file).unwrap();
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| l == want))
+}
+
 fn ok(out: Output) -> String {
     assert!(
         out.status.success(),
@@ -208,9 +218,17 @@ fn ensure_waits_for_a_lock_held_on_the_file() {
     let holder = std::fs::File::open(&file).unwrap();
     rustix::fs::flock(&holder, rustix::fs::FlockOperation::LockExclusive).unwrap();
 
-    let started = Instant::now();
     let child = spawn(&ensure_args(&file, NAME, "127.0.0.2"));
-    std::thread::sleep(Duration::from_millis(400));
+    // Once ensure has the file open it is at the lock; from then on the
+    // holder keeps the lock for HOLD, which is the scenario, not a wait.
+    const HOLD: Duration = Duration::from_millis(400);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !has_open(child.id(), Path::new(&file)) {
+        assert!(Instant::now() < deadline, "ensure should open the file");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let held = Instant::now();
+    std::thread::sleep(HOLD);
     assert_eq!(
         std::fs::read_to_string(&file).unwrap(),
         ORIGINAL,
@@ -218,7 +236,10 @@ fn ensure_waits_for_a_lock_held_on_the_file() {
     );
     drop(holder);
     ok(child.wait_with_output().unwrap());
-    assert!(started.elapsed() >= Duration::from_millis(400));
+    assert!(
+        held.elapsed() >= HOLD,
+        "ensure should have waited for the lock to be released"
+    );
     assert!(
         std::fs::read_to_string(&file).unwrap().contains(NAME),
         "ensure should write once the lock is free"

@@ -56,20 +56,25 @@ fn run_proxy(
     for attempt in 1..=5 {
         let (port, admin_port) = (free_port(), free_port());
         let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
+        // It writes its ready file once it has bound both ports: only then
+        // is whatever answers on them this container.
+        let ready = temp_dir("ready");
         let mut run = vec!["run".to_owned(), "-d".to_owned(), "--name".to_owned()];
         run.push(name.to_owned());
+        run.push("-v".to_owned());
+        run.push(format!("{}:/ready", ready.path().display()));
+        run.push("--env=REGPROXY_READY_FILE=/ready/ready.json".to_owned());
         run.extend(args(port, admin));
         docker.docker(&run.iter().map(String::as_str).collect::<Vec<_>>());
-        // It logs both lines once it has bound both ports: only then is
-        // whatever answers on them this container.
         let deadline = Instant::now() + PATIENCE;
         loop {
-            let logs = docker.sh(&format!("docker logs {name} 2>&1"));
-            if logs.contains("regproxy listening") && logs.contains("admin listening") {
+            if ready.path().join("ready.json").exists() {
                 wait_ready(docker, name, admin);
                 return (port, admin);
             }
+            // Whether it runs first: the logs of a container that stopped are whole.
             let running = docker.docker(&["inspect", "-f", "{{.State.Running}}", name]);
+            let logs = docker.sh(&format!("docker logs {name} 2>&1"));
             if running.trim() == "false" {
                 if attempt < 5 && logs.contains("cannot listen") {
                     docker.docker(&["rm", "-f", name]);
@@ -103,7 +108,7 @@ fn wait_ready(docker: &Dockerd, container: &str, admin: SocketAddr) {
 
 /// Every path in the image's layers, from `docker save`.
 fn image_files(docker: &Dockerd, tag: &str) -> Vec<String> {
-    let dir = TempDir::new("saved");
+    let dir = temp_dir("saved");
     docker.sh(&format!(
         "docker save {tag} | tar -x -C {}",
         dir.path().display()
@@ -165,7 +170,7 @@ fn the_scratch_image_runs_with_host_network_and_a_node_pulls_through_it() {
     );
 
     // An image in the upstream, made without any network.
-    let root = TempDir::new("rootfs");
+    let root = temp_dir("rootfs");
     std::fs::create_dir_all(root.path().join("app")).unwrap();
     std::fs::write(root.path().join("app/data.bin"), blob(2 << 20, 7)).unwrap();
     let upstream_ref = format!("{}/team/image-test:v1", reg.addr);
@@ -180,7 +185,7 @@ fn the_scratch_image_runs_with_host_network_and_a_node_pulls_through_it() {
     // The proxy in the image, on the host's network, as on a node: read-only
     // root, no capabilities, the cache on a host directory, and the upstream
     // named `localhost` so the static binary has to resolve it.
-    let cache = TempDir::new("image-cache");
+    let cache = temp_dir("image-cache");
     let name = format!("regproxy-image-test-{}", std::process::id());
     let container = Container {
         docker: &docker,
@@ -277,7 +282,7 @@ fn the_scratch_image_runs_with_host_network_and_a_node_pulls_through_it() {
     // An https upstream: the same storage served over TLS by a certificate
     // from a CA of our own, handed to the container with --upstream-ca.
     let tls = TlsRegistry::start(&reg.dir.path().join("data"));
-    let https_cache = TempDir::new("image-cache-https");
+    let https_cache = temp_dir("image-cache-https");
     let name = format!("regproxy-image-https-{}", std::process::id());
     let _container = Container {
         docker: &docker,
@@ -326,7 +331,7 @@ struct TlsRegistry {
 
 impl TlsRegistry {
     fn start(storage: &Path) -> TlsRegistry {
-        let dir = TempDir::new("tls-upstream");
+        let dir = temp_dir("tls-upstream");
         let script = r#"set -e
             openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=regproxy-test-ca -keyout ca.key -out ca.pem
             openssl req -newkey rsa:2048 -nodes -subj /CN=localhost -keyout key.pem -out req.pem

@@ -29,7 +29,7 @@ async fn closed_by(s: &mut TcpStream, deadline: tokio::time::Instant) -> Option<
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_thousand_unfinished_headers_on_the_admin_port_are_closed_and_metrics_still_answer() {
     raise_fd_limit();
-    let cache = TempDir::new("cache");
+    let cache = temp_dir("cache");
     // No upstream is needed: nothing here reaches it.
     // A cap above the flood, so that every slow connection is held (and
     // must be closed by the timeout) and one more still fits.
@@ -107,7 +107,7 @@ async fn a_thousand_unfinished_headers_on_the_admin_port_are_closed_and_metrics_
 
 #[tokio::test]
 async fn an_idle_kept_alive_connection_is_closed_after_the_header_timeout() {
-    let cache = TempDir::new("cache");
+    let cache = temp_dir("cache");
     let proxy = Proxy::start(
         "http://127.0.0.1:9",
         cache.path(),
@@ -145,7 +145,7 @@ async fn past_the_cap_connections_wait_and_a_transfer_in_flight_is_untouched() {
     let gate = Gate::start(reg.addr).await;
     let data = blob(4 << 20, 81);
     let digest = reg.put_blob_files("team/cap", &data);
-    let cache = TempDir::new("cache");
+    let cache = temp_dir("cache");
     let proxy = Proxy::start(
         &gate.url(),
         cache.path(),
@@ -157,14 +157,7 @@ async fn past_the_cap_connections_wait_and_a_transfer_in_flight_is_untouched() {
     gate.hold_after(2 << 20);
     let url = format!("{}/v2/team/cap/blobs/{digest}", proxy.url());
     let transfer = tokio::spawn(async move { get(&url, &[]).await });
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while gate.passed() < 2 << 20 {
-        assert!(
-            Instant::now() < deadline,
-            "the transfer should start within 20s"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until(|| gate.passed() >= 2 << 20, "the transfer started").await;
 
     // Three idle connections fill the cap of four.
     let mut idle = Vec::new();
@@ -222,7 +215,7 @@ async fn past_the_cap_connections_wait_and_a_transfer_in_flight_is_untouched() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_the_admin_port_from_elsewhere_leaves_the_nodes_own_probes_a_place() {
     raise_fd_limit();
-    let cache = TempDir::new("cache");
+    let cache = temp_dir("cache");
     let proxy = Proxy::start(
         "http://127.0.0.1:9",
         cache.path(),
@@ -240,14 +233,11 @@ async fn a_flood_of_the_admin_port_from_elsewhere_leaves_the_nodes_own_probes_a_
             .await;
         flood.push(s);
     }
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while proxy.metric("regproxy_connections_refused_total").await < 184 {
-        assert!(
-            Instant::now() < deadline,
-            "the flood past the admin cap of 16 is refused at once"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for(
+        || async { proxy.metric("regproxy_connections_refused_total").await >= 184 },
+        "the flood past the admin cap of 16 is refused",
+    )
+    .await;
     for path in ["/healthz", "/readyz", "/metrics"] {
         let (st, _, _) = tokio::time::timeout(
             Duration::from_secs(5),
@@ -297,7 +287,7 @@ fn serve_again(cache_dir: &std::path::Path) -> std::process::Output {
 
 #[test]
 fn a_second_serve_on_the_same_cache_dir_exits_at_once_and_touches_nothing() {
-    let cache = TempDir::new("cache");
+    let cache = temp_dir("cache");
     let first = Proxy::start("http://127.0.0.1:9", cache.path(), &[]);
     let part = cache.path().join("tmp/0-0.part");
     std::fs::write(&part, b"a fill in flight").unwrap();

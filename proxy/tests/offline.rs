@@ -30,7 +30,7 @@ fn containerd_order_pulls_a_cached_tag_after_a_restart_with_the_upstream_down() 
         br#"{"architecture":"amd64","os":"linux"}"#,
         &[&layer],
     ));
-    let cache = TempDir::new("offline-cache");
+    let cache = temp_dir("offline-cache");
     let proxy = Proxy::start(&reg.url(), cache.path(), &[]);
     proxy.wait_learned_open();
     let steps = rt.block_on(containerd_order_pull(&proxy.url(), "team/app", "v1", None));
@@ -75,7 +75,7 @@ fn a_deleted_manifest_is_not_served_stale_by_its_tags() {
         br#"{"architecture":"amd64","os":"linux"}"#,
         &[&blob(1000, 5)],
     ));
-    let cache = TempDir::new("delete-cache");
+    let cache = temp_dir("delete-cache");
     let proxy = Proxy::start(&reg.url(), cache.path(), &["--tag-ttl", "0s"]);
     proxy.wait_learned_open();
     let steps = rt.block_on(containerd_order_pull(&proxy.url(), "team/del", "v1", None));
@@ -115,7 +115,7 @@ fn a_deleted_manifest_is_not_served_stale_by_its_tags() {
 /// A real image: one uncompressed tar layer with a file in it, and a config
 /// whose `diff_ids` name it, so that containerd can unpack it.
 fn tar_image() -> (Vec<u8>, Vec<u8>) {
-    let dir = TempDir::new("layer");
+    let dir = temp_dir("layer");
     std::fs::write(dir.path().join("hello.txt"), b"hello from the node cache\n").unwrap();
     let out = std::process::Command::new("tar")
         .args(["-c", "-f", "-", "--owner=0", "--group=0", "-C"])
@@ -144,7 +144,7 @@ fn ctr_pulls_a_cached_tag_after_a_restart_with_the_upstream_down() {
         &config,
         &[&layer],
     ));
-    let cache = TempDir::new("ctr-offline-cache");
+    let cache = temp_dir("ctr-offline-cache");
     let proxy = Proxy::start(&reg.url(), cache.path(), &[]);
     proxy.wait_learned_open();
     let containerd = Containerd::start();

@@ -4,7 +4,6 @@
 mod support;
 
 use std::collections::HashMap;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, StatusCode};
@@ -14,7 +13,7 @@ const MIB: usize = 1 << 20;
 
 async fn setup(args: &[&str]) -> (Registry, TempDir, Proxy) {
     let reg = Registry::start();
-    let cache = TempDir::new("cache");
+    let cache = temp_dir("cache");
     let proxy = Proxy::start(&reg.url(), cache.path(), args);
     (reg, cache, proxy)
 }
@@ -23,7 +22,7 @@ async fn setup(args: &[&str]) -> (Registry, TempDir, Proxy) {
 async fn ten_concurrent_cold_gets_make_one_upstream_fetch() {
     let reg = Registry::start();
     let gate = Gate::start(reg.addr).await;
-    let cache = TempDir::new("cache");
+    let cache = temp_dir("cache");
     let proxy = Proxy::start(&gate.url(), cache.path(), &[]);
     let data = blob(48 * MIB, 1);
     let d = push_blob(&reg.url(), "team/app", &data).await;
@@ -101,7 +100,7 @@ async fn ten_concurrent_cold_gets_make_one_upstream_fetch() {
 async fn first_bytes_reach_the_client_before_the_upstream_finishes() {
     let reg = Registry::start();
     let gate = Gate::start(reg.addr).await;
-    let cache = TempDir::new("cache");
+    let cache = temp_dir("cache");
     let proxy = Proxy::start(&gate.url(), cache.path(), &[]);
     proxy.wait_learned_open();
     let data = blob(16 * MIB, 2);
@@ -143,7 +142,7 @@ async fn hyper_get_streaming(url: &str) -> http::Response<hyper::body::Incoming>
 async fn a_client_hanging_up_does_not_abort_the_fill() {
     let reg = Registry::start();
     let gate = Gate::start(reg.addr).await;
-    let cache = TempDir::new("cache");
+    let cache = temp_dir("cache");
     let proxy = Proxy::start(&gate.url(), cache.path(), &[]);
     proxy.wait_learned_open();
     let data = blob(8 * MIB, 3);
@@ -152,7 +151,13 @@ async fn a_client_hanging_up_does_not_abort_the_fill() {
     gate.hold_after(MIB as u64);
     let resp = hyper_get_streaming(&format!("{}/v2/team/app/blobs/{d}", proxy.url())).await;
     drop(resp); // the only client hangs up mid-transfer
-    tokio::time::sleep(Duration::from_millis(200)).await;
+                // The fill must outlive the client's connection: the gate opens only
+                // once the proxy has seen that connection end.
+    wait_until(
+        || proxy.logs().contains("connection ended with an error"),
+        "the proxy saw its only client hang up",
+    )
+    .await;
     gate.open();
     wait_until(
         || proxy.cache_path(&d).exists(),
@@ -172,7 +177,7 @@ async fn a_client_hanging_up_does_not_abort_the_fill() {
 async fn a_broken_uplink_is_resumed_with_a_range_request() {
     let reg = Registry::start();
     let gate = Gate::start(reg.addr).await;
-    let cache = TempDir::new("cache");
+    let cache = temp_dir("cache");
     let proxy = Proxy::start(&gate.url(), cache.path(), &[]);
     proxy.wait_learned_open();
     let data = blob(12 * MIB, 4);
@@ -354,7 +359,7 @@ async fn the_cache_size_cap_holds_and_evicts_least_recently_used() {
 async fn kill_9_mid_fill_leaves_no_partial_blob() {
     let reg = Registry::start();
     let gate = Gate::start(reg.addr).await;
-    let cache = TempDir::new("cache");
+    let cache = temp_dir("cache");
     let mut proxy = Proxy::start(&gate.url(), cache.path(), &[]);
     proxy.wait_learned_open();
     let data = blob(8 * MIB, 7);
@@ -394,7 +399,7 @@ async fn kill_9_mid_fill_leaves_no_partial_blob() {
 async fn sigterm_lets_transfers_in_flight_finish() {
     let reg = Registry::start();
     let gate = Gate::start(reg.addr).await;
-    let cache = TempDir::new("cache");
+    let cache = temp_dir("cache");
     // A grace period far longer than the held transfer takes, however slow
     // the machine: the test is about finishing, not about the deadline.
     let mut proxy = Proxy::start(&gate.url(), cache.path(), &["--shutdown-grace", "5m"]);
@@ -440,7 +445,7 @@ async fn sigterm_lets_transfers_in_flight_finish() {
 async fn sigterm_waits_for_a_fill_whose_client_hung_up() {
     let reg = Registry::start();
     let gate = Gate::start(reg.addr).await;
-    let cache = TempDir::new("cache");
+    let cache = temp_dir("cache");
     let mut proxy = Proxy::start(&gate.url(), cache.path(), &["--shutdown-grace", "5m"]);
     proxy.wait_learned_open();
     let data = blob(8 * MIB, 10);
@@ -657,7 +662,7 @@ async fn bad_input_gets_oci_errors_never_a_500() {
 async fn a_stalled_upstream_is_a_504() {
     let reg = Registry::start();
     let gate = Gate::start(reg.addr).await;
-    let cache = TempDir::new("cache");
+    let cache = temp_dir("cache");
     let proxy = Proxy::start(
         &gate.url(),
         cache.path(),
@@ -674,7 +679,7 @@ async fn a_stalled_upstream_is_a_504() {
 #[test]
 fn an_upstream_that_is_the_proxy_itself_is_refused_at_start() {
     let port = free_port();
-    let cache = TempDir::new("cache");
+    let cache = temp_dir("cache");
     let out = std::process::Command::new(regproxy_bin())
         .args([
             "serve",
@@ -711,8 +716,8 @@ fn bad_flags_exit_non_zero_with_one_clear_line() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_that_loops_back_is_stopped() {
     // A proxy whose upstream is a second proxy whose upstream is the first.
-    let cache = TempDir::new("cache");
-    let cache2 = TempDir::new("cache2");
+    let cache = temp_dir("cache");
+    let cache2 = temp_dir("cache2");
     // The first one's port is picked free before the second starts, and
     // another process may take it meanwhile: then both start again.
     let (_second, first) = (1..=5)
@@ -758,13 +763,13 @@ fn make_certs(dir: &std::path::Path) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_https_upstream_is_trusted_through_upstream_ca() {
-    let certs = TempDir::new("certs");
+    let certs = temp_dir("certs");
     make_certs(certs.path());
     let reg = Registry::start_tls(
         &certs.path().join("server.pem"),
         &certs.path().join("server.key"),
     );
-    let cache = TempDir::new("cache");
+    let cache = temp_dir("cache");
     let ca = certs.path().join("ca.pem");
     let proxy = Proxy::start(
         &reg.url(),
@@ -797,7 +802,7 @@ async fn an_https_upstream_is_trusted_through_upstream_ca() {
     );
     assert_eq!(sha256_digest(&body.unwrap()), d);
 
-    let cache2 = TempDir::new("cache2");
+    let cache2 = temp_dir("cache2");
     let untrusting = Proxy::start(&reg.url(), cache2.path(), &[]);
     let (st, _, _) = get(&format!("{}/v2/team/app/blobs/{d}", untrusting.url()), &[]).await;
     assert_eq!(
@@ -811,7 +816,7 @@ async fn an_https_upstream_is_trusted_through_upstream_ca() {
 async fn a_blob_that_cannot_fit_beside_fills_in_flight_evicts_nothing() {
     let reg = Registry::start();
     let gate = Gate::start(reg.addr).await;
-    let cache = TempDir::new("cache");
+    let cache = temp_dir("cache");
     let proxy = Proxy::start(&gate.url(), cache.path(), &["--cache-size", "4MiB"]);
     proxy.wait_learned_open();
     let a = push_blob(&reg.url(), "team/app", &blob(MIB, 40)).await;
@@ -854,7 +859,7 @@ async fn a_blob_that_cannot_fit_beside_fills_in_flight_evicts_nothing() {
 async fn a_relayed_body_that_stalls_is_cut_not_held_forever() {
     let reg = Registry::start();
     let gate = Gate::start(reg.addr).await;
-    let cache = TempDir::new("cache");
+    let cache = temp_dir("cache");
     let proxy = Proxy::start(&gate.url(), cache.path(), &["--upstream-timeout", "1s"]);
     proxy.wait_learned_open();
     for i in 0..40 {

@@ -3,48 +3,18 @@
 
 mod support;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
-use sha2::{Digest as _, Sha256};
 use support::*;
 
 const MIB: usize = 1 << 20;
 
-/// Peak `RssAnon` of `pid` while `f` runs, sampled every 10 ms.
-async fn peak_anon_kib<T>(pid: u32, f: impl std::future::Future<Output = T>) -> (T, u64) {
-    let stop = Arc::new(AtomicBool::new(false));
-    let peak = Arc::new(AtomicU64::new(0));
-    let (s, p) = (Arc::clone(&stop), Arc::clone(&peak));
-    let sampler = std::thread::spawn(move || {
-        while !s.load(Ordering::SeqCst) {
-            if let Ok(st) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
-                if let Some(kib) = st
-                    .lines()
-                    .find(|l| l.starts_with("RssAnon:"))
-                    .and_then(|l| l.split_whitespace().nth(1))
-                    .and_then(|v| v.parse::<u64>().ok())
-                {
-                    p.fetch_max(kib, Ordering::SeqCst);
-                }
-            }
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-    });
-    let out = f.await;
-    stop.store(true, Ordering::SeqCst);
-    sampler.join().unwrap();
-    (out, peak.load(Ordering::SeqCst))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_1gib_layer_push_streams_through_with_bounded_memory() {
     let reg = Registry::start();
-    let cache = TempDir::new("cache");
+    let cache = temp_dir("cache");
     let proxy = Proxy::start(&reg.url(), cache.path(), &[]);
 
     let (st, h, _) = request(
@@ -64,18 +34,11 @@ async fn a_1gib_layer_push_streams_through_with_bounded_memory() {
     // 1 GiB made on the fly, hashed on the way out: nothing holds it whole.
     const TOTAL: usize = 1024 * MIB;
     let chunk = Bytes::from(blob(MIB, 1));
-    let mut hasher = Sha256::new();
+    let mut hasher = Sha256Digester::default();
     for _ in 0..TOTAL / MIB {
         hasher.update(&chunk);
     }
-    let digest = format!(
-        "sha256:{}",
-        hasher
-            .finalize()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
-    );
+    let digest = hasher.finish();
     let frames = futures_util::stream::iter(
         (0..TOTAL / MIB)
             .map(move |_| Ok::<_, std::convert::Infallible>(Frame::data(chunk.clone()))),
@@ -86,8 +49,9 @@ async fn a_1gib_layer_push_streams_through_with_bounded_memory() {
         .unwrap();
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http();
-    let (resp, peak_kib) =
-        peak_anon_kib(proxy.pid(), async { client.request(req).await.unwrap() }).await;
+    let sampler = RssSampler::start(proxy.pid());
+    let resp = client.request(req).await.unwrap();
+    let peak_kib = sampler.finish() >> 10;
     assert_eq!(
         resp.status(),
         StatusCode::ACCEPTED,
@@ -134,7 +98,7 @@ async fn a_1gib_layer_push_streams_through_with_bounded_memory() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn monolithic_uploads_and_cross_repo_mounts_pass_through() {
     let reg = Registry::start();
-    let cache = TempDir::new("cache");
+    let cache = temp_dir("cache");
     let proxy = Proxy::start(&reg.url(), cache.path(), &[]);
     let data = blob(100_000, 2);
     let d = sha256_digest(&data);
@@ -232,7 +196,7 @@ async fn a_push_body_that_stalls_is_ended_and_its_upstream_request_aborted() {
         }
     });
 
-    let cache = TempDir::new("cache");
+    let cache = temp_dir("cache");
     let proxy = Proxy::start(
         &format!("http://{up_addr}"),
         cache.path(),

@@ -20,15 +20,10 @@ use support::*;
 /// Waits until the proxy's log holds `needle`: what it logged before that
 /// line has been read too.
 fn wait_for_log(proxy: &Proxy, needle: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !proxy.logs().contains(needle) {
-        assert!(
-            Instant::now() < deadline,
-            "the proxy should have logged {needle:?}; it logged:\n{}",
-            proxy.logs()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_blocking(
+        || proxy.logs().contains(needle),
+        &format!("the proxy logged {needle:?}"),
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -42,7 +37,7 @@ async fn every_401_carries_a_challenge() {
         )
     })
     .await;
-    let cache = TempDir::new("cache");
+    let cache = temp_dir("cache");
     let proxy = Proxy::start(&up.url(), cache.path(), &[]);
     let d = sha256_digest(b"a layer");
     for (method, path) in [
@@ -90,7 +85,7 @@ async fn signed_redirect_urls_never_reach_the_log() {
         }
     })
     .await;
-    let cache = TempDir::new("cache");
+    let cache = temp_dir("cache");
     let proxy = Proxy::start(&up.url(), cache.path(), &[]);
 
     let (st, _, body) = get(&format!("{}/v2/team/app/blobs/{d}", proxy.url()), &[]).await;
@@ -137,7 +132,7 @@ async fn a_redirect_to_the_proxy_itself_is_refused() {
         }
     })
     .await;
-    let cache = TempDir::new("cache");
+    let cache = temp_dir("cache");
     let proxy = Proxy::start(&up.url(), cache.path(), &[]);
     own.set((proxy.url(), format!("http://{}", proxy.admin)))
         .unwrap();
@@ -179,7 +174,7 @@ struct NginxInNs {
 
 impl NginxInNs {
     fn start(ns: &Netns, locations: &str) -> NginxInNs {
-        let dir = TempDir::new("nginx");
+        let dir = temp_dir("nginx");
         // The namespace is new, so every port in it is free.
         let addr = SocketAddr::from((ns.ns_ip, 5000));
         let conf = dir.path().join("nginx.conf");
@@ -220,7 +215,7 @@ http {{
             .stderr(out)
             .spawn()
             .expect("nginx is installed (scripts/deps.sh)");
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + PATIENCE;
         while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
             if let Ok(Some(st)) = child.try_wait() {
                 panic!(
@@ -232,7 +227,7 @@ http {{
             }
             assert!(
                 Instant::now() < deadline,
-                "nginx in {} did not listen on {addr} within 20s",
+                "nginx in {} did not listen on {addr} within {PATIENCE:?}",
                 ns.name
             );
             std::thread::sleep(Duration::from_millis(25));
@@ -278,7 +273,7 @@ async fn an_upstream_off_loopback_cannot_redirect_onto_it() {
         ),
     );
     let upstream = up.url();
-    let cache = TempDir::new("cache");
+    let cache = temp_dir("cache");
     let proxy = Proxy::start(&upstream, cache.path(), &[]);
 
     for (what, digest) in [
@@ -293,17 +288,12 @@ async fn an_upstream_off_loopback_cannot_redirect_onto_it() {
         );
     }
     // nginx logs a request once it has answered it.
-    let deadline = Instant::now() + Duration::from_secs(10);
     for digest in [&d, &by_name] {
         let asked = format!("\"GET /v2/team/app/blobs/{digest} HTTP/1.1\" 307 ");
-        while !up.access_log().contains(&asked) {
-            assert!(
-                Instant::now() < deadline,
-                "the upstream was asked for {digest}, and answered with its redirect; its access log:\n{}",
-                up.access_log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_blocking(
+            || up.access_log().contains(&asked),
+            &format!("the upstream was asked for {digest}, and answered with its redirect"),
+        );
     }
     assert!(
         inside.requests().is_empty(),
