@@ -14,9 +14,8 @@
 //! whole, verified file. Eviction unlinks files (never truncates them), so a
 //! reader that has a file mapped keeps reading the bytes it was promised.
 //!
-//! - [`fill`]: single-flight fills, owned by the cache's task tracker;
-//! - `growing`: the memory maps, and the one `unsafe` block they need;
-//! - `scan`: the index rebuilt from the disk at start-up.
+//! Fills are in [`fill`], memory maps (and their `unsafe`) in `growing`, the
+//! index rebuilt from the disk at start-up in `scan`.
 
 use std::collections::HashMap;
 use std::fs::{self, File};
