@@ -9,10 +9,11 @@ use clap::{Args, Parser, Subcommand};
 use crate::compare::{self, Params};
 use crate::procs::AccessLog;
 use crate::registry::Registry;
-use crate::size::{human, parse_size, parse_size_list};
+use crate::report::human;
 use crate::synth::{self, ImageSetShape, LAYER_TYPE};
 use crate::targets::{Kind, Tools};
 use crate::workload::{self, ImageRef};
+use regproxy::units::{parse_duration, parse_size, parse_size_list};
 
 /// The edge-cluster pull workload, and regproxy compared with the alternatives.
 #[derive(Debug, Parser)]
@@ -32,18 +33,6 @@ pub enum Command {
     Compare(Box<CompareArgs>),
 }
 
-fn duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| e.to_string())
-}
-
-fn size(s: &str) -> Result<u64, String> {
-    parse_size(s).map_err(|e| e.to_string())
-}
-
-fn sizes(s: &str) -> Result<Vec<u64>, String> {
-    parse_size_list(s).map_err(|e| e.to_string())
-}
-
 #[derive(Debug, Args)]
 pub struct SeedArgs {
     /// Registry to push to, `host:port`.
@@ -56,19 +45,19 @@ pub struct SeedArgs {
     #[arg(long, default_value = "bench/app")]
     pub prefix: String,
     /// Layers every image shares (its base), comma-separated sizes.
-    #[arg(long, default_value = "48MiB,16MiB", value_parser = sizes)]
+    #[arg(long, default_value = "48MiB,16MiB", value_parser = parse_size_list)]
     pub shared_layers: std::vec::Vec<u64>,
     /// Layers of each image's own, comma-separated sizes.
-    #[arg(long, default_value = "24MiB,4MiB,512KiB", value_parser = sizes)]
+    #[arg(long, default_value = "24MiB,4MiB,512KiB", value_parser = parse_size_list)]
     pub unique_layers: std::vec::Vec<u64>,
     /// Also push one standalone blob of this size to `bench/blobs` (repeatable).
-    #[arg(long = "blob", value_parser = size)]
+    #[arg(long = "blob", value_parser = parse_size)]
     pub blobs: Vec<u64>,
     /// Distinguishes image sets: another seed gives other content.
     #[arg(long, default_value_t = 10)]
     pub seed: u64,
     /// Per request, and per body between two reads.
-    #[arg(long, default_value = "300s", value_parser = duration)]
+    #[arg(long, default_value = "300s", value_parser = parse_duration)]
     pub timeout: Duration,
 }
 
@@ -93,7 +82,7 @@ pub struct PullArgs {
     #[arg(long)]
     pub metrics: Option<String>,
     /// Per request, and per body between two reads.
-    #[arg(long, default_value = "300s", value_parser = duration)]
+    #[arg(long, default_value = "300s", value_parser = parse_duration)]
     pub timeout: Duration,
     /// Write the results as JSON here.
     #[arg(long)]
@@ -102,81 +91,8 @@ pub struct PullArgs {
 
 #[derive(Debug, Args)]
 pub struct CompareArgs {
-    /// Targets, in run order.
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "regproxy,nginx,distribution,direct"
-    )]
-    pub targets: Vec<Kind>,
-    /// Run only these scenarios [default: all]: cold_concurrent, images_cold,
-    /// images_warm, warm_single, warm_concurrent, small_requests, uplink_node1, uplink_node2.
-    #[arg(long, value_delimiter = ',')]
-    pub scenarios: Vec<String>,
-    /// The big blob (warm single stream; cold concurrent).
-    #[arg(long, default_value = "256MiB", value_parser = size)]
-    pub big: u64,
-    /// The blob of the warm concurrent scenario.
-    #[arg(long, default_value = "16MiB", value_parser = size)]
-    pub medium: u64,
-    /// Clients GETting one cold big blob at once.
-    #[arg(long, default_value_t = 10)]
-    pub cold_clients: usize,
-    /// Clients GETting the warm medium blob at once.
-    #[arg(long, default_value_t = 32)]
-    pub warm_clients: usize,
-    /// Timed repetitions of each warm scenario (median reported); the small-request
-    /// scenario runs at most 5.
-    #[arg(long, default_value_t = 11)]
-    pub repeat: usize,
-    /// Repetitions of the cold concurrent scenario, each on a fresh big blob (median reported).
-    #[arg(long, default_value_t = 5)]
-    pub cold_repeat: usize,
-    /// Images in the image set, `bench/app-<i>:v1`.
-    #[arg(long, default_value_t = 4)]
-    pub images: usize,
-    /// Base layers all images of the set share, comma-separated sizes.
-    #[arg(long, default_value = "48MiB,16MiB", value_parser = sizes)]
-    pub shared_layers: std::vec::Vec<u64>,
-    /// Layers of each image's own, comma-separated sizes.
-    #[arg(long, default_value = "24MiB,4MiB,512KiB", value_parser = sizes)]
-    pub unique_layers: std::vec::Vec<u64>,
-    /// Clients pulling the whole image set at once.
-    #[arg(long, default_value_t = 8)]
-    pub image_clients: usize,
-    /// Blobs one client downloads at once (containerd's default is 3).
-    #[arg(long, default_value_t = 3)]
-    pub layer_concurrency: usize,
-    /// Clients sending small requests (manifests, HEADs) as fast as they can.
-    #[arg(long, default_value_t = 8)]
-    pub small_workers: usize,
-    /// How long each repetition of the small-request scenario runs.
-    #[arg(long, default_value = "1s", value_parser = duration)]
-    pub small_duration: Duration,
-    /// At most this many small requests per repetition.
-    #[arg(long, default_value_t = 200_000)]
-    pub small_max: u64,
-    /// Uplink rate in Mbit/s (0 leaves the uplink scenario out).
-    #[arg(long, default_value_t = 100)]
-    pub uplink_mbit: u32,
-    /// Images in the uplink's image set, `bench/edge-<i>:v1`.
-    #[arg(long, default_value_t = 3)]
-    pub uplink_images: usize,
-    /// Base layers the uplink's images share.
-    #[arg(long, default_value = "12MiB", value_parser = sizes)]
-    pub uplink_shared: std::vec::Vec<u64>,
-    /// Layers of each uplink image's own.
-    #[arg(long, default_value = "4MiB,512KiB", value_parser = sizes)]
-    pub uplink_unique: std::vec::Vec<u64>,
-    /// Clients on each node pulling the uplink's image set at once.
-    #[arg(long, default_value_t = 6)]
-    pub uplink_clients: usize,
-    /// Per request, and per body between two reads.
-    #[arg(long, default_value = "120s", value_parser = duration)]
-    pub timeout: Duration,
-    /// Per repetition of a scenario on one target.
-    #[arg(long, default_value = "300s", value_parser = duration)]
-    pub scenario_timeout: Duration,
+    #[command(flatten)]
+    pub params: Params,
     /// The regproxy binary [default: `regproxy` next to this executable].
     #[arg(long, env = "REGPROXY_BIN")]
     pub regproxy_bin: Option<PathBuf>,
@@ -363,7 +279,7 @@ fn default_regproxy() -> anyhow::Result<PathBuf> {
 }
 
 async fn compare(a: CompareArgs) -> anyhow::Result<()> {
-    for s in &a.scenarios {
+    for s in &a.params.scenarios {
         if !compare::SCENARIOS.iter().any(|(id, _)| id == s) {
             bail!("unknown scenario {s:?}; see --help");
         }
@@ -378,8 +294,8 @@ async fn compare(a: CompareArgs) -> anyhow::Result<()> {
     };
     for (needed, path) in [
         (true, &tools.registry),
-        (a.targets.contains(&Kind::Nginx), &tools.nginx),
-        (a.targets.contains(&Kind::Regproxy), &tools.regproxy),
+        (a.params.targets.contains(&Kind::Nginx), &tools.nginx),
+        (a.params.targets.contains(&Kind::Regproxy), &tools.regproxy),
     ] {
         if needed && !path.is_file() {
             bail!(
@@ -388,31 +304,6 @@ async fn compare(a: CompareArgs) -> anyhow::Result<()> {
             );
         }
     }
-    let params = Params {
-        targets: a.targets.clone(),
-        scenarios: a.scenarios.clone(),
-        big: a.big,
-        medium: a.medium,
-        cold_clients: a.cold_clients,
-        warm_clients: a.warm_clients,
-        repeat: a.repeat,
-        cold_repeat: a.cold_repeat,
-        images: a.images,
-        shared_layers: a.shared_layers.clone(),
-        unique_layers: a.unique_layers.clone(),
-        image_clients: a.image_clients,
-        layer_concurrency: a.layer_concurrency,
-        small_workers: a.small_workers,
-        small_duration: a.small_duration,
-        small_max: a.small_max,
-        uplink_mbit: a.uplink_mbit,
-        uplink_images: a.uplink_images,
-        uplink_shared: a.uplink_shared.clone(),
-        uplink_unique: a.uplink_unique.clone(),
-        uplink_clients: a.uplink_clients,
-        timeout: a.timeout,
-        scenario_timeout: a.scenario_timeout,
-    };
     let temp;
     let work = match &a.work_dir {
         Some(w) => w.clone(),
@@ -423,7 +314,7 @@ async fn compare(a: CompareArgs) -> anyhow::Result<()> {
             temp.path().to_path_buf()
         }
     };
-    let report = compare::run(params, tools, work).await?;
+    let report = compare::run(a.params, tools, work).await?;
     let checks = crate::report::checks(&report);
     print!("{}", crate::report::table(&report));
     println!();
@@ -442,4 +333,43 @@ async fn compare(a: CompareArgs) -> anyhow::Result<()> {
         bail!("{errors} requests failed or did not verify (see the errors column and the JSON)");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_default_size_and_duration_parses() {
+        let parse = |argv: &[&str]| match Cli::try_parse_from(argv) {
+            Ok(cli) => cli.command,
+            Err(e) => panic!("{argv:?} should parse with the defaults: {e}"),
+        };
+        let Command::Compare(c) = parse(&["loadtest", "compare"]) else {
+            unreachable!()
+        };
+        assert_eq!((c.params.big, c.params.medium), (256 << 20, 16 << 20));
+        assert_eq!(c.params.unique_layers, vec![24 << 20, 4 << 20, 512 << 10]);
+        assert_eq!(c.params.small_duration, Duration::from_secs(1));
+        let Command::Seed(s) = parse(&["loadtest", "seed", "--registry", "r", "--blob", "4KiB"])
+        else {
+            unreachable!()
+        };
+        assert_eq!(
+            (s.shared_layers, s.blobs),
+            (vec![48 << 20, 16 << 20], vec![4096])
+        );
+        parse(&["loadtest", "pull", "--registry", "r", "--image", "a:v1"]);
+    }
+
+    #[test]
+    fn sizes_are_the_proxys_grammar() {
+        for bad in [["--big", "1.5GiB"], ["--shared-layers", "1MiB,,2"]] {
+            let argv = ["loadtest", "compare", bad[0], bad[1]];
+            assert!(
+                Cli::try_parse_from(argv).is_err(),
+                "{bad:?} should be refused as the proxy refuses it"
+            );
+        }
+    }
 }

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use regproxy::units::{parse_duration, parse_size, parse_size_list};
 use serde::Serialize;
 
 use crate::netns::Uplink;
@@ -17,42 +18,89 @@ use crate::synth::{self, BlobSpec, ImageSetShape, ImageSpec, LAYER_TYPE};
 use crate::targets::{start_target, start_upstream, Kind, Target, Tools, Upstream};
 use crate::workload::{self, ImageRef, Outcome};
 
-/// Sizes, counts and durations of a run; the defaults are the full benchmark.
-#[derive(Debug, Clone, Serialize)]
+/// Sizes, counts and durations of a run, `loadtest compare`'s flags; the
+/// defaults are the full benchmark.
+//
+// The size lists are spelt `std::vec::Vec` so that clap takes each as one
+// value parsed by `parse_size_list`, not as a repeatable flag.
+#[derive(Debug, Clone, Serialize, clap::Args)]
 pub struct Params {
+    /// Targets, in run order.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "regproxy,nginx,distribution,direct"
+    )]
     pub targets: Vec<Kind>,
-    /// Scenario ids to run (see [`SCENARIOS`]); empty runs them all.
+    /// Run only these scenarios [default: all]: cold_concurrent, images_cold,
+    /// images_warm, warm_single, warm_concurrent, small_requests, uplink_node1, uplink_node2.
+    #[arg(long, value_delimiter = ',')]
     pub scenarios: Vec<String>,
-    /// The large blob: warm single stream and cold concurrent.
+    /// The big blob (warm single stream; cold concurrent).
+    #[arg(long, default_value = "256MiB", value_parser = parse_size)]
     pub big: u64,
     /// The blob of the warm concurrent scenario.
+    #[arg(long, default_value = "16MiB", value_parser = parse_size)]
     pub medium: u64,
+    /// Clients GETting one cold big blob at once.
+    #[arg(long, default_value_t = 10)]
     pub cold_clients: usize,
+    /// Clients GETting the warm medium blob at once.
+    #[arg(long, default_value_t = 32)]
     pub warm_clients: usize,
-    /// Timed repetitions of each warm scenario; the median is reported.
+    /// Timed repetitions of each warm scenario (median reported); the small-request
+    /// scenario runs at most 5.
+    #[arg(long, default_value_t = 11)]
     pub repeat: usize,
-    /// Repetitions of the cold concurrent scenario, each with its own fresh
-    /// big blob; the median is reported.
+    /// Repetitions of the cold concurrent scenario, each on a fresh big blob (median reported).
+    #[arg(long, default_value_t = 5)]
     pub cold_repeat: usize,
+    /// Images in the image set, `bench/app-<i>:v1`.
+    #[arg(long, default_value_t = 4)]
     pub images: usize,
-    pub shared_layers: Vec<u64>,
-    pub unique_layers: Vec<u64>,
+    /// Base layers all images of the set share, comma-separated sizes.
+    #[arg(long, default_value = "48MiB,16MiB", value_parser = parse_size_list)]
+    pub shared_layers: std::vec::Vec<u64>,
+    /// Layers of each image's own, comma-separated sizes.
+    #[arg(long, default_value = "24MiB,4MiB,512KiB", value_parser = parse_size_list)]
+    pub unique_layers: std::vec::Vec<u64>,
+    /// Clients pulling the whole image set at once.
+    #[arg(long, default_value_t = 8)]
     pub image_clients: usize,
+    /// Blobs one client downloads at once (containerd's default is 3).
+    #[arg(long, default_value_t = 3)]
     pub layer_concurrency: usize,
+    /// Clients sending small requests (manifests, HEADs) as fast as they can.
+    #[arg(long, default_value_t = 8)]
     pub small_workers: usize,
+    /// How long each repetition of the small-request scenario runs.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
     #[serde(with = "secs")]
     pub small_duration: Duration,
+    /// At most this many small requests per repetition.
+    #[arg(long, default_value_t = 200_000)]
     pub small_max: u64,
-    /// Uplink rate in Mbit/s.
+    /// Uplink rate in Mbit/s (0 leaves the uplink scenario out).
+    #[arg(long, default_value_t = 100)]
     pub uplink_mbit: u32,
+    /// Images in the uplink's image set, `bench/edge-<i>:v1`.
+    #[arg(long, default_value_t = 3)]
     pub uplink_images: usize,
-    pub uplink_shared: Vec<u64>,
-    pub uplink_unique: Vec<u64>,
+    /// Base layers the uplink's images share.
+    #[arg(long, default_value = "12MiB", value_parser = parse_size_list)]
+    pub uplink_shared: std::vec::Vec<u64>,
+    /// Layers of each uplink image's own.
+    #[arg(long, default_value = "4MiB,512KiB", value_parser = parse_size_list)]
+    pub uplink_unique: std::vec::Vec<u64>,
+    /// Clients on each node pulling the uplink's image set at once.
+    #[arg(long, default_value_t = 6)]
     pub uplink_clients: usize,
-    /// Per request, and per blob body between two reads.
+    /// Per request, and per body between two reads.
+    #[arg(long, default_value = "120s", value_parser = parse_duration)]
     #[serde(with = "secs")]
     pub timeout: Duration,
-    /// Each scenario as a whole.
+    /// Per repetition of a scenario on one target.
+    #[arg(long, default_value = "300s", value_parser = parse_duration)]
     #[serde(with = "secs")]
     pub scenario_timeout: Duration,
 }

@@ -2,7 +2,6 @@
 //! what users run instead.
 //!
 //! - [`cli`]: the `seed`, `pull` and `compare` subcommands and their flags.
-//! - [`size`]: byte sizes on the command line (`256MiB`, `16MB`, `1024`).
 //! - [`synth`]: deterministic synthetic blobs and image sets (what `seed` pushes).
 //! - [`registry`]: a small OCI registry client: push, resolve, verified blob GETs.
 //! - [`stats`]: latency percentiles.
@@ -13,7 +12,9 @@
 //!   configured and started with a fresh cache.
 //! - [`netns`]: the bandwidth-limited uplink (network namespace, veth, `tc tbf`).
 //! - [`compare`]: the scenarios, run for every target in one run.
-//! - [`report`]: the table on stdout, the JSON, and the SVG chart.
+//! - [`report`]: the table on stdout, the JSON, the SVG chart, and sizes for
+//!   humans (`256.0 MiB`). Sizes and durations on the command line are
+//!   `regproxy::units`, one grammar with the proxy.
 
 pub mod cli;
 pub mod compare;
@@ -21,7 +22,6 @@ pub mod netns;
 pub mod procs;
 pub mod registry;
 pub mod report;
-pub mod size;
 pub mod stats;
 pub mod synth;
 pub mod targets;

@@ -10,9 +10,25 @@ use crate::targets::Kind;
 
 const MIB: f64 = (1u64 << 20) as f64;
 
+/// `268435456` → `256.0 MiB`, for humans.
+pub fn human(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    let mut v = bytes as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i + 1 < UNITS.len() {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[i])
+    }
+}
+
 /// `256 MiB`, `512 KiB`: sizes as the labels show them.
 fn short(bytes: u64) -> String {
-    crate::size::human(bytes).replace(".0 ", " ")
+    human(bytes).replace(".0 ", " ")
 }
 
 /// What the table and chart call a scenario, with this run's sizes.
@@ -498,4 +514,17 @@ pub fn svg(report: &Report) -> String {
     );
     s.push_str("</svg>\n");
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_read_in_binary_units() {
+        assert_eq!(human(512), "512 B");
+        assert_eq!(human(256 << 20), "256.0 MiB");
+        assert_eq!(short(512 << 10), "512 KiB");
+        assert_eq!(short(3 << 29), "1.5 GiB");
+    }
 }

@@ -6,8 +6,9 @@ use std::time::{Duration, Instant};
 
 use futures_util::stream::{self, StreamExt};
 use serde::Serialize;
+use tokio::task::JoinHandle;
 
-use crate::registry::Registry;
+use crate::registry::{Fetched, Registry};
 use crate::stats::Latencies;
 
 /// What one scenario's clients saw.
@@ -37,6 +38,14 @@ impl Outcome {
         if self.first_errors.len() < 5 {
             self.first_errors.push(format!("{e:#}"));
         }
+    }
+
+    /// A blob GET that verified.
+    fn fetched(&mut self, f: Fetched) {
+        self.bytes += f.bytes;
+        self.verified += 1;
+        self.blob_latency.push(f.elapsed);
+        self.blob_ttfb.push(f.ttfb);
     }
 
     fn merge(&mut self, o: Outcome) {
@@ -102,12 +111,7 @@ pub async fn concurrent_blob(
     for t in tasks {
         out.requests += 1;
         match t.await {
-            Ok(Ok(f)) => {
-                out.bytes += f.bytes;
-                out.verified += 1;
-                out.blob_latency.push(f.elapsed);
-                out.blob_ttfb.push(f.ttfb);
-            }
+            Ok(Ok(f)) => out.fetched(f),
             Ok(Err(e)) => out.error(e),
             Err(e) => out.error(e.into()),
         }
@@ -159,11 +163,7 @@ async fn pull_as_one_client(
             out.requests += 1;
             match r {
                 Ok((digest, f)) => {
-                    out.bytes += f.bytes;
-                    out.verified += 1;
-                    out.blob_latency.push(f.elapsed);
-                    out.blob_ttfb.push(f.ttfb);
-                    out.blob_ttfb.push(f.ttfb);
+                    out.fetched(f);
                     have.insert(digest);
                 }
                 Err(e) => {
@@ -199,15 +199,7 @@ pub async fn pull_images(
             tokio::spawn(pull_as_one_client(reg, order, layer_concurrency))
         })
         .collect();
-    let mut out = Outcome::default();
-    for t in tasks {
-        match t.await {
-            Ok(o) => out.merge(o),
-            Err(e) => out.error(e.into()),
-        }
-    }
-    out.wall = start.elapsed();
-    out
+    join_clients(Outcome::default(), tasks, start).await
 }
 
 /// Small requests at the highest rate `workers` concurrent clients reach, for
@@ -272,6 +264,16 @@ pub async fn small_requests(
             })
         })
         .collect();
+    join_clients(out, tasks, start).await
+}
+
+/// Waits for every client's task and adds what each saw to `out`; the wall
+/// time runs from `start` to the last client's end.
+async fn join_clients(
+    mut out: Outcome,
+    tasks: Vec<JoinHandle<Outcome>>,
+    start: Instant,
+) -> Outcome {
     for t in tasks {
         match t.await {
             Ok(o) => out.merge(o),

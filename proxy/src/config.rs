@@ -8,6 +8,8 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use http::Uri;
 
+use crate::units::{parse_duration, parse_size};
+
 /// regproxy: a pull-through caching registry proxy for every node of a cluster.
 #[derive(Debug, Parser)]
 #[command(name = "regproxy", version, about)]
@@ -65,7 +67,7 @@ pub struct ServeArgs {
     /// head: a new connection, and a kept-alive one between requests (hyper
     /// starts this timer whenever a connection waits for a request, so it is
     /// also the keep-alive idle timeout). Past it the connection is closed.
-    #[arg(long, env = "REGPROXY_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "REGPROXY_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub header_read_timeout: Duration,
 
     /// Most connections each listener (API, admin) holds open at once; a
@@ -82,12 +84,12 @@ pub struct ServeArgs {
     pub upstream_ca: Option<PathBuf>,
 
     /// Time allowed to open a TCP connection to the upstream.
-    #[arg(long, env = "REGPROXY_CONNECT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "REGPROXY_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub connect_timeout: Duration,
 
     /// Time allowed for upstream response headers, and between two reads of an
     /// upstream body; a stalled upstream past this fails over or gives 504.
-    #[arg(long, env = "REGPROXY_UPSTREAM_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "REGPROXY_UPSTREAM_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub upstream_timeout: Duration,
 
     /// How many times a blob download that broke off is resumed (with a
@@ -96,7 +98,7 @@ pub struct ServeArgs {
     pub upstream_retries: u32,
 
     /// After SIGTERM, how long transfers in flight may run before they are cut.
-    #[arg(long, env = "REGPROXY_SHUTDOWN_GRACE", default_value = "25s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "REGPROXY_SHUTDOWN_GRACE", default_value = "25s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
 
     /// How the upstream's host name is resolved: `system` (getaddrinfo, which
@@ -113,19 +115,19 @@ pub struct ServeArgs {
     /// How long a tag → digest answer is used without asking the upstream
 
     /// again (`0s`: always revalidate). Past it, one `HEAD` per tag.
-    #[arg(long, env = "REGPROXY_TAG_TTL", default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "REGPROXY_TAG_TTL", default_value = "30s", value_parser = parse_duration)]
     pub tag_ttl: Duration,
 
     /// How long the upstream's yes to a credential for a repository lets
     /// that credential read the repository's cached content without asking.
-    #[arg(long, env = "REGPROXY_AUTH_TTL", default_value = "60s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "REGPROXY_AUTH_TTL", default_value = "60s", value_parser = parse_duration)]
     pub auth_ttl: Duration,
 
     /// Keep the upstream's yeses across restarts for this long, as keyed
     /// hashes in the cache dir (`allowed.json`, 0600), so that a client it
     /// allowed can pull cached content after a restart while the upstream is
     /// down. Off by default: yeses are kept in memory only.
-    #[arg(long, env = "REGPROXY_REMEMBER_ALLOWED", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "REGPROXY_REMEMBER_ALLOWED", value_parser = parse_duration)]
     pub remember_allowed: Option<Duration>,
 
     /// Log lines as human text or one JSON object each.
@@ -181,52 +183,9 @@ pub fn parse_upstream(s: &str) -> Result<Uri, String> {
     Ok(uri)
 }
 
-/// Parses `300MB` (decimal), `20GiB` (binary), `512` (bytes); suffixes are case-insensitive.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let num: u64 = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a size such as 300MB, 20GiB or 1048576"))?;
-    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" => 1000,
-        "m" | "mb" => 1000u64.pow(2),
-        "g" | "gb" => 1000u64.pow(3),
-        "t" | "tb" => 1000u64.pow(4),
-        "ki" | "kib" => 1 << 10,
-        "mi" | "mib" => 1 << 20,
-        "gi" | "gib" => 1 << 30,
-        "ti" | "tib" => 1 << 40,
-        other => {
-            return Err(format!(
-                "unknown size unit `{other}` (use B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)"
-            ))
-        }
-    };
-    num.checked_mul(mult)
-        .ok_or_else(|| format!("`{s}` is too large"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sizes_parse_decimal_binary_and_plain() {
-        assert_eq!(parse_size("300MB"), Ok(300_000_000));
-        assert_eq!(parse_size("20GiB"), Ok(20 << 30));
-        assert_eq!(parse_size("1048576"), Ok(1 << 20));
-        assert_eq!(parse_size("64mib"), Ok(64 << 20));
-        assert_eq!(parse_size("10 KB"), Ok(10_000));
-        assert!(parse_size("MB").is_err(), "a size needs a number");
-        assert!(parse_size("5XB").is_err(), "unknown units are refused");
-        assert!(
-            parse_size("99999999999TiB").is_err(),
-            "overflow is refused, not wrapped"
-        );
-    }
 
     #[test]
     fn upstream_must_be_a_bare_http_url() {

@@ -3,6 +3,7 @@
 //! A request flows `server` → `api` → (`cache` | `upstream`):
 //!
 //! - [`config`]: the command line (clap), every flag also an env var.
+//! - [`units`]: the one grammar of sizes (`20GiB`) and durations (`30s`), loadtest's too.
 //! - [`server`]: binds the listeners, the accept loop, the admin endpoints
 //!   (`/metrics`, `/healthz`, `/readyz`) and graceful shutdown on SIGTERM.
 //! - [`api`]: the OCI distribution routes, what is served from the cache and
@@ -43,4 +44,5 @@ pub mod metrics;
 pub mod resolve;
 pub mod server;
 pub mod tags;
+pub mod units;
 pub mod upstream;

@@ -1,0 +1,140 @@
+//! containerd's `<certs-dir>/<name>/hosts.toml`, so that the CRI pulls the
+//! registry name over plain HTTP from the proxy. Written atomically (temp
+//! file, then rename) and only ever replaced or removed when it is ours.
+
+use std::fs::File;
+use std::io::{self, Write as _};
+use std::path::{Path, PathBuf};
+
+use super::{HostsError, Outcome};
+
+/// First line of every `hosts.toml` we write.
+const TOML_MARK: &str = "# managed by regproxy";
+
+/// `<certs_dir>/<name>/hosts.toml`; containerd names the folder after the
+/// registry host, port included when there is one.
+pub fn containerd_hosts_toml(certs_dir: &Path, name: &str) -> PathBuf {
+    certs_dir.join(name).join("hosts.toml")
+}
+
+/// The `hosts.toml` that sends pulls of `name` to `endpoint` over plain HTTP.
+pub fn hosts_toml(name: &str, endpoint: &str) -> String {
+    format!(
+        "{TOML_MARK}: `regproxy hosts containerd remove --name {name}` deletes this file.\n\
+         # containerd pulls {name} through the regproxy on this node, over plain HTTP.\n\
+         server = \"http://{name}\"\n\
+         \n\
+         [host.\"{endpoint}\"]\n  \
+         capabilities = [\"pull\", \"resolve\"]\n"
+    )
+}
+
+/// Writes our `hosts.toml` for `name` (atomically: temp file, then rename),
+/// unless an identical one is there; refuses to replace one we did not write.
+pub fn ensure_containerd(
+    certs_dir: &Path,
+    name: &str,
+    endpoint: &str,
+) -> Result<Outcome, HostsError> {
+    let dir = certs_dir.join(name);
+    let path = containerd_hosts_toml(certs_dir, name);
+    let wanted = hosts_toml(name, endpoint);
+    let outcome = match std::fs::read_to_string(&path) {
+        Ok(old) if old == wanted => return Ok(Outcome::Unchanged),
+        Ok(old) if old.starts_with(TOML_MARK) => Outcome::Updated,
+        Ok(_) => return Err(HostsError::NotOurs { path }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Outcome::Added,
+        Err(e) => return Err(HostsError::io("read", &path)(e)),
+    };
+    std::fs::create_dir_all(&dir).map_err(HostsError::io("create", &dir))?;
+    let tmp = dir.join(format!(".hosts.toml.regproxy-{}", std::process::id()));
+    let write = || -> io::Result<()> {
+        let mut f = File::create(&tmp)?;
+        f.write_all(wanted.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)
+    };
+    write().map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        HostsError::io("write", &path)(e)
+    })?;
+    Ok(outcome)
+}
+
+/// Deletes our `hosts.toml` for `name`, and its folder when that is then empty.
+pub fn remove_containerd(certs_dir: &Path, name: &str) -> Result<Outcome, HostsError> {
+    let path = containerd_hosts_toml(certs_dir, name);
+    match std::fs::read_to_string(&path) {
+        Ok(old) if old.starts_with(TOML_MARK) => {}
+        Ok(_) => return Ok(Outcome::LeftAlone),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Outcome::Absent),
+        Err(e) => return Err(HostsError::io("read", &path)(e)),
+    }
+    match std::fs::remove_file(&path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Outcome::Absent),
+        Err(e) => return Err(HostsError::io("remove", &path)(e)),
+    }
+    // Fails harmlessly when the admin keeps other files (a CA) there.
+    let _ = std::fs::remove_dir(certs_dir.join(name));
+    Ok(Outcome::Removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NAME: &str = "knative.registry.svc.cluster.local";
+
+    #[test]
+    fn hosts_toml_points_the_name_at_the_proxy() {
+        let toml = hosts_toml(NAME, "http://127.0.0.2:80");
+        assert!(toml.starts_with(TOML_MARK));
+        assert!(toml.contains(&format!("server = \"http://{NAME}\"\n")));
+        assert!(toml.contains(
+            "[host.\"http://127.0.0.2:80\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
+        ));
+    }
+
+    #[test]
+    fn containerd_files_round_trip_and_foreign_ones_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let certs = dir.path();
+        assert_eq!(
+            ensure_containerd(certs, NAME, "http://127.0.0.2:80").unwrap(),
+            Outcome::Added
+        );
+        assert_eq!(
+            ensure_containerd(certs, NAME, "http://127.0.0.2:80").unwrap(),
+            Outcome::Unchanged
+        );
+        assert_eq!(
+            ensure_containerd(certs, NAME, "http://127.0.0.3:80").unwrap(),
+            Outcome::Updated
+        );
+        let written = std::fs::read_to_string(containerd_hosts_toml(certs, NAME)).unwrap();
+        assert!(written.contains("127.0.0.3"));
+        assert_eq!(remove_containerd(certs, NAME).unwrap(), Outcome::Removed);
+        assert!(
+            !certs.join(NAME).exists(),
+            "the folder we created should go when empty"
+        );
+        assert_eq!(remove_containerd(certs, NAME).unwrap(), Outcome::Absent);
+
+        std::fs::create_dir_all(certs.join("mine.example")).unwrap();
+        std::fs::write(
+            containerd_hosts_toml(certs, "mine.example"),
+            "server = \"https://x\"\n",
+        )
+        .unwrap();
+        assert!(matches!(
+            ensure_containerd(certs, "mine.example", "http://127.0.0.2:80"),
+            Err(HostsError::NotOurs { .. })
+        ));
+        assert_eq!(
+            remove_containerd(certs, "mine.example").unwrap(),
+            Outcome::LeftAlone
+        );
+        assert!(containerd_hosts_toml(certs, "mine.example").exists());
+    }
+}
