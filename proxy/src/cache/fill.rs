@@ -29,7 +29,7 @@ use super::growing::Growing;
 use super::{Cache, Stored};
 use crate::body::BoxError;
 use crate::digest::Digest;
-use crate::error::{Error, UpstreamError};
+use crate::error::{Cause, Error, UpstreamError, Wait};
 use crate::metrics::Metrics;
 use crate::upstream::Upstream;
 
@@ -80,6 +80,17 @@ pub enum Failure {
     /// Upstream failed or sent bytes that did not match: an error response
     /// before the head, an aborted body after it.
     Error(Error),
+}
+
+impl Failure {
+    /// What a reader that is already streaming is cut off with.
+    fn to_error(&self) -> Error {
+        match self {
+            Failure::Error(e) => e.clone(),
+            Failure::Relay { status, .. } => Error::status("blob fill", *status),
+            Failure::Uncached => Error::Internal("a fill that streamed was not kept"),
+        }
+    }
 }
 
 /// A fill in flight. Its readers subscribe to the progress channel.
@@ -135,14 +146,11 @@ impl Fill {
                             Ok((Some(written.clone()), limit, false))
                         }
                         Progress::Verified { data, .. } => Ok((Some(data.clone()), end, true)),
-                        Progress::Failed(f) => Err(format!("blob fill failed: {f:?}")),
+                        Progress::Failed(f) => Err(f.to_error()),
                     };
                     let (data, limit, verified) = match seen {
                         Ok(x) => x,
-                        Err(msg) => {
-                            let e: BoxError = msg.into();
-                            return Some((Err(e), (rx, pos, true)));
-                        }
+                        Err(e) => return Some((Err(e.into()), (rx, pos, true))),
                     };
                     if let Some(data) = data {
                         if pos < limit {
@@ -156,8 +164,8 @@ impl Fill {
                         }
                     }
                     if rx.changed().await.is_err() {
-                        let e: BoxError = "blob fill ended without a result".into();
-                        return Some((Err(e), (rx, pos, true)));
+                        let e = Error::Internal("the fill ended without a result");
+                        return Some((Err(e.into()), (rx, pos, true)));
                     }
                 }
             }
@@ -410,15 +418,21 @@ pub fn verified_stream(
             }
             loop {
                 let next = tokio::time::timeout(timeout, st.body.frame()).await;
-                let fail = |st: St, msg: String| {
+                let fail = |st: St, e: UpstreamError| {
                     let mut st = st;
                     st.done = true;
-                    let e: BoxError = msg.into();
-                    Some((Err(e), st))
+                    Some((Err(Error::Upstream(e).into()), st))
                 };
+                let url = || format!("blob {digest}");
                 match next {
-                    Err(_) => return fail(st, "upstream stalled".into()),
-                    Ok(Some(Err(e))) => return fail(st, format!("upstream failed: {e}")),
+                    Err(_) => {
+                        let wait = Wait::Body(timeout);
+                        return fail(st, UpstreamError::Timeout { url: url(), wait });
+                    }
+                    Ok(Some(Err(e))) => {
+                        let cause = Cause::new(e);
+                        return fail(st, UpstreamError::Broken { url: url(), cause });
+                    }
                     Ok(Some(Ok(f))) => {
                         let Ok(chunk) = f.into_data() else { continue };
                         st.seen += chunk.len() as u64;
@@ -431,7 +445,8 @@ pub fn verified_stream(
                             .fetch_add(chunk.len() as u64, Relaxed);
                         if st.seen > size {
                             metrics.digest_mismatches.fetch_add(1, Relaxed);
-                            return fail(st, format!("{digest}: longer than announced"));
+                            let why = format!("{digest}: longer than announced");
+                            return fail(st, UpstreamError::Invalid(why));
                         }
                         if let Some(prev) = st.held.replace(chunk) {
                             return Some((Ok(prev), st));
@@ -441,11 +456,8 @@ pub fn verified_stream(
                         let got = Digest::from_hasher(std::mem::take(&mut st.hasher));
                         if st.seen != size || got != digest {
                             metrics.digest_mismatches.fetch_add(1, Relaxed);
-                            let msg = format!(
-                                "{digest}: upstream sent {} bytes hashing to {got}",
-                                st.seen
-                            );
-                            return fail(st, msg);
+                            let expected = digest.clone();
+                            return fail(st, UpstreamError::DigestMismatch { expected, got });
                         }
                         st.done = true;
                         return st.held.take().map(|b| (Ok(b), st));
