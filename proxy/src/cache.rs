@@ -13,6 +13,9 @@
 //! digest and were synced, so a crash at any moment leaves either nothing or a
 //! whole, verified file. Eviction unlinks files (never truncates them), so a
 //! reader that has a file mapped keeps reading the bytes it was promised.
+//!
+//! Fills are in [`fill`], memory maps (and their `unsafe`) in `growing`, the
+//! index rebuilt from the disk at start-up in `scan`.
 
 use std::collections::HashMap;
 use std::fs::{self, File};
@@ -24,13 +27,19 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 use lru::LruCache;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use crate::digest::Digest;
 use crate::metrics::Metrics;
+use crate::upstream::Upstream;
 
 pub mod fill;
+mod growing;
+mod scan;
 
-pub use fill::{Failure, Fill};
+pub use fill::{Failure, Fill, FillRequest};
+use growing::Growing;
 
 /// A committed entry in the index.
 #[derive(Clone, Copy, Debug)]
@@ -67,6 +76,8 @@ pub struct Cache {
     state: Mutex<State>,
     metrics: Arc<Metrics>,
     tmp_seq: AtomicU64,
+    /// Every fill's task: shutdown waits for them to commit.
+    fills: TaskTracker,
 }
 
 /// Content opened from the cache.
@@ -81,9 +92,9 @@ pub struct Hit {
 /// What a commit stores.
 enum Stored<'a> {
     /// The verified blob of this fill, which leaves the single-flight table.
-    Fill(&'a Fill),
-    /// A manifest, stored whole with its media type.
-    Manifest(&'a str),
+    Fill(&'a Fill, &'a Growing),
+    /// A manifest, stored whole in this file, with its media type.
+    Manifest(&'a File, &'a str),
 }
 
 /// What the index holds for a digest a reader asked for.
@@ -113,76 +124,14 @@ impl Cache {
         let _ = fs::remove_dir_all(&tmp);
         fs::create_dir_all(&tmp)?;
 
-        let mut found: Vec<(SystemTime, Digest, Entry)> = Vec::new();
-        for fan in fs::read_dir(root.join("sha256"))? {
-            let fan = fan?;
-            if !fan.file_type()?.is_dir() {
-                continue;
-            }
-            let mut types = Vec::new();
-            // Where each content file of this fan-out dir stands in `found`.
-            let mut here: HashMap<String, usize> = HashMap::new();
-            for f in fs::read_dir(fan.path())? {
-                let f = f?;
-                let name = f.file_name();
-                let name = name.to_string_lossy();
-                if let Some(hex) = name.strip_suffix(".type") {
-                    types.push(hex.to_owned());
-                    continue;
-                }
-                let meta = f.metadata()?;
-                match Digest::parse(&format!("sha256:{name}")) {
-                    Ok(d)
-                        if meta.is_file()
-                            && name.starts_with(fan.file_name().to_string_lossy().as_ref()) =>
-                    {
-                        let mtime = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
-                        here.insert(d.hex().to_owned(), found.len());
-                        found.push((
-                            mtime,
-                            d,
-                            Entry {
-                                size: meta.len(),
-                                manifest: false,
-                                generation: 0,
-                            },
-                        ));
-                    }
-                    _ => {
-                        tracing::warn!(path = %f.path().display(), "ignoring a file that is not cache content")
-                    }
-                }
-            }
-            for hex in types {
-                if let Some(&i) = here.get(&hex) {
-                    found[i].2.manifest = true;
-                } else {
-                    let _ = fs::remove_file(fan.path().join(format!("{hex}.type")));
-                }
-            }
-        }
-        found.sort_by_key(|(t, _, _)| *t);
-
-        let mut state = State {
-            index: LruCache::unbounded(),
-            committed: 0,
-            reserved: 0,
-            fills: HashMap::new(),
-            next_generation: 0,
-            open: LruCache::new(std::num::NonZeroUsize::new(OPEN_FILES).expect("non-zero")),
-        };
-        for (_, d, mut e) in found {
-            e.generation = state.next_generation;
-            state.next_generation += 1;
-            state.committed += e.size;
-            state.index.put(d, e);
-        }
+        let state = scan::state(root)?;
         let cache = Cache {
             root: root.to_owned(),
             cap,
             state: Mutex::new(state),
             metrics,
             tmp_seq: AtomicU64::new(0),
+            fills: TaskTracker::new(),
         };
         cache.metrics.cache_capacity.store(cap, Relaxed);
         let evicted = {
@@ -281,7 +230,7 @@ impl Cache {
         // mapped (not on every hit of a mapped one); failing to set it only
         // costs accuracy of the LRU order after a restart.
         let _ = file.set_modified(SystemTime::now());
-        let data = map(&file)?;
+        let data = growing::map_committed(&file)?;
         let media_type = if manifest {
             Some(fs::read_to_string(type_path(&path))?)
         } else {
@@ -316,6 +265,34 @@ impl Cache {
         let f = Arc::new(Fill::new(d.clone()));
         st.fills.insert(d.clone(), Arc::clone(&f));
         Join::Leader(f)
+    }
+
+    /// Starts the fill that a [`Join::Leader`] leads, on a task of its own
+    /// (no client hanging up stops it) that [`Cache::fills_done`] waits for.
+    pub fn spawn_fill(
+        self: &Arc<Self>,
+        upstream: Arc<Upstream>,
+        fill: Arc<Fill>,
+        req: FillRequest,
+    ) {
+        let span = tracing::info_span!("fill", digest = %fill.digest);
+        // Counted from before the spawn, so the gauge never misses a fill.
+        let counted = fill::Counted::new(&self.metrics);
+        let run = fill::run(Arc::clone(self), upstream, fill, req);
+        self.fills.spawn(
+            async move {
+                let _counted = counted;
+                run.await
+            }
+            .instrument(span),
+        );
+    }
+
+    /// Waits until every fill has ended (committed or not), those started
+    /// meanwhile too: for a graceful shutdown, once no request can start more.
+    pub async fn fills_done(&self) {
+        self.fills.close();
+        self.fills.wait().await;
     }
 
     /// Reserves room for `size` bytes, evicting least recently used entries.
@@ -401,21 +378,17 @@ impl Cache {
     /// Moves a verified temp file into place and indexes it, turning its
     /// reservation into committed bytes. Ends a fill's single-flight entry
     /// under the same lock, so a request sees either the fill or the entry.
-    fn commit(
-        &self,
-        d: &Digest,
-        size: u64,
-        temp: &Path,
-        file: &File,
-        what: Stored<'_>,
-    ) -> io::Result<()> {
+    fn commit(&self, d: &Digest, size: u64, temp: &Path, what: Stored<'_>) -> io::Result<()> {
         let media_type = match what {
-            Stored::Manifest(t) => Some(t),
-            Stored::Fill(_) => None,
+            Stored::Manifest(_, t) => Some(t),
+            Stored::Fill(..) => None,
         };
         let fin = self.path(d);
         let res = (|| {
-            file.sync_data()?;
+            match what {
+                Stored::Fill(_, file) => file.sync()?,
+                Stored::Manifest(file, _) => file.sync_data()?,
+            }
             fs::create_dir_all(fin.parent().expect("content paths have a parent"))?;
             if let Some(t) = media_type {
                 let (mut tf, tp) = self.temp_file()?;
@@ -427,7 +400,7 @@ impl Cache {
         })();
         let mut st = self.lock();
         st.reserved -= size;
-        if let Stored::Fill(fill) = what {
+        if let Stored::Fill(fill, _) = what {
             end_fill(&mut st, fill);
         }
         if res.is_ok() {
@@ -492,7 +465,7 @@ impl Cache {
                 return this.release(size, Some(&p));
             }
             // `commit` releases the reservation whatever happens.
-            if let Err(e) = this.commit(&d, size, &p, &f, Stored::Manifest(&media_type)) {
+            if let Err(e) = this.commit(&d, size, &p, Stored::Manifest(&f, &media_type)) {
                 tracing::warn!(digest = %d, error = %e, "could not cache manifest");
             }
         })
@@ -522,22 +495,6 @@ fn type_path(content: &Path) -> PathBuf {
     let mut s = content.as_os_str().to_owned();
     s.push(".type");
     PathBuf::from(s)
-}
-
-/// Maps `file` read-only as `Bytes`; an empty file is an empty buffer.
-#[allow(unsafe_code)]
-fn map(file: &File) -> io::Result<Bytes> {
-    if file.metadata()?.len() == 0 {
-        return Ok(Bytes::new());
-    }
-    // SAFETY: a mapping is undefined behaviour only if the file changes under
-    // it. Committed cache files are never written after their rename and are
-    // removed by unlink, never truncated. A fill's temp file is sized once,
-    // before it is mapped, and only the range past what readers were told is
-    // written afterwards; readers never look past that. Nobody else may write
-    // into the cache dir (documented in the README).
-    let m = unsafe { memmap2::Mmap::map(file)? };
-    Ok(Bytes::from_owner(m))
 }
 
 #[cfg(test)]

@@ -386,14 +386,14 @@ pub async fn run(
     tracing::info!(grace = ?grace, "stopped accepting; waiting for transfers in flight");
     let deadline = tokio::time::Instant::now() + grace;
     // Fills run on their own tasks (a client may have hung up): let them
-    // finish and commit too, so that what was fetched is kept.
-    let fills_done = async {
-        while app.metrics().fills_inflight.load(Ordering::SeqCst) > 0 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    // finish and commit too, so that what was fetched is kept. Only requests
+    // start fills, so once the connections are closed no more can start.
+    let drained = async {
+        graceful.shutdown().await;
+        app.fills_done().await;
     };
     tokio::select! {
-        _ = async { tokio::join!(graceful.shutdown(), fills_done) } => tracing::info!("all connections closed, all fills committed"),
+        _ = drained => tracing::info!("all connections closed, all fills committed"),
         _ = tokio::time::sleep_until(deadline) => tracing::warn!("grace period over; cutting remaining transfers"),
     }
 

@@ -442,6 +442,36 @@ async fn sigterm_lets_transfers_in_flight_finish() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_waits_for_a_fill_whose_client_hung_up() {
+    let reg = Registry::start();
+    let gate = Gate::start(reg.addr).await;
+    let cache = temp_dir("cache");
+    let mut proxy = Proxy::start(&gate.url(), cache.path(), &["--shutdown-grace", "5m"]);
+    proxy.wait_learned_open();
+    let data = blob(8 * MIB, 10);
+    let d = push_blob(&reg.url(), "team/app", &data).await;
+
+    gate.hold_after(2 * MIB as u64);
+    let resp = hyper_get_streaming(&format!("{}/v2/team/app/blobs/{d}", proxy.url())).await;
+    drop(resp); // no connection waits for this fill any more
+    wait_until(|| gate.passed() >= 2 * MIB as u64, "the fill is under way").await;
+    proxy.signal("-TERM");
+    let addr = proxy.addr;
+    wait_until(
+        || std::net::TcpStream::connect(addr).is_err(),
+        "new connections are refused",
+    )
+    .await;
+    // The fill cannot have finished: the rest of the blob is held back.
+    gate.open();
+    assert!(proxy.wait_exit(PATIENCE), "the proxy exits 0");
+    assert!(
+        proxy.cache_path(&d).exists(),
+        "the fill in flight at SIGTERM is committed before the proxy exits"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ranges_and_heads() {
     let (reg, _c, proxy) = setup(&[]).await;
     let data = blob(2 * MIB, 9);

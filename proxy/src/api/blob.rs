@@ -54,12 +54,8 @@ impl App {
                         name: name.to_owned(),
                         headers,
                     };
-                    tokio::spawn(fill::run(
-                        Arc::clone(&self.cache),
-                        Arc::clone(&self.upstream),
-                        Arc::clone(&f),
-                        fr,
-                    ));
+                    let upstream = Arc::clone(&self.upstream);
+                    self.cache.spawn_fill(upstream, Arc::clone(&f), fr);
                     (f, true)
                 }
             };

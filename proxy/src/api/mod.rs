@@ -120,6 +120,12 @@ impl App {
         &self.metrics
     }
 
+    /// Waits until every fill started so far has ended (see
+    /// [`Cache::fills_done`]).
+    pub async fn fills_done(&self) {
+        self.cache.fills_done().await;
+    }
+
     /// Writes the remembered yeses (`--remember-allowed`) if they changed.
     pub async fn save_allowed(self: &Arc<Self>) {
         let app = Arc::clone(self);

@@ -7,9 +7,10 @@
 //! digest and size. If the fill fails, the reader's body ends in an error, so
 //! hyper cuts the connection short of its `Content-Length`; no client can take
 //! a wrong layer for a whole one.
+//!
+//! `run` is the steps of a fill; `source` gets the blob's bytes from the
+//! upstream (resuming after a cut), `writer` puts them on disk.
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -17,13 +18,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::stream;
-use http::header::{self, HeaderMap, HeaderValue};
-use http::{Method, StatusCode};
+use http::header::HeaderMap;
+use http::StatusCode;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use sha2::{Digest as _, Sha256};
 use tokio::sync::watch;
 
+use super::growing::Growing;
 use super::{Cache, Stored};
 use crate::body::BoxError;
 use crate::digest::Digest;
@@ -31,24 +33,17 @@ use crate::error::{Cause, Error, UpstreamError, Wait};
 use crate::metrics::Metrics;
 use crate::upstream::Upstream;
 
+mod source;
+mod writer;
+
+pub use source::read_capped;
+pub use writer::BUFFER_BUDGET;
+
+use source::Resumable;
+use writer::{Sink, Writer};
+
 /// Readers take at most this much per frame from a fill in flight.
 const FOLLOW_CHUNK: u64 = 1 << 20;
-/// Upstream bytes gathered before one write to the temp file, when the
-/// budget allows: few large writes while memory is plentiful.
-const WRITE_BATCH: usize = 256 << 10;
-/// Bytes that all fills together may hold between the upstream socket and
-/// the temp file (gathering, or on their way to disk), whatever the number
-/// of fills. Past half of it, fills stop gathering and write each chunk as
-/// it comes; when it is spent, a fill waits for room before it takes the
-/// next chunk off its connection, so the upstream is slowed by TCP instead
-/// of memory growing. Chunks are at most the upstream client's read buffer
-/// (`upstream::READ_BUF`), so a fill never waits for more than exists.
-pub const BUFFER_BUDGET: usize = 16 << 20;
-/// Below this many free bytes of the budget, fills write chunk by chunk.
-const GATHER_FLOOR: usize = BUFFER_BUDGET / 2;
-
-/// The process-wide budget of [`BUFFER_BUDGET`] bytes, in permits of a byte.
-static BUFFERS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(BUFFER_BUDGET);
 /// Fills that talk to the upstream at once. Each holds an upstream
 /// connection, its read buffer (`upstream::READ_BUF`) and a temp file, and
 /// a fill goes on after its client hung up: without this, clients that ask
@@ -56,21 +51,14 @@ static BUFFERS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(BUFFE
 /// place before they connect; their readers wait as for a slow upstream.
 pub const MAX_FILLS: usize = 256;
 static FILLS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_FILLS);
-/// Error bodies relayed from upstream are cut at this size.
-const MAX_RELAY_BODY: usize = 64 << 10;
 
 /// Where a fill is.
 #[derive(Clone)]
 pub enum Progress {
     /// Waiting for the upstream's response head.
     Connecting,
-    /// Writing. `data` maps the whole (pre-sized) temp file; the first
-    /// `written` bytes of it are final.
-    Streaming {
-        size: u64,
-        data: Bytes,
-        written: u64,
-    },
+    /// Writing: `written` is the start of the blob that is on disk and final.
+    Streaming { size: u64, written: Bytes },
     /// All `size` bytes are on disk and match the digest.
     Verified { size: u64, data: Bytes },
     /// The fill ended without a verified blob.
@@ -92,6 +80,17 @@ pub enum Failure {
     /// Upstream failed or sent bytes that did not match: an error response
     /// before the head, an aborted body after it.
     Error(Error),
+}
+
+impl Failure {
+    /// What a reader that is already streaming is cut off with.
+    fn to_error(&self) -> Error {
+        match self {
+            Failure::Error(e) => e.clone(),
+            Failure::Relay { status, .. } => Error::status("blob fill", *status),
+            Failure::Uncached => Error::Internal("a fill that streamed was not kept"),
+        }
+    }
 }
 
 /// A fill in flight. Its readers subscribe to the progress channel.
@@ -141,23 +140,17 @@ impl Fill {
                 loop {
                     let seen = match &*rx.borrow_and_update() {
                         Progress::Connecting => Ok((None, 0, false)),
-                        Progress::Streaming { data, written, .. } => {
+                        Progress::Streaming { written, .. } => {
                             // Hold back our last byte until the digest is checked.
-                            Ok((
-                                Some(data.clone()),
-                                (*written).min(end.saturating_sub(1)),
-                                false,
-                            ))
+                            let limit = (written.len() as u64).min(end.saturating_sub(1));
+                            Ok((Some(written.clone()), limit, false))
                         }
                         Progress::Verified { data, .. } => Ok((Some(data.clone()), end, true)),
-                        Progress::Failed(f) => Err(format!("blob fill failed: {f:?}")),
+                        Progress::Failed(f) => Err(f.to_error()),
                     };
                     let (data, limit, verified) = match seen {
                         Ok(x) => x,
-                        Err(msg) => {
-                            let e: BoxError = msg.into();
-                            return Some((Err(e), (rx, pos, true)));
-                        }
+                        Err(e) => return Some((Err(e.into()), (rx, pos, true))),
                     };
                     if let Some(data) = data {
                         if pos < limit {
@@ -171,8 +164,8 @@ impl Fill {
                         }
                     }
                     if rx.changed().await.is_err() {
-                        let e: BoxError = "blob fill ended without a result".into();
-                        return Some((Err(e), (rx, pos, true)));
+                        let e = Error::Internal("the fill ended without a result");
+                        return Some((Err(e.into()), (rx, pos, true)));
                     }
                 }
             }
@@ -195,22 +188,184 @@ pub struct FillRequest {
     pub headers: HeaderMap,
 }
 
-/// Ends the fill as failed if the task stops early (error, panic, shutdown),
-/// so that no reader waits forever and the reservation is released.
+/// Counts a fill in `regproxy_fills_inflight` from before its task is
+/// spawned until the task ends, however it ends. The gauge is for Prometheus
+/// (and the tests); shutdown waits on the cache's task tracker instead.
+pub(super) struct Counted(Arc<Metrics>);
+
+impl Counted {
+    pub(super) fn new(metrics: &Arc<Metrics>) -> Counted {
+        metrics.fills_started.fetch_add(1, Relaxed);
+        metrics.fills_inflight.fetch_add(1, Relaxed);
+        Counted(Arc::clone(metrics))
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.fills_inflight.fetch_sub(1, Relaxed);
+    }
+}
+
+/// Runs a fill to its end: start, reserve, copy, verify, commit. Spawned by
+/// [`Cache::spawn_fill`] on a task of its own: no client hanging up stops it.
+/// Whatever stops it, its [`Guard`] ends the fill.
+pub(super) async fn run(
+    cache: Arc<Cache>,
+    upstream: Arc<Upstream>,
+    fill: Arc<Fill>,
+    req: FillRequest,
+) {
+    let metrics = Arc::clone(&cache.metrics);
+    let mut guard = Guard::new(cache, Arc::clone(&fill));
+    let _place = FILLS
+        .acquire()
+        .await
+        .expect("the semaphore is never closed");
+    let digest = &fill.digest;
+    let path = format!("/v2/{}/blobs/{digest}", req.name);
+    let verified = async {
+        let (size, body) = source::start(&upstream, &path, &req, digest, &metrics).await?;
+        let file = guard.reserve(size).await?;
+        tracing::debug!(%digest, size, "fill started");
+        let src = Resumable::new(&upstream, &path, &req, digest, &metrics, (size, body));
+        let sink = copy(src, Writer::new(&fill, file), digest).await?;
+        verify(digest, sink, &metrics).map_err(Failure::Error)
+    };
+    match verified.await {
+        Ok((file, data)) => guard.commit(file, data).await,
+        Err(f) => guard.fail(f),
+    }
+}
+
+/// Copies the blob's bytes into the temp file, where readers follow them.
+async fn copy(mut src: Resumable<'_>, mut w: Writer<'_>, digest: &Digest) -> Result<Sink, Failure> {
+    let failed = |e| write_failed(digest, e);
+    while let Some(chunk) = src.next().await.map_err(Failure::Error)? {
+        if chunk.is_empty() {
+            // The upstream broke: readers get what came before the resume.
+            w.flush().await.map_err(failed)?;
+        } else {
+            w.push(chunk).await.map_err(failed)?;
+        }
+    }
+    w.finish().await.map_err(failed)
+}
+
+/// Checks what was written against the digest: the whole file when it
+/// matches.
+fn verify(digest: &Digest, sink: Sink, m: &Metrics) -> Result<(Growing, Bytes), Error> {
+    let got = Digest::from_hasher(sink.hasher);
+    if got != *digest {
+        m.digest_mismatches.fetch_add(1, Relaxed);
+        tracing::warn!(%digest, %got, "upstream content does not match its digest; not cached, readers cut off");
+        return Err(Error::from(UpstreamError::DigestMismatch {
+            expected: digest.clone(),
+            got,
+        }));
+    }
+    let Some(data) = sink.file.complete() else {
+        return Err(Error::invalid(format!(
+            "{digest}: shorter than its Content-Length"
+        )));
+    };
+    Ok((sink.file, data))
+}
+
+fn write_failed(digest: &Digest, e: std::io::Error) -> Failure {
+    tracing::warn!(%digest, error = %e, "cache write failed");
+    Failure::Error(Error::disk("write a blob", e))
+}
+
+/// A fill from its start to its end, which it owns. Ended as failed when the
+/// task stops early (an error, a panic, the runtime shutting down), so that
+/// no reader waits forever and the reservation and temp file are given back;
+/// ended by [`Guard::commit`] once verified. Either way the fill leaves the
+/// single-flight table under the cache lock: a failure before its readers
+/// hear of it, a commit together with the index entry.
 struct Guard {
     cache: Arc<Cache>,
     fill: Arc<Fill>,
+    /// Bytes reserved in the cache for this fill.
     reserved: u64,
     temp: Option<PathBuf>,
+    /// Until the fill has ended, one way or the other.
     armed: bool,
 }
 
 impl Guard {
-    fn fail(mut self, f: Failure) {
-        self.finish_failed(f);
+    fn new(cache: Arc<Cache>, fill: Arc<Fill>) -> Guard {
+        Guard {
+            cache,
+            fill,
+            reserved: 0,
+            temp: None,
+            armed: true,
+        }
     }
 
-    fn finish_failed(&mut self, f: Failure) {
+    /// Reserves room for `size` bytes in the cache and creates the temp file.
+    async fn reserve(&mut self, size: u64) -> Result<Growing, Failure> {
+        let (m, digest) = (&self.cache.metrics, &self.fill.digest);
+        if !self.cache.reserve(size) {
+            m.uncached_fills.fetch_add(1, Relaxed);
+            let cap = self.cache.capacity();
+            tracing::info!(%digest, size, cap, "blob will not fit in the cache; streaming it uncached");
+            return Err(Failure::Uncached);
+        }
+        self.reserved = size;
+        let cache = Arc::clone(&self.cache);
+        let created = tokio::task::spawn_blocking(move || {
+            let (file, path) = cache.temp_file()?;
+            match Growing::new(file, size) {
+                Ok(g) => Ok((g, path)),
+                Err(e) => {
+                    let _ = std::fs::remove_file(&path);
+                    Err(e)
+                }
+            }
+        })
+        .await;
+        match created {
+            Ok(Ok((file, path))) => {
+                self.temp = Some(path);
+                Ok(file)
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(%digest, error = %e, "cannot write to the cache; streaming uncached");
+                m.uncached_fills.fetch_add(1, Relaxed);
+                Err(Failure::Uncached)
+            }
+            Err(_) => Err(Failure::Uncached),
+        }
+    }
+
+    /// Ends a verified fill: readers finish from `data` at once, then the
+    /// file is synced, moved into place and indexed.
+    async fn commit(mut self, file: Growing, data: Bytes) {
+        let size = file.size();
+        self.fill.set(Progress::Verified { size, data });
+        // From here `Cache::commit` ends the fill and gives back the
+        // reservation or the temp file, whatever happens.
+        self.armed = false;
+        let temp = self.temp.take().expect("a verified fill has a temp file");
+        let (cache, fill) = (Arc::clone(&self.cache), Arc::clone(&self.fill));
+        let digest = &self.fill.digest;
+        let commit = move || cache.commit(&fill.digest, size, &temp, Stored::Fill(&fill, &file));
+        match tokio::task::spawn_blocking(commit).await {
+            Ok(Ok(())) => tracing::debug!(%digest, size, "fill committed"),
+            Ok(Err(e)) => {
+                tracing::warn!(%digest, error = %e, "verified blob could not be committed")
+            }
+            Err(e) => tracing::warn!(%digest, error = %e, "commit task failed"),
+        }
+    }
+
+    fn fail(mut self, f: Failure) {
+        self.end_failed(f);
+    }
+
+    fn end_failed(&mut self, f: Failure) {
         if !self.armed {
             return;
         }
@@ -220,368 +375,13 @@ impl Guard {
         self.cache
             .abandon(&self.fill, self.reserved, self.temp.as_deref());
         self.fill.set(Progress::Failed(f));
-        self.cache.metrics.fills_inflight.fetch_sub(1, Relaxed);
     }
 }
 
 impl Drop for Guard {
     fn drop(&mut self) {
-        self.finish_failed(vanished());
+        self.end_failed(vanished());
     }
-}
-
-/// Runs a fill to its end. Spawned on its own task: no client hanging up
-/// stops it.
-pub async fn run(cache: Arc<Cache>, upstream: Arc<Upstream>, fill: Arc<Fill>, req: FillRequest) {
-    let m = Arc::clone(&cache.metrics);
-    m.fills_started.fetch_add(1, Relaxed);
-    m.fills_inflight.fetch_add(1, Relaxed);
-    let digest = fill.digest.clone();
-    let mut g = Guard {
-        cache: Arc::clone(&cache),
-        fill: Arc::clone(&fill),
-        reserved: 0,
-        temp: None,
-        armed: true,
-    };
-    let path = format!("/v2/{}/blobs/{}", req.name, digest);
-    let _place = FILLS
-        .acquire()
-        .await
-        .expect("the semaphore is never closed");
-
-    let resp = match upstream.send(Method::GET, &path, &req.headers, &[]).await {
-        Ok(r) => r,
-        Err(e) => return g.fail(Failure::Error(e)),
-    };
-    if resp.status() != StatusCode::OK {
-        let (parts, body) = resp.into_parts();
-        let body = read_capped(body, MAX_RELAY_BODY, upstream.timeout()).await;
-        return g.fail(Failure::Relay {
-            status: parts.status,
-            headers: parts.headers,
-            body,
-        });
-    }
-    let Some(size) = content_length(resp.headers()) else {
-        return g.fail(Failure::Error(upstream.failed(UpstreamError::Invalid(
-            "upstream sent a blob without Content-Length".into(),
-        ))));
-    };
-    if !digest.admits_size(size) {
-        m.digest_mismatches.fetch_add(1, Relaxed);
-        let e = UpstreamError::Invalid(format!("upstream announced {digest} with 0 bytes"));
-        return g.fail(Failure::Error(upstream.failed(e)));
-    }
-    if !cache.reserve(size) {
-        m.uncached_fills.fetch_add(1, Relaxed);
-        tracing::info!(%digest, size, cap = cache.capacity(), "blob will not fit in the cache; streaming it uncached");
-        return g.fail(Failure::Uncached);
-    }
-    g.reserved = size;
-
-    let c2 = Arc::clone(&cache);
-    let created = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
-        let (file, path) = c2.temp_file()?;
-        file.set_len(size)?;
-        let data = super::map(&file)?;
-        Ok((file, path, data))
-    })
-    .await;
-    let (file, temp, data) = match created {
-        Ok(Ok(x)) => x,
-        Ok(Err(e)) => {
-            tracing::warn!(%digest, error = %e, "cannot write to the cache; streaming uncached");
-            m.uncached_fills.fetch_add(1, Relaxed);
-            return g.fail(Failure::Uncached);
-        }
-        Err(_) => return g.fail(Failure::Uncached),
-    };
-    g.temp = Some(temp.clone());
-    let file = Arc::new(file);
-    fill.set(Progress::Streaming {
-        size,
-        data: data.clone(),
-        written: 0,
-    });
-    tracing::debug!(%digest, size, "fill started");
-
-    let mut w = Writer {
-        file: Arc::clone(&file),
-        hasher: Some(Sha256::new()),
-        written: 0,
-        pending: None,
-        written_pending: 0,
-        batch: Vec::new(),
-        batch_len: 0,
-        batch_room: None,
-    };
-    let mut body = resp.into_body();
-    let mut resumes = 0;
-    let mut skip = 0u64; // bytes to drop from a 200 answer to a resume
-    loop {
-        let mut err = loop {
-            let chunk = match tokio::time::timeout(upstream.timeout(), body.frame()).await {
-                Ok(Some(Ok(f))) => match f.into_data() {
-                    Ok(c) => c,
-                    Err(_) => continue,
-                },
-                Ok(None) if w.total() == size => break None,
-                Ok(None) => {
-                    break Some(Error::invalid(format!(
-                        "upstream body ended after {} of {size} bytes",
-                        w.total()
-                    )))
-                }
-                Ok(Some(Err(e))) => {
-                    break Some(Error::from(UpstreamError::Broken {
-                        url: path.clone(),
-                        cause: Cause::new(e),
-                    }))
-                }
-                Err(_) => {
-                    break Some(Error::from(UpstreamError::Timeout {
-                        url: path.clone(),
-                        wait: Wait::Body(upstream.timeout()),
-                    }))
-                }
-            };
-            let mut chunk = chunk;
-            m.upstream_bytes.fetch_add(chunk.len() as u64, Relaxed);
-            if skip > 0 {
-                let n = skip.min(chunk.len() as u64);
-                skip -= n;
-                let _ = chunk.split_to(n as usize);
-            }
-            if w.total() + chunk.len() as u64 > size {
-                m.digest_mismatches.fetch_add(1, Relaxed);
-                tracing::warn!(%digest, size, "upstream sent more bytes than it announced; discarding");
-                let e = Error::invalid(format!("{digest}: longer than its Content-Length"));
-                return g.fail(Failure::Error(e));
-            }
-            if let Err(e) = w.push(chunk, &fill, size, &data).await {
-                return g.fail(write_failed(&digest, e));
-            }
-        };
-        let Some(first_err) = err.take() else { break };
-        // The connection broke: resume from the first byte we lack.
-        if let Err(e) = w.flush(&fill, size, &data).await {
-            return g.fail(write_failed(&digest, e));
-        }
-        let mut why = first_err;
-        loop {
-            m.upstream_errors.fetch_add(1, Relaxed);
-            if resumes >= upstream.retries() {
-                tracing::warn!(%digest, error = %why, resumes, "giving up on the upstream download");
-                return g.fail(Failure::Error(why));
-            }
-            resumes += 1;
-            m.upstream_resumes.fetch_add(1, Relaxed);
-            let from = w.total();
-            tracing::info!(%digest, error = %why, from, attempt = resumes, "resuming the upstream download");
-            tokio::time::sleep(backoff(resumes)).await;
-            let range = HeaderValue::from_str(&format!("bytes={from}-")).expect("ascii");
-            match upstream
-                .send(Method::GET, &path, &req.headers, &[(header::RANGE, range)])
-                .await
-            {
-                Ok(r)
-                    if r.status() == StatusCode::PARTIAL_CONTENT
-                        && range_start(r.headers()) == Some(from) =>
-                {
-                    skip = 0;
-                    body = r.into_body();
-                    break;
-                }
-                Ok(r) if r.status() == StatusCode::OK => {
-                    skip = from;
-                    body = r.into_body();
-                    break;
-                }
-                Ok(r) => why = Error::status("resume", r.status()),
-                Err(e) => why = e,
-            }
-        }
-    }
-    if let Err(e) = w.flush(&fill, size, &data).await {
-        return g.fail(write_failed(&digest, e));
-    }
-    let got = Digest::from_hasher(w.hasher.take().expect("hasher present until the end"));
-    if got != digest {
-        m.digest_mismatches.fetch_add(1, Relaxed);
-        tracing::warn!(%digest, %got, "upstream content does not match its digest; not cached, readers cut off");
-        let e = Error::from(UpstreamError::DigestMismatch {
-            expected: digest.clone(),
-            got,
-        });
-        return g.fail(Failure::Error(e));
-    }
-    fill.set(Progress::Verified { size, data });
-    g.armed = false;
-    let c2 = Arc::clone(&cache);
-    let (d2, f2) = (digest.clone(), Arc::clone(&fill));
-    let commit = move || c2.commit(&d2, size, &temp, &file, Stored::Fill(&f2));
-    match tokio::task::spawn_blocking(commit).await {
-        Ok(Ok(())) => tracing::debug!(%digest, size, "fill committed"),
-        Ok(Err(e)) => tracing::warn!(%digest, error = %e, "verified blob could not be committed"),
-        Err(e) => tracing::warn!(%digest, error = %e, "commit task failed"),
-    }
-    // Counted until committed, so that a graceful shutdown waits for it.
-    m.fills_inflight.fetch_sub(1, Relaxed);
-}
-
-fn write_failed(digest: &Digest, e: std::io::Error) -> Failure {
-    tracing::warn!(%digest, error = %e, "cache write failed");
-    Failure::Error(Error::disk("write a blob", e))
-}
-
-fn backoff(attempt: u32) -> Duration {
-    Duration::from_millis(200 * (1 << attempt.min(5)))
-}
-
-/// Room in [`BUFFERS`] for `n` bytes held in memory; waits while the budget
-/// is spent (waiters are served first come, first served).
-async fn room_for(n: usize) -> tokio::sync::SemaphorePermit<'static> {
-    BUFFERS
-        .acquire_many(n.min(BUFFER_BUDGET) as u32)
-        .await
-        .expect("the budget is never closed")
-}
-
-/// Writes upstream chunks to the temp file in batches, hashing them on the
-/// blocking pool while the next batch is read from the network. Every byte
-/// it holds is counted in [`BUFFERS`].
-struct Writer {
-    file: Arc<File>,
-    /// Taken by a batch in flight, returned when it is written.
-    hasher: Option<Sha256>,
-    /// Bytes on disk and hashed.
-    written: u64,
-    pending: Option<tokio::task::JoinHandle<std::io::Result<(Sha256, u64)>>>,
-    /// Bytes of the batch in flight.
-    written_pending: u64,
-    batch: Vec<Bytes>,
-    batch_len: usize,
-    /// The budget held by `batch`; it goes with the batch to disk.
-    batch_room: Option<tokio::sync::SemaphorePermit<'static>>,
-}
-
-impl Writer {
-    /// Bytes received so far, written or not.
-    fn total(&self) -> u64 {
-        self.written + self.written_pending + self.batch_len as u64
-    }
-
-    async fn push(
-        &mut self,
-        chunk: Bytes,
-        fill: &Fill,
-        size: u64,
-        data: &Bytes,
-    ) -> std::io::Result<()> {
-        let room = match BUFFERS.try_acquire_many(chunk.len().min(BUFFER_BUDGET) as u32) {
-            Ok(p) => p,
-            Err(_) => {
-                // The budget is spent: give back what this fill holds (its
-                // bytes go to disk), then wait for room for this chunk.
-                self.flush(fill, size, data).await?;
-                room_for(chunk.len()).await
-            }
-        };
-        match &mut self.batch_room {
-            Some(r) => r.merge(room),
-            None => self.batch_room = Some(room),
-        }
-        self.batch_len += chunk.len();
-        self.batch.push(chunk);
-        if self.batch_len >= WRITE_BATCH || BUFFERS.available_permits() < GATHER_FLOOR {
-            self.start_batch(fill, size, data).await?;
-        }
-        Ok(())
-    }
-
-    /// Waits for the batch in flight, publishes its bytes, and sends the
-    /// gathered chunks to disk.
-    async fn start_batch(&mut self, fill: &Fill, size: u64, data: &Bytes) -> std::io::Result<()> {
-        self.finish_pending(fill, size, data).await?;
-        if self.batch.is_empty() {
-            return Ok(());
-        }
-        let batch = std::mem::take(&mut self.batch);
-        let len = std::mem::take(&mut self.batch_len) as u64;
-        let room = self.batch_room.take();
-        let mut hasher = self.hasher.take().expect("one batch at a time");
-        let file = Arc::clone(&self.file);
-        let mut off = self.written;
-        self.written_pending = len;
-        self.pending = Some(tokio::task::spawn_blocking(move || {
-            for b in &batch {
-                file.write_all_at(b, off)?;
-                hasher.update(b);
-                off += b.len() as u64;
-            }
-            // The bytes are on disk: their room goes back to the budget.
-            drop((batch, room));
-            Ok((hasher, len))
-        }));
-        Ok(())
-    }
-
-    async fn finish_pending(
-        &mut self,
-        fill: &Fill,
-        size: u64,
-        data: &Bytes,
-    ) -> std::io::Result<()> {
-        let Some(p) = self.pending.take() else {
-            return Ok(());
-        };
-        let (hasher, len) = p.await.map_err(std::io::Error::other)??;
-        self.hasher = Some(hasher);
-        self.written += len;
-        self.written_pending = 0;
-        fill.set(Progress::Streaming {
-            size,
-            data: data.clone(),
-            written: self.written,
-        });
-        Ok(())
-    }
-
-    /// Writes everything received so far.
-    async fn flush(&mut self, fill: &Fill, size: u64, data: &Bytes) -> std::io::Result<()> {
-        self.start_batch(fill, size, data).await?;
-        self.finish_pending(fill, size, data).await
-    }
-}
-
-fn content_length(h: &HeaderMap) -> Option<u64> {
-    h.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
-}
-
-/// The first byte of a `Content-Range: bytes a-b/n` answer.
-fn range_start(h: &HeaderMap) -> Option<u64> {
-    let v = h.get(header::CONTENT_RANGE)?.to_str().ok()?;
-    let rest = v.strip_prefix("bytes ")?;
-    rest.split(['-', '/']).next()?.trim().parse().ok()
-}
-
-/// Reads at most `cap` bytes of a small upstream body (an error document).
-pub async fn read_capped(mut body: Incoming, cap: usize, timeout: Duration) -> Bytes {
-    let mut out = Vec::new();
-    let read = async {
-        while let Some(Ok(f)) = body.frame().await {
-            if let Ok(d) = f.into_data() {
-                let room = cap.saturating_sub(out.len());
-                out.extend_from_slice(&d[..d.len().min(room)]);
-                if out.len() >= cap {
-                    break;
-                }
-            }
-        }
-    };
-    let _ = tokio::time::timeout(timeout, read).await;
-    Bytes::from(out)
 }
 
 /// Streams a blob straight from upstream for one client, checking its digest
@@ -617,15 +417,21 @@ pub fn verified_stream(
             }
             loop {
                 let next = tokio::time::timeout(timeout, st.body.frame()).await;
-                let fail = |st: St, msg: String| {
+                let fail = |st: St, e: UpstreamError| {
                     let mut st = st;
                     st.done = true;
-                    let e: BoxError = msg.into();
-                    Some((Err(e), st))
+                    Some((Err(Error::Upstream(e).into()), st))
                 };
+                let url = || format!("blob {digest}");
                 match next {
-                    Err(_) => return fail(st, "upstream stalled".into()),
-                    Ok(Some(Err(e))) => return fail(st, format!("upstream failed: {e}")),
+                    Err(_) => {
+                        let wait = Wait::Body(timeout);
+                        return fail(st, UpstreamError::Timeout { url: url(), wait });
+                    }
+                    Ok(Some(Err(e))) => {
+                        let cause = Cause::new(e);
+                        return fail(st, UpstreamError::Broken { url: url(), cause });
+                    }
                     Ok(Some(Ok(f))) => {
                         let Ok(chunk) = f.into_data() else { continue };
                         st.seen += chunk.len() as u64;
@@ -638,7 +444,8 @@ pub fn verified_stream(
                             .fetch_add(chunk.len() as u64, Relaxed);
                         if st.seen > size {
                             metrics.digest_mismatches.fetch_add(1, Relaxed);
-                            return fail(st, format!("{digest}: longer than announced"));
+                            let why = format!("{digest}: longer than announced");
+                            return fail(st, UpstreamError::Invalid(why));
                         }
                         if let Some(prev) = st.held.replace(chunk) {
                             return Some((Ok(prev), st));
@@ -648,11 +455,8 @@ pub fn verified_stream(
                         let got = Digest::from_hasher(std::mem::take(&mut st.hasher));
                         if st.seen != size || got != digest {
                             metrics.digest_mismatches.fetch_add(1, Relaxed);
-                            let msg = format!(
-                                "{digest}: upstream sent {} bytes hashing to {got}",
-                                st.seen
-                            );
-                            return fail(st, msg);
+                            let expected = digest.clone();
+                            return fail(st, UpstreamError::DigestMismatch { expected, got });
                         }
                         st.done = true;
                         return st.held.take().map(|b| (Ok(b), st));
@@ -723,20 +527,12 @@ mod tests {
             "the follower waits while the fill connects"
         );
 
-        cache.metrics.fills_inflight.fetch_add(1, Relaxed);
         let refused = Failure::Relay {
             status: StatusCode::UNAUTHORIZED,
             headers: HeaderMap::new(),
             body: Bytes::new(),
         };
-        Guard {
-            cache: Arc::clone(&cache),
-            fill: Arc::clone(&fill),
-            reserved: 0,
-            temp: None,
-            armed: true,
-        }
-        .fail(refused);
+        Guard::new(Arc::clone(&cache), Arc::clone(&fill)).fail(refused);
 
         assert_eq!(
             *rejoin.joined.lock().unwrap(),
@@ -751,7 +547,6 @@ mod tests {
             matches!(cache.join(&digest), Join::Follower(f) if !Arc::ptr_eq(&f, &fill)),
             "the new fill is the one in the table, and the dead fill's end did not remove it"
         );
-        assert_eq!(cache.metrics.fills_inflight.load(Relaxed), 0);
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

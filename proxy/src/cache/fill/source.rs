@@ -1,0 +1,238 @@
+//! Where a fill's bytes come from: the upstream's first answer, and the blob's
+//! bytes in order however often the connection breaks on the way.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+
+use super::{Failure, FillRequest};
+use crate::digest::Digest;
+use crate::error::{Cause, Error, UpstreamError, Wait};
+use crate::metrics::Metrics;
+use crate::upstream::Upstream;
+
+/// Error bodies relayed from upstream are cut at this size.
+const MAX_RELAY_BODY: usize = 64 << 10;
+
+/// Asks the upstream for the blob: its size and body, or why there is none
+/// (a refusal to relay, or an answer that cannot be the blob).
+pub(super) async fn start(
+    upstream: &Upstream,
+    path: &str,
+    req: &FillRequest,
+    digest: &Digest,
+    metrics: &Metrics,
+) -> Result<(u64, Incoming), Failure> {
+    let resp = upstream
+        .send(Method::GET, path, &req.headers, &[])
+        .await
+        .map_err(Failure::Error)?;
+    if resp.status() != StatusCode::OK {
+        let (parts, body) = resp.into_parts();
+        let body = read_capped(body, MAX_RELAY_BODY, upstream.timeout()).await;
+        return Err(Failure::Relay {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        });
+    }
+    let Some(size) = content_length(resp.headers()) else {
+        let e = UpstreamError::Invalid("upstream sent a blob without Content-Length".into());
+        return Err(Failure::Error(upstream.failed(e)));
+    };
+    if !digest.admits_size(size) {
+        metrics.digest_mismatches.fetch_add(1, Relaxed);
+        let e = UpstreamError::Invalid(format!("upstream announced {digest} with 0 bytes"));
+        return Err(Failure::Error(upstream.failed(e)));
+    }
+    Ok((size, resp.into_body()))
+}
+
+/// The `size` bytes of a blob, in order, from an upstream body that may
+/// break. After a cut (an error, a stall longer than the upstream timeout, an
+/// early end) it asks again from the first byte it lacks with `Range`, up to
+/// `retries` times; an upstream that ignores the range and sends the whole
+/// blob has its first bytes skipped.
+pub(super) struct Resumable<'a> {
+    upstream: &'a Upstream,
+    path: &'a str,
+    req: &'a FillRequest,
+    digest: &'a Digest,
+    metrics: &'a Metrics,
+    body: Incoming,
+    size: u64,
+    /// Bytes handed out.
+    pos: u64,
+    /// Bytes to drop from a 200 answer to a resume.
+    skip: u64,
+    resumes: u32,
+    /// Why the body broke, once the empty chunk that announces the resume
+    /// was handed out.
+    cut: Option<Error>,
+}
+
+impl<'a> Resumable<'a> {
+    pub(super) fn new(
+        upstream: &'a Upstream,
+        path: &'a str,
+        req: &'a FillRequest,
+        digest: &'a Digest,
+        metrics: &'a Metrics,
+        (size, body): (u64, Incoming),
+    ) -> Resumable<'a> {
+        Resumable {
+            upstream,
+            path,
+            req,
+            digest,
+            metrics,
+            body,
+            size,
+            pos: 0,
+            skip: 0,
+            resumes: 0,
+            cut: None,
+        }
+    }
+
+    /// The next bytes of the blob; `None` once all `size` have come. An empty
+    /// chunk says that the connection broke and the next call waits to
+    /// resume: the moment to put what the caller holds where its readers
+    /// see it.
+    pub(super) async fn next(&mut self) -> Result<Option<Bytes>, Error> {
+        if let Some(why) = self.cut.take() {
+            self.resume(why).await?;
+        }
+        let timeout = self.upstream.timeout();
+        let why = loop {
+            let frame = match tokio::time::timeout(timeout, self.body.frame()).await {
+                Ok(Some(Ok(f))) => f,
+                Ok(None) if self.pos == self.size => return Ok(None),
+                Ok(None) => {
+                    break Error::invalid(format!(
+                        "upstream body ended after {} of {} bytes",
+                        self.pos, self.size
+                    ))
+                }
+                Ok(Some(Err(e))) => {
+                    break Error::from(UpstreamError::Broken {
+                        url: self.path.to_owned(),
+                        cause: Cause::new(e),
+                    })
+                }
+                Err(_) => {
+                    break Error::from(UpstreamError::Timeout {
+                        url: self.path.to_owned(),
+                        wait: Wait::Body(timeout),
+                    })
+                }
+            };
+            let Ok(mut chunk) = frame.into_data() else {
+                continue;
+            };
+            self.metrics
+                .upstream_bytes
+                .fetch_add(chunk.len() as u64, Relaxed);
+            if self.skip > 0 {
+                let n = self.skip.min(chunk.len() as u64);
+                self.skip -= n;
+                let _ = chunk.split_to(n as usize);
+            }
+            if chunk.is_empty() {
+                continue;
+            }
+            if self.pos + chunk.len() as u64 > self.size {
+                self.metrics.digest_mismatches.fetch_add(1, Relaxed);
+                let (digest, size) = (self.digest, self.size);
+                tracing::warn!(%digest, size, "upstream sent more bytes than it announced; discarding");
+                return Err(Error::invalid(format!(
+                    "{digest}: longer than its Content-Length"
+                )));
+            }
+            self.pos += chunk.len() as u64;
+            return Ok(Some(chunk));
+        };
+        self.cut = Some(why);
+        Ok(Some(Bytes::new()))
+    }
+
+    /// Asks again from the first byte not handed out, until an answer comes
+    /// or the retries are spent.
+    async fn resume(&mut self, mut why: Error) -> Result<(), Error> {
+        let digest = self.digest;
+        loop {
+            self.metrics.upstream_errors.fetch_add(1, Relaxed);
+            if self.resumes >= self.upstream.retries() {
+                let resumes = self.resumes;
+                tracing::warn!(%digest, error = %why, resumes, "giving up on the upstream download");
+                return Err(why);
+            }
+            self.resumes += 1;
+            self.metrics.upstream_resumes.fetch_add(1, Relaxed);
+            let (from, attempt) = (self.pos, self.resumes);
+            tracing::info!(%digest, error = %why, from, attempt, "resuming the upstream download");
+            tokio::time::sleep(backoff(attempt)).await;
+            let range = HeaderValue::from_str(&format!("bytes={from}-")).expect("ascii");
+            let headers = &self.req.headers;
+            match self
+                .upstream
+                .send(Method::GET, self.path, headers, &[(header::RANGE, range)])
+                .await
+            {
+                Ok(r)
+                    if r.status() == StatusCode::PARTIAL_CONTENT
+                        && range_start(r.headers()) == Some(from) =>
+                {
+                    self.skip = 0;
+                    self.body = r.into_body();
+                    return Ok(());
+                }
+                Ok(r) if r.status() == StatusCode::OK => {
+                    self.skip = from;
+                    self.body = r.into_body();
+                    return Ok(());
+                }
+                Ok(r) => why = Error::status("resume", r.status()),
+                Err(e) => why = e,
+            }
+        }
+    }
+}
+
+fn backoff(attempt: u32) -> Duration {
+    Duration::from_millis(200 * (1 << attempt.min(5)))
+}
+
+pub(super) fn content_length(h: &HeaderMap) -> Option<u64> {
+    h.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+}
+
+/// The first byte of a `Content-Range: bytes a-b/n` answer.
+fn range_start(h: &HeaderMap) -> Option<u64> {
+    let v = h.get(header::CONTENT_RANGE)?.to_str().ok()?;
+    let rest = v.strip_prefix("bytes ")?;
+    rest.split(['-', '/']).next()?.trim().parse().ok()
+}
+
+/// Reads at most `cap` bytes of a small upstream body (an error document).
+pub async fn read_capped(mut body: Incoming, cap: usize, timeout: Duration) -> Bytes {
+    let mut out = Vec::new();
+    let read = async {
+        while let Some(Ok(f)) = body.frame().await {
+            if let Ok(d) = f.into_data() {
+                let room = cap.saturating_sub(out.len());
+                out.extend_from_slice(&d[..d.len().min(room)]);
+                if out.len() >= cap {
+                    break;
+                }
+            }
+        }
+    };
+    let _ = tokio::time::timeout(timeout, read).await;
+    Bytes::from(out)
+}
