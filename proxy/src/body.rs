@@ -12,9 +12,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::stream::BoxStream;
 use futures_util::Stream;
-use http_body::{Frame, SizeHint};
+use http_body::{Body as _, Frame, SizeHint};
 use hyper::body::Incoming;
 
+use crate::error::{Error, UpstreamError, Wait};
 use crate::metrics::Metrics;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -90,6 +91,24 @@ impl Idle {
     /// The body gave a frame (or ended).
     fn active(&mut self) {
         self.waiting = false;
+    }
+
+    /// Polls `body` for its next frame; `silent` is the error once it has
+    /// given nothing for the limit.
+    fn poll_frame(
+        &mut self,
+        body: &mut Incoming,
+        cx: &mut Context<'_>,
+        silent: impl FnOnce(Duration) -> Error,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match Pin::new(body).poll_frame(cx) {
+            Poll::Pending if self.expired(cx) => Poll::Ready(Some(Err(silent(self.limit).into()))),
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(f) => {
+                self.active();
+                Poll::Ready(f.map(|f| f.map_err(Into::into)))
+            }
+        }
     }
 }
 
@@ -184,41 +203,28 @@ impl http_body::Body for Body {
                 Poll::Ready(None) => Poll::Ready(None),
                 Poll::Pending => Poll::Pending,
             },
-            Kind::Incoming { body, idle } => match Pin::new(body).poll_frame(cx) {
-                Poll::Pending if idle.expired(cx) => Poll::Ready(Some(Err(format!(
-                    "client body silent for {:?}",
-                    idle.limit
-                )
-                .into()))),
-                Poll::Pending => Poll::Pending,
-                Poll::Ready(f) => {
-                    idle.active();
-                    Poll::Ready(f.map(|f| f.map_err(Into::into)))
-                }
-            },
+            Kind::Incoming { body, idle } => idle.poll_frame(body, cx, Error::ClientStalled),
             Kind::Upstream {
                 body,
                 metrics,
                 idle,
-            } => match Pin::new(body).poll_frame(cx) {
-                Poll::Pending if idle.expired(cx) => Poll::Ready(Some(Err(format!(
-                    "upstream body silent for {:?}",
-                    idle.limit
-                )
-                .into()))),
-                Poll::Pending => Poll::Pending,
-                Poll::Ready(f) => {
-                    idle.active();
-                    if let Some(Ok(d)) = f.as_ref().map(|f| f.as_ref().map(|f| f.data_ref())) {
-                        let n = d.map_or(0, |d| d.len() as u64);
-                        metrics.upstream_bytes.fetch_add(n, Ordering::Relaxed);
-                        metrics
-                            .served_upstream_bytes
-                            .fetch_add(n, Ordering::Relaxed);
-                    }
-                    Poll::Ready(f.map(|f| f.map_err(Into::into)))
+            } => {
+                let silent = |after| {
+                    Error::from(UpstreamError::Timeout {
+                        url: "relayed body".into(),
+                        wait: Wait::Body(after),
+                    })
+                };
+                let polled = idle.poll_frame(body, cx, silent);
+                if let Poll::Ready(Some(Ok(f))) = &polled {
+                    let n = f.data_ref().map_or(0, |d| d.len() as u64);
+                    metrics.upstream_bytes.fetch_add(n, Ordering::Relaxed);
+                    metrics
+                        .served_upstream_bytes
+                        .fetch_add(n, Ordering::Relaxed);
                 }
-            },
+                polled
+            }
         }
     }
 

@@ -167,6 +167,9 @@ pub enum Error {
     BlobUnknown(String),
     #[error("manifest unknown: {0}")]
     ManifestUnknown(String),
+    /// A client's request body that stopped sending (a push).
+    #[error("the request body was silent for {0:?}")]
+    ClientStalled(Duration),
     /// The upstream refused this client: its status and auth challenge.
     #[error("the upstream registry refused these credentials for this repository")]
     Denied {
@@ -228,6 +231,7 @@ impl Error {
             | RangeNotSatisfiable { .. }
             | BlobUnknown(_)
             | ManifestUnknown(_)
+            | ClientStalled(_)
             | Denied { .. } => Origin::Client,
         }
     }
@@ -253,6 +257,7 @@ impl Error {
             RangeNotSatisfiable { .. } => (StatusCode::RANGE_NOT_SATISFIABLE, "RANGE_INVALID"),
             BlobUnknown(_) => (StatusCode::NOT_FOUND, "BLOB_UNKNOWN"),
             ManifestUnknown(_) => (StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN"),
+            ClientStalled(_) => (StatusCode::REQUEST_TIMEOUT, "BLOB_UPLOAD_INVALID"),
             Denied { status, .. } if *status == StatusCode::FORBIDDEN => (*status, "DENIED"),
             Denied { .. } => (StatusCode::UNAUTHORIZED, "UNAUTHORIZED"),
             Upstream(UpstreamError::Timeout { .. }) => (StatusCode::GATEWAY_TIMEOUT, "UNAVAILABLE"),
