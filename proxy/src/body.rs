@@ -35,7 +35,7 @@ enum Kind {
     /// zero copies between the page cache and the socket write.
     Mapped {
         data: Bytes,
-        counter: Option<Arc<AtomicU64>>,
+        counter: Arc<AtomicU64>,
     },
     /// Chunks from a stream that may fail; an `Err` aborts the connection.
     Stream {
@@ -124,7 +124,7 @@ impl Body {
     }
 
     /// Serves `data`; each chunk sent is added to `counter`.
-    pub fn mapped(data: Bytes, counter: Option<Arc<AtomicU64>>) -> Body {
+    pub fn mapped(data: Bytes, counter: Arc<AtomicU64>) -> Body {
         Body {
             kind: Kind::Mapped { data, counter },
         }
@@ -187,9 +187,7 @@ impl http_body::Body for Body {
                 }
                 let n = data.len().min(MAPPED_CHUNK);
                 let chunk = data.split_to(n);
-                if let Some(c) = counter {
-                    c.fetch_add(n as u64, Ordering::Relaxed);
-                }
+                counter.fetch_add(n as u64, Ordering::Relaxed);
                 Poll::Ready(Some(Ok(Frame::data(chunk))))
             }
             Kind::Stream { stream, len } => match Pin::new(stream).poll_next(cx) {

@@ -216,6 +216,19 @@ impl Error {
         })
     }
 
+    /// One of ours somewhere in the chain of `e`: the error a body of
+    /// ours ended with, as hyper reports it back.
+    pub fn within(e: &(dyn std::error::Error + 'static)) -> Option<Error> {
+        let mut next = Some(e);
+        while let Some(e) = next {
+            if let Some(ours) = e.downcast_ref::<Error>() {
+                return Some(ours.clone());
+            }
+            next = e.source();
+        }
+        None
+    }
+
     pub fn origin(&self) -> Origin {
         use Error::*;
         match self {

@@ -61,23 +61,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             anyhow::anyhow!("cannot open cache dir {}: {e}", config.cache_dir.display())
         })?;
 
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
-    let admin = match config.admin_listen {
-        Some(a) => Some(
-            TcpListener::bind(a)
-                .await
-                .map_err(|e| anyhow::anyhow!("cannot listen on {a}: {e}"))?,
-        ),
-        None => None,
-    };
+    let server = Server::bind(&config).await?;
     // Redirects to our own listeners are refused.
-    upstream.set_own_addrs(
-        std::iter::once(&listener)
-            .chain(&admin)
-            .filter_map(|l| l.local_addr().ok()),
-    );
+    upstream.set_own_addrs(server.addrs());
     let tags = Tags::open(&config.cache_dir, config.tag_ttl);
     let auth = Auth::open(&config.cache_dir, &config.auth)
         .map_err(|e| anyhow::anyhow!("cannot set up {}: {e}", config.cache_dir.display()))?;
@@ -89,27 +75,23 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         tokio::spawn(save_allowed_every(Arc::clone(&app), SAVE_ALLOWED_EVERY));
     }
     tracing::info!(
-        addr = %listener.local_addr()?,
+        addr = %server.api.local_addr()?,
         upstream = %config.upstream.url,
         cache_dir = %config.cache_dir.display(),
         cache_size = config.cache_size,
         "regproxy listening"
     );
     if let Some(path) = &config.ready_file {
-        let admin = admin.as_ref().map(TcpListener::local_addr).transpose()?;
-        let ready = serde_json::json!({"listen": [listener.local_addr()?], "admin": admin});
+        let admin = server
+            .admin
+            .as_ref()
+            .map(TcpListener::local_addr)
+            .transpose()?;
+        let ready = serde_json::json!({"listen": [server.api.local_addr()?], "admin": admin});
         write_atomically(path, ready.to_string().as_bytes())
             .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
     }
-    run(
-        listener,
-        admin,
-        config.limits,
-        Arc::clone(&app),
-        shutdown_signal(),
-        config.shutdown_grace,
-    )
-    .await;
+    server.run(Arc::clone(&app), shutdown_signal()).await;
     app.save_allowed().await;
     // Fills past the grace period and their commits end only with the
     // runtime: the lock is held until the process exits, so that no
@@ -336,69 +318,105 @@ impl Listener {
     }
 }
 
-/// Serves the API on `listener` (and the admin endpoints on `admin`) until
-/// `shutdown` completes; then stops accepting, reports not-ready, and lets
-/// transfers in flight finish for at most `grace`.
-pub async fn run(
-    listener: TcpListener,
+/// The bound listeners, and how they serve and drain.
+pub struct Server {
+    api: TcpListener,
     admin: Option<TcpListener>,
     limits: Limits,
-    app: Arc<App>,
-    shutdown: impl Future<Output = ()>,
+    /// `--shutdown-grace`: how long transfers in flight may take to finish.
     grace: Duration,
-) {
-    let ready = Arc::new(AtomicBool::new(true));
-    let graceful = GracefulShutdown::new();
-    let admin_task = admin.map(|l| {
-        if let Ok(a) = l.local_addr() {
-            tracing::info!(addr = %a, "admin listening");
-        }
-        let l = Listener::new(l, limits, PastCap::Refuse, "admin");
-        tokio::spawn(admin_loop(l, Arc::clone(&app), Arc::clone(&ready)))
-    });
-    let listener = Listener::new(listener, limits, PastCap::Wait, "api");
-    tokio::pin!(shutdown);
-    loop {
-        let (stream, peer, permit) = tokio::select! {
-            _ = &mut shutdown => break,
-            c = listener.accept(app.metrics()) => c,
+}
+
+impl Server {
+    /// Binds the API listener and, if configured, the admin one.
+    pub async fn bind(config: &Config) -> anyhow::Result<Server> {
+        let bind = |a: SocketAddr| async move {
+            TcpListener::bind(a)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on {a}: {e}"))
         };
-        let _ = stream.set_nodelay(true);
-        let app = Arc::clone(&app);
-        let svc = service_fn(move |req| {
-            let app = Arc::clone(&app);
-            async move { Ok::<_, std::convert::Infallible>(app.handle(req).await) }
-        });
-        let conn = listener.http1().serve_connection(TokioIo::new(stream), svc);
-        let conn = graceful.watch(conn);
-        tokio::spawn(
-            async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, "connection ended with an error");
-                }
-                drop(permit);
-            }
-            .instrument(tracing::debug_span!("conn", client.addr = %peer)),
-        );
-    }
-    drop(listener);
-    ready.store(false, Ordering::SeqCst);
-    tracing::info!(grace = ?grace, "stopped accepting; waiting for transfers in flight");
-    let deadline = tokio::time::Instant::now() + grace;
-    // Fills run on their own tasks (a client may have hung up): let them
-    // finish and commit too, so that what was fetched is kept. Only requests
-    // start fills, so once the connections are closed no more can start.
-    let drained = async {
-        graceful.shutdown().await;
-        app.fills_done().await;
-    };
-    tokio::select! {
-        _ = drained => tracing::info!("all connections closed, all fills committed"),
-        _ = tokio::time::sleep_until(deadline) => tracing::warn!("grace period over; cutting remaining transfers"),
+        let admin = match config.admin_listen {
+            Some(a) => Some(bind(a).await?),
+            None => None,
+        };
+        Ok(Server {
+            api: bind(config.listen).await?,
+            admin,
+            limits: config.limits,
+            grace: config.shutdown_grace,
+        })
     }
 
-    if let Some(t) = admin_task {
-        t.abort();
+    /// The addresses bound.
+    pub fn addrs(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+        std::iter::once(&self.api)
+            .chain(&self.admin)
+            .filter_map(|l| l.local_addr().ok())
+    }
+
+    /// Serves the API (and the admin endpoints) until `shutdown`
+    /// completes; then stops accepting, reports not-ready, and lets
+    /// transfers and fills in flight finish within the grace period.
+    pub async fn run(self, app: Arc<App>, shutdown: impl Future<Output = ()>) {
+        let Server {
+            api: listener,
+            admin,
+            limits,
+            grace,
+        } = self;
+        let ready = Arc::new(AtomicBool::new(true));
+        let graceful = GracefulShutdown::new();
+        let admin_task = admin.map(|l| {
+            if let Ok(a) = l.local_addr() {
+                tracing::info!(addr = %a, "admin listening");
+            }
+            let l = Listener::new(l, limits, PastCap::Refuse, "admin");
+            tokio::spawn(admin_loop(l, Arc::clone(&app), Arc::clone(&ready)))
+        });
+        let listener = Listener::new(listener, limits, PastCap::Wait, "api");
+        tokio::pin!(shutdown);
+        loop {
+            let (stream, peer, permit) = tokio::select! {
+                _ = &mut shutdown => break,
+                c = listener.accept(app.metrics()) => c,
+            };
+            let _ = stream.set_nodelay(true);
+            let app = Arc::clone(&app);
+            let svc = service_fn(move |req| {
+                let app = Arc::clone(&app);
+                async move { Ok::<_, std::convert::Infallible>(app.handle(req).await) }
+            });
+            let conn = listener.http1().serve_connection(TokioIo::new(stream), svc);
+            let conn = graceful.watch(conn);
+            tokio::spawn(
+                async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                    drop(permit);
+                }
+                .instrument(tracing::debug_span!("conn", client.addr = %peer)),
+            );
+        }
+        drop(listener);
+        ready.store(false, Ordering::SeqCst);
+        tracing::info!(grace = ?grace, "stopped accepting; waiting for transfers in flight");
+        let deadline = tokio::time::Instant::now() + grace;
+        // Fills run on their own tasks (a client may have hung up): let them
+        // finish and commit too, so that what was fetched is kept. Only requests
+        // start fills, so once the connections are closed no more can start.
+        let drained = async {
+            graceful.shutdown().await;
+            app.fills_done().await;
+        };
+        tokio::select! {
+            _ = drained => tracing::info!("all connections closed, all fills committed"),
+            _ = tokio::time::sleep_until(deadline) => tracing::warn!("grace period over; cutting remaining transfers"),
+        }
+
+        if let Some(t) = admin_task {
+            t.abort();
+        }
     }
 }
 

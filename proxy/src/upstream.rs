@@ -258,7 +258,14 @@ impl Upstream {
                         wait: Wait::Response(self.timeout),
                     }))
                 }
-                Ok(Err(e)) => return Err(self.failed(UpstreamError::from_client(redact(&uri), e))),
+                Ok(Err(e)) => {
+                    // A request body of a client's that failed (a push
+                    // that went silent) is the client's failure.
+                    if let Some(theirs) = Error::within(&e) {
+                        return Err(theirs);
+                    }
+                    return Err(self.failed(UpstreamError::from_client(redact(&uri), e)));
+                }
                 Ok(Ok(r)) => r,
             };
             let redirect = matches!(

@@ -1,7 +1,7 @@
 //! Pulls of cached tags while the upstream is down, after regproxy itself
 //! restarted, in the order each client really uses. containerd never asks
 //! `GET /v2/` first, so the proxy must have learned by itself whether the
-//! upstream lets anyone in, and kept it in `state.json`.
+//! upstream lets anyone in, and kept it in `open.json`.
 
 mod support;
 

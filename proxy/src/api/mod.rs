@@ -248,7 +248,7 @@ impl App {
         if head {
             Body::empty()
         } else {
-            Body::mapped(data, Some(Arc::clone(&self.metrics.served_cache_bytes)))
+            Body::mapped(data, Arc::clone(&self.metrics.served_cache_bytes))
         }
     }
 }
