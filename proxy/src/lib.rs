@@ -1,35 +1,38 @@
 //! regproxy: a pull-through caching registry proxy that runs on every node.
 //!
-//! A request flows `server` → `api` → (`cache` | `upstream`):
+//! `main` builds one validated [`config::Config`] and hands each part its
+//! piece. A request flows `server` → `api` → (`cache` | `upstream`); each
+//! piece of state has one owner behind a small API.
 //!
-//! - [`config`]: the command line (clap), every flag also an env var,
-//!   validated once into a [`config::Config`] that hands each part its piece.
-//! - [`units`]: the one grammar of sizes (`20GiB`) and durations (`30s`), loadtest's too.
-//! - [`server`]: binds the listeners, the accept loop, the admin endpoints
-//!   (`/metrics`, `/healthz`, `/readyz`) and graceful shutdown on SIGTERM.
-//! - [`api`]: the OCI distribution routes, what is served from the cache and
-//!   what is relayed.
-//! - [`cache`]: the content-addressed store on disk, its byte-weighted LRU
-//!   index, and single-flight fills that every reader follows while the bytes
-//!   arrive, verified against the digest before commit.
-//! - [`lock`]: one process per cache dir, an exclusive `flock` held while serving.
-//! - [`tags`]: tag → digest with a TTL, persisted, served stale when the
-//!   upstream is down.
-//! - [`auth`]: who may read cached content: the upstream's yes, remembered
-//!   per credential, repository and digest (as keyed hashes), and whether
-//!   the upstream lets anyone in (kept in `open.json`), and when each of
-//!   those answers goes stale.
-//! - [`upstream`]: the HTTP(S) client to the real registry, timeouts, redirects.
-//! - [`digest`]: digests, repository names and references, parsed strictly.
-//! - [`error`]: typed errors with their origin (client, upstream, this node),
-//!   and the one place where they become OCI error responses.
-//! - [`headers`]: the registry API's header names.
-//! - [`body`]: the response body type.
+//! The request path:
+//! - [`server`]: binds the listeners, accept loops with their limits, the
+//!   admin endpoints (`/metrics`, `/healthz`, `/readyz`), and shutdown on
+//!   SIGTERM that drains connections, then the cache's tracked fills.
+//! - [`api`]: the OCI routes. `App` holds the owners below; `api/authorize`
+//!   asks the upstream before cached content goes out, `api/manifest`
+//!   revalidates a tag under its single-flight, `api/relay` passes the rest.
+//! - [`error`]: typed errors with their origin (client, upstream, this
+//!   node), and the one place where they become OCI error responses.
+//!
+//! The owners of state:
+//! - [`cache`]: content-addressed blobs on disk, a byte-weighted LRU index,
+//!   and single-flight fills (tracked tasks, one span per digest) that every
+//!   reader follows as the bytes land in a `cache/growing` file, verified
+//!   before commit.
+//! - [`tags`]: tag → digest with a TTL, persisted in `state.json`.
+//! - [`auth`]: the upstream's yes per credential, repository and digest, and
+//!   whether it lets anyone in (`open.json`), each with its stale rule.
+//! - [`upstream`]: the HTTP(S) client to the real registry, its timeouts,
+//!   redirects and retry policy.
 //! - [`metrics`]: counters in the Prometheus text format.
-//! - [`resolve`]: upstream name resolution, `getaddrinfo` or DNS only (never
-//!   the node's `/etc/hosts`, where the registry name points back at us).
-//! - [`hosts`]: node set-up, `regproxy hosts ...`: the `/etc/hosts` line and
-//!   containerd's `hosts.toml`, written and removed in place.
+//! - [`lock`]: one process per cache dir, an exclusive `flock`.
+//!
+//! Foundations: [`config`] (flags, each also an env var), [`units`] (sizes
+//! and durations, loadtest's too), [`digest`] (digests, names, references,
+//! parsed strictly), [`headers`], [`body`] (the response body type),
+//! [`resolve`] (upstream name resolution that never reads the node's
+//! `/etc/hosts`). Node set-up: [`hosts`] (`regproxy hosts ...`: the
+//! `/etc/hosts` line and containerd's `hosts.toml`).
 #![deny(unsafe_code)]
 
 pub mod api;
