@@ -124,13 +124,7 @@ impl App {
         headers.remove(header::RANGE);
         let resp = self.upstream.send(Method::GET, path, &headers, &[]).await?;
         if resp.status() != StatusCode::OK {
-            let (p, body) = resp.into_parts();
-            return Ok(self.relayed(
-                parts,
-                p.status,
-                &p.headers,
-                Body::upstream(body, Arc::clone(&self.metrics), self.upstream.timeout()),
-            ));
+            return Ok(self.relayed_upstream(parts, resp));
         }
         let size = resp
             .headers()

@@ -4,7 +4,6 @@
 //! the last digest it gave is served.
 
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
@@ -141,11 +140,7 @@ impl App {
             ) {
                 self.auth.deny(&cred, name, expect);
             }
-            let (p, body) = resp.into_parts();
-            let body = Body::upstream(body, Arc::clone(&self.metrics), self.upstream.timeout());
-            return Ok(Fetched::Relayed(
-                self.relayed(parts, p.status, &p.headers, body),
-            ));
+            return Ok(Fetched::Relayed(self.relayed_upstream(parts, resp)));
         }
         let (p, body) = resp.into_parts();
         let media_type = p

@@ -43,9 +43,7 @@ impl App {
             }
             _ => self.upstream.send(m, pq, &parts.headers, &[]).await?,
         };
-        let (p, body) = resp.into_parts();
-        let body = Body::upstream(body, Arc::clone(&self.metrics), self.upstream.timeout());
-        Ok(self.relayed(parts, p.status, &p.headers, body))
+        Ok(self.relayed_upstream(parts, resp))
     }
 
     /// A manifest push: relayed, and once the upstream accepted it, put into
@@ -110,9 +108,7 @@ impl App {
                 self.tags.put(name, &tag, digest.to_string(), t).await;
             }
         }
-        let (p, body) = resp.into_parts();
-        let body = Body::upstream(body, Arc::clone(&self.metrics), self.upstream.timeout());
-        Ok(self.relayed(parts, p.status, &p.headers, body))
+        Ok(self.relayed_upstream(parts, resp))
     }
 
     /// A manifest delete: relayed, and once the upstream accepted it, the
@@ -169,6 +165,17 @@ impl App {
     }
 
     /// Copies an upstream response head, pointing its URLs at the proxy.
+    /// The upstream's answer, relayed to this client as it streams.
+    pub(super) fn relayed_upstream(
+        &self,
+        parts: &Parts,
+        resp: Response<Incoming>,
+    ) -> Response<Body> {
+        let (p, body) = resp.into_parts();
+        let body = Body::upstream(body, Arc::clone(&self.metrics), self.upstream.timeout());
+        self.relayed(parts, p.status, &p.headers, body)
+    }
+
     pub(super) fn relayed(
         &self,
         parts: &Parts,
