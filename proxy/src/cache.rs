@@ -522,7 +522,8 @@ mod tests {
 
     #[tokio::test]
     async fn index_is_rebuilt_and_leftovers_swept() {
-        let dir = tempdir();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("cache");
         let m = Arc::new(Metrics::default());
         let c = Arc::new(Cache::open(&dir, 1 << 20, m.clone()).unwrap());
         c.put_manifest(
@@ -553,7 +554,8 @@ mod tests {
 
     #[tokio::test]
     async fn cap_evicts_least_recently_used() {
-        let dir = tempdir();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("cache");
         let m = Arc::new(Metrics::default());
         let c = Arc::new(Cache::open(&dir, 10, m.clone()).unwrap());
         for b in [&b"aaaa"[..], b"bbbb"] {
@@ -591,7 +593,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_vanished_file_forgets_only_the_entry_that_was_looked_up() {
-        let dir = tempdir();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("cache");
         let c = Arc::new(Cache::open(&dir, 1 << 20, Arc::new(Metrics::default())).unwrap());
         let d = digest(b"{}");
         c.put_manifest(d.clone(), "t".into(), Bytes::from_static(b"{}"))
@@ -614,16 +617,5 @@ mod tests {
             "the entry committed meanwhile should stay in the index"
         );
         fs::remove_dir_all(dir).unwrap();
-    }
-
-    fn tempdir() -> PathBuf {
-        static N: AtomicU64 = AtomicU64::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "regproxy-cache-test-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Relaxed)
-        ));
-        let _ = fs::remove_dir_all(&p);
-        p
     }
 }

@@ -96,8 +96,8 @@ mod tests {
 
     #[test]
     fn a_second_holder_is_refused_with_the_first_ones_pid() {
-        let dir = std::env::temp_dir().join(format!("regproxy-lock-test-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("cache");
         let first = CacheLock::acquire(&dir).expect("a fresh dir locks");
         // flock locks belong to the open file, so a second open in the same
         // process conflicts just as another process would.

@@ -247,21 +247,10 @@ impl Drop for Flight<'_> {
 mod tests {
     use super::*;
 
-    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
-    fn dir() -> PathBuf {
-        let p = std::env::temp_dir().join(format!(
-            "regproxy-tags-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&p).unwrap();
-        p
-    }
-
     #[tokio::test]
     async fn tags_persist_and_expire() {
-        let d = dir();
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path().to_path_buf();
         let t = Arc::new(Tags::open(&d, Duration::from_secs(60)));
         t.put("team/app", "v1", "sha256:aa".into(), "application/x".into())
             .await;
@@ -283,7 +272,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_tag_is_fresh_until_its_ttl_and_revalidated_from_then() {
-        let d = dir();
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path().to_path_buf();
         let ttl = Duration::from_secs(30);
         let t = Arc::new(Tags::open(&d, ttl));
         t.put("a", "v1", "sha256:aa".into(), "application/x".into())
@@ -309,7 +299,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn one_flight_per_tag() {
-        let d = dir();
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path().to_path_buf();
         let t = Arc::new(Tags::open(&d, Duration::from_secs(1)));
         let f = t.flight("a", "v1").await;
         let t2 = Arc::clone(&t);

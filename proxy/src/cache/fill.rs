@@ -501,8 +501,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_fill_leaves_the_table_before_followers_hear_of_it() {
-        let dir = std::env::temp_dir().join(format!("regproxy-fill-test-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("cache");
         let cache = Arc::new(Cache::open(&dir, 1 << 20, Arc::new(Metrics::default())).unwrap());
         let digest = Digest::of(b"a blob the upstream refuses");
         let Join::Leader(fill) = cache.join(&digest) else {

@@ -113,24 +113,13 @@ fn map(file: &File, len: u64) -> io::Result<Bytes> {
 mod tests {
     use super::*;
 
-    fn temp_file(tag: &str) -> (File, std::path::PathBuf) {
-        let p = std::env::temp_dir().join(format!(
-            "regproxy-growing-{tag}-{}.part",
-            std::process::id()
-        ));
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&p)
-            .unwrap();
-        (f, p)
+    fn temp_file() -> (File, tempfile::TempPath) {
+        tempfile::NamedTempFile::new().unwrap().into_parts()
     }
 
     #[test]
     fn hands_out_only_what_is_written() {
-        let (f, p) = temp_file("only-written");
+        let (f, p) = temp_file();
         let mut g = Growing::new(f, 6).unwrap();
         assert!(
             g.readable().is_empty(),
@@ -153,11 +142,11 @@ mod tests {
 
     #[test]
     fn an_incomplete_file_is_not_complete() {
-        let (f, p) = temp_file("incomplete");
+        let (f, p) = temp_file();
         let mut g = Growing::new(f, 4).unwrap();
         g.append(&[Bytes::from_static(b"ab")]).unwrap();
         assert!(g.complete().is_none(), "two of four bytes are not all");
-        let (f, _) = temp_file("incomplete");
+        let (f, _) = temp_file();
         let g = Growing::new(f, 0).unwrap();
         assert!(
             g.complete().is_some_and(|b| b.is_empty()),
