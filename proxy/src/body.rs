@@ -15,7 +15,7 @@ use futures_util::Stream;
 use http_body::{Body as _, Frame, SizeHint};
 use hyper::body::Incoming;
 
-use crate::error::{Error, UpstreamError, Wait};
+use crate::error::{Cause, Error, UpstreamError, Wait};
 use crate::metrics::Metrics;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -94,19 +94,20 @@ impl Idle {
     }
 
     /// Polls `body` for its next frame; `silent` is the error once it has
-    /// given nothing for the limit.
+    /// given nothing for the limit, `broken` the error its failure becomes.
     fn poll_frame(
         &mut self,
         body: &mut Incoming,
         cx: &mut Context<'_>,
         silent: impl FnOnce(Duration) -> Error,
+        broken: impl FnOnce(hyper::Error) -> Error,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match Pin::new(body).poll_frame(cx) {
             Poll::Pending if self.expired(cx) => Poll::Ready(Some(Err(silent(self.limit).into()))),
             Poll::Pending => Poll::Pending,
             Poll::Ready(f) => {
                 self.active();
-                Poll::Ready(f.map(|f| f.map_err(Into::into)))
+                Poll::Ready(f.map(|f| f.map_err(|e| broken(e).into())))
             }
         }
     }
@@ -201,7 +202,9 @@ impl http_body::Body for Body {
                 Poll::Ready(None) => Poll::Ready(None),
                 Poll::Pending => Poll::Pending,
             },
-            Kind::Incoming { body, idle } => idle.poll_frame(body, cx, Error::ClientStalled),
+            Kind::Incoming { body, idle } => idle.poll_frame(body, cx, Error::ClientStalled, |e| {
+                Error::ClientAborted(Cause::new(e))
+            }),
             Kind::Upstream {
                 body,
                 metrics,
@@ -213,7 +216,13 @@ impl http_body::Body for Body {
                         wait: Wait::Body(after),
                     })
                 };
-                let polled = idle.poll_frame(body, cx, silent);
+                let broken = |e| {
+                    Error::from(UpstreamError::Broken {
+                        url: "relayed body".into(),
+                        cause: Cause::new(e),
+                    })
+                };
+                let polled = idle.poll_frame(body, cx, silent, broken);
                 if let Poll::Ready(Some(Ok(f))) = &polled {
                     let n = f.data_ref().map_or(0, |d| d.len() as u64);
                     metrics.upstream_bytes.fetch_add(n, Ordering::Relaxed);

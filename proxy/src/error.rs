@@ -90,8 +90,10 @@ impl fmt::Display for Cause {
 /// Which wait on the upstream ran out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Wait {
-    /// `--connect-timeout`: no TCP connection.
+    /// `--connect-timeout`, or the resolver's own: no TCP connection.
     Connect,
+    /// The kernel gave up on an open connection (`ETIMEDOUT`).
+    Network,
     /// `--upstream-timeout`: no response head.
     Response(Duration),
     /// `--upstream-timeout`: a response body that stopped sending.
@@ -105,6 +107,7 @@ pub enum UpstreamError {
     Unreachable { url: String, cause: Cause },
     #[error("{url}: {}", match .wait {
         Wait::Connect => "no connection within --connect-timeout".to_string(),
+        Wait::Network => "the connection timed out".to_string(),
         Wait::Response(d) => format!("no response within {d:?}"),
         Wait::Body(d) => format!("the body stalled for {d:?}"),
     })]
@@ -124,16 +127,19 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
-    /// A failure of the upstream HTTP client, by kind: a connect that timed
-    /// out, a connect that failed, or a connection that broke.
+    /// A failure of the upstream HTTP client, by kind: a wait that timed
+    /// out (a DNS lookup, a connect, a connection the kernel gave up on), a
+    /// connect that failed, or a connection that broke.
     pub fn from_client(url: String, e: hyper_util::client::legacy::Error) -> UpstreamError {
         let connect = e.is_connect();
         let cause = Cause::new(e);
-        if connect && cause.is_io(io::ErrorKind::TimedOut) {
-            UpstreamError::Timeout {
-                url,
-                wait: Wait::Connect,
-            }
+        if cause.is_io(io::ErrorKind::TimedOut) {
+            let wait = if connect {
+                Wait::Connect
+            } else {
+                Wait::Network
+            };
+            UpstreamError::Timeout { url, wait }
         } else if connect {
             UpstreamError::Unreachable { url, cause }
         } else {
@@ -167,6 +173,9 @@ pub enum Error {
     BlobUnknown(String),
     #[error("manifest unknown: {0}")]
     ManifestUnknown(String),
+    /// A client's request body that broke off (a push whose client hung up).
+    #[error("the request body broke off: {0}")]
+    ClientAborted(Cause),
     /// A client's request body that stopped sending (a push).
     #[error("the request body was silent for {0:?}")]
     ClientStalled(Duration),
@@ -245,6 +254,7 @@ impl Error {
             | BlobUnknown(_)
             | ManifestUnknown(_)
             | ClientStalled(_)
+            | ClientAborted(_)
             | Denied { .. } => Origin::Client,
         }
     }
@@ -271,6 +281,7 @@ impl Error {
             BlobUnknown(_) => (StatusCode::NOT_FOUND, "BLOB_UNKNOWN"),
             ManifestUnknown(_) => (StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN"),
             ClientStalled(_) => (StatusCode::REQUEST_TIMEOUT, "BLOB_UPLOAD_INVALID"),
+            ClientAborted(_) => (StatusCode::BAD_REQUEST, "BLOB_UPLOAD_INVALID"),
             Denied { status, .. } if *status == StatusCode::FORBIDDEN => (*status, "DENIED"),
             Denied { .. } => (StatusCode::UNAUTHORIZED, "UNAUTHORIZED"),
             Upstream(UpstreamError::Timeout { .. }) => (StatusCode::GATEWAY_TIMEOUT, "UNAVAILABLE"),

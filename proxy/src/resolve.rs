@@ -102,7 +102,12 @@ impl Resolver {
                 let dns = dns.clone();
                 Box::pin(async move {
                     let lookup = dns.lookup_ip(name.as_str()).await.map_err(|e| {
-                        io::Error::other(format!("resolving {name} through DNS: {e}"))
+                        // A DNS server that does not answer is a timeout.
+                        let kind = match e {
+                            hickory_resolver::net::NetError::Timeout => io::ErrorKind::TimedOut,
+                            _ => io::ErrorKind::Other,
+                        };
+                        io::Error::new(kind, format!("resolving {name} through DNS: {e}"))
                     })?;
                     non_empty(
                         &name,

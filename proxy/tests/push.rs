@@ -249,3 +249,114 @@ async fn a_push_body_that_stalls_is_ended_and_its_upstream_request_aborted() {
         "the upstream request should be aborted within the timeout and a margin"
     );
 }
+
+/// Opens a connection that sends a `PUT` of a manifest with `Content-Length:
+/// len` and all of its body but the last 16 bytes, then waits; returns the
+/// proxy's answer once it ends the request.
+async fn trickled_manifest_push(proxy: std::net::SocketAddr, len: usize) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut c = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    let head = format!(
+        "PUT /v2/team/flood/manifests/t HTTP/1.1\r\nhost: x\r\n\
+         content-type: application/vnd.oci.image.manifest.v1+json\r\n\
+         content-length: {len}\r\n\r\n"
+    );
+    c.write_all(head.as_bytes()).await.unwrap();
+    // The proxy may not read it all before it answers: a write it refuses is fine.
+    let _ = c.write_all(&vec![b' '; len - 16]).await;
+    let mut answer = Vec::new();
+    // The proxy may also just close the connection after its answer.
+    let _ = tokio::time::timeout(PATIENCE, c.read_to_end(&mut answer))
+        .await
+        .expect("the proxy should end a push whose body never completes");
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_flood_of_trickled_manifest_pushes_waits_for_room_instead_of_growing_memory() {
+    const PUSHES: usize = 64;
+    let reg = Registry::start();
+    let cache = temp_dir("cache");
+    let proxy = Proxy::start(&reg.url(), cache.path(), &["--upstream-timeout", "1s"]);
+    let rss = RssSampler::start(proxy.pid());
+
+    // Each would hold 1 MiB in memory if its body were read at once.
+    let answers = futures_util::future::join_all(
+        (0..PUSHES).map(|_| trickled_manifest_push(proxy.addr, MIB)),
+    )
+    .await;
+    let peak = rss.finish();
+    for a in &answers {
+        assert!(
+            a.starts_with("HTTP/1.1 408"),
+            "a push that never finishes its body is the client's timeout: {a}"
+        );
+    }
+    assert!(
+        peak < 40 * MIB as u64,
+        "{PUSHES} pushes of 1 MiB that never finish should share the push budget, \
+         not take {} MiB",
+        peak >> 20
+    );
+
+    // One larger than any manifest is refused before its body is read: its
+    // head alone gets the answer.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut c = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let head = format!(
+        "PUT /v2/team/flood/manifests/t HTTP/1.1\r\nhost: x\r\n\
+         content-type: application/vnd.oci.image.manifest.v1+json\r\n\
+         content-length: {}\r\n\r\n",
+        4 * MIB + 1
+    );
+    c.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = vec![0u8; 64];
+    let n = tokio::time::timeout(PATIENCE, c.read(&mut answer))
+        .await
+        .expect("an oversized manifest push is answered at once")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_hangs_up_mid_push_is_not_an_upstream_error() {
+    use tokio::io::AsyncWriteExt;
+    let reg = Registry::start();
+    let cache = temp_dir("cache");
+    let proxy = Proxy::start(&reg.url(), cache.path(), &[]);
+    proxy.wait_learned_open();
+    let (st, h, _) = request(
+        Method::POST,
+        &format!("{}/v2/team/gone/blobs/uploads/", proxy.url()),
+        &[],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(st, StatusCode::ACCEPTED);
+    let location = h["location"].to_str().unwrap().to_owned();
+    let path = location.strip_prefix(&proxy.url()).unwrap().to_owned();
+    let before = proxy.metric("regproxy_upstream_errors_total").await;
+
+    let mut c = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let head = format!(
+        "PATCH {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/octet-stream\r\n\
+         content-length: {MIB}\r\n\r\n"
+    );
+    c.write_all(head.as_bytes()).await.unwrap();
+    c.write_all(&[7u8; 4096]).await.unwrap();
+    drop(c);
+
+    let logs = || proxy.logs();
+    wait_until(
+        || logs().contains("request body broke off"),
+        "the proxy to see the client's body break off",
+    )
+    .await;
+    assert_eq!(
+        proxy.metric("regproxy_upstream_errors_total").await,
+        before,
+        "a client that hangs up is not the upstream's failure: {}",
+        proxy.logs()
+    );
+}

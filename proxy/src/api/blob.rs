@@ -23,6 +23,9 @@ impl App {
         // A few rounds at most: a miss that finds the blob committed meanwhile
         // looks again, and a follower whose leader was refused by the
         // upstream starts a fill with its own credentials.
+        // Why the last round gave nothing, if every round does.
+        const VANISHED: &str = "the blob vanished from the cache as it was committed";
+        let mut last = Error::Internal(VANISHED);
         for _ in 0..3 {
             if let Some(hit) = self.cache.get(&d, false).await {
                 self.authorize(parts, name, &d, false).await?;
@@ -40,7 +43,10 @@ impl App {
                     .map(|r| (Outcome::Passthrough, r));
             }
             let (fill, leader) = match self.cache.join(&d) {
-                Join::Committed => continue,
+                Join::Committed => {
+                    last = Error::Internal(VANISHED);
+                    continue;
+                }
                 Join::Follower(f) => {
                     self.authorize(parts, name, &d, false).await?;
                     (f, false)
@@ -83,7 +89,10 @@ impl App {
                 }
                 // The leader's answer was about its credentials and its
                 // repository; this client asks with its own.
-                Err(Failure::Relay { .. }) if !leader => continue,
+                Err(Failure::Relay { status, .. }) if !leader => {
+                    last = Error::status("the fill of another client", status);
+                    continue;
+                }
 
                 Err(Failure::Relay {
                     status,
@@ -108,9 +117,7 @@ impl App {
                     .map(|r| (Outcome::Passthrough, r)),
             };
         }
-        Err(Error::Internal(
-            "the blob vanished from the cache on every attempt",
-        ))
+        Err(last)
     }
 
     /// A blob that will not be kept: straight from upstream, still verified.

@@ -59,6 +59,10 @@ enum Revalidated {
 }
 
 fn manifest_response(d: &Digest, media_type: &str, len: usize) -> http::response::Builder {
+    // A type that is no header value (never stored since pushes check it,
+    // but the cache dir may be older) must not make the response invalid.
+    let media_type = HeaderValue::from_str(media_type)
+        .unwrap_or(HeaderValue::from_static("application/octet-stream"));
     Response::builder()
         .header(header::CONTENT_TYPE, media_type)
         .header(header::CONTENT_LENGTH, len)

@@ -13,6 +13,8 @@ use http::{Method, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
+use tokio::sync::Semaphore;
+
 use super::manifest::MAX_MANIFEST;
 use super::App;
 use crate::body::Body;
@@ -20,6 +22,15 @@ use crate::digest::{Digest, Reference};
 use crate::error::Error;
 use crate::headers::CONTENT_DIGEST;
 use crate::upstream::is_hop_by_hop;
+
+/// KiB of manifest pushes held in memory at once, all clients together. A
+/// push is read whole before it is relayed (the node caches what the
+/// upstream accepts); past this, pushes wait for room instead of growing
+/// memory. Each holds its room for at most the upstream timeout of reading
+/// plus the upstream's answer. A push without `Content-Length` takes room
+/// for the largest manifest.
+const PUSH_BUDGET_KIB: usize = 8 << 10;
+static PUSH_BUDGET: Semaphore = Semaphore::const_new(PUSH_BUDGET_KIB);
 
 impl App {
     /// Relays the request; `body` is the client's, for the methods that carry one.
@@ -56,9 +67,28 @@ impl App {
         name: &str,
         reference: Reference,
     ) -> Result<Response<Body>, Error> {
-        let bytes = http_body_util::Limited::new(body, MAX_MANIFEST)
-            .collect()
+        let len = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+        if len.is_some_and(|l| l > MAX_MANIFEST) {
+            return Err(Error::ManifestInvalid(format!(
+                "a manifest may have {MAX_MANIFEST} bytes at most"
+            )));
+        }
+        // Held until the bytes are dropped, after the upstream's answer.
+        let kib = len.unwrap_or(MAX_MANIFEST).div_ceil(1 << 10).max(1);
+        let _room = PUSH_BUDGET
+            .acquire_many(kib as u32)
             .await
+            .expect("the semaphore is never closed");
+        // The whole body within the upstream timeout: a client that trickles
+        // it holds its room no longer than that.
+        let within = self.upstream.timeout();
+        let read = http_body_util::Limited::new(body, MAX_MANIFEST).collect();
+        let bytes = tokio::time::timeout(within, read)
+            .await
+            .map_err(|_| Error::ClientStalled(within))?
             .map_err(|e| Error::ManifestInvalid(format!("manifest body: {e}")))?
             .to_bytes();
         let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
@@ -77,7 +107,8 @@ impl App {
             // pusher's `Content-Type` is not what every other client gets.
             let declared = serde_json::from_slice::<serde_json::Value>(&bytes)
                 .ok()
-                .and_then(|v| v["mediaType"].as_str().map(str::to_owned));
+                .and_then(|v| v["mediaType"].as_str().map(str::to_owned))
+                .filter(|t| HeaderValue::from_str(t).is_ok());
             let sent = parts
                 .headers
                 .get(header::CONTENT_TYPE)
@@ -164,7 +195,6 @@ impl App {
         self.rewrite(parts, v)
     }
 
-    /// Copies an upstream response head, pointing its URLs at the proxy.
     /// The upstream's answer, relayed to this client as it streams.
     pub(super) fn relayed_upstream(
         &self,
@@ -176,6 +206,7 @@ impl App {
         self.relayed(parts, p.status, &p.headers, body)
     }
 
+    /// Copies an upstream response head, pointing its URLs at the proxy.
     pub(super) fn relayed(
         &self,
         parts: &Parts,

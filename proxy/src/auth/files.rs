@@ -106,5 +106,8 @@ pub(super) fn save_open(dir: &Path, open: bool) -> std::io::Result<()> {
         upstream_open: open,
     })?)?;
     f.sync_data()?;
-    std::fs::rename(&tmp, &path)
+    std::fs::rename(&tmp, &path)?;
+    // The rename itself on stable storage: after a power loss, a "closed"
+    // just learned must not come back as the "open" before it.
+    std::fs::File::open(dir)?.sync_all()
 }
