@@ -11,21 +11,21 @@ use support::*;
 
 const MIB: usize = 1 << 20;
 
+/// Opens an upload session of `repo` through the proxy; its `Location`.
+async fn start_upload(proxy: &Proxy, repo: &str) -> String {
+    let url = format!("{}/v2/{repo}/blobs/uploads/", proxy.url());
+    let (st, h, _) = request(Method::POST, &url, &[], Bytes::new()).await;
+    assert_eq!(st, StatusCode::ACCEPTED);
+    h["location"].to_str().unwrap().to_owned()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_1gib_layer_push_streams_through_with_bounded_memory() {
     let reg = Registry::start();
     let cache = temp_dir("cache");
     let proxy = Proxy::start(&reg.url(), cache.path(), &[]);
 
-    let (st, h, _) = request(
-        Method::POST,
-        &format!("{}/v2/team/big/blobs/uploads/", proxy.url()),
-        &[],
-        Bytes::new(),
-    )
-    .await;
-    assert_eq!(st, StatusCode::ACCEPTED);
-    let location = h["location"].to_str().unwrap().to_owned();
+    let location = start_upload(&proxy, "team/big").await;
     assert!(
         location.starts_with(&proxy.url()),
         "Location points back at the proxy, not the upstream: {location}"
@@ -326,15 +326,7 @@ async fn a_client_that_hangs_up_mid_push_is_not_an_upstream_error() {
     let cache = temp_dir("cache");
     let proxy = Proxy::start(&reg.url(), cache.path(), &[]);
     proxy.wait_learned_open();
-    let (st, h, _) = request(
-        Method::POST,
-        &format!("{}/v2/team/gone/blobs/uploads/", proxy.url()),
-        &[],
-        Bytes::new(),
-    )
-    .await;
-    assert_eq!(st, StatusCode::ACCEPTED);
-    let location = h["location"].to_str().unwrap().to_owned();
+    let location = start_upload(&proxy, "team/gone").await;
     let path = location.strip_prefix(&proxy.url()).unwrap().to_owned();
     let before = proxy.metric("regproxy_upstream_errors_total").await;
 
