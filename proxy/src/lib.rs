@@ -26,6 +26,7 @@
 //!   redirects and retry policy.
 //! - [`metrics`]: counters in the Prometheus text format.
 //! - [`lock`]: one process per cache dir, an exclusive `flock`.
+//! - [`instance`]: this process's id among those sharing a cache dir.
 //!
 //! Foundations: [`config`] (flags, each also an env var), [`units`] (sizes
 //! and durations, loadtest's too), [`digest`] (digests, names, references,
@@ -44,6 +45,7 @@ pub mod digest;
 pub mod error;
 pub mod headers;
 pub mod hosts;
+pub mod instance;
 pub mod lock;
 pub mod metrics;
 pub mod resolve;
