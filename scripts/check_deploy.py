@@ -432,12 +432,15 @@ def run_commands(binary, ctx):
             return subprocess.run([binary, *args], capture_output=True, text=True)
 
         # What serve keeps on the node, with the DaemonSet's name and
-        # address: `regproxy hosts` writes it the same way.
+        # address: `regproxy hosts` writes it the same way. The fallback
+        # server is the upstream Service's cluster IP, which serve resolves
+        # at run time; a stand-in here.
         listen = s.get("--listen", "")
         name = s.get("--registry-name", "")
+        server = s.get("--containerd-server") or "http://10.96.0.57:5000"
         setup = [
             ["hosts", "ensure", "--hosts-file=", f"--name={name}", f"--address={listen.rpartition(':')[0]}"],
-            ["hosts", "containerd", "ensure", "--certs-dir=", f"--name={name}", f"--endpoint=http://{listen}"],
+            ["hosts", "containerd", "ensure", "--certs-dir=", f"--name={name}", f"--endpoint=http://{listen}", f"--server={server}"],
         ]
         for args in setup:
             for attempt in ("first", "second"):
