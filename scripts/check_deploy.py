@@ -204,6 +204,13 @@ def check_manifests(docs, job, uninstall_sh):
         f"maxSurge: {rolling.get('maxSurge')}",
         key="max-surge",
     )
+    check(
+        "the old pod stays until the new one has been ready a while (minReadySeconds > 0: "
+        "during the overlap either process may answer either pod's probes)",
+        ds["spec"].get("minReadySeconds", 0) > 0,
+        f"minReadySeconds: {ds['spec'].get('minReadySeconds')}",
+        key="min-ready",
+    )
     all_containers = spec.get("containers", []) + (spec.get("initContainers") or [])
     declared = [
         f"{c['name']}:{p.get('hostPort', p.get('containerPort'))}"
@@ -524,6 +531,7 @@ MUTATIONS = [
     ("maxUnavailable: 1", "max-unavailable-0", lambda d: _set(_rolling(d), "maxUnavailable", 1)),
     ("maxUnavailable: 10%", "max-unavailable-0", lambda d: _set(_rolling(d), "maxUnavailable", "10%")),
     ("maxSurge: 0", "max-surge", lambda d: _set(_rolling(d), "maxSurge", 0)),
+    ("no minReadySeconds", "min-ready", lambda d: _ds(d)["spec"].pop("minReadySeconds")),
     ("no Pod Security label on the namespace", "psa-privileged",
      lambda d: by_kind(d, "Namespace", "registry")["metadata"].pop("labels")),
     ("the namespace enforcing baseline", "psa-privileged",
