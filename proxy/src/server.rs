@@ -67,7 +67,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let tags = Tags::open(&config.cache_dir, config.tag_ttl);
     let auth = Auth::open(&config.cache_dir, &config.auth)
         .map_err(|e| anyhow::anyhow!("cannot set up {}: {e}", config.cache_dir.display()))?;
-    let app = Arc::new(App::new(cache, upstream, tags, auth, metrics));
+    // The node path (--registry-name): kept and checked from now on, the
+    // first round at once, now that the API listener is bound.
+    let node = crate::node::start(&config, server.api.local_addr()?, &metrics)?;
+    let app = Arc::new(App::new(cache, upstream, tags, auth, metrics).with_node(node));
     // Learn whether the upstream lets anyone in now, not when a client
     // happens to ask `/v2/` (containerd never does).
     tokio::spawn(Arc::clone(&app).watch_openness());
@@ -447,12 +450,17 @@ fn admin_response(path: &str, app: &App, ready: bool) -> Response<Body> {
             app.metrics().render(),
         ),
         "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
-        "/readyz" if ready => (StatusCode::OK, "text/plain", "ready\n".to_owned()),
-        "/readyz" => (
+        "/readyz" if !ready => (
             StatusCode::SERVICE_UNAVAILABLE,
             "text/plain",
             "shutting down\n".to_owned(),
         ),
+        // A node whose pulls of the registry name do not reach this proxy
+        // is not served by it, whatever the process itself can do.
+        "/readyz" => match app.node_not_ready() {
+            Some(why) => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", why),
+            None => (StatusCode::OK, "text/plain", "ready\n".to_owned()),
+        },
         _ => (
             StatusCode::NOT_FOUND,
             "text/plain",
