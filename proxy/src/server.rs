@@ -450,6 +450,14 @@ fn admin_response(path: &str, app: &App, ready: bool) -> Response<Body> {
             app.metrics().render(),
         ),
         "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
+        // Which process answers here (as on the API listener): how
+        // `regproxy doctor` tells this proxy from whatever else answers on
+        // the registry address.
+        crate::instance::PATH => (
+            StatusCode::OK,
+            "text/plain",
+            crate::instance::id().to_owned(),
+        ),
         "/readyz" if !ready => (
             StatusCode::SERVICE_UNAVAILABLE,
             "text/plain",

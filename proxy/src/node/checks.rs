@@ -163,8 +163,11 @@ pub fn reaches_us(
             format!("nothing answers on {addr} ({name}): {e}"),
             "start regproxy on that address (is the pod running? `regproxy doctor` in it tells more)",
         )),
-        Answer::Other(what) => Err(fail(
-            format!("{name} -> {addr} is answered by another server, not this regproxy: {what}"),
+        Answer::Other { status, body } => Err(fail(
+            format!(
+                "{name} -> {addr} is answered by another server, not this regproxy: {}",
+                describe(&status, &body)
+            ),
             format!(
                 "find what answers on {addr}: another process listening there, or a DNAT rule \
                  (a pod with hostPort {port} makes the CNI portmap plugin's rule match every local address: \
@@ -178,8 +181,9 @@ pub fn reaches_us(
 pub enum Answer {
     /// A regproxy whose id is one of ours.
     Ours(String),
-    /// Something else: its status line and the start of its body.
-    Other(String),
+    /// Something else (or a regproxy not among ours): its status line and
+    /// its body.
+    Other { status: String, body: String },
     /// Nothing: no connection, or no HTTP answer.
     Nothing(io::Error),
 }
@@ -194,8 +198,14 @@ pub fn who_answers(addr: SocketAddr, host: &str, ours: &[String]) -> Answer {
     if status.contains(" 200 ") && ours.iter().any(|o| o == id) {
         return Answer::Ours(id.to_owned());
     }
+    Answer::Other { status, body }
+}
+
+/// An answer that is not ours, for a log line: the status line and the
+/// start of the body.
+pub fn describe(status: &str, body: &str) -> String {
     let snippet: String = body.chars().take(120).collect();
-    Answer::Other(format!("`{}` `{}`", status.trim(), snippet.trim()))
+    format!("`{}` `{}`", status.trim(), snippet.trim())
 }
 
 /// `GET /_regproxy/instance` over a plain HTTP/1.1 connection: the status

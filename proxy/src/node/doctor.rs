@@ -4,12 +4,12 @@
 //! sysctl.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use clap::Args;
 use http::Uri;
 
-use super::checks::{run_all, who_answers, Answer, Failure};
+use super::checks::{describe, run_all, who_answers, Answer, Failure};
 use super::{fallback_server, node_address};
 use crate::config::{parse_upstream, NodeArgs};
 use crate::resolve::{Resolver, ResolverMode};
@@ -22,6 +22,11 @@ pub struct DoctorArgs {
     /// The proxy's API address, as given to `serve`.
     #[arg(long, env = "REGPROXY_LISTEN", default_value = "127.0.0.1:5000")]
     pub listen: SocketAddr,
+
+    /// The proxy's admin address, as given to `serve`: its answer on
+    /// `/_regproxy/instance` says which process the proxy is.
+    #[arg(long, env = "REGPROXY_ADMIN_LISTEN")]
+    pub admin_listen: Option<SocketAddr>,
 
     /// The proxy's cache dir: the ids of the processes serving it are the
     /// answers that count as the proxy.
@@ -70,8 +75,8 @@ pub async fn doctor(args: DoctorArgs) -> Result<bool, String> {
         }
     };
 
-    let cache_dir = args.cache_dir.clone();
-    let answers = tokio::task::spawn_blocking(move || proxy_answers(proxy, &cache_dir))
+    let a = args.clone();
+    let (answers, ours) = tokio::task::spawn_blocking(move || proxy_answers(&a))
         .await
         .map_err(|e| e.to_string())?;
     print("proxy_answers", answers);
@@ -90,7 +95,6 @@ pub async fn doctor(args: DoctorArgs) -> Result<bool, String> {
                 (None, None) => Err("neither --containerd-server nor --upstream is given".into()),
             };
             let node = node.clone();
-            let ours = crate::instance::sharing(&args.cache_dir);
             let round = tokio::task::spawn_blocking(move || {
                 run_all(
                     &node,
@@ -122,32 +126,38 @@ pub async fn doctor(args: DoctorArgs) -> Result<bool, String> {
     Ok(all_ok)
 }
 
-/// `proxy_answers`: the proxy's own address answers as a regproxy serving
-/// this cache dir (without the registry name in between).
-fn proxy_answers(proxy: SocketAddr, cache_dir: &Path) -> Result<String, Failure> {
-    let ours = crate::instance::sharing(cache_dir);
-    let fix = "check that `regproxy serve` runs with this --listen and --cache-dir \
-               (REGPROXY_LISTEN, REGPROXY_CACHE_DIR)";
+/// `proxy_answers`: the proxy answers as a regproxy, on its admin address
+/// when there is one (a DNAT rule that captures the registry address, as
+/// the portmap plugin's does, may capture `--listen` too), else on
+/// `--listen`. Returns what it saw and the ids that count as the proxy: the
+/// one that answered and those serving the cache dir.
+fn proxy_answers(args: &DoctorArgs) -> (Result<String, Failure>, Vec<String>) {
+    let mut ours = crate::instance::sharing(&args.cache_dir);
+    let at = node_address(args.admin_listen.unwrap_or(args.listen));
     let fail = |reason: String| Failure {
         reason,
-        fix: fix.into(),
+        fix:
+            "check that `regproxy serve` runs with these --listen, --admin-listen and --cache-dir \
+              (REGPROXY_LISTEN, REGPROXY_ADMIN_LISTEN, REGPROXY_CACHE_DIR)"
+                .into(),
     };
-    if ours.is_empty() {
-        return Err(fail(format!(
-            "no regproxy process serves {} (it has no owned temp dir)",
-            cache_dir.display()
-        )));
-    }
-    match who_answers(proxy, &proxy.ip().to_string(), &ours) {
-        Answer::Ours(id) => Ok(format!(
-            "{proxy} answers as regproxy instance {id}, serving {}",
-            cache_dir.display()
-        )),
-        Answer::Other(what) => Err(fail(format!(
-            "{proxy} is answered by another server: {what}"
+    // Whatever regproxy answers there is the proxy the checks then judge.
+    let result = match who_answers(at, &at.ip().to_string(), &[]) {
+        Answer::Other { status, body }
+            if status.contains(" 200 ") && crate::instance::is_id(body.trim()) =>
+        {
+            let id = body.trim();
+            ours.push(id.to_owned());
+            Ok(format!("{at} answers as regproxy instance {id}"))
+        }
+        Answer::Other { status, body } => Err(fail(format!(
+            "{at} is answered by something other than regproxy: {}",
+            describe(&status, &body)
         ))),
-        Answer::Nothing(e) => Err(fail(format!("nothing answers on {proxy}: {e}"))),
-    }
+        Answer::Ours(id) => Ok(format!("{at} answers as regproxy instance {id}")),
+        Answer::Nothing(e) => Err(fail(format!("nothing answers on {at}: {e}"))),
+    };
+    (result, ours)
 }
 
 /// `regproxy sysctl`: sets `net.ipv4.tcp_migrate_req` to 1 and says what it
