@@ -1,4 +1,5 @@
-//! Listeners, the accept loops, the admin endpoints and graceful shutdown.
+//! Listeners, the accept loops and graceful shutdown; `admin`: the admin
+//! endpoints.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -6,8 +7,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{header, Response, StatusCode};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
@@ -15,11 +14,12 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 
+mod admin;
+
 use crate::api::App;
 use crate::auth::Auth;
 use crate::tags::Tags;
 
-use crate::body::Body;
 use crate::cache::Cache;
 use crate::config::{Config, LogConfig, LogFormat};
 use crate::lock::CacheLock;
@@ -46,7 +46,7 @@ pub fn init_tracing(log: &LogConfig) {
 /// Opens the cache, binds, and serves until SIGTERM or SIGINT.
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     // Before anything else: nothing in the dir is touched unless it is ours.
-    let lock = CacheLock::acquire(&config.cache_dir)?;
+    let lock = Arc::new(CacheLock::acquire(&config.cache_dir, config.listen)?);
     raise_fd_limit(2 * config.limits.max_connections as u64 + 1024);
     let metrics = Arc::new(Metrics::default());
     let resolver = Resolver::new(config.upstream.resolver)
@@ -55,7 +55,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let mut upstream = Upstream::new(&config.upstream, resolver, Arc::clone(&metrics))?;
     let dir = config.cache_dir.clone();
     let (cap, m) = (config.cache_size, Arc::clone(&metrics));
-    let cache = tokio::task::spawn_blocking(move || Cache::open(&dir, cap, m))
+    let primary = lock.is_primary();
+    let cache = tokio::task::spawn_blocking(move || Cache::open(&dir, cap, m, primary))
         .await?
         .map_err(|e| {
             anyhow::anyhow!("cannot open cache dir {}: {e}", config.cache_dir.display())
@@ -71,6 +72,20 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     // first round at once, now that the API listener is bound.
     let node = crate::node::start(&config, server.api.local_addr()?, &metrics)?;
     let app = Arc::new(App::new(cache, upstream, tags, auth, metrics).with_node(node));
+    if !lock.is_primary() {
+        let (app, lock) = (Arc::clone(&app), Arc::clone(&lock));
+        tokio::spawn(async move {
+            lock.primary().await;
+            app.cache_dir_is_ours().await;
+        });
+    }
+    if migrates_queued_connections() == Some(false) {
+        tracing::warn!(
+            "net.ipv4.tcp_migrate_req is 0: when this process or its predecessor stops \
+             listening, connections queued on its listener are reset rather than handed to \
+             the other (run `regproxy sysctl` on the node)"
+        );
+    }
     // Learn whether the upstream lets anyone in now, not when a client
     // happens to ask `/v2/` (containerd never does).
     tokio::spawn(Arc::clone(&app).watch_openness());
@@ -321,6 +336,37 @@ impl Listener {
     }
 }
 
+/// Binds `addr` with `SO_REUSEPORT`, so that a successor started with the
+/// same address binds it too while this process still serves, and the
+/// kernel spreads new connections over both until this one closes its
+/// listener (see [`Server::run`]).
+///
+/// Only processes of the same user may join the group, and binding port 80
+/// takes root or `CAP_NET_BIND_SERVICE` anyway: this lets nothing in that
+/// could not already take the address.
+fn bind_shared(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+/// The kernel's queue of connections not yet accepted (capped by
+/// `net.core.somaxconn`): past `--max-connections`, API clients wait here.
+const LISTEN_BACKLOG: u32 = 1024;
+
+/// Whether the kernel moves connections queued on a closing listener to
+/// another of its `SO_REUSEPORT` group (`net.ipv4.tcp_migrate_req`, Linux
+/// 5.14 and later) instead of resetting them. `None` when it cannot tell.
+pub fn migrates_queued_connections() -> Option<bool> {
+    let v = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_migrate_req").ok()?;
+    Some(v.trim() != "0")
+}
+
 /// The bound listeners, and how they serve and drain.
 pub struct Server {
     api: TcpListener,
@@ -333,17 +379,15 @@ pub struct Server {
 impl Server {
     /// Binds the API listener and, if configured, the admin one.
     pub async fn bind(config: &Config) -> anyhow::Result<Server> {
-        let bind = |a: SocketAddr| async move {
-            TcpListener::bind(a)
-                .await
-                .map_err(|e| anyhow::anyhow!("cannot listen on {a}: {e}"))
+        let bind = |a: SocketAddr| {
+            bind_shared(a).map_err(|e| anyhow::anyhow!("cannot listen on {a}: {e}"))
         };
         let admin = match config.admin_listen {
-            Some(a) => Some(bind(a).await?),
+            Some(a) => Some(bind(a)?),
             None => None,
         };
         Ok(Server {
-            api: bind(config.listen).await?,
+            api: bind(config.listen)?,
             admin,
             limits: config.limits,
             grace: config.shutdown_grace,
@@ -374,7 +418,7 @@ impl Server {
                 tracing::info!(addr = %a, "admin listening");
             }
             let l = Listener::new(l, limits, PastCap::Refuse, "admin");
-            tokio::spawn(admin_loop(l, Arc::clone(&app), Arc::clone(&ready)))
+            tokio::spawn(admin::admin_loop(l, Arc::clone(&app), Arc::clone(&ready)))
         });
         let listener = Listener::new(listener, limits, PastCap::Wait, "api");
         tokio::pin!(shutdown);
@@ -401,8 +445,13 @@ impl Server {
                 .instrument(tracing::debug_span!("conn", client.addr = %peer)),
             );
         }
+        // Both listeners close at once: a successor sharing their addresses
+        // (`SO_REUSEPORT`) gets every new connection, probes included.
         drop(listener);
         ready.store(false, Ordering::SeqCst);
+        if let Some(t) = &admin_task {
+            t.abort();
+        }
         tracing::info!(grace = ?grace, "stopped accepting; waiting for transfers in flight");
         let deadline = tokio::time::Instant::now() + grace;
         // Fills run on their own tasks (a client may have hung up): let them
@@ -416,68 +465,5 @@ impl Server {
             _ = drained => tracing::info!("all connections closed, all fills committed"),
             _ = tokio::time::sleep_until(deadline) => tracing::warn!("grace period over; cutting remaining transfers"),
         }
-
-        if let Some(t) = admin_task {
-            t.abort();
-        }
     }
-}
-
-/// The admin endpoints, with the same limits as the API, and slots kept for
-/// the node itself: a flood of connections from elsewhere takes no probe
-/// away from kubelet.
-async fn admin_loop(listener: Listener, app: Arc<App>, ready: Arc<AtomicBool>) {
-    loop {
-        let (stream, _, permit) = listener.accept(app.metrics()).await;
-        let (app, ready) = (Arc::clone(&app), Arc::clone(&ready));
-        let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-            let resp = admin_response(req.uri().path(), &app, ready.load(Ordering::SeqCst));
-            async move { Ok::<_, std::convert::Infallible>(resp) }
-        });
-        let conn = listener.http1().serve_connection(TokioIo::new(stream), svc);
-        tokio::spawn(async move {
-            let _ = conn.await;
-            drop(permit);
-        });
-    }
-}
-
-fn admin_response(path: &str, app: &App, ready: bool) -> Response<Body> {
-    let (status, ctype, body) = match path {
-        "/metrics" => (
-            StatusCode::OK,
-            "text/plain; version=0.0.4",
-            app.metrics().render(),
-        ),
-        "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
-        // Which process answers here (as on the API listener): how
-        // `regproxy doctor` tells this proxy from whatever else answers on
-        // the registry address.
-        crate::instance::PATH => (
-            StatusCode::OK,
-            "text/plain",
-            crate::instance::id().to_owned(),
-        ),
-        "/readyz" if !ready => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "text/plain",
-            "shutting down\n".to_owned(),
-        ),
-        // A node whose pulls of the registry name do not reach this proxy
-        // is not served by it, whatever the process itself can do.
-        "/readyz" => match app.node_not_ready() {
-            Some(why) => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", why),
-            None => (StatusCode::OK, "text/plain", "ready\n".to_owned()),
-        },
-        _ => (
-            StatusCode::NOT_FOUND,
-            "text/plain",
-            "not found\n".to_owned(),
-        ),
-    };
-    let mut r = Response::new(Body::full(Bytes::from(body)));
-    *r.status_mut() = status;
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, http::HeaderValue::from_static(ctype));
-    r
 }
