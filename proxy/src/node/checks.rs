@@ -20,13 +20,6 @@ pub enum Check {
 }
 
 impl Check {
-    pub const ALL: [Check; 4] = [
-        Check::EtcHosts,
-        Check::ReachesUs,
-        Check::ContainerdConfigPath,
-        Check::HostsToml,
-    ];
-
     pub fn name(self) -> &'static str {
         match self {
             Check::EtcHosts => "etc_hosts",
@@ -329,7 +322,8 @@ pub fn containerd_config_path(
 
 /// `hosts_toml`: our hosts.toml is there with the proxy as mirror and the
 /// fallback server. `wanted`: the exact content, or why it is not known
-/// (then any hosts.toml of ours counts).
+/// (a failure too: a hosts.toml whose server cannot be told right is not
+/// known to fall back).
 pub fn hosts_toml_check(path: &Path, wanted: Result<String, &str>) -> Result<String, Failure> {
     let fix = "regproxy serve writes it at its next reconcile (see its log for why it could not)";
     let have = match std::fs::read_to_string(path) {
@@ -379,6 +373,72 @@ mod tests {
             Path::new("config.toml"),
             Path::new(CERTS),
         )
+    }
+
+    fn node() -> NodeConfig {
+        NodeConfig {
+            registry_name: "reg.example".into(),
+            root: "/".into(),
+            hosts_file: "/etc/hosts".into(),
+            certs_dir: None,
+            containerd_config: None,
+            server: None,
+            interval: Duration::from_secs(30),
+        }
+    }
+
+    #[test]
+    fn etc_hosts_wants_the_first_line_for_the_name_to_be_the_proxy() {
+        let check = |text: &str| {
+            etc_hosts(
+                &Ok(text.as_bytes().to_vec()),
+                Path::new("hosts"),
+                &node(),
+                "127.0.0.2".parse().unwrap(),
+            )
+        };
+        assert!(check("127.0.0.2 reg.example # regproxy-managed\n").is_ok());
+        let none = check("127.0.0.1 localhost\n").unwrap_err();
+        assert!(none.reason.contains("no line for reg.example"), "{none:?}");
+        let other = check("10.96.0.20 reg.example\n127.0.0.2 reg.example # regproxy-managed\n")
+            .unwrap_err();
+        assert!(
+            other
+                .reason
+                .contains("line 1 maps reg.example to 10.96.0.20"),
+            "{other:?}"
+        );
+        let unreadable = etc_hosts(
+            &Err(io::ErrorKind::PermissionDenied.into()),
+            Path::new("hosts"),
+            &node(),
+            "127.0.0.2".parse().unwrap(),
+        );
+        assert!(unreadable.unwrap_err().fix.contains("--node-root"));
+    }
+
+    #[test]
+    fn hosts_toml_must_be_ours_and_exact_when_the_server_is_known() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hosts.toml");
+        let ours = hosts_toml("reg.example", "http://127.0.0.2:80", "http://10.96.0.20:80");
+        assert!(hosts_toml_check(&path, Ok(ours.clone()))
+            .unwrap_err()
+            .reason
+            .contains("missing"));
+        std::fs::write(&path, &ours).unwrap();
+        assert!(hosts_toml_check(&path, Ok(ours.clone())).is_ok());
+        let moved = hosts_toml("reg.example", "http://127.0.0.2:80", "http://10.96.0.21:80");
+        assert!(
+            hosts_toml_check(&path, Ok(moved)).is_err(),
+            "a stale server fails"
+        );
+        assert!(hosts_toml_check(&path, Err("no upstream")).is_err());
+        std::fs::write(&path, "server = \"https://x\"\n").unwrap();
+        assert!(hosts_toml_check(&path, Ok(ours))
+            .unwrap_err()
+            .reason
+            .contains("not written by regproxy"));
     }
 
     #[test]

@@ -55,13 +55,6 @@ pub struct DoctorArgs {
 /// another listener of its `SO_REUSEPORT` group (Linux >= 5.14).
 pub const MIGRATE_REQ: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
 
-/// `net.ipv4.tcp_migrate_req` in this network namespace: `None` when the
-/// kernel has no such setting.
-pub fn migrate_req() -> Option<bool> {
-    let v = std::fs::read_to_string(MIGRATE_REQ).ok()?;
-    Some(v.trim() == "1")
-}
-
 /// Runs the checks, prints them, and returns whether all passed.
 pub async fn doctor(args: DoctorArgs) -> Result<bool, String> {
     let node = args.node.config()?;
@@ -112,7 +105,7 @@ pub async fn doctor(args: DoctorArgs) -> Result<bool, String> {
     }
 
     // Reported, not failed: it matters only while a proxy hands over.
-    match migrate_req() {
+    match crate::server::migrates_queued_connections() {
         Some(true) => println!("ok      tcp_migrate_req: net.ipv4.tcp_migrate_req = 1: a handover loses no queued connection"),
         Some(false) => println!(
             "WARN    tcp_migrate_req: net.ipv4.tcp_migrate_req = 0: connections queued on a proxy that hands over to its successor are reset\n        \
