@@ -175,7 +175,7 @@ pub struct NodeArgs {
     pub containerd_certs_dir: PathBuf,
 
     /// containerd's config on the node, checked for a `config_path` that
-    /// lists the certs dir; empty: not checked.
+    /// lists the certs dir; empty (or no certs dir): not checked.
     #[arg(long, env = "REGPROXY_CONTAINERD_CONFIG", default_value = "/etc/containerd/config.toml", value_parser = parse_path)]
     pub containerd_config: PathBuf,
 

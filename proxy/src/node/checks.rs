@@ -71,8 +71,8 @@ pub fn run_all(
             reaches_us(&hosts, &hosts_path, node, proxy.port(), ours),
         ),
     ];
-    if let Some(config) = &node.containerd_config {
-        let certs = node.certs_dir.as_deref().unwrap_or(Path::new(""));
+    // Without a certs dir there is no hosts.toml for containerd to find.
+    if let (Some(config), Some(certs)) = (&node.containerd_config, &node.certs_dir) {
         let path = node.on_node(config);
         let read = std::fs::read_to_string(&path);
         round.push((
