@@ -210,14 +210,24 @@ async fn serve_heals_the_node_path_and_readiness_follows_containerds_config_path
             .starts_with(&format!("{ORIGINAL}10.0.0.4 node-1\n")),
         "the repair should keep what the rewrite wrote"
     );
-    assert!(proxy.metric(&repairs("etc_hosts")).await > before);
+    // The file is back a moment before the count moves.
+    wait_for(
+        || async { proxy.metric(&repairs("etc_hosts")).await > before },
+        "the repair of etc_hosts is counted",
+    )
+    .await;
 
     // An editor or a script: truncate and write.
     let before = proxy.metric(&repairs("etc_hosts")).await;
     std::fs::write(root.hosts(), ORIGINAL).unwrap();
     wait_line_back(&root.hosts(), "127.0.9.10").await;
     assert_eq!(std::fs::metadata(root.hosts()).unwrap().ino(), inode);
-    assert!(proxy.metric(&repairs("etc_hosts")).await > before);
+    // The file is back a moment before the count moves.
+    wait_for(
+        || async { proxy.metric(&repairs("etc_hosts")).await > before },
+        "the repair of etc_hosts is counted",
+    )
+    .await;
 
     // hosts.toml deleted: written again.
     let before = proxy.metric(&repairs("hosts_toml")).await;
@@ -227,7 +237,12 @@ async fn serve_heals_the_node_path_and_readiness_follows_containerds_config_path
         "serve writes hosts.toml again",
     )
     .await;
-    assert!(proxy.metric(&repairs("hosts_toml")).await > before);
+    // The file is back a moment before the count moves.
+    wait_for(
+        || async { proxy.metric(&repairs("hosts_toml")).await > before },
+        "the repair of hosts_toml is counted",
+    )
+    .await;
     assert_eq!(std::fs::read_to_string(root.hosts_toml()).unwrap(), toml);
     let logs = proxy.logs();
     assert!(

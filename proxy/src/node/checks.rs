@@ -255,10 +255,14 @@ pub fn containerd_config_path(
     };
     let text = match read {
         Ok(t) => t,
+        // No config: containerd 2.x's defaults list the certs dir, and a
+        // node without containerd has nothing to fail. (1.x without a
+        // config reads no hosts.toml; distributions ship one.)
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return Err(fail(
-                format!("no containerd config at {}", path.display()),
-                add(2),
+            return Ok(format!(
+                "no containerd config at {}: containerd 2.x's default config_path \
+                 \"{DEFAULT_CONFIG_PATH_2X}\" applies (1.x would need one)",
+                path.display()
             ))
         }
         Err(e) => return Err(read_error(path, &e)),
@@ -270,6 +274,25 @@ pub fn containerd_config_path(
         .get("version")
         .and_then(toml::Value::as_integer)
         .unwrap_or(1);
+    // dockerd's own containerd (docker-ce ships `disabled_plugins =
+    // ["cri"]`): no CRI pulls, so no hosts.toml to read.
+    let cri_off = table
+        .get("disabled_plugins")
+        .and_then(toml::Value::as_array)
+        .is_some_and(|a| {
+            a.iter().filter_map(toml::Value::as_str).any(|p| {
+                matches!(
+                    p,
+                    "cri" | "io.containerd.grpc.v1.cri" | "io.containerd.cri.v1.images"
+                )
+            })
+        });
+    if cri_off {
+        return Ok(format!(
+            "{} disables containerd's CRI (dockerd's containerd): no image pulls read hosts.toml",
+            path.display()
+        ));
+    }
     let at = |plugin: &str| {
         table
             .get("plugins")?
@@ -469,6 +492,11 @@ mod tests {
             Path::new("c.toml"),
             Path::new(CERTS),
         );
-        assert!(missing.unwrap_err().reason.contains("no containerd config"));
+        assert!(
+            missing.unwrap().contains("2.x's default"),
+            "a node without a containerd config fails nothing"
+        );
+        let docker = config("disabled_plugins = [\"cri\"]\n").unwrap();
+        assert!(docker.contains("disables containerd's CRI"), "{docker}");
     }
 }
