@@ -128,8 +128,10 @@ impl Cache {
     /// a successor that does not yet calls [`Cache::became_primary`] later.
     pub fn open(root: &Path, cap: u64, metrics: Arc<Metrics>, primary: bool) -> io::Result<Cache> {
         fs::create_dir_all(root.join("sha256"))?;
-        let own = shared::OwnDir::create(root)?;
+        // Dead processes' leftovers first: on a full disk they are the room
+        // this process needs to start.
         shared::sweep(root, primary);
+        let own = shared::OwnDir::create(root)?;
 
         let state = scan::state(root, primary)?;
         let cache = Cache {
@@ -221,10 +223,12 @@ impl Cache {
         let this = Arc::clone(self);
         let done = tokio::task::spawn_blocking(move || {
             let swept = shared::sweep(&this.root, true);
+            // Commits of this process during the scan are kept from here.
+            let since = this.lock().next_generation;
             let found = scan::all(&this.root)?;
             let evicted = {
                 let mut st = this.lock();
-                scan::rebuild(&mut st, found);
+                scan::rebuild(&mut st, found, since);
                 let ev = this.evict_until(&mut st, 0);
                 this.publish(&st);
                 tracing::info!(
@@ -446,10 +450,14 @@ impl Cache {
         let (part, written) = shared::fill_names(d, size);
         let (part, written) = (self.own.path.join(part), self.own.path.join(written));
         let mut progress = create_new(&written)?;
-        progress.write_all(&0u64.to_le_bytes())?;
-        let file = create_new(&part).inspect_err(|_| {
-            let _ = fs::remove_file(&written);
-        })?;
+        // Whatever fails past here (a full disk) must not leave `written`:
+        // the next fill of this digest could not create it.
+        let file = progress
+            .write_all(&0u64.to_le_bytes())
+            .and_then(|()| create_new(&part))
+            .inspect_err(|_| {
+                let _ = fs::remove_file(&written);
+            })?;
         Ok((file, (part, written), progress))
     }
 

@@ -73,7 +73,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     // first round at once, now that the API listener is bound.
     let node = crate::node::start(&config, server.api.local_addr()?, &metrics)?;
     let app = Arc::new(App::new(cache, upstream, tags, auth, metrics).with_node(node));
-    if !lock.is_primary() {
+    // As the cache was opened: a predecessor that exited meanwhile still
+    // leaves this process a sweep and a rebuild to do.
+    if !primary {
         let (app, lock) = (Arc::clone(&app), Arc::clone(&lock));
         tokio::spawn(async move {
             lock.primary().await;

@@ -68,7 +68,14 @@ pub fn run_all(
         ),
         (
             Check::ReachesUs,
-            reaches_us(&hosts, &hosts_path, node, proxy.port(), ours),
+            // The name's own port when it has one: that is where pulls go.
+            reaches_us(
+                &hosts,
+                &hosts_path,
+                node,
+                node.port().unwrap_or(proxy.port()),
+                ours,
+            ),
         ),
     ];
     // Without a certs dir there is no hosts.toml for containerd to find.
