@@ -6,7 +6,7 @@
 //! ```text
 //! sha256/<hex[0..2]>/<hex>        verified content, never written after its rename
 //! sha256/<hex[0..2]>/<hex>.type   media type of a cached manifest
-//! tmp/<n>.part                    fills in flight; swept at start-up
+//! tmp/<id>/...                    this process's temp files (see `shared`)
 //! ```
 //!
 //! A file only appears under `sha256/` by a rename after its bytes matched the
@@ -15,7 +15,10 @@
 //! reader that has a file mapped keeps reading the bytes it was promised.
 //!
 //! Fills are in [`fill`], memory maps (and their `unsafe`) in `growing`, the
-//! index rebuilt from the disk at start-up in `scan`.
+//! index rebuilt from the disk in `scan`, and what processes sharing the dir
+//! during a handover see of each other in [`shared`]: a miss looks on disk
+//! before it fetches (a sibling may have committed it), and a fill another
+//! process runs is followed rather than fetched again.
 
 use std::collections::HashMap;
 use std::fs::{self, File};
@@ -37,6 +40,7 @@ use crate::upstream::Upstream;
 pub mod fill;
 mod growing;
 mod scan;
+pub mod shared;
 
 pub use fill::{Failure, Fill, FillRequest};
 use growing::Growing;
@@ -75,6 +79,8 @@ pub struct Cache {
     cap: u64,
     state: Mutex<State>,
     metrics: Arc<Metrics>,
+    /// This process's temp dir, locked while the cache lives.
+    own: shared::OwnDir,
     tmp_seq: AtomicU64,
     /// Every fill's task: shutdown waits for them to commit.
     fills: TaskTracker,
@@ -116,20 +122,22 @@ pub enum Join {
 }
 
 impl Cache {
-    /// Opens the cache at `root`, sweeping leftovers of a crash and rebuilding
-    /// the index from what is on disk (recency from mtime).
-    pub fn open(root: &Path, cap: u64, metrics: Arc<Metrics>) -> io::Result<Cache> {
+    /// Opens the cache at `root`, sweeping leftovers of processes that are
+    /// gone and rebuilding the index from what is on disk (recency from
+    /// mtime). `primary`: whether this process holds the cache dir's lock;
+    /// a successor that does not yet calls [`Cache::became_primary`] later.
+    pub fn open(root: &Path, cap: u64, metrics: Arc<Metrics>, primary: bool) -> io::Result<Cache> {
         fs::create_dir_all(root.join("sha256"))?;
-        let tmp = root.join("tmp");
-        let _ = fs::remove_dir_all(&tmp);
-        fs::create_dir_all(&tmp)?;
+        let own = shared::OwnDir::create(root)?;
+        shared::sweep(root, primary);
 
-        let state = scan::state(root)?;
+        let state = scan::state(root, primary)?;
         let cache = Cache {
             root: root.to_owned(),
             cap,
             state: Mutex::new(state),
             metrics,
+            own,
             tmp_seq: AtomicU64::new(0),
             fills: TaskTracker::new(),
         };
@@ -170,14 +178,78 @@ impl Cache {
     /// Opens committed content. `manifest` asks for the stored media type too;
     /// content cached only as a blob is then a miss.
     pub async fn get(self: &Arc<Self>, d: &Digest, manifest: bool) -> Option<Hit> {
-        let e = match self.lookup(d, manifest)? {
-            Lookup::Mapped(hit) => return Some(hit),
-            Lookup::Closed(e) => e,
+        let e = match self.lookup(d, manifest) {
+            Some(Lookup::Mapped(hit)) => return Some(hit),
+            Some(Lookup::Closed(e)) => e,
+            None => self.adopt(d, manifest).await?,
         };
         let this = Arc::clone(self);
         let d2 = d.clone();
         let opened = tokio::task::spawn_blocking(move || this.open_file(&d2, e.manifest)).await;
         self.opened(d, e, opened.ok()?)
+    }
+
+    /// Indexes content of `d` that is on disk but not in the index: a
+    /// process sharing the dir committed it.
+    async fn adopt(self: &Arc<Self>, d: &Digest, manifest: bool) -> Option<Entry> {
+        let path = self.path(d);
+        let found = tokio::task::spawn_blocking(move || scan::on_disk(&path)).await;
+        let mut e = found.ok()??;
+        let evicted = {
+            let mut st = self.lock();
+            if let Some(now) = st.index.get(d) {
+                e = *now;
+            } else {
+                e.generation = st.next_generation;
+                st.next_generation += 1;
+                st.index.put(d.clone(), e);
+                st.committed += e.size;
+                tracing::debug!(digest = %d, size = e.size, "found on disk, committed by another process");
+            }
+            let ev = self.evict_until(&mut st, 0);
+            self.publish(&st);
+            ev
+        };
+        self.unlink(evicted);
+        (e.manifest || !manifest).then_some(e)
+    }
+
+    /// Called once this process holds the cache dir alone: sweeps what
+    /// processes that are gone left in `tmp/`, and rebuilds the index over
+    /// everything on disk, so that the cap holds over what they committed.
+    pub async fn became_primary(self: &Arc<Self>) {
+        let this = Arc::clone(self);
+        let done = tokio::task::spawn_blocking(move || {
+            let swept = shared::sweep(&this.root, true);
+            let found = scan::all(&this.root)?;
+            let evicted = {
+                let mut st = this.lock();
+                scan::rebuild(&mut st, found);
+                let ev = this.evict_until(&mut st, 0);
+                this.publish(&st);
+                tracing::info!(
+                    entries = st.index.len(),
+                    bytes = st.committed,
+                    swept,
+                    "the cache dir is ours alone now: index rebuilt from disk"
+                );
+                ev
+            };
+            this.unlink(evicted);
+            io::Result::Ok(())
+        })
+        .await;
+        if let Ok(Err(e)) = done {
+            tracing::warn!(error = %e, "could not rebuild the index from disk");
+        }
+    }
+
+    /// The fill of `d` that another process sharing the cache dir runs now.
+    pub async fn sibling_fill(&self, d: &Digest) -> Option<shared::SiblingFill> {
+        let (root, d) = (self.root.clone(), d.clone());
+        tokio::task::spawn_blocking(move || shared::find(&root, &d))
+            .await
+            .ok()?
     }
 
     /// What the index holds for `d`, before any file is opened.
@@ -363,16 +435,22 @@ impl Cache {
     /// final place so that the commit is a rename.
     fn temp_file(&self) -> io::Result<(File, PathBuf)> {
         let n = self.tmp_seq.fetch_add(1, Relaxed);
-        let path = self
-            .root
-            .join("tmp")
-            .join(format!("{}-{n}.part", std::process::id()));
-        let file = fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)?;
-        Ok((file, path))
+        let path = self.own.path.join(format!("{n}.part"));
+        Ok((create_new(&path)?, path))
+    }
+
+    /// A blob fill's temp file for `size` bytes of `d`, and the file where
+    /// its progress is published, both named so that processes sharing the
+    /// cache dir find them (see [`shared`]).
+    fn fill_files(&self, d: &Digest, size: u64) -> io::Result<(File, (PathBuf, PathBuf), File)> {
+        let (part, written) = shared::fill_names(d, size);
+        let (part, written) = (self.own.path.join(part), self.own.path.join(written));
+        let mut progress = create_new(&written)?;
+        progress.write_all(&0u64.to_le_bytes())?;
+        let file = create_new(&part).inspect_err(|_| {
+            let _ = fs::remove_file(&written);
+        })?;
+        Ok((file, (part, written), progress))
     }
 
     /// Moves a verified temp file into place and indexes it, turning its
@@ -487,11 +565,19 @@ fn end_fill(st: &mut State, fill: &Fill) {
     }
 }
 
+fn create_new(path: &Path) -> io::Result<File> {
+    fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(path)
+}
+
 pub(crate) fn content_path(root: &Path, d: &Digest) -> PathBuf {
     root.join("sha256").join(&d.hex()[..2]).join(d.hex())
 }
 
-fn type_path(content: &Path) -> PathBuf {
+pub(super) fn type_path(content: &Path) -> PathBuf {
     let mut s = content.as_os_str().to_owned();
     s.push(".type");
     PathBuf::from(s)
@@ -525,7 +611,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("cache");
         let m = Arc::new(Metrics::default());
-        let c = Arc::new(Cache::open(&dir, 1 << 20, m.clone()).unwrap());
+        let c = Arc::new(Cache::open(&dir, 1 << 20, m.clone(), true).unwrap());
         c.put_manifest(
             digest(b"{}"),
             "application/vnd.oci.image.manifest.v1+json".into(),
@@ -535,7 +621,7 @@ mod tests {
         fs::write(dir.join("tmp/leftover.part"), b"half a blob").unwrap();
         drop(c);
 
-        let c = Arc::new(Cache::open(&dir, 1 << 20, m).unwrap());
+        let c = Arc::new(Cache::open(&dir, 1 << 20, m, true).unwrap());
         assert!(
             !dir.join("tmp/leftover.part").exists(),
             "temp files are swept at start"
@@ -557,7 +643,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("cache");
         let m = Arc::new(Metrics::default());
-        let c = Arc::new(Cache::open(&dir, 10, m.clone()).unwrap());
+        let c = Arc::new(Cache::open(&dir, 10, m.clone(), true).unwrap());
         for b in [&b"aaaa"[..], b"bbbb"] {
             c.put_manifest(digest(b), "t".into(), Bytes::copy_from_slice(b))
                 .await;
@@ -595,7 +681,7 @@ mod tests {
     async fn a_vanished_file_forgets_only_the_entry_that_was_looked_up() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("cache");
-        let c = Arc::new(Cache::open(&dir, 1 << 20, Arc::new(Metrics::default())).unwrap());
+        let c = Arc::new(Cache::open(&dir, 1 << 20, Arc::new(Metrics::default()), true).unwrap());
         let d = digest(b"{}");
         c.put_manifest(d.clone(), "t".into(), Bytes::from_static(b"{}"))
             .await;

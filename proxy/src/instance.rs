@@ -45,6 +45,18 @@ pub fn sharing(cache_dir: &Path) -> Vec<String> {
         .collect()
 }
 
+/// Where to write the next version of `path`, a file directly in the cache
+/// dir, before renaming it over `path`: in this process's temp dir, so that
+/// processes sharing the cache dir never write one temp file, and a crash
+/// leaves nothing outside what the next process sweeps.
+pub fn temp_for(path: &Path) -> std::io::Result<std::path::PathBuf> {
+    let dir = path.parent().unwrap_or(Path::new(".")).join(TMP).join(id());
+    std::fs::create_dir_all(&dir)?;
+    let mut name = path.file_name().unwrap_or_default().to_owned();
+    name.push(".tmp");
+    Ok(dir.join(name))
+}
+
 /// Whether `s` has the shape of an instance id.
 pub fn is_id(s: &str) -> bool {
     s.len() == 32

@@ -46,7 +46,7 @@ pub fn init_tracing(log: &LogConfig) {
 /// Opens the cache, binds, and serves until SIGTERM or SIGINT.
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     // Before anything else: nothing in the dir is touched unless it is ours.
-    let lock = CacheLock::acquire(&config.cache_dir)?;
+    let lock = Arc::new(CacheLock::acquire(&config.cache_dir, config.listen)?);
     raise_fd_limit(2 * config.limits.max_connections as u64 + 1024);
     let metrics = Arc::new(Metrics::default());
     let resolver = Resolver::new(config.upstream.resolver)
@@ -55,7 +55,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let mut upstream = Upstream::new(&config.upstream, resolver, Arc::clone(&metrics))?;
     let dir = config.cache_dir.clone();
     let (cap, m) = (config.cache_size, Arc::clone(&metrics));
-    let cache = tokio::task::spawn_blocking(move || Cache::open(&dir, cap, m))
+    let primary = lock.is_primary();
+    let cache = tokio::task::spawn_blocking(move || Cache::open(&dir, cap, m, primary))
         .await?
         .map_err(|e| {
             anyhow::anyhow!("cannot open cache dir {}: {e}", config.cache_dir.display())
@@ -68,6 +69,20 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let auth = Auth::open(&config.cache_dir, &config.auth)
         .map_err(|e| anyhow::anyhow!("cannot set up {}: {e}", config.cache_dir.display()))?;
     let app = Arc::new(App::new(cache, upstream, tags, auth, metrics));
+    if !lock.is_primary() {
+        let (app, lock) = (Arc::clone(&app), Arc::clone(&lock));
+        tokio::spawn(async move {
+            lock.primary().await;
+            app.cache_dir_is_ours().await;
+        });
+    }
+    if migrates_queued_connections() == Some(false) {
+        tracing::warn!(
+            "net.ipv4.tcp_migrate_req is 0: when this process or its predecessor stops \
+             listening, connections queued on its listener are reset rather than handed to \
+             the other (run `regproxy sysctl` on the node)"
+        );
+    }
     // Learn whether the upstream lets anyone in now, not when a client
     // happens to ask `/v2/` (containerd never does).
     tokio::spawn(Arc::clone(&app).watch_openness());
@@ -318,6 +333,37 @@ impl Listener {
     }
 }
 
+/// Binds `addr` with `SO_REUSEPORT`, so that a successor started with the
+/// same address binds it too while this process still serves, and the
+/// kernel spreads new connections over both until this one closes its
+/// listener (see [`Server::run`]).
+///
+/// Only processes of the same user may join the group, and binding port 80
+/// takes root or `CAP_NET_BIND_SERVICE` anyway: this lets nothing in that
+/// could not already take the address.
+fn bind_shared(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+/// The kernel's queue of connections not yet accepted (capped by
+/// `net.core.somaxconn`): past `--max-connections`, API clients wait here.
+const LISTEN_BACKLOG: u32 = 1024;
+
+/// Whether the kernel moves connections queued on a closing listener to
+/// another of its `SO_REUSEPORT` group (`net.ipv4.tcp_migrate_req`, Linux
+/// 5.14 and later) instead of resetting them. `None` when it cannot tell.
+pub fn migrates_queued_connections() -> Option<bool> {
+    let v = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_migrate_req").ok()?;
+    Some(v.trim() != "0")
+}
+
 /// The bound listeners, and how they serve and drain.
 pub struct Server {
     api: TcpListener,
@@ -330,17 +376,15 @@ pub struct Server {
 impl Server {
     /// Binds the API listener and, if configured, the admin one.
     pub async fn bind(config: &Config) -> anyhow::Result<Server> {
-        let bind = |a: SocketAddr| async move {
-            TcpListener::bind(a)
-                .await
-                .map_err(|e| anyhow::anyhow!("cannot listen on {a}: {e}"))
+        let bind = |a: SocketAddr| {
+            bind_shared(a).map_err(|e| anyhow::anyhow!("cannot listen on {a}: {e}"))
         };
         let admin = match config.admin_listen {
-            Some(a) => Some(bind(a).await?),
+            Some(a) => Some(bind(a)?),
             None => None,
         };
         Ok(Server {
-            api: bind(config.listen).await?,
+            api: bind(config.listen)?,
             admin,
             limits: config.limits,
             grace: config.shutdown_grace,
@@ -398,8 +442,13 @@ impl Server {
                 .instrument(tracing::debug_span!("conn", client.addr = %peer)),
             );
         }
+        // Both listeners close at once: a successor sharing their addresses
+        // (`SO_REUSEPORT`) gets every new connection, probes included.
         drop(listener);
         ready.store(false, Ordering::SeqCst);
+        if let Some(t) = &admin_task {
+            t.abort();
+        }
         tracing::info!(grace = ?grace, "stopped accepting; waiting for transfers in flight");
         let deadline = tokio::time::Instant::now() + grace;
         // Fills run on their own tasks (a client may have hung up): let them
@@ -412,10 +461,6 @@ impl Server {
         tokio::select! {
             _ = drained => tracing::info!("all connections closed, all fills committed"),
             _ = tokio::time::sleep_until(deadline) => tracing::warn!("grace period over; cutting remaining transfers"),
-        }
-
-        if let Some(t) = admin_task {
-            t.abort();
         }
     }
 }

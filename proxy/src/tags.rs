@@ -206,7 +206,7 @@ impl Tags {
                         .collect(),
                 }
             };
-            let tmp = this.path.with_extension("json.tmp");
+            let tmp = crate::instance::temp_for(&this.path)?;
             let mut f = std::fs::File::create(&tmp)?;
             f.write_all(&serde_json::to_vec(&p)?)?;
             f.sync_data()?;

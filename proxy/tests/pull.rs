@@ -294,10 +294,8 @@ async fn a_blob_corrupted_upstream_is_never_served_whole_nor_cached() {
         );
     }
     proxy.fills_done().await;
-    let tmp = std::fs::read_dir(proxy.cache_dir.join("tmp"))
-        .unwrap()
-        .count();
-    assert_eq!(tmp, 0, "failed fills leave no temp files");
+    let tmp = temp_files(&proxy.cache_dir);
+    assert!(tmp.is_empty(), "failed fills leave no temp files: {tmp:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -385,11 +383,8 @@ async fn kill_9_mid_fill_leaves_no_partial_blob() {
 
     gate.open();
     let proxy = Proxy::start(&gate.url(), cache.path(), &[]);
-    assert_eq!(
-        std::fs::read_dir(cache.path().join("tmp")).unwrap().count(),
-        0,
-        "leftovers are swept at start"
-    );
+    let tmp = temp_files(cache.path());
+    assert!(tmp.is_empty(), "leftovers are swept at start: {tmp:?}");
     let (st, _, body) = get(&format!("{}/v2/team/app/blobs/{d}", proxy.url()), &[]).await;
     assert_eq!(st, StatusCode::OK);
     assert_eq!(sha256_digest(&body.unwrap()), d);
@@ -416,18 +411,16 @@ async fn sigterm_lets_transfers_in_flight_finish() {
     )
     .await;
     proxy.signal("-TERM");
-    let addr = proxy.addr;
+    // Both listeners close at once (a successor sharing them takes every
+    // new connection, probes included), while the held transfer keeps the
+    // proxy in its grace period.
+    let (addr, admin) = (proxy.addr, proxy.admin);
     wait_until(
-        || std::net::TcpStream::connect(addr).is_err(),
-        "new connections are refused",
-    )
-    .await;
-    // The listener closes, then readiness turns off: wait for it, while the
-    // held transfer keeps the proxy in its grace period.
-    let readyz = format!("http://{}/readyz", proxy.admin);
-    wait_for(
-        || async { get(&readyz, &[]).await.0 == StatusCode::SERVICE_UNAVAILABLE },
-        "readiness turns off during the grace period",
+        || {
+            std::net::TcpStream::connect(addr).is_err()
+                && std::net::TcpStream::connect(admin).is_err()
+        },
+        "new connections are refused on both listeners",
     )
     .await;
     gate.open();

@@ -42,6 +42,14 @@ impl App {
                     .await
                     .map(|r| (Outcome::Passthrough, r));
             }
+            // In a handover, the process being replaced may be filling this
+            // blob: follow its fill rather than fetch the blob again. Its
+            // upstream GET spoke for another client: ask for this one.
+            let mut sibling = self.cache.sibling_fill(&d).await;
+            if sibling.is_some() {
+                self.authorize(parts, name, &d, false).await?;
+            }
+            let vouched = sibling.is_none();
             let (fill, leader) = match self.cache.join(&d) {
                 Join::Committed => {
                     last = Error::Internal(VANISHED);
@@ -59,6 +67,7 @@ impl App {
                     let fr = FillRequest {
                         name: name.to_owned(),
                         headers,
+                        sibling: sibling.take(),
                     };
                     let upstream = Arc::clone(&self.upstream);
                     self.cache.spawn_fill(upstream, Arc::clone(&f), fr);
@@ -67,7 +76,7 @@ impl App {
             };
             return match fill.started().await {
                 Ok(size) => {
-                    if leader {
+                    if leader && vouched {
                         // The upstream served this blob of this repository to this client.
                         self.auth.allow(&Credential::of(&parts.headers), name, &d);
                     }

@@ -126,6 +126,12 @@ impl App {
         self.cache.fills_done().await;
     }
 
+    /// Called once this process holds the cache dir alone, after a
+    /// handover (see [`Cache::became_primary`]).
+    pub async fn cache_dir_is_ours(&self) {
+        self.cache.became_primary().await;
+    }
+
     /// Writes the remembered yeses (`--remember-allowed`) if they changed.
     pub async fn save_allowed(self: &Arc<Self>) {
         let app = Arc::clone(self);

@@ -22,7 +22,7 @@ pub(super) fn load_or_create_key(path: &Path) -> std::io::Result<[u8; 32]> {
         tracing::warn!(path = %path.display(), "replacing a malformed auth key");
     }
     let k = random_key()?;
-    let tmp = path.with_extension("tmp");
+    let tmp = crate::instance::temp_for(path)?;
     let mut f = create_private(&tmp)?;
     f.write_all(&k)?;
     f.sync_data()?;
@@ -100,7 +100,7 @@ pub(super) fn load_open(dir: &Path) -> bool {
 /// Blocking.
 pub(super) fn save_open(dir: &Path, open: bool) -> std::io::Result<()> {
     let path = dir.join(OPEN_FILE);
-    let tmp = path.with_extension("json.tmp");
+    let tmp = crate::instance::temp_for(&path)?;
     let mut f = std::fs::File::create(&tmp)?;
     f.write_all(&serde_json::to_vec(&OpenFile {
         upstream_open: open,

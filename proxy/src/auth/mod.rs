@@ -403,7 +403,7 @@ impl Auth {
                     .collect(),
             }
         };
-        let tmp = path.with_extension("json.tmp");
+        let tmp = crate::instance::temp_for(path)?;
         let mut f = create_private(&tmp)?;
         f.write_all(&serde_json::to_vec(&p)?)?;
         f.sync_data()?;

@@ -11,35 +11,37 @@
 //! `run` is the steps of a fill; `source` gets the blob's bytes from the
 //! upstream (resuming after a cut), `writer` puts them on disk.
 
+use std::fs::File;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::stream;
 use http::header::HeaderMap;
 use http::StatusCode;
-use http_body_util::BodyExt;
-use hyper::body::Incoming;
-use sha2::{Digest as _, Sha256};
+
 use tokio::sync::watch;
 
 use super::growing::Growing;
+use super::shared::SiblingFill;
 use super::{Cache, Stored};
 use crate::body::BoxError;
 use crate::digest::Digest;
-use crate::error::{Cause, Error, UpstreamError, Wait};
+use crate::error::{Error, UpstreamError};
 use crate::metrics::Metrics;
 use crate::upstream::Upstream;
 
+mod sibling;
 mod source;
+mod uncached;
 mod writer;
 
 pub use source::read_capped;
+pub use uncached::verified_stream;
 pub use writer::BUFFER_BUDGET;
 
-use source::Resumable;
+use source::{First, Resumable};
 use writer::{Sink, Writer};
 
 /// Readers take at most this much per frame from a fill in flight.
@@ -186,6 +188,9 @@ pub struct FillRequest {
     pub name: String,
     /// Client headers relayed upstream (credentials, user agent).
     pub headers: HeaderMap,
+    /// Another process's fill of this blob to take the bytes from (the
+    /// request was authorized without the upstream's answer to a GET).
+    pub sibling: Option<SiblingFill>,
 }
 
 /// Counts a fill in `regproxy_fills_inflight` from before its task is
@@ -225,11 +230,21 @@ pub(super) async fn run(
     let digest = &fill.digest;
     let path = format!("/v2/{}/blobs/{digest}", req.name);
     let verified = async {
-        let (size, body) = source::start(&upstream, &path, &req, digest, &metrics).await?;
-        let file = guard.reserve(size).await?;
+        let tail = req.sibling.clone().and_then(|s| {
+            tracing::info!(%digest, from = %s.part.display(), "following another process's fill");
+            sibling::Tail::open(s, upstream.timeout()).ok()
+        });
+        let (size, first) = match tail {
+            Some(t) => (t.size(), First::Sibling(t)),
+            None => {
+                let (size, body) = source::start(&upstream, &path, &req, digest, &metrics).await?;
+                (size, First::Upstream(body))
+            }
+        };
+        let (file, progress) = guard.reserve(size).await?;
         tracing::debug!(%digest, size, "fill started");
-        let src = Resumable::new(&upstream, &path, &req, digest, &metrics, (size, body));
-        let sink = copy(src, Writer::new(&fill, file), digest).await?;
+        let src = Resumable::new(&upstream, &path, &req, digest, &metrics, (size, first));
+        let sink = copy(src, Writer::new(&fill, file, progress), digest).await?;
         verify(digest, sink, &metrics).map_err(Failure::Error)
     };
     match verified.await {
@@ -289,6 +304,8 @@ struct Guard {
     /// Bytes reserved in the cache for this fill.
     reserved: u64,
     temp: Option<PathBuf>,
+    /// Where the temp file's progress is published for other processes.
+    written: Option<PathBuf>,
     /// Until the fill has ended, one way or the other.
     armed: bool,
 }
@@ -300,12 +317,13 @@ impl Guard {
             fill,
             reserved: 0,
             temp: None,
+            written: None,
             armed: true,
         }
     }
 
     /// Reserves room for `size` bytes in the cache and creates the temp file.
-    async fn reserve(&mut self, size: u64) -> Result<Growing, Failure> {
+    async fn reserve(&mut self, size: u64) -> Result<(Growing, File), Failure> {
         let (m, digest) = (&self.cache.metrics, &self.fill.digest);
         if !self.cache.reserve(size) {
             m.uncached_fills.fetch_add(1, Relaxed);
@@ -315,21 +333,24 @@ impl Guard {
         }
         self.reserved = size;
         let cache = Arc::clone(&self.cache);
+        let d = digest.clone();
         let created = tokio::task::spawn_blocking(move || {
-            let (file, path) = cache.temp_file()?;
+            let (file, paths, progress) = cache.fill_files(&d, size)?;
             match Growing::new(file, size) {
-                Ok(g) => Ok((g, path)),
+                Ok(g) => Ok((g, paths, progress)),
                 Err(e) => {
-                    let _ = std::fs::remove_file(&path);
+                    let _ = std::fs::remove_file(&paths.0);
+                    let _ = std::fs::remove_file(&paths.1);
                     Err(e)
                 }
             }
         })
         .await;
         match created {
-            Ok(Ok((file, path))) => {
+            Ok(Ok((file, (path, written), progress))) => {
                 self.temp = Some(path);
-                Ok(file)
+                self.written = Some(written);
+                Ok((file, progress))
             }
             Ok(Err(e)) => {
                 tracing::warn!(%digest, error = %e, "cannot write to the cache; streaming uncached");
@@ -351,7 +372,13 @@ impl Guard {
         let temp = self.temp.take().expect("a verified fill has a temp file");
         let (cache, fill) = (Arc::clone(&self.cache), Arc::clone(&self.fill));
         let digest = &self.fill.digest;
-        let commit = move || cache.commit(&fill.digest, size, &temp, Stored::Fill(&fill, &file));
+        let written = self.written.take();
+        let commit = move || {
+            let res = cache.commit(&fill.digest, size, &temp, Stored::Fill(&fill, &file));
+            // After the rename: a process following this fill sees it whole.
+            written.map(std::fs::remove_file);
+            res
+        };
         match tokio::task::spawn_blocking(commit).await {
             Ok(Ok(())) => tracing::debug!(%digest, size, "fill committed"),
             Ok(Err(e)) => {
@@ -374,6 +401,10 @@ impl Guard {
         // again must start a fill of its own, not find this one.
         self.cache
             .abandon(&self.fill, self.reserved, self.temp.as_deref());
+        // After the temp file: a process following this fill sees it gone.
+        if let Some(w) = &self.written {
+            let _ = std::fs::remove_file(w);
+        }
         self.fill.set(Progress::Failed(f));
     }
 }
@@ -382,89 +413,6 @@ impl Drop for Guard {
     fn drop(&mut self) {
         self.end_failed(vanished());
     }
-}
-
-/// Streams a blob straight from upstream for one client, checking its digest
-/// and size on the way; the last chunk is held back until they match, so a
-/// wrong blob never ends cleanly. Used when a blob is not kept in the cache.
-pub fn verified_stream(
-    body: Incoming,
-    digest: Digest,
-    size: u64,
-    timeout: Duration,
-    metrics: Arc<Metrics>,
-) -> impl futures_util::Stream<Item = Result<Bytes, BoxError>> + Send + 'static {
-    struct St {
-        body: Incoming,
-        hasher: Sha256,
-        seen: u64,
-        held: Option<Bytes>,
-        done: bool,
-    }
-    let st = St {
-        body,
-        hasher: Sha256::new(),
-        seen: 0,
-        held: None,
-        done: false,
-    };
-    stream::unfold(st, move |mut st| {
-        let digest = digest.clone();
-        let metrics = Arc::clone(&metrics);
-        async move {
-            if st.done {
-                return None;
-            }
-            loop {
-                let next = tokio::time::timeout(timeout, st.body.frame()).await;
-                let fail = |st: St, e: UpstreamError| {
-                    let mut st = st;
-                    st.done = true;
-                    Some((Err(Error::Upstream(e).into()), st))
-                };
-                let url = || format!("blob {digest}");
-                match next {
-                    Err(_) => {
-                        let wait = Wait::Body(timeout);
-                        return fail(st, UpstreamError::Timeout { url: url(), wait });
-                    }
-                    Ok(Some(Err(e))) => {
-                        let cause = Cause::new(e);
-                        return fail(st, UpstreamError::Broken { url: url(), cause });
-                    }
-                    Ok(Some(Ok(f))) => {
-                        let Ok(chunk) = f.into_data() else { continue };
-                        st.seen += chunk.len() as u64;
-                        st.hasher.update(&chunk);
-                        metrics
-                            .upstream_bytes
-                            .fetch_add(chunk.len() as u64, Relaxed);
-                        metrics
-                            .served_upstream_bytes
-                            .fetch_add(chunk.len() as u64, Relaxed);
-                        if st.seen > size {
-                            metrics.digest_mismatches.fetch_add(1, Relaxed);
-                            let why = format!("{digest}: longer than announced");
-                            return fail(st, UpstreamError::Invalid(why));
-                        }
-                        if let Some(prev) = st.held.replace(chunk) {
-                            return Some((Ok(prev), st));
-                        }
-                    }
-                    Ok(None) => {
-                        let got = Digest::from_hasher(std::mem::take(&mut st.hasher));
-                        if st.seen != size || got != digest {
-                            metrics.digest_mismatches.fetch_add(1, Relaxed);
-                            let expected = digest.clone();
-                            return fail(st, UpstreamError::DigestMismatch { expected, got });
-                        }
-                        st.done = true;
-                        return st.held.take().map(|b| (Ok(b), st));
-                    }
-                }
-            }
-        }
-    })
 }
 
 #[cfg(test)]
@@ -503,7 +451,8 @@ mod tests {
     async fn a_failed_fill_leaves_the_table_before_followers_hear_of_it() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("cache");
-        let cache = Arc::new(Cache::open(&dir, 1 << 20, Arc::new(Metrics::default())).unwrap());
+        let cache =
+            Arc::new(Cache::open(&dir, 1 << 20, Arc::new(Metrics::default()), true).unwrap());
         let digest = Digest::of(b"a blob the upstream refuses");
         let Join::Leader(fill) = cache.join(&digest) else {
             panic!("the first request for a digest leads its fill");

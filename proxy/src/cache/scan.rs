@@ -1,7 +1,9 @@
-//! The index rebuilt from what is in the cache dir at start-up: the content
-//! files and which of them are manifests, oldest first. Sidecars without
-//! their content are removed; anything else that is not cache content is
-//! left alone.
+//! The index rebuilt from what is in the cache dir: at start-up, once a
+//! successor holds the dir alone, and one entry at a time for content a
+//! sibling process committed. The content files and which of them are
+//! manifests, oldest first. Sidecars without their content are removed by
+//! the primary only (a sibling writes a media type just before its
+//! content); anything else that is not cache content is left alone.
 
 use std::collections::HashMap;
 use std::fs;
@@ -16,7 +18,7 @@ use crate::digest::Digest;
 
 /// The cache's state as the disk holds it: every content file indexed,
 /// recency from mtime, nothing reserved and no fill in flight.
-pub(super) fn state(root: &Path) -> io::Result<State> {
+pub(super) fn state(root: &Path, primary: bool) -> io::Result<State> {
     let mut state = State {
         index: LruCache::unbounded(),
         committed: 0,
@@ -25,7 +27,7 @@ pub(super) fn state(root: &Path) -> io::Result<State> {
         next_generation: 0,
         open: LruCache::new(std::num::NonZeroUsize::new(OPEN_FILES).expect("non-zero")),
     };
-    for (_, d, mut e) in content(root)? {
+    for (_, d, mut e) in content(root, primary)? {
         e.generation = state.next_generation;
         state.next_generation += 1;
         state.committed += e.size;
@@ -36,7 +38,7 @@ pub(super) fn state(root: &Path) -> io::Result<State> {
 
 /// Every content file under `root/sha256`, least recently used first
 /// (recency from mtime), as index entries of generation 0.
-fn content(root: &Path) -> io::Result<Vec<(SystemTime, Digest, Entry)>> {
+fn content(root: &Path, primary: bool) -> io::Result<Vec<(SystemTime, Digest, Entry)>> {
     let mut found: Vec<(SystemTime, Digest, Entry)> = Vec::new();
     for fan in fs::read_dir(root.join("sha256"))? {
         let fan = fan?;
@@ -80,11 +82,64 @@ fn content(root: &Path) -> io::Result<Vec<(SystemTime, Digest, Entry)>> {
         for hex in types {
             if let Some(&i) = here.get(&hex) {
                 found[i].2.manifest = true;
-            } else {
+            } else if primary {
                 let _ = fs::remove_file(fan.path().join(format!("{hex}.type")));
             }
         }
     }
     found.sort_by_key(|(t, _, _)| *t);
     Ok(found)
+}
+
+/// The index of what is on disk now, for a process that has just become the
+/// cache dir's only user: every process's commits counted, so the cap holds
+/// again. Entries this process knows keep their generation and its order of
+/// use; the others come first, oldest first. Fills and reservations stay.
+pub(super) fn rebuild(st: &mut State, found: Vec<(SystemTime, Digest, Entry)>) {
+    let mut index = LruCache::unbounded();
+    let mut committed = 0;
+    for (_, d, mut e) in found {
+        e.generation = match st.index.peek(&d) {
+            Some(known) => known.generation,
+            None => {
+                st.next_generation += 1;
+                st.next_generation - 1
+            }
+        };
+        committed += e.size;
+        index.put(d, e);
+    }
+    for (d, _) in st.index.iter().rev() {
+        index.promote(d);
+    }
+    let gone: Vec<Digest> = st
+        .open
+        .iter()
+        .filter(|(d, _)| !index.contains(*d))
+        .map(|(d, _)| d.clone())
+        .collect();
+    for d in gone {
+        st.open.pop(&d);
+    }
+    st.index = index;
+    st.committed = committed;
+}
+
+/// Every content file, for [`rebuild`].
+pub(super) fn all(root: &Path) -> io::Result<Vec<(SystemTime, Digest, Entry)>> {
+    content(root, true)
+}
+
+/// The entry for `d` if its content is on disk (committed by a sibling
+/// process, or by this one before its index was built).
+pub(super) fn on_disk(content: &Path) -> Option<Entry> {
+    let meta = fs::metadata(content).ok()?;
+    if !meta.is_file() {
+        return None;
+    }
+    Some(Entry {
+        size: meta.len(),
+        manifest: super::type_path(content).is_file(),
+        generation: 0,
+    })
 }

@@ -324,3 +324,21 @@ impl Drop for RssSampler {
         self.stop.store(true, Ordering::SeqCst);
     }
 }
+
+/// Temp files under a cache dir's `tmp/`, the ownership markers of the
+/// processes sharing it aside: what a fill left behind.
+pub fn temp_files(cache_dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    fn walk(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(&p, out);
+            } else if e.file_name() != "owner" {
+                out.push(p);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(&cache_dir.join("tmp"), &mut out);
+    out
+}

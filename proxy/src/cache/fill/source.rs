@@ -10,6 +10,7 @@ use http::{Method, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
+use super::sibling::Tail;
 use super::{Failure, FillRequest};
 use crate::digest::Digest;
 use crate::error::{Cause, Error, UpstreamError, Wait};
@@ -64,7 +65,10 @@ pub(super) struct Resumable<'a> {
     req: &'a FillRequest,
     digest: &'a Digest,
     metrics: &'a Metrics,
-    body: Incoming,
+    /// Where the bytes come from until it fails: another process's fill.
+    tail: Option<Tail>,
+    /// The upstream's body; once `tail` is gone, there is one.
+    body: Option<Incoming>,
     size: u64,
     /// Bytes handed out.
     pos: u64,
@@ -76,6 +80,12 @@ pub(super) struct Resumable<'a> {
     cut: Option<Error>,
 }
 
+/// Where a fill's first bytes come from.
+pub(super) enum First {
+    Upstream(Incoming),
+    Sibling(Tail),
+}
+
 impl<'a> Resumable<'a> {
     pub(super) fn new(
         upstream: &'a Upstream,
@@ -83,14 +93,19 @@ impl<'a> Resumable<'a> {
         req: &'a FillRequest,
         digest: &'a Digest,
         metrics: &'a Metrics,
-        (size, body): (u64, Incoming),
+        (size, first): (u64, First),
     ) -> Resumable<'a> {
+        let (tail, body) = match first {
+            First::Upstream(b) => (None, Some(b)),
+            First::Sibling(t) => (Some(t), None),
+        };
         Resumable {
             upstream,
             path,
             req,
             digest,
             metrics,
+            tail,
             body,
             size,
             pos: 0,
@@ -108,9 +123,28 @@ impl<'a> Resumable<'a> {
         if let Some(why) = self.cut.take() {
             self.resume(why).await?;
         }
+        if let Some(tail) = &mut self.tail {
+            match tail.next().await {
+                Ok(Some(chunk)) => {
+                    self.pos += chunk.len() as u64;
+                    return Ok(Some(chunk));
+                }
+                Ok(None) => return Ok(None),
+                Err(why) => {
+                    let (digest, at) = (self.digest, self.pos);
+                    tracing::info!(%digest, at, error = %why, "the other process's fill stopped; the upstream sends the rest");
+                    self.tail = None;
+                    self.cut = Some(why);
+                    return Ok(Some(Bytes::new()));
+                }
+            }
+        }
         let timeout = self.upstream.timeout();
+        let Some(body) = &mut self.body else {
+            return Err(Error::Internal("a fill with neither upstream nor sibling"));
+        };
         let why = loop {
-            let frame = match tokio::time::timeout(timeout, self.body.frame()).await {
+            let frame = match tokio::time::timeout(timeout, body.frame()).await {
                 Ok(Some(Ok(f))) => f,
                 Ok(None) if self.pos == self.size => return Ok(None),
                 Ok(None) => {
@@ -165,8 +199,12 @@ impl<'a> Resumable<'a> {
     /// or the retries are spent.
     async fn resume(&mut self, mut why: Error) -> Result<(), Error> {
         let digest = self.digest;
+        // The first resume after a sibling's fill stopped is no upstream error.
+        let mut upstream_failed = self.body.is_some();
         loop {
-            self.metrics.upstream_errors.fetch_add(1, Relaxed);
+            if std::mem::replace(&mut upstream_failed, true) {
+                self.metrics.upstream_errors.fetch_add(1, Relaxed);
+            }
             if self.resumes >= self.upstream.retries() {
                 let resumes = self.resumes;
                 tracing::warn!(%digest, error = %why, resumes, "giving up on the upstream download");
@@ -189,12 +227,12 @@ impl<'a> Resumable<'a> {
                         && range_start(r.headers()) == Some(from) =>
                 {
                     self.skip = 0;
-                    self.body = r.into_body();
+                    self.body = Some(r.into_body());
                     return Ok(());
                 }
                 Ok(r) if r.status() == StatusCode::OK => {
                     self.skip = from;
-                    self.body = r.into_body();
+                    self.body = Some(r.into_body());
                     return Ok(());
                 }
                 Ok(r) => why = Error::status("resume", r.status()),

@@ -2,7 +2,9 @@
 //! in batches within a process-wide memory budget, written and hashed on the
 //! blocking pool while the next batch is read.
 
+use std::fs::File;
 use std::io;
+use std::os::unix::fs::FileExt;
 
 use bytes::Bytes;
 use sha2::{Digest as _, Sha256};
@@ -34,6 +36,9 @@ static BUFFERS: Semaphore = Semaphore::const_new(BUFFER_BUDGET);
 pub(super) struct Sink {
     pub file: Growing,
     pub hasher: Sha256,
+    /// Where how many bytes are final is published for other processes
+    /// sharing the cache dir (see `cache::shared`).
+    pub progress: File,
 }
 
 /// Writes a fill's chunks to its temp file in batches and tells the fill's
@@ -51,7 +56,7 @@ pub(super) struct Writer<'f> {
 }
 
 impl<'f> Writer<'f> {
-    pub(super) fn new(fill: &'f Fill, file: Growing) -> Writer<'f> {
+    pub(super) fn new(fill: &'f Fill, file: Growing, progress: File) -> Writer<'f> {
         fill.set(Progress::Streaming {
             size: file.size(),
             written: file.readable(),
@@ -61,6 +66,7 @@ impl<'f> Writer<'f> {
             sink: Some(Sink {
                 file,
                 hasher: Sha256::new(),
+                progress,
             }),
             pending: None,
             batch: Vec::new(),
@@ -119,6 +125,10 @@ impl<'f> Writer<'f> {
             for b in &batch {
                 sink.hasher.update(b);
             }
+            let written = sink.file.readable().len() as u64;
+            // In place, in the file's only block: a full disk does not fail
+            // it, and a failure only stalls a follower into the upstream.
+            let _ = sink.progress.write_all_at(&written.to_le_bytes(), 0);
             // The bytes are on disk: their room goes back to the budget.
             drop((batch, room));
             Ok(sink)
