@@ -33,7 +33,7 @@ const HELD_AT: u64 = 64 << 20;
 /// so that some are queued in its backlog when it closes its listener.
 const BURST: usize = 100;
 /// Bounds of each pull loop, besides stopping when the handovers are done.
-const MAX_PULLS: u64 = 500;
+const MAX_PULLS: u64 = 20_000;
 const LOOP_TIME: Duration = Duration::from_secs(240);
 /// Every process gets the same flags: room to finish a held fill.
 const ARGS: &[&str] = &["--shutdown-grace", "90s"];
@@ -157,7 +157,12 @@ async fn burst(url: String, digest: String) -> Vec<String> {
     let gets: Vec<_> = (0..BURST)
         .map(|_| {
             let (u, d) = (url.clone(), digest.clone());
-            tokio::spawn(async move { get_verified(&u, &d).await })
+            tokio::spawn(async move {
+                let t = Instant::now();
+                get_verified(&u, &d)
+                    .await
+                    .map_err(|e| format!("{e} ({:?} after it was sent)", t.elapsed()))
+            })
         })
         .collect();
     let mut failed = Vec::new();
@@ -225,10 +230,14 @@ fn handovers() {
     let big = reg.put_blob_files("team/big", &blob(BIG, 99));
 
     let cache = temp_dir("cache");
-    let mut current = Proxy::start(&gate.url(), cache.path(), ARGS);
+    // A fixed port, as on a node: a process on port 0 has no address a
+    // successor could share. Free for sure: the namespace is this test's.
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut current = Proxy::start_on(&listen, &gate.url(), cache.path(), ARGS);
     let addr = current.addr;
     let url = current.url();
     let big_url = format!("{url}/v2/team/big/blobs/{big}");
+    let small_url = format!("{url}/v2/team/c0/blobs/{small}");
     let node_images: Vec<(String, String)> = docker_images
         .into_iter()
         .map(|(path, id)| (format!("{REGISTRY_NAME}:{}/{path}", addr.port()), id))
@@ -270,13 +279,13 @@ fn handovers() {
                 );
                 big_pull = Some((a, progress, before));
             }
-            let next = Proxy::start_on(&addr.to_string(), &gate.url(), cache.path(), ARGS);
+            let next = Proxy::start_on(&listen, &gate.url(), cache.path(), ARGS);
             let readyz = format!("http://{}/readyz", next.admin);
             rt.block_on(wait_for(
                 || async { get(&readyz, &[]).await.0 == StatusCode::OK },
                 &format!("P{} beside P{n} answers /readyz with 200", n + 1),
             ));
-            let queued = rt.spawn(burst(url.clone(), small.clone()));
+            let queued = rt.spawn(burst(small_url.clone(), small.clone()));
             current.signal("-TERM");
             wait_blocking(
                 || !listening_pids(addr.port()).contains(&current.pid()),
@@ -334,23 +343,31 @@ fn handovers() {
 
     let big_gets = rt.block_on(reg.blob_gets_logged(&big, 1));
     eprintln!(
-        "handover: {HANDOVERS} handovers in {handing_over:?} (set-up {set_up:?}); {} docker pulls, \
-         {} containerd-order pulls, {} burst GETs; {big_gets} upstream GET(s) of the big blob; {big_seen}",
+        "handover: {HANDOVERS} handovers in {handing_over:?} (set-up {set_up:?}); docker pulls \
+         {} ok, {} failed; containerd-order pulls {} ok, {} failed; burst GETs {} ok, {} failed; \
+         {big_gets} upstream GET(s) of the big blob; {big_seen}",
         dk.ok(),
+        dk.failures().len(),
         cd.ok(),
-        HANDOVERS * BURST,
+        cd.failures().len(),
+        HANDOVERS * BURST - burst_failures.len(),
+        burst_failures.len(),
     );
-    assert_eq!(dk.failures(), Vec::<String>::new(), "no docker pull fails");
-    assert_eq!(
-        cd.failures(),
-        Vec::<String>::new(),
-        "no pull in containerd's order fails"
-    );
-    assert_eq!(
-        burst_failures,
-        Vec::<String>::new(),
-        "no connection opened during a handover is refused, reset or answered wrong"
-    );
+    for (what, failed) in [
+        ("docker pull", dk.failures()),
+        ("pull in containerd's order", cd.failures()),
+        (
+            "GET on a connection opened as a handover began",
+            burst_failures,
+        ),
+    ] {
+        assert!(
+            failed.is_empty(),
+            "no {what} fails, but {} did; the first: {:#?}",
+            failed.len(),
+            &failed[..failed.len().min(3)]
+        );
+    }
     assert_eq!(
         big_gets, 1,
         "the upstream sent the big blob once, however many processes served it"
