@@ -25,7 +25,8 @@
 //! - [`upstream`]: the HTTP(S) client to the real registry, its timeouts,
 //!   redirects and retry policy.
 //! - [`metrics`]: counters in the Prometheus text format.
-//! - [`lock`]: one process per cache dir, an exclusive `flock`.
+//! - [`lock`]: one primary process per cache dir, an exclusive `flock`; a
+//!   successor on the same address serves beside it and takes over.
 //! - [`instance`]: this process's id among those sharing a cache dir.
 //!
 //! Foundations: [`config`] (flags, each also an env var), [`units`] (sizes

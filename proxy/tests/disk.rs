@@ -35,7 +35,6 @@ impl Drop for Tmpfs {
     }
 }
 
-
 #[tokio::test]
 async fn a_cache_write_that_fails_cuts_the_client_and_is_not_an_upstream_error() {
     let reg = Registry::start();

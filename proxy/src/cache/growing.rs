@@ -10,7 +10,10 @@
 //!   out; readers get slices of the bytes written so far, never more.
 //!
 //! Nobody else may write into the cache dir (the README says so, and the
-//! cache lock keeps a second regproxy out).
+//! cache lock keeps a second regproxy out). A successor that shares the dir
+//! during a handover writes only in its own temp dir and may rename a
+//! verified copy over committed content: a rename replaces the name, never
+//! the bytes of the file a mapping holds.
 
 use std::fs::File;
 use std::io;

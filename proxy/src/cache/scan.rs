@@ -93,8 +93,10 @@ fn content(root: &Path, primary: bool) -> io::Result<Vec<(SystemTime, Digest, En
 
 /// The index of what is on disk now, for a process that has just become the
 /// cache dir's only user: every process's commits counted, so the cap holds
-/// again. Entries this process knows keep their generation and its order of
-/// use; the others come first, oldest first. Fills and reservations stay.
+/// again. Recency comes from mtimes (every process sets a file's when it
+/// maps it), except that what this process keeps mapped (its most recent
+/// hits, which set no mtime) is the most recent, in its order of use.
+/// Known entries keep their generation; fills and reservations stay.
 pub(super) fn rebuild(st: &mut State, found: Vec<(SystemTime, Digest, Entry)>) {
     let mut index = LruCache::unbounded();
     let mut committed = 0;
@@ -109,7 +111,7 @@ pub(super) fn rebuild(st: &mut State, found: Vec<(SystemTime, Digest, Entry)>) {
         committed += e.size;
         index.put(d, e);
     }
-    for (d, _) in st.index.iter().rev() {
+    for (d, _) in st.open.iter().rev() {
         index.promote(d);
     }
     let gone: Vec<Digest> = st
