@@ -244,6 +244,12 @@ impl Cache {
         }
     }
 
+    /// Whether another live process shares the cache dir now. Blocking (a
+    /// listing of `tmp/`).
+    pub fn sibling_alive(&self) -> bool {
+        shared::sibling_alive(&self.root)
+    }
+
     /// The fill of `d` that another process sharing the cache dir runs now.
     pub async fn sibling_fill(&self, d: &Digest) -> Option<shared::SiblingFill> {
         let (root, d) = (self.root.clone(), d.clone());

@@ -96,6 +96,20 @@ pub(super) fn sweep(root: &Path, primary: bool) -> usize {
     removed
 }
 
+/// Whether another live process shares the cache dir: for the primary, a
+/// successor is starting or serving beside it.
+pub(super) fn sibling_alive(root: &Path) -> bool {
+    let Ok(entries) = fs::read_dir(root.join(instance::TMP)) else {
+        return false;
+    };
+    entries.filter_map(Result::ok).any(|e| {
+        e.file_name() != instance::id()
+            && e.file_type().is_ok_and(|t| t.is_dir())
+            && e.path().join(instance::OWNER).is_file()
+            && owner_alive(&e.path())
+    })
+}
+
 /// A fill of a digest that another live process sharing the cache dir is
 /// running now.
 #[derive(Clone, Debug)]
@@ -213,8 +227,10 @@ mod tests {
         fs::write(sib.join(&part), [0u8; 42]).unwrap();
         fs::write(sib.join(&written), 7u64.to_le_bytes()).unwrap();
         assert!(find(root, &d).is_none(), "its owner is gone");
+        assert!(!sibling_alive(root), "no live process beside this one");
         let lock = File::open(&sib).unwrap();
         flock(&lock, FlockOperation::LockExclusive).unwrap();
+        assert!(sibling_alive(root));
         let f = find(root, &d).expect("a live sibling's fill");
         assert_eq!(f.size, 42);
         assert!(f.alive());
