@@ -30,7 +30,12 @@ const BIG: usize = 256 << 20;
 /// following it: the fill is then surely still running in its predecessor.
 const HELD_AT: u64 = 64 << 20;
 /// New connections opened all at once as each predecessor is sent SIGTERM,
-/// so that some are queued in its backlog when it closes its listener.
+/// so that some are queued in its backlog when it closes its listener (the
+/// kernel resets those unless `tcp_migrate_req` moves them) and some are
+/// accepted but not yet read from when it starts draining (hyper's graceful
+/// shutdown closes such a connection unanswered). Either way the client's
+/// request was sent on a fresh connection, which Go's HTTP client (dockerd,
+/// containerd) does not retry: a failed pull.
 const BURST: usize = 100;
 /// Bounds of each pull loop, besides stopping when the handovers are done.
 const MAX_PULLS: u64 = 20_000;
