@@ -1,14 +1,19 @@
-"""Checks the rendered deploy/ manifests for what issue 4 asks of them, beyond
-the schema: the DaemonSet, its node set-up, the Services, and that the
-uninstall Job undoes exactly what the init containers do.
+"""Checks the rendered deploy/ manifests for what issues 4 and 9 ask of them,
+beyond the schema: the DaemonSet, its rollout, the node path it keeps, the
+Services, the namespace's Pod Security level, and that the uninstall Job
+undoes exactly what regproxy writes on a node.
 
 Usage: check_deploy.py BASE.yaml SYSADMIN_DIR REGPROXY_BINARY
-With the binary it also checks that every flag the manifests pass exists, and
-runs the init containers' and the uninstall Job's commands against a scratch
-copy of a node's files: set-up, then uninstall, must give the files back.
+With the binary it also checks that every setting and command the manifests
+use exists, and runs what serve writes on a node (as `regproxy hosts ...
+ensure` with the DaemonSet's name and address) and then the uninstall Job's
+commands against a scratch copy of a node's files: they must give the files
+back. Then a self-test: each check below that guards against a known
+mistake is shown to fail on the rendered manifests with that mistake made.
 Prints one line per check and closes with "N passed, N failed".
 """
 
+import copy
 import subprocess
 import sys
 import tempfile
@@ -17,20 +22,52 @@ from pathlib import Path
 import yaml
 
 NAME = "knative.registry.svc.cluster.local"
-results = []
+# The node-path defaults of `regproxy serve` (a REGPROXY_* variable
+# overrides each), as paths on the node, under --node-root in the container.
+NODE_DEFAULTS = {
+    "--node-root": "/",
+    "--hosts-file": "/etc/hosts",
+    "--containerd-certs-dir": "/etc/containerd/certs.d",
+    "--containerd-config": "/etc/containerd/config.toml",
+}
+# Settings `regproxy doctor` must see as serve does (the design: same flags).
+DOCTOR_SETTINGS = ["--listen", "--cache-dir", "--registry-name", "--node-root"]
+DOCTOR_OPTIONAL = ["--hosts-file", "--containerd-certs-dir", "--containerd-config", "--containerd-server"]
+# The least time a start-up may take before kubelet may kill the container.
+SLOW_START_SECONDS = 120
+
+state = {"results": [], "quiet": False}
 
 
-def check(what, ok, detail=""):
-    results.append(bool(ok))
-    print(f"{'ok  ' if ok else 'FAIL'} {what}" + (f": {detail}" if detail and not ok else ""))
+def check(what, ok, detail="", key=None):
+    """Records one check; `key` names the checks the self-test breaks."""
+    state["results"].append((key or what, bool(ok)))
+    if not state["quiet"]:
+        print(f"{'ok  ' if ok else 'FAIL'} {what}" + (f": {detail}" if detail and not ok else ""))
 
 
 def flags(container):
     """--key=value arguments as a dict; bare words as keys with value None."""
     out = {}
-    for a in container.get("args", []):
+    for a in container.get("args", []) or []:
         key, _, value = a.partition("=")
         out[key] = value if _ else None
+    return out
+
+
+def env_flag(name):
+    """REGPROXY_CACHE_DIR -> --cache-dir."""
+    return "--" + name[len("REGPROXY_"):].lower().replace("_", "-")
+
+
+def settings(container):
+    """What `regproxy serve` runs with: REGPROXY_* variables, then the args
+    (a flag wins over its variable, as in clap)."""
+    out = {}
+    for e in container.get("env", []) or []:
+        if e["name"].startswith("REGPROXY_") and "value" in e:
+            out[env_flag(e["name"])] = e["value"]
+    out.update({k: v for k, v in flags(container).items() if k.startswith("--")})
     return out
 
 
@@ -39,44 +76,63 @@ def by_kind(docs, kind, name=None):
     return found[0] if found else None
 
 
-def run_commands(binary, main_c, inits, uninstall):
-    """The manifests' own argument lists, run by the real binary."""
-    help_text = subprocess.run([binary, "serve", "--help"], capture_output=True, text=True, check=True).stdout
-    unknown = [k for k in flags(main_c) if k.startswith("--") and f"{k} " not in help_text and f"{k}=" not in help_text]
-    check("every flag the DaemonSet passes to `regproxy serve` exists", not unknown, f"unknown: {unknown}")
-
-    with tempfile.TemporaryDirectory() as tmp:
-        node = Path(tmp)
-        hosts = node / "hosts"
-        original = b"127.0.0.1 localhost\n::1 localhost ip6-localhost\n10.0.0.4 node-1"
-        hosts.write_bytes(original)
-        certs = node / "certs.d"
-        certs.mkdir()
-        remap = {"--hosts-file": str(hosts), "--certs-dir": str(certs)}
-
-        def run(c):
-            args = [a.split("=", 1)[0] + "=" + remap[a.split("=", 1)[0]] if a.split("=", 1)[0] in remap else a for a in c["args"]]
-            return subprocess.run([binary, *args], capture_output=True, text=True)
-
-        for c in inits:
-            for attempt in ("first", "second"):
-                r = run(c)
-                check(f"init container {c['name']} succeeds ({attempt} run)", r.returncode == 0, r.stderr.strip())
-        check("after set-up the node's hosts file maps the name", NAME.encode() in hosts.read_bytes())
-        check("after set-up containerd has a hosts.toml for the name", (certs / NAME / "hosts.toml").is_file())
-        for c in uninstall:
-            r = run(c)
-            check(f"uninstall container {c['name']} succeeds", r.returncode == 0, r.stderr.strip())
-        check("after uninstall the hosts file has its exact original bytes", hosts.read_bytes() == original)
-        check("after uninstall certs.d is as it was", not any(certs.iterdir()))
+def mounted(container, volumes, path):
+    """(node path, volume) of a path inside the container, through its
+    volume mounts; (None, None) when no hostPath holds it."""
+    best = None
+    for m in container.get("volumeMounts", []) or []:
+        mp = m["mountPath"].rstrip("/")
+        if path == mp or path.startswith(mp + "/"):
+            if best is None or len(mp) > len(best[0]):
+                best = (mp, m)
+    if not best:
+        return None, None
+    mp, m = best
+    vol = volumes.get(m["name"], {})
+    host = vol.get("hostPath", {}).get("path")
+    if host is None:
+        return None, vol
+    return host.rstrip("/") + path[len(mp):] or "/", vol
 
 
-def main():
-    docs = [d for d in yaml.safe_load_all(Path(sys.argv[1]).read_text()) if d]
-    sysadmin = Path(sys.argv[2])
+def under_root(root, path):
+    """A node path as the container sees it under --node-root."""
+    return root.rstrip("/") + path if path.startswith("/") else None
 
+
+def image_host(ref):
+    """The registry host of an image reference, without port; docker.io for
+    a reference with no host part."""
+    first, slash, _ = ref.partition("/")
+    if slash and ("." in first or ":" in first or first == "localhost"):
+        return first.rsplit(":", 1)[0].lower() if not first.startswith("[") else first
+    return "docker.io"
+
+
+def surge_count(value):
+    """maxSurge as given: an integer or "N%"; > 0 means surge pods."""
+    if isinstance(value, str) and value.endswith("%"):
+        return int(value[:-1] or 0)
+    return int(value or 0)
+
+
+def probe_seconds(p):
+    """How long a probe lets a container fail before it acts."""
+    return p.get("initialDelaySeconds", 0) + p.get("periodSeconds", 10) * p.get("failureThreshold", 3)
+
+
+def check_manifests(docs, job, uninstall_sh):
+    """Every check on the rendered manifests, the uninstall Job and script.
+    Returns what run_commands needs."""
     ns = by_kind(docs, "Namespace", "registry")
     check("the namespace registry is created", ns)
+    ns_labels = (ns or {}).get("metadata", {}).get("labels", {}) or {}
+    check(
+        "the namespace admits privileged pods (pod-security.kubernetes.io/enforce: privileged)",
+        ns_labels.get("pod-security.kubernetes.io/enforce") == "privileged",
+        str(ns_labels),
+        key="psa-privileged",
+    )
     namespaced = [d for d in docs if d["kind"] not in ("Namespace", "PriorityClass")]
     check(
         "every object lives in namespace registry",
@@ -119,20 +175,72 @@ def main():
     check("it uses the node's network", spec.get("hostNetwork") is True)
     check("it still resolves cluster names", spec.get("dnsPolicy") == "ClusterFirstWithHostNet")
     check(
+        "it runs on Linux nodes only (nodeSelector kubernetes.io/os: linux)",
+        (spec.get("nodeSelector") or {}).get("kubernetes.io/os") == "linux",
+        str(spec.get("nodeSelector")),
+        key="linux-only",
+    )
+    check(
         "it tolerates every taint, control plane included",
         any(t.get("operator") == "Exists" and "key" not in t for t in spec.get("tolerations", [])),
     )
     check("it has a high priority class", spec.get("priorityClassName", "").startswith("system-node-critical"))
-    check("it is updated by rolling update", ds["spec"]["updateStrategy"]["type"] == "RollingUpdate")
 
-    main_c = [c for c in spec["containers"] if c["name"] == "regproxy"][0]
+    # The rollout: the new pod beside the old one, the old one gone only
+    # when the new one is Ready.
+    strategy = ds["spec"].get("updateStrategy", {})
+    rolling = strategy.get("rollingUpdate", {}) or {}
+    check("it is updated by rolling update", strategy.get("type") == "RollingUpdate")
+    surge = surge_count(rolling.get("maxSurge", 0))
+    check(
+        "a node is never without a proxy during a rollout (maxUnavailable: 0)",
+        rolling.get("maxUnavailable") in (0, "0%"),
+        f"maxUnavailable: {rolling.get('maxUnavailable')}",
+        key="max-unavailable-0",
+    )
+    check(
+        "the new pod starts beside the old one (maxSurge > 0)",
+        surge > 0,
+        f"maxSurge: {rolling.get('maxSurge')}",
+        key="max-surge",
+    )
+    check(
+        "the old pod stays until the new one has been ready a while (minReadySeconds > 0: "
+        "during the overlap either process may answer either pod's probes)",
+        ds["spec"].get("minReadySeconds", 0) > 0,
+        f"minReadySeconds: {ds['spec'].get('minReadySeconds')}",
+        key="min-ready",
+    )
+    all_containers = spec.get("containers", []) + (spec.get("initContainers") or [])
+    declared = [
+        f"{c['name']}:{p.get('hostPort', p.get('containerPort'))}"
+        for c in all_containers
+        for p in c.get("ports", []) or []
+    ]
+    check(
+        "with hostNetwork and surge, no container declares a port "
+        "(each would be a host port, and the surge pod would never be scheduled: kubernetes#106417)",
+        not (spec.get("hostNetwork") and surge > 0 and declared),
+        f"declared: {declared}",
+        key="no-host-ports-with-surge",
+    )
+
+    main_c = ([c for c in spec["containers"] if c["name"] == "regproxy"] or [{}])[0]
+    s = settings(main_c)
     f = flags(main_c)
-    check("it serves", main_c["args"][0] == "serve")
-    listen = f.get("--listen", "")
+    check("it serves", (main_c.get("args") or [None])[0] == "serve")
+    node_settings = [k for k in DOCTOR_SETTINGS + DOCTOR_OPTIONAL if k in f]
+    check(
+        "the node-path settings are REGPROXY_* variables, not flags, so `regproxy doctor` in the pod sees them",
+        not node_settings,
+        f"given as flags: {node_settings}",
+        key="settings-in-env",
+    )
+    listen = s.get("--listen", "")
     host, _, port = listen.rpartition(":")
     check("it listens on a loopback address", host.startswith("127."), listen)
     check("it listens on port 80, so image references need no port", port == "80", listen)
-    upstream = f.get("--upstream", "")
+    upstream = s.get("--upstream", "")
     check(
         "its upstream is not the name that nodes map to the proxy",
         NAME not in upstream and upstream.startswith("http"),
@@ -140,29 +248,50 @@ def main():
     )
     check(
         "its upstream is resolved through DNS only, never /etc/hosts",
-        f.get("--upstream-resolver") == "dns",
+        s.get("--upstream-resolver") == "dns",
     )
-    admin_listen = f.get("--admin-listen", "")
-    admin_host, _, admin_port = admin_listen.rpartition(":")
-    admin_port = int(admin_port or 0)
+
     # The admin endpoints on the node's own address, from the downward API:
     # reachable by kubelet and Prometheus, not on every interface of the node.
-    env = {e["name"]: e for e in main_c.get("env", [])}
+    admin_listen = s.get("--admin-listen", "")
+    admin_host, _, admin_port = admin_listen.rpartition(":")
+    admin_port = int(admin_port) if admin_port.isdigit() else 0
+    env_list = main_c.get("env", []) or []
+    env = {e["name"]: e for e in env_list}
+    order = [e["name"] for e in env_list]
     var = admin_host[2:-1] if admin_host.startswith("$(") and admin_host.endswith(")") else None
     field = env.get(var, {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") if var else None
-    check(
-        "the admin listen address is the node's own, from status.hostIP",
-        field == "status.hostIP",
-        f"--admin-listen={admin_listen}, env {var}: {env.get(var)}",
+    # $(VAR) in an env value expands only to variables defined before it.
+    defined_before = var in order and (
+        "REGPROXY_ADMIN_LISTEN" not in order or order.index(var) < order.index("REGPROXY_ADMIN_LISTEN")
     )
-    ports = {p["name"]: p["containerPort"] for p in main_c.get("ports", [])}
-    check("the admin port is declared", ports.get("admin") == admin_port, str(ports))
-    for probe in ("readinessProbe", "livenessProbe"):
-        p = main_c.get(probe, {}).get("httpGet", {})
+    check(
+        "the admin listen address is the node's own, from status.hostIP (defined before it is used)",
+        field == "status.hostIP" and (defined_before or "--admin-listen" in f),
+        f"admin listen {admin_listen}, env {var}: {env.get(var)}, order {order}",
+        key="admin-host-ip",
+    )
+    probes = {p: main_c.get(p) for p in ("startupProbe", "readinessProbe", "livenessProbe")}
+    for name, want in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
+        p = (probes[name] or {}).get("httpGet", {})
         check(
-            f"the {probe} asks the admin port",
-            p.get("port") in ("admin", admin_port) and p.get("path") in ("/healthz", "/readyz"),
+            f"the {name} asks {want} on the admin port, by number",
+            p.get("port") == admin_port and p.get("path") == want,
+            str(p),
+            key=f"{name}-path",
         )
+    startup = probes["startupProbe"] or {}
+    sp = startup.get("httpGet", {})
+    live = probes["livenessProbe"]
+    budget = probe_seconds(startup) if startup else probe_seconds(live or {})
+    check(
+        f"a slow start (cache scan, DNS) is not killed: a startupProbe on /healthz "
+        f"gives it at least {SLOW_START_SECONDS}s before the liveness probe counts",
+        live is None or (startup and sp.get("path") == "/healthz" and sp.get("port") == admin_port
+                         and budget >= SLOW_START_SECONDS),
+        f"startupProbe {startup or None}, {budget}s",
+        key="startup-probe",
+    )
     ann = pod["metadata"].get("annotations", {})
     check(
         "Prometheus scrape annotations point at the admin port",
@@ -180,34 +309,72 @@ def main():
     check("the root filesystem is read-only", sc.get("readOnlyRootFilesystem") is True)
     check("no privilege escalation", sc.get("allowPrivilegeEscalation") is False)
 
-    volumes = {v["name"]: v for v in spec["volumes"]}
-    mounts = {m["mountPath"]: m["name"] for m in main_c.get("volumeMounts", [])}
-    cache_vol = volumes.get(mounts.get(f.get("--cache-dir", "")), {})
-    check("the cache dir is a hostPath, so it outlives the pod", "hostPath" in cache_vol, str(cache_vol))
-
-    inits = spec.get("initContainers", [])
-    check("the init containers use the proxy's own image", all(c["image"] == main_c["image"] for c in inits))
-    hosts_init = [c for c in inits if c["args"][:2] == ["hosts", "ensure"]]
-    check("an init container writes the /etc/hosts entry", len(hosts_init) == 1)
-    hf = flags(hosts_init[0])
-    check("it maps the registry name", hf.get("--name") == NAME)
-    check("it maps the name to the address the proxy listens on", hf.get("--address") == host)
-    hm = {m["mountPath"]: m["name"] for m in hosts_init[0]["volumeMounts"]}
-    hv = volumes.get(hm.get(hf.get("--hosts-file")), {}).get("hostPath", {})
+    grace = s.get("--shutdown-grace", "25s")
+    grace_s = int(grace[:-1]) if grace.endswith("s") and grace[:-1].isdigit() else None
+    tgps = spec.get("terminationGracePeriodSeconds", 30)
     check(
-        "the hosts file it edits is the node's /etc/hosts, mounted as a file",
-        hv.get("path") == "/etc/hosts" and hv.get("type") == "File",
-        str(hv),
+        "kubelet waits longer than --shutdown-grace before it kills the old pod",
+        grace_s is not None and tgps > grace_s,
+        f"terminationGracePeriodSeconds {tgps}, shutdown grace {grace}",
+        key="grace",
     )
-    ctr_init = [c for c in inits if c["args"][:3] == ["hosts", "containerd", "ensure"]]
-    check("an init container writes containerd's hosts.toml", len(ctr_init) == 1)
-    cf = flags(ctr_init[0])
-    check("it points the registry name at the proxy", cf.get("--name") == NAME and cf.get("--endpoint") == f"http://{listen}")
-    cm = {m["mountPath"]: m["name"] for m in ctr_init[0]["volumeMounts"]}
-    cv = volumes.get(cm.get(cf.get("--certs-dir")), {}).get("hostPath", {})
-    check("it writes into the node's /etc/containerd/certs.d", cv.get("path") == "/etc/containerd/certs.d", str(cv))
 
-    job = yaml.safe_load((sysadmin / "uninstall-job.yaml").read_text())
+    volumes = {v["name"]: v for v in spec.get("volumes", [])}
+    cache_node, cache_vol = mounted(main_c, volumes, s.get("--cache-dir", "/var/lib/regproxy"))
+    check("the cache dir is a hostPath, so it outlives the pod", cache_node, str(cache_vol))
+
+    # The node path serve keeps: the name, and the node's files through the
+    # node's /etc mounted as a directory.
+    registry_name = s.get("--registry-name")
+    check("serve keeps the node path for the registry name", registry_name == NAME, str(registry_name))
+    root = s.get("--node-root", NODE_DEFAULTS["--node-root"])
+    for flag in ("--hosts-file", "--containerd-certs-dir", "--containerd-config"):
+        want = NODE_DEFAULTS[flag]
+        path = s.get(flag, want)
+        check(f"{flag} is kept ({want} on the node)", path, "empty: the DaemonSet would not manage it")
+        node, vol = mounted(main_c, volumes, under_root(root, path or want))
+        m = [x for x in main_c.get("volumeMounts", []) if x["name"] == (vol or {}).get("name")]
+        check(
+            f"the {flag} serve edits is the node's {want}, writable",
+            node == want and not (m and m[0].get("readOnly")),
+            f"{under_root(root, path or want)} is {node} on the node",
+        )
+        hp = (vol or {}).get("hostPath", {})
+        check(
+            f"{want} is reached through a directory mount, not a file bind mount "
+            "(one pins the inode that a renamed-over file replaces)",
+            hp.get("type") in ("Directory", "DirectoryOrCreate") and hp.get("path") != want,
+            str(hp),
+            key="etc-dir-mount",
+        )
+
+    # The node's sysctl for the handover.
+    inits = spec.get("initContainers") or []
+    sysctl = [c for c in inits if (c.get("args") or [None])[0] == "sysctl"]
+    check(
+        "a privileged init container runs `regproxy sysctl` (net.ipv4.tcp_migrate_req=1 for the handover)",
+        len(sysctl) == 1 and sysctl[0].get("securityContext", {}).get("privileged") is True,
+        str([c.get("name") for c in inits]),
+        key="sysctl-init",
+    )
+    check("the init containers use the proxy's own image", all(c["image"] == main_c.get("image") for c in inits))
+
+    # The image never through the name it serves, nor any in-cluster name:
+    # the node resolves those only through the proxy it replaces.
+    mapped = {n.lower() for n in [registry_name, NAME] if n}
+    mapped |= {v.lower() for c in all_containers for k, v in flags(c).items() if k == "--name" and v}
+    for svc in (d for d in docs if d["kind"] == "Service"):
+        svc_name, svc_ns = svc["metadata"]["name"], svc["metadata"].get("namespace", "default")
+        mapped |= {f"{svc_name}.{svc_ns}", f"{svc_name}.{svc_ns}.svc", f"{svc_name}.{svc_ns}.svc.cluster.local"}
+    bad = [c["image"] for c in all_containers if image_host(c.get("image", "")) in mapped]
+    check(
+        "the DaemonSet's image is not pulled through the registry name it maps (nor any in-cluster name)",
+        not bad,
+        f"{bad} uses one of {sorted(mapped)}",
+        key="image-not-proxied",
+    )
+
+    # The uninstall Job: what it removes, where, with which image.
     jspec = job["spec"]["template"]["spec"]
     jvols = {v["name"]: v for v in jspec["volumes"]}
     removes = {tuple(c["args"][:3]): (flags(c), c) for c in jspec["containers"]}
@@ -216,16 +383,230 @@ def main():
     check("the uninstall Job removes the /etc/hosts entry", len(rh) == 1 and rh[0][0].get("--name") == NAME)
     check("the uninstall Job removes containerd's hosts.toml", len(rc) == 1 and rc[0][0].get("--name") == NAME)
     for (fl, c), flag, path in ((rh[0], "--hosts-file", "/etc/hosts"), (rc[0], "--certs-dir", "/etc/containerd/certs.d")):
-        m = {x["mountPath"]: x["name"] for x in c["volumeMounts"]}
-        check(
-            f"the uninstall Job edits the node's {path}",
-            jvols.get(m.get(fl.get(flag)), {}).get("hostPath", {}).get("path") == path,
-        )
+        node, _ = mounted(c, jvols, fl.get(flag, ""))
+        check(f"the uninstall Job edits the node's {path}", node == path, str(node))
     check("the uninstall Job runs on a named node, past taints", jspec.get("nodeName") and jspec.get("tolerations"))
+    check(
+        "the uninstall Job runs the DaemonSet's own image: a placeholder that "
+        "uninstall.sh fills in from `kubectl get daemonset regproxy`",
+        all(c["image"] == "REGPROXY_IMAGE" for c in jspec["containers"])
+        and "get daemonset regproxy" in uninstall_sh
+        and "jsonpath='{.spec.template.spec.containers[?(@.name==\"regproxy\")].image}'" in uninstall_sh
+        and "s|image: REGPROXY_IMAGE|image: ${image}|" in uninstall_sh,
+        str([c["image"] for c in jspec["containers"]]),
+        key="uninstall-image",
+    )
+    return {"main": main_c, "settings": s, "inits": inits, "uninstall": [c for _, c in removes.values()]}
 
-    run_commands(Path(sys.argv[3]), main_c, inits, [c for _, c in removes.values()])
 
-    passed, failed = results.count(True), results.count(False)
+def run_commands(binary, ctx):
+    """The manifests' own settings and commands, run by the real binary."""
+    main_c, s = ctx["main"], ctx["settings"]
+
+    def help_of(*cmd):
+        r = subprocess.run([binary, *cmd, "--help"], capture_output=True, text=True)
+        return r.returncode, r.stdout
+
+    _, serve_help = help_of("serve")
+    unknown = [k for k in flags(main_c) if k.startswith("--") and f"{k} " not in serve_help and f"{k}=" not in serve_help]
+    check("every flag the DaemonSet passes to `regproxy serve` exists", not unknown, f"unknown: {unknown}")
+    env_names = [e["name"] for e in main_c.get("env", []) if e["name"].startswith("REGPROXY_")]
+    unread = [n for n in env_names if f"[env: {n}=" not in serve_help]
+    check("`regproxy serve` reads every REGPROXY_* variable the DaemonSet sets", not unread, f"not read: {unread}")
+    code, doctor_help = help_of("doctor")
+    want = [env_flag(n) for n in env_names if env_flag(n) in DOCTOR_SETTINGS + DOCTOR_OPTIONAL]
+    missing = [k for k in want if f"{k} " not in doctor_help and f"{k}=" not in doctor_help]
+    check(
+        "`regproxy doctor` takes the node-path settings the DaemonSet gives serve",
+        code == 0 and not missing,
+        f"doctor --help exit {code}, missing: {missing}",
+    )
+    for c in ctx["inits"]:
+        code, _ = help_of(*c["args"][:1])
+        check(f"init container {c['name']}: `regproxy {c['args'][0]}` exists", code == 0, f"exit {code}")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        node = Path(tmp)
+        hosts = node / "hosts"
+        original = b"127.0.0.1 localhost\n::1 localhost ip6-localhost\n10.0.0.4 node-1"
+        hosts.write_bytes(original)
+        certs = node / "certs.d"
+        certs.mkdir()
+        remap = {"--hosts-file": str(hosts), "--certs-dir": str(certs)}
+
+        def run(args):
+            args = [a.split("=", 1)[0] + "=" + remap[a.split("=", 1)[0]] if a.split("=", 1)[0] in remap else a for a in args]
+            return subprocess.run([binary, *args], capture_output=True, text=True)
+
+        # What serve keeps on the node, with the DaemonSet's name and
+        # address: `regproxy hosts` writes it the same way. The fallback
+        # server is the upstream Service's cluster IP, which serve resolves
+        # at run time; a stand-in here.
+        listen = s.get("--listen", "")
+        name = s.get("--registry-name", "")
+        server = s.get("--containerd-server") or "http://10.96.0.57:5000"
+        setup = [
+            ["hosts", "ensure", "--hosts-file=", f"--name={name}", f"--address={listen.rpartition(':')[0]}"],
+            ["hosts", "containerd", "ensure", "--certs-dir=", f"--name={name}", f"--endpoint=http://{listen}", f"--server={server}"],
+        ]
+        for args in setup:
+            for attempt in ("first", "second"):
+                r = run(args)
+                check(f"`regproxy {' '.join(args[:3])}` for the DaemonSet's name succeeds ({attempt} run)", r.returncode == 0, r.stderr.strip())
+        check("after set-up the node's hosts file maps the name", NAME.encode() in hosts.read_bytes())
+        check("after set-up containerd has a hosts.toml for the name", (certs / NAME / "hosts.toml").is_file())
+        for c in ctx["uninstall"]:
+            r = run(c["args"])
+            check(f"uninstall container {c['name']} succeeds", r.returncode == 0, r.stderr.strip())
+        check("after uninstall the hosts file has its exact original bytes", hosts.read_bytes() == original)
+        check("after uninstall certs.d is as it was", not any(certs.iterdir()))
+
+
+# --- self-test: each guard fails on the manifests with its mistake made ---
+
+def _ds(docs):
+    return by_kind(docs, "DaemonSet", "regproxy")
+
+
+def _main(docs):
+    return [c for c in _ds(docs)["spec"]["template"]["spec"]["containers"] if c["name"] == "regproxy"][0]
+
+
+def _env(docs, name, value):
+    for e in _main(docs)["env"]:
+        if e["name"] == name:
+            e["value"] = value
+
+
+def _pod(docs):
+    return _ds(docs)["spec"]["template"]["spec"]
+
+
+def _rolling(docs):
+    return _ds(docs)["spec"]["updateStrategy"]["rollingUpdate"]
+
+
+def _set(obj, key, value):
+    obj[key] = value
+
+
+def _file_mount(docs):
+    spec = _pod(docs)
+    spec["volumes"] = [v for v in spec["volumes"] if v["name"] != "host-etc"] + [
+        {"name": "host-etc", "hostPath": {"path": "/etc/hosts", "type": "File"}}
+    ]
+    for m in _main(docs)["volumeMounts"]:
+        if m["name"] == "host-etc":
+            m["mountPath"] = "/host/etc/hosts"
+
+
+def _env_to_arg(docs):
+    c = _main(docs)
+    c["env"] = [e for e in c["env"] if e["name"] != "REGPROXY_REGISTRY_NAME"]
+    c["args"] = c["args"] + [f"--registry-name={NAME}"]
+
+
+def _host_ip_late(docs):
+    c = _main(docs)
+    c["env"] = [e for e in c["env"] if e["name"] != "HOST_IP"] + [e for e in c["env"] if e["name"] == "HOST_IP"]
+
+
+def _other_name(docs):
+    _env(docs, "REGPROXY_REGISTRY_NAME", "registry.corp.internal")
+    _main(docs)["image"] = "registry.corp.internal:80/regproxy@sha256:" + "0" * 64
+
+
+MUTATIONS = [
+    ("the image pulled through the registry name", "image-not-proxied",
+     lambda d: _set(_main(d), "image", f"{NAME}/regproxy:0.1.0")),
+    ("the image pulled through another mapped name (REGPROXY_REGISTRY_NAME), with a port and digest",
+     "image-not-proxied", _other_name),
+    ("the init container's image from the in-cluster upstream's name", "image-not-proxied",
+     lambda d: _set(_pod(d)["initContainers"][0], "image", "registry-upstream.registry.svc.cluster.local:5000/regproxy:1")),
+    ("a named admin port declared, with maxSurge 1", "no-host-ports-with-surge",
+     lambda d: _set(_main(d), "ports", [{"name": "admin", "containerPort": 9477}])),
+    ("a hostPort on the init container, with maxSurge 25%", "no-host-ports-with-surge",
+     lambda d: (_set(_pod(d)["initContainers"][0], "ports", [{"containerPort": 80, "hostPort": 80}]),
+                _set(_rolling(d), "maxSurge", "25%"))),
+    ("maxUnavailable: 1", "max-unavailable-0", lambda d: _set(_rolling(d), "maxUnavailable", 1)),
+    ("maxUnavailable: 10%", "max-unavailable-0", lambda d: _set(_rolling(d), "maxUnavailable", "10%")),
+    ("maxSurge: 0", "max-surge", lambda d: _set(_rolling(d), "maxSurge", 0)),
+    ("no minReadySeconds", "min-ready", lambda d: _ds(d)["spec"].pop("minReadySeconds")),
+    ("no Pod Security label on the namespace", "psa-privileged",
+     lambda d: by_kind(d, "Namespace", "registry")["metadata"].pop("labels")),
+    ("the namespace enforcing baseline", "psa-privileged",
+     lambda d: _set(by_kind(d, "Namespace", "registry")["metadata"]["labels"],
+                    "pod-security.kubernetes.io/enforce", "baseline")),
+    ("no nodeSelector", "linux-only", lambda d: _pod(d).pop("nodeSelector")),
+    ("a nodeSelector for windows", "linux-only",
+     lambda d: _set(_pod(d), "nodeSelector", {"kubernetes.io/os": "windows"})),
+    ("no startupProbe", "startup-probe", lambda d: _main(d).pop("startupProbe")),
+    ("a startupProbe of 30s", "startup-probe",
+     lambda d: _set(_main(d)["startupProbe"], "failureThreshold", 6)),
+    ("a startupProbe on /readyz (a failing node-path check would restart the pod)", "startup-probe",
+     lambda d: _set(_main(d)["startupProbe"]["httpGet"], "path", "/readyz")),
+    ("the liveness probe on /readyz", "livenessProbe-path",
+     lambda d: _set(_main(d)["livenessProbe"]["httpGet"], "path", "/readyz")),
+    ("the readiness probe by port name", "readinessProbe-path",
+     lambda d: _set(_main(d)["readinessProbe"]["httpGet"], "port", "admin")),
+    ("/etc/hosts bind-mounted as a file", "etc-dir-mount", _file_mount),
+    ("no sysctl init container", "sysctl-init", lambda d: _pod(d).pop("initContainers")),
+    ("the sysctl init container unprivileged", "sysctl-init",
+     lambda d: _set(_pod(d)["initContainers"][0], "securityContext", {"runAsUser": 0})),
+    ("terminationGracePeriodSeconds below --shutdown-grace", "grace",
+     lambda d: _set(_pod(d), "terminationGracePeriodSeconds", 20)),
+    ("--registry-name as a flag (doctor would not see it)", "settings-in-env", _env_to_arg),
+    ("HOST_IP defined after the value that uses it", "admin-host-ip", _host_ip_late),
+]
+JOB_MUTATIONS = [
+    ("the uninstall Job with a fixed image", "uninstall-image",
+     lambda job, sh: (_set_all_images(job, "regproxy:0.1.0"), sh)),
+    ("uninstall.sh not reading the DaemonSet's image", "uninstall-image",
+     lambda job, sh: (job, sh.replace("get daemonset regproxy", "get pods"))),
+]
+
+
+def _set_all_images(job, image):
+    for c in job["spec"]["template"]["spec"]["containers"]:
+        c["image"] = image
+    return job
+
+
+def quiet_run(docs, job, sh):
+    saved = state["results"], state["quiet"]
+    state["results"], state["quiet"] = [], True
+    try:
+        check_manifests(docs, job, sh)
+        return [k for k, ok in state["results"] if not ok], None
+    except Exception as e:  # a mutation that breaks a check outright
+        return None, f"{type(e).__name__}: {e}"
+    finally:
+        state["results"], state["quiet"] = saved
+
+
+def self_test(docs, job, sh):
+    failed, err = quiet_run(copy.deepcopy(docs), copy.deepcopy(job), sh)
+    check("self-test: the unmodified manifests pass every check", failed == [] and not err, err or str(failed))
+    cases = [(w, k, lambda d, j, s, m=m: (m(d), d, j, s)[1:]) for w, k, m in MUTATIONS]
+    cases += [(w, k, lambda d, j, s, m=m: (d, *m(j, s))) for w, k, m in JOB_MUTATIONS]
+    for what, key, mutate in cases:
+        d, j, s = mutate(copy.deepcopy(docs), copy.deepcopy(job), sh)
+        failed, err = quiet_run(d, j, s)
+        check(f"self-test: {what} fails the check {key!r}", not err and key in failed, err or f"failed: {failed}")
+
+
+def main():
+    docs = [d for d in yaml.safe_load_all(Path(sys.argv[1]).read_text()) if d]
+    sysadmin = Path(sys.argv[2])
+    job = yaml.safe_load((sysadmin / "uninstall-job.yaml").read_text())
+    sh = (sysadmin / "uninstall.sh").read_text()
+
+    ctx = check_manifests(docs, job, sh)
+    run_commands(Path(sys.argv[3]), ctx)
+    self_test(docs, job, sh)
+
+    oks = [ok for _, ok in state["results"]]
+    passed, failed = oks.count(True), oks.count(False)
     print(f"{passed} passed, {failed} failed")
     return 1 if failed else 0
 

