@@ -206,7 +206,7 @@ def check_manifests(docs, job, uninstall_sh):
     )
     check(
         "the old pod stays until the new one has been ready a while (minReadySeconds > 0: "
-        "during the overlap either process may answer either pod's probes)",
+        "a margin on top of the old process's 503 while a successor runs)",
         ds["spec"].get("minReadySeconds", 0) > 0,
         f"minReadySeconds: {ds['spec'].get('minReadySeconds')}",
         key="min-ready",

@@ -244,10 +244,10 @@ impl Cache {
         }
     }
 
-    /// Whether another live process shares the cache dir now. Blocking (a
-    /// listing of `tmp/`).
-    pub fn sibling_alive(&self) -> bool {
-        shared::sibling_alive(&self.root)
+    /// Whether a live process that started after this one shares the cache
+    /// dir now: a successor taking over. Blocking (a listing of `tmp/`).
+    pub fn successor_alive(&self) -> bool {
+        shared::successor_alive(&self.root, &self.own)
     }
 
     /// The fill of `d` that another process sharing the cache dir runs now.

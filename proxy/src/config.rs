@@ -27,6 +27,13 @@ pub enum Command {
     /// Set a node up for the proxy, or undo it: the `/etc/hosts` entry and
     /// containerd's `hosts.toml` for the registry name.
     Hosts(crate::hosts::HostsArgs),
+    /// Check this node's path to the proxy once, print each check with the
+    /// fix, and exit 1 when one fails. Reads the same flags (and REGPROXY_*
+    /// variables) as `serve`.
+    Doctor(crate::node::doctor::DoctorArgs),
+    /// Set net.ipv4.tcp_migrate_req=1 in this network namespace, so that a
+    /// proxy handing over to its successor loses no queued connection.
+    Sysctl,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -130,6 +137,9 @@ pub struct ServeArgs {
     #[arg(long, env = "REGPROXY_REMEMBER_ALLOWED", value_parser = parse_duration)]
     pub remember_allowed: Option<Duration>,
 
+    #[command(flatten)]
+    pub node: NodeArgs,
+
     /// Log lines as human text or one JSON object each.
 
     #[arg(long, env = "REGPROXY_LOG_FORMAT", value_enum, default_value = "text")]
@@ -138,6 +148,78 @@ pub struct ServeArgs {
     /// Log filter (`info`, `regproxy=debug`, ...); `RUST_LOG` wins when set.
     #[arg(long, env = "REGPROXY_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
+}
+
+/// The node path `serve` keeps in place and checks (and `doctor` checks):
+/// the registry name in the node's hosts file, containerd's `hosts.toml`,
+/// containerd's `config_path`. The paths are the node's, under `--node-root`.
+#[derive(Debug, Clone, Args)]
+pub struct NodeArgs {
+    /// The registry name the node maps to this proxy (`name` or `name:port`,
+    /// as image references spell it). Unset: no node path is kept or checked.
+    #[arg(long, env = "REGPROXY_REGISTRY_NAME", value_parser = crate::hosts::parse_registry_host)]
+    pub registry_name: Option<String>,
+
+    /// Where the node's filesystem is mounted in this container (`/host`
+    /// when the node's `/etc` is mounted at `/host/etc`).
+    #[arg(long, env = "REGPROXY_NODE_ROOT", default_value = "/")]
+    pub node_root: PathBuf,
+
+    /// The node's hosts file, which maps the registry name to the proxy.
+    #[arg(long, env = "REGPROXY_HOSTS_FILE", default_value = "/etc/hosts", value_parser = parse_path)]
+    pub hosts_file: PathBuf,
+
+    /// containerd's registry host folder on the node, where the proxy's
+    /// `<name>/hosts.toml` goes; empty: no hosts.toml (a dockerd node).
+    #[arg(long, env = "REGPROXY_CONTAINERD_CERTS_DIR", default_value = "/etc/containerd/certs.d", value_parser = parse_path)]
+    pub containerd_certs_dir: PathBuf,
+
+    /// containerd's config on the node, checked for a `config_path` that
+    /// lists the certs dir; empty (or no certs dir): not checked.
+    #[arg(long, env = "REGPROXY_CONTAINERD_CONFIG", default_value = "/etc/containerd/config.toml", value_parser = parse_path)]
+    pub containerd_config: PathBuf,
+
+    /// The `server` of hosts.toml, where containerd pulls when the proxy
+    /// does not answer: the registry Service's own address,
+    /// `http://CLUSTER-IP:PORT`. Default: `--upstream` with its host
+    /// resolved to an address, again at every reconcile.
+    #[arg(long, env = "REGPROXY_CONTAINERD_SERVER", value_parser = crate::hosts::parse_endpoint)]
+    pub containerd_server: Option<String>,
+
+    /// How often the hosts-file line and hosts.toml are put back in place
+    /// (in place, keeping the inode) and the node path is checked.
+    #[arg(long, env = "REGPROXY_RECONCILE_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    pub reconcile_interval: Duration,
+}
+
+impl NodeArgs {
+    /// The node path to keep and check, or `None` without `--registry-name`.
+    pub fn config(&self) -> Result<Option<crate::node::NodeConfig>, String> {
+        let Some(name) = &self.registry_name else {
+            return Ok(None);
+        };
+        if self.reconcile_interval.is_zero() {
+            return Err("--reconcile-interval must be longer than 0s".into());
+        }
+        let opt = |p: &PathBuf| (!p.as_os_str().is_empty()).then(|| p.clone());
+        if self.hosts_file.as_os_str().is_empty() {
+            return Err("--hosts-file must name the node's hosts file".into());
+        }
+        Ok(Some(crate::node::NodeConfig {
+            registry_name: name.clone(),
+            root: self.node_root.clone(),
+            hosts_file: self.hosts_file.clone(),
+            certs_dir: opt(&self.containerd_certs_dir),
+            containerd_config: opt(&self.containerd_config),
+            server: self.containerd_server.clone(),
+            interval: self.reconcile_interval,
+        }))
+    }
+}
+
+/// A path, or nothing (an empty value turns the feature off).
+fn parse_path(s: &str) -> Result<PathBuf, String> {
+    Ok(PathBuf::from(s))
 }
 
 impl ServeArgs {
@@ -178,6 +260,8 @@ pub struct Config {
     pub tag_ttl: Duration,
     pub auth: AuthConfig,
     pub log: LogConfig,
+    /// The node path kept and checked; `None` without `--registry-name`.
+    pub node: Option<crate::node::NodeConfig>,
 }
 
 /// How the upstream is reached, and how hard a download is tried.
@@ -212,6 +296,7 @@ impl ServeArgs {
     /// The validated configuration, or why the flags make none.
     pub fn config(self) -> Result<Config, String> {
         self.validate()?;
+        let node = self.node.config()?;
         Ok(Config {
             listen: self.listen,
             admin_listen: self.admin_listen,
@@ -240,6 +325,7 @@ impl ServeArgs {
                 format: self.log_format,
                 level: self.log_level,
             },
+            node,
         })
     }
 }
@@ -285,7 +371,7 @@ mod tests {
             argv.extend_from_slice(extra);
             match Cli::try_parse_from(argv).expect("parses").command {
                 Command::Serve(a) => a.validate(),
-                Command::Hosts(_) => unreachable!(),
+                _ => unreachable!(),
             }
         };
         assert_eq!(parse(&[]), Ok(()), "the defaults are valid");
@@ -296,11 +382,43 @@ mod tests {
     }
 
     #[test]
-    fn every_serve_flag_reads_its_env_var() {
+    fn the_node_path_is_off_without_a_registry_name_and_empty_paths_turn_parts_off() {
+        let node = |extra: &[&str]| {
+            let mut argv = vec!["regproxy", "doctor"];
+            argv.extend_from_slice(extra);
+            match Cli::try_parse_from(argv).expect("parses").command {
+                Command::Doctor(a) => a.node.config(),
+                _ => unreachable!(),
+            }
+        };
+        assert!(
+            node(&[]).unwrap().is_none(),
+            "no --registry-name, no node path"
+        );
+        let n = node(&["--registry-name", "reg.example", "--containerd-config", ""])
+            .unwrap()
+            .expect("a node path");
+        assert_eq!(n.containerd_config, None);
+        assert_eq!(
+            n.certs_dir.as_deref(),
+            Some(std::path::Path::new("/etc/containerd/certs.d"))
+        );
+        assert!(node(&[
+            "--registry-name",
+            "reg.example",
+            "--reconcile-interval",
+            "0s"
+        ])
+        .is_err());
+    }
+
+    #[test]
+    fn every_serve_and_doctor_flag_reads_its_env_var() {
         use clap::CommandFactory;
         let cmd = Cli::command();
         let serve = cmd.find_subcommand("serve").expect("serve exists");
-        for arg in serve.get_arguments() {
+        let doctor = cmd.find_subcommand("doctor").expect("doctor exists");
+        for arg in serve.get_arguments().chain(doctor.get_arguments()) {
             let Some(long) = arg.get_long() else { continue };
             if long == "help" || long == "version" {
                 continue;

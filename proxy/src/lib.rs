@@ -34,7 +34,11 @@
 //! parsed strictly), [`headers`], [`body`] (the response body type),
 //! [`resolve`] (upstream name resolution that never reads the node's
 //! `/etc/hosts`). Node set-up: [`hosts`] (`regproxy hosts ...`: the
-//! `/etc/hosts` line and containerd's `hosts.toml`).
+//! `/etc/hosts` line and containerd's `hosts.toml` with its fallback
+//! server); [`node`] (with `--registry-name`, `serve` keeps that node path
+//! in place and checks it every `--reconcile-interval`, for `/readyz` and
+//! `regproxy_node_path_ok`; `regproxy doctor` runs the checks once;
+//! `regproxy sysctl` sets the handover sysctl).
 #![deny(unsafe_code)]
 
 pub mod api;
@@ -49,6 +53,7 @@ pub mod hosts;
 pub mod instance;
 pub mod lock;
 pub mod metrics;
+pub mod node;
 pub mod resolve;
 pub mod server;
 pub mod tags;

@@ -25,6 +25,29 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Doctor(args) => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            match rt.block_on(regproxy::node::doctor::doctor(args)) {
+                Ok(true) => Ok(()),
+                Ok(false) => std::process::exit(1),
+                Err(e) => {
+                    eprintln!("regproxy doctor: {e}");
+                    std::process::exit(2);
+                }
+            }
+        }
+        Command::Sysctl => match regproxy::node::doctor::sysctl() {
+            Ok(did) => {
+                println!("regproxy sysctl: {did}");
+                Ok(())
+            }
+            Err(e) => {
+                eprintln!("regproxy sysctl: {e}");
+                std::process::exit(1);
+            }
+        },
         Command::Hosts(args) => {
             // One line on stderr, for the init container's log.
             if let Err(e) = regproxy::hosts::run(args) {

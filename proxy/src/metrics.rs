@@ -74,6 +74,53 @@ pub struct Metrics {
     /// Connections answered 503 and closed because their listener was at
     /// `--max-connections`.
     pub connections_refused: AtomicU64,
+    /// The node path's checks and repairs (`--registry-name`).
+    pub node_path: NodePath,
+}
+
+/// `regproxy_node_path_ok{check}` (only the checks that ran) and
+/// `regproxy_node_path_repairs_total{file}`.
+#[derive(Default)]
+pub struct NodePath {
+    ok: std::sync::Mutex<std::collections::BTreeMap<&'static str, bool>>,
+    /// The hosts-file line put back.
+    pub repairs_etc_hosts: AtomicU64,
+    /// hosts.toml written again.
+    pub repairs_hosts_toml: AtomicU64,
+}
+
+impl NodePath {
+    pub fn set_ok(&self, check: &'static str, ok: bool) {
+        self.ok.lock().expect("never poisoned").insert(check, ok);
+    }
+
+    fn render(&self, s: &mut String) {
+        s.push_str("# HELP regproxy_node_path_repairs_total Node files put back in place by the reconcile: the hosts-file line, hosts.toml.\n");
+        s.push_str("# TYPE regproxy_node_path_repairs_total counter\n");
+        for (file, n) in [
+            ("etc_hosts", &self.repairs_etc_hosts),
+            ("hosts_toml", &self.repairs_hosts_toml),
+        ] {
+            let _ = writeln!(
+                s,
+                "regproxy_node_path_repairs_total{{file=\"{file}\"}} {}",
+                n.load(Relaxed)
+            );
+        }
+        let ok = self.ok.lock().expect("never poisoned");
+        if ok.is_empty() {
+            return;
+        }
+        s.push_str("# HELP regproxy_node_path_ok Whether a node-path check passed in its last run (1) or failed (0).\n");
+        s.push_str("# TYPE regproxy_node_path_ok gauge\n");
+        for (check, ok) in ok.iter() {
+            let _ = writeln!(
+                s,
+                "regproxy_node_path_ok{{check=\"{check}\"}} {}",
+                u8::from(*ok)
+            );
+        }
+    }
 }
 
 impl Metrics {
@@ -226,6 +273,7 @@ impl Metrics {
             "Connections refused (503, closed) because their listener was at --max-connections.",
             g(&self.connections_refused),
         );
+        self.node_path.render(&mut s);
         s
     }
 }
@@ -244,6 +292,17 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("regproxy_digest_mismatches_total 0"));
+        assert!(
+            !text.contains("regproxy_node_path_ok"),
+            "no check ran: {text}"
+        );
+        m.node_path.set_ok("reaches_us", false);
+        let text = m.render();
+        assert!(
+            text.contains("regproxy_node_path_ok{check=\"reaches_us\"} 0"),
+            "{text}"
+        );
+        assert!(text.contains("regproxy_node_path_repairs_total{file=\"etc_hosts\"} 0"));
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let (_, v) = line.rsplit_once(' ').expect("name value");
             v.parse::<u64>().expect("every sample is a number");

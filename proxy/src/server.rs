@@ -1,4 +1,5 @@
-//! Listeners, the accept loops, the admin endpoints and graceful shutdown.
+//! Listeners, the accept loops and graceful shutdown; `admin`: the admin
+//! endpoints.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -6,8 +7,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{header, Response, StatusCode};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
@@ -15,11 +14,12 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 
+mod admin;
+
 use crate::api::App;
 use crate::auth::Auth;
 use crate::tags::Tags;
 
-use crate::body::Body;
 use crate::cache::Cache;
 use crate::config::{Config, LogConfig, LogFormat};
 use crate::lock::CacheLock;
@@ -68,7 +68,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let tags = Tags::open(&config.cache_dir, config.tag_ttl);
     let auth = Auth::open(&config.cache_dir, &config.auth)
         .map_err(|e| anyhow::anyhow!("cannot set up {}: {e}", config.cache_dir.display()))?;
-    let app = Arc::new(App::new(cache, upstream, tags, auth, metrics));
+    // The node path (--registry-name): kept and checked from now on, the
+    // first round at once, now that the API listener is bound.
+    let node = crate::node::start(&config, server.api.local_addr()?, &metrics)?;
+    let app = Arc::new(App::new(cache, upstream, tags, auth, metrics).with_node(node));
     if !lock.is_primary() {
         let (app, lock) = (Arc::clone(&app), Arc::clone(&lock));
         tokio::spawn(async move {
@@ -415,7 +418,7 @@ impl Server {
                 tracing::info!(addr = %a, "admin listening");
             }
             let l = Listener::new(l, limits, PastCap::Refuse, "admin");
-            tokio::spawn(admin_loop(l, Arc::clone(&app), Arc::clone(&ready)))
+            tokio::spawn(admin::admin_loop(l, Arc::clone(&app), Arc::clone(&ready)))
         });
         let listener = Listener::new(listener, limits, PastCap::Wait, "api");
         tokio::pin!(shutdown);
@@ -463,50 +466,4 @@ impl Server {
             _ = tokio::time::sleep_until(deadline) => tracing::warn!("grace period over; cutting remaining transfers"),
         }
     }
-}
-
-/// The admin endpoints, with the same limits as the API, and slots kept for
-/// the node itself: a flood of connections from elsewhere takes no probe
-/// away from kubelet.
-async fn admin_loop(listener: Listener, app: Arc<App>, ready: Arc<AtomicBool>) {
-    loop {
-        let (stream, _, permit) = listener.accept(app.metrics()).await;
-        let (app, ready) = (Arc::clone(&app), Arc::clone(&ready));
-        let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-            let resp = admin_response(req.uri().path(), &app, ready.load(Ordering::SeqCst));
-            async move { Ok::<_, std::convert::Infallible>(resp) }
-        });
-        let conn = listener.http1().serve_connection(TokioIo::new(stream), svc);
-        tokio::spawn(async move {
-            let _ = conn.await;
-            drop(permit);
-        });
-    }
-}
-
-fn admin_response(path: &str, app: &App, ready: bool) -> Response<Body> {
-    let (status, ctype, body) = match path {
-        "/metrics" => (
-            StatusCode::OK,
-            "text/plain; version=0.0.4",
-            app.metrics().render(),
-        ),
-        "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
-        "/readyz" if ready => (StatusCode::OK, "text/plain", "ready\n".to_owned()),
-        "/readyz" => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "text/plain",
-            "shutting down\n".to_owned(),
-        ),
-        _ => (
-            StatusCode::NOT_FOUND,
-            "text/plain",
-            "not found\n".to_owned(),
-        ),
-    };
-    let mut r = Response::new(Body::full(Bytes::from(body)));
-    *r.status_mut() = status;
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, http::HeaderValue::from_static(ctype));
-    r
 }

@@ -1,7 +1,8 @@
 //! A real containerd pulls the registry name through regproxy because of the
-//! `hosts.toml` that `regproxy hosts containerd ensure` writes, and no longer
-//! once `remove` took it away. `ctr --hosts-dir` reads that file with the
-//! same code (`remotes/docker/config`) as the CRI's `config_path`.
+//! `hosts.toml` that `regproxy hosts containerd ensure` writes, straight from
+//! the registry (the file's `server`) while regproxy is down, and no longer
+//! once `remove` took the file away. `ctr --hosts-dir` reads that file with
+//! the same code (`remotes/docker/config`) as the CRI's `config_path`.
 
 mod support;
 
@@ -31,7 +32,7 @@ fn fetch(containerd: &Containerd, certs: &Path, image: &str) -> Output {
 }
 
 #[test]
-fn containerd_pulls_the_registry_name_through_the_proxy_by_hosts_toml() {
+fn containerd_pulls_through_the_proxy_by_hosts_toml_and_from_the_registry_when_it_is_down() {
     let reg = Registry::start();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let layer = blob(1 << 20, 11);
@@ -45,9 +46,21 @@ fn containerd_pulls_the_registry_name_through_the_proxy_by_hosts_toml() {
         &[&layer],
     ));
     let layer_digest = sha256_digest(&layer);
+    // A second image, pulled only while the proxy is down: containerd keeps
+    // a blob it once had until its GC runs, so a layer of its own is what
+    // shows that the second pull really fetched.
+    let layer2 = blob(1 << 20, 12);
+    rt.block_on(push_manifest(
+        &reg.url(),
+        "team/ctr",
+        "v2",
+        config,
+        &[&layer2],
+    ));
+    let layer2_digest = sha256_digest(&layer2);
 
     let cache = temp_dir("ctr-cache");
-    let proxy = Proxy::start(&reg.url(), cache.path(), &[]);
+    let mut proxy = Proxy::start(&reg.url(), cache.path(), &[]);
     let containerd = Containerd::start();
     let certs_dir = temp_dir("certs.d");
     let certs = certs_dir.path().to_str().unwrap();
@@ -65,6 +78,9 @@ fn containerd_pulls_the_registry_name_through_the_proxy_by_hosts_toml() {
         REGISTRY_NAME,
         "--endpoint",
         &endpoint,
+        // The registry's own address, as the Service's cluster IP is on a node.
+        "--server",
+        &reg.url(),
     ]);
     assert!(said.contains("added"), "{said}");
 
@@ -91,6 +107,42 @@ fn containerd_pulls_the_registry_name_through_the_proxy_by_hosts_toml() {
         rt.block_on(reg.blob_gets_logged(&layer_digest, 1)),
         1,
         "the proxy fetched the layer upstream once"
+    );
+    let served = rt.block_on(proxy.metric("regproxy_served_cache_bytes_total"));
+    assert!(
+        served >= layer.len() as u64,
+        "the proxy should have served the layer to containerd, it served {served} bytes"
+    );
+
+    // The proxy dies (a crash, a rollout without a successor): containerd
+    // finds nothing on the mirror and pulls from `server`, the registry.
+    proxy.signal("-KILL");
+    proxy.wait_exit(PATIENCE);
+    let image2 = format!("{REGISTRY_NAME}/team/ctr:v2");
+    let out = fetch(&containerd, certs_dir.path(), &image2);
+    assert!(
+        out.status.success(),
+        "with the proxy down containerd should pull {image2} from the registry itself; ctr said:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let content = containerd.ctr(&["content", "ls", "-q"]);
+    assert!(
+        String::from_utf8_lossy(&content.stdout).contains(&layer2_digest),
+        "containerd's content store should hold the second image's layer"
+    );
+    // Straight from containerd, the request carries `?ns=<registry name>`.
+    let straight = format!("/blobs/{layer2_digest}?ns={REGISTRY_NAME} HTTP/1.1\"");
+    assert_eq!(
+        rt.block_on(reg.logged(1, "containerd's own GET of the layer", |l| {
+            l.contains("\"GET /v2/") && l.contains(&straight)
+        })),
+        1,
+        "containerd should have fetched the layer from the registry itself"
+    );
+    assert!(
+        !proxy.cache_path(&layer2_digest).exists(),
+        "and not through the (dead) proxy"
     );
 
     // Without the file containerd goes to https://NAME:443 (here: loopback,

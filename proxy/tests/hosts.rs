@@ -321,6 +321,8 @@ fn containerd_hosts_toml_is_written_and_removed() {
         NAME,
         "--endpoint",
         "http://127.0.0.2:80",
+        "--server",
+        "http://10.96.0.20:5000",
     ];
     assert!(ok(regproxy(&ensure)).contains("added"));
     assert!(
@@ -330,8 +332,8 @@ fn containerd_hosts_toml_is_written_and_removed() {
     let toml =
         std::fs::read_to_string(dir.path().join("certs.d").join(NAME).join("hosts.toml")).unwrap();
     assert!(
-        toml.contains(&format!("server = \"http://{NAME}\"")),
-        "{toml}"
+        toml.contains("server = \"http://10.96.0.20:5000\""),
+        "the fallback is the registry's own address, not the name (which leads to the proxy): {toml}"
     );
     assert!(toml.contains("[host.\"http://127.0.0.2:80\"]"), "{toml}");
 

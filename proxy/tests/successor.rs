@@ -43,6 +43,15 @@ async fn a_successor_follows_the_old_ones_fill_and_fetches_nothing_itself() {
         old.cache_path(&d).exists() || !temp_files(cache.path()).is_empty(),
         "the successor's start swept nothing of the live fill"
     );
+    // While both run, only the successor reports ready: kubelet's probes
+    // of the new pod may reach either process.
+    let (st, _, body) = get(&format!("http://{}/readyz", old.admin), &[]).await;
+    assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(String::from_utf8_lossy(&body.unwrap()).contains("being replaced"));
+    assert_eq!(
+        get(&format!("http://{}/readyz", new.admin), &[]).await.0,
+        StatusCode::OK
+    );
     // Every new connection reaches the successor from here on.
     old.signal("-TERM");
     wait_until(

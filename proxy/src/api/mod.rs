@@ -41,6 +41,8 @@ pub struct App {
     auth: Auth,
     /// Auth realms on the upstream's own address, relayed like the API.
     realms: Realms,
+    /// The node path's last checks (`--registry-name`), for `/readyz`.
+    node: Option<Arc<crate::node::Status>>,
 }
 
 /// What a path asks for.
@@ -113,17 +115,35 @@ impl App {
             tags: Arc::new(tags),
             auth,
             realms: Realms::default(),
+            node: None,
         }
+    }
+
+    /// With the node path's status (see [`crate::node::start`]).
+    pub fn with_node(mut self, node: Option<Arc<crate::node::Status>>) -> App {
+        self.node = node;
+        self
     }
 
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
     }
 
+    /// Why the node path is not ready, when it is checked and is not.
+    pub fn node_not_ready(&self) -> Option<String> {
+        self.node.as_ref()?.not_ready()
+    }
+
     /// Waits until every fill started so far has ended (see
     /// [`Cache::fills_done`]).
     pub async fn fills_done(&self) {
         self.cache.fills_done().await;
+    }
+
+    /// Whether a successor started beside this process (a handover): its
+    /// readiness is the successor's to report. Blocking (a short listing).
+    pub fn being_replaced(&self) -> bool {
+        self.cache.successor_alive()
     }
 
     /// Called once this process holds the cache dir alone, after a
@@ -142,6 +162,9 @@ impl App {
 
     /// Answers one request. Never fails: errors become OCI error responses.
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+        if req.uri().path() == crate::instance::PATH {
+            return instance(req.method());
+        }
         let (parts, body) = req.into_parts();
         let (kind, result) = self.dispatch(&parts, body).await;
         let mut resp = match result {
@@ -257,6 +280,20 @@ impl App {
             Body::mapped(data, Arc::clone(&self.metrics.served_cache_bytes))
         }
     }
+}
+
+/// [`crate::instance::PATH`]: this process's id, so that a check that
+/// connects to the node's registry address knows who answered. Not counted
+/// as a registry request.
+fn instance(method: &Method) -> Response<Body> {
+    let mut r = match *method {
+        Method::GET => Response::new(Body::full(crate::instance::id().as_bytes())),
+        Method::HEAD => Response::new(Body::empty()),
+        _ => return Error::MethodNotAllowed(method.clone()).into_response(),
+    };
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    r
 }
 
 /// The 404 for cached content the node may not give this client.

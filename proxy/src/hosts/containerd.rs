@@ -1,6 +1,7 @@
 //! containerd's `<certs-dir>/<name>/hosts.toml`, so that the CRI pulls the
-//! registry name over plain HTTP from the proxy. Written atomically (temp
-//! file, then rename) and only ever replaced or removed when it is ours.
+//! registry name over plain HTTP from the proxy, and straight from the
+//! registry (`server`) when the proxy does not answer. Written atomically
+//! (temp file, then rename) and only ever replaced or removed when it is ours.
 
 use std::fs::File;
 use std::io::{self, Write as _};
@@ -17,12 +18,17 @@ pub fn containerd_hosts_toml(certs_dir: &Path, name: &str) -> PathBuf {
     certs_dir.join(name).join("hosts.toml")
 }
 
-/// The `hosts.toml` that sends pulls of `name` to `endpoint` over plain HTTP.
-pub fn hosts_toml(name: &str, endpoint: &str) -> String {
+/// The `hosts.toml` that sends pulls of `name` to the proxy at `endpoint`
+/// over plain HTTP, and to `server` (the registry's own address, not the
+/// name, which the node's `/etc/hosts` sends to the proxy) when the proxy
+/// does not answer: containerd tries the `host` entries in order, then
+/// `server`.
+pub fn hosts_toml(name: &str, endpoint: &str, server: &str) -> String {
     format!(
         "{TOML_MARK}: `regproxy hosts containerd remove --name {name}` deletes this file.\n\
-         # containerd pulls {name} through the regproxy on this node, over plain HTTP.\n\
-         server = \"http://{name}\"\n\
+         # containerd pulls {name} through the regproxy on this node, over plain HTTP,\n\
+         # and from the registry itself (server) when the proxy does not answer.\n\
+         server = \"{server}\"\n\
          \n\
          [host.\"{endpoint}\"]\n  \
          capabilities = [\"pull\", \"resolve\"]\n"
@@ -35,10 +41,11 @@ pub fn ensure_containerd(
     certs_dir: &Path,
     name: &str,
     endpoint: &str,
+    server: &str,
 ) -> Result<Outcome, HostsError> {
     let dir = certs_dir.join(name);
     let path = containerd_hosts_toml(certs_dir, name);
-    let wanted = hosts_toml(name, endpoint);
+    let wanted = hosts_toml(name, endpoint, server);
     let outcome = match std::fs::read_to_string(&path) {
         Ok(old) if old == wanted => return Ok(Outcome::Unchanged),
         Ok(old) if old.starts_with(TOML_MARK) => Outcome::Updated,
@@ -85,12 +92,13 @@ mod tests {
     use super::*;
 
     const NAME: &str = "knative.registry.svc.cluster.local";
+    const SERVER: &str = "http://10.96.0.20:80";
 
     #[test]
-    fn hosts_toml_points_the_name_at_the_proxy() {
-        let toml = hosts_toml(NAME, "http://127.0.0.2:80");
+    fn hosts_toml_points_the_name_at_the_proxy_and_falls_back_to_the_server() {
+        let toml = hosts_toml(NAME, "http://127.0.0.2:80", "http://10.96.0.20:80");
         assert!(toml.starts_with(TOML_MARK));
-        assert!(toml.contains(&format!("server = \"http://{NAME}\"\n")));
+        assert!(toml.contains("server = \"http://10.96.0.20:80\"\n"));
         assert!(toml.contains(
             "[host.\"http://127.0.0.2:80\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
         ));
@@ -101,15 +109,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let certs = dir.path();
         assert_eq!(
-            ensure_containerd(certs, NAME, "http://127.0.0.2:80").unwrap(),
+            ensure_containerd(certs, NAME, "http://127.0.0.2:80", SERVER).unwrap(),
             Outcome::Added
         );
         assert_eq!(
-            ensure_containerd(certs, NAME, "http://127.0.0.2:80").unwrap(),
+            ensure_containerd(certs, NAME, "http://127.0.0.2:80", SERVER).unwrap(),
             Outcome::Unchanged
         );
         assert_eq!(
-            ensure_containerd(certs, NAME, "http://127.0.0.3:80").unwrap(),
+            ensure_containerd(certs, NAME, "http://127.0.0.3:80", SERVER).unwrap(),
             Outcome::Updated
         );
         let written = std::fs::read_to_string(containerd_hosts_toml(certs, NAME)).unwrap();
@@ -128,7 +136,7 @@ mod tests {
         )
         .unwrap();
         assert!(matches!(
-            ensure_containerd(certs, "mine.example", "http://127.0.0.2:80"),
+            ensure_containerd(certs, "mine.example", "http://127.0.0.2:80", SERVER),
             Err(HostsError::NotOurs { .. })
         ));
         assert_eq!(

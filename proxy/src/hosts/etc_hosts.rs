@@ -124,6 +124,15 @@ pub fn remove_entry(old: &[u8], name: &str) -> (Option<Vec<u8>>, Outcome) {
     }
 }
 
+/// What a resolver reading this hosts file answers for `name`: the address
+/// of the first line that lists it (first match wins), with its line number.
+pub fn lookup(content: &[u8], name: &str) -> Option<(usize, String)> {
+    split_lines(content)
+        .iter()
+        .enumerate()
+        .find_map(|(i, line)| Some((i + 1, unmanaged_address_of(line, name)?)))
+}
+
 fn managed_line(name: &str, address: IpAddr, eol_added: bool) -> String {
     let mark = if eol_added { MARK_EOL } else { MARK };
     format!("{address} {name} {mark}\n")
@@ -239,6 +248,18 @@ mod tests {
     fn remove(old: &str) -> (Option<String>, Outcome) {
         let (new, outcome) = remove_entry(old.as_bytes(), NAME);
         (new.map(|n| String::from_utf8(n).unwrap()), outcome)
+    }
+
+    #[test]
+    fn lookup_answers_as_a_resolver_does_first_line_wins() {
+        let hosts = format!(
+            "# 10.0.0.9 {NAME}\n127.0.0.1 localhost\n10.0.0.1 a {NAME} # x\n127.0.0.2 {NAME}\n"
+        );
+        assert_eq!(
+            lookup(hosts.as_bytes(), NAME),
+            Some((3, "10.0.0.1".to_owned()))
+        );
+        assert_eq!(lookup(b"127.0.0.1 localhost", NAME), None);
     }
 
     #[test]

@@ -17,7 +17,9 @@ mod containerd;
 mod etc_hosts;
 
 pub use containerd::{containerd_hosts_toml, ensure_containerd, hosts_toml, remove_containerd};
-pub use etc_hosts::{ensure_entry, ensure_hosts_file, remove_entry, remove_from_hosts_file};
+pub use etc_hosts::{
+    ensure_entry, ensure_hosts_file, lookup, remove_entry, remove_from_hosts_file,
+};
 
 /// `regproxy hosts ...`: the node set-up, run by the DaemonSet's init
 /// containers and by the uninstall Job.
@@ -82,6 +84,11 @@ pub struct ContainerdEnsureArgs {
     /// The proxy, `http://IP:PORT`, e.g. `http://127.0.0.2:80`.
     #[arg(long, value_parser = parse_endpoint)]
     pub endpoint: String,
+    /// Where containerd pulls from when the proxy does not answer: the
+    /// registry's own address, e.g. its Service's `http://CLUSTER-IP:PORT`
+    /// (not the name, which the node's `/etc/hosts` sends to the proxy).
+    #[arg(long, value_parser = parse_endpoint)]
+    pub server: String,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -162,10 +169,16 @@ pub fn run(args: HostsArgs) -> Result<(), HostsError> {
             (format!("{} in {}", a.name, a.hosts_file.display()), outcome)
         }
         HostsAction::Containerd(ContainerdAction::Ensure(a)) => {
-            let outcome = ensure_containerd(&a.certs_dir, &a.name, &a.endpoint)?;
+            let outcome = ensure_containerd(&a.certs_dir, &a.name, &a.endpoint, &a.server)?;
             let path = containerd_hosts_toml(&a.certs_dir, &a.name);
             (
-                format!("{} -> {} in {}", a.name, a.endpoint, path.display()),
+                format!(
+                    "{} -> {} (fallback {}) in {}",
+                    a.name,
+                    a.endpoint,
+                    a.server,
+                    path.display()
+                ),
                 outcome,
             )
         }

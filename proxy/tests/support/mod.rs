@@ -149,6 +149,7 @@ impl Sha256Digester {
 }
 
 /// Deterministic pseudo-random bytes (xorshift), so blobs differ per seed.
+#[allow(dead_code)] // the node-path tests pull no blobs
 pub fn blob(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let mut v = Vec::with_capacity(len + 8);
