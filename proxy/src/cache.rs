@@ -244,12 +244,6 @@ impl Cache {
         }
     }
 
-    /// Whether a live process that started after this one shares the cache
-    /// dir now: a successor taking over. Blocking (a listing of `tmp/`).
-    pub fn successor_alive(&self) -> bool {
-        shared::successor_alive(&self.root, &self.own)
-    }
-
     /// The fill of `d` that another process sharing the cache dir runs now.
     pub async fn sibling_fill(&self, d: &Digest) -> Option<shared::SiblingFill> {
         let (root, d) = (self.root.clone(), d.clone());

@@ -15,6 +15,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 
 mod admin;
+pub mod probe;
 
 use crate::api::App;
 use crate::auth::Auth;
@@ -371,6 +372,8 @@ pub fn migrates_queued_connections() -> Option<bool> {
 pub struct Server {
     api: TcpListener,
     admin: Option<TcpListener>,
+    /// `--probe-socket`: the admin endpoints of this process alone.
+    probe: Option<tokio::net::UnixListener>,
     limits: Limits,
     /// `--shutdown-grace`: how long transfers in flight may take to finish.
     grace: Duration,
@@ -386,9 +389,15 @@ impl Server {
             Some(a) => Some(bind(a)?),
             None => None,
         };
+        let probe = config
+            .probe_socket
+            .as_deref()
+            .map(probe::bind)
+            .transpose()?;
         Ok(Server {
             api: bind(config.listen)?,
             admin,
+            probe,
             limits: config.limits,
             grace: config.shutdown_grace,
         })
@@ -408,11 +417,16 @@ impl Server {
         let Server {
             api: listener,
             admin,
+            probe,
             limits,
             grace,
         } = self;
         let ready = Arc::new(AtomicBool::new(true));
         let graceful = GracefulShutdown::new();
+        // This pod's probes, answered through the grace period too: it is
+        // shutting down (not ready), yet alive.
+        let probe_task =
+            probe.map(|l| tokio::spawn(probe::serve(l, Arc::clone(&app), Arc::clone(&ready))));
         let admin_task = admin.map(|l| {
             if let Ok(a) = l.local_addr() {
                 tracing::info!(addr = %a, "admin listening");
@@ -464,6 +478,9 @@ impl Server {
         tokio::select! {
             _ = drained => tracing::info!("all connections closed, all fills committed"),
             _ = tokio::time::sleep_until(deadline) => tracing::warn!("grace period over; cutting remaining transfers"),
+        }
+        if let Some(t) = probe_task {
+            t.abort();
         }
     }
 }

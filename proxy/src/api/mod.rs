@@ -140,12 +140,6 @@ impl App {
         self.cache.fills_done().await;
     }
 
-    /// Whether a successor started beside this process (a handover): its
-    /// readiness is the successor's to report. Blocking (a short listing).
-    pub fn being_replaced(&self) -> bool {
-        self.cache.successor_alive()
-    }
-
     /// Called once this process holds the cache dir alone, after a
     /// handover (see [`Cache::became_primary`]).
     pub async fn cache_dir_is_ours(&self) {

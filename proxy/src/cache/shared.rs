@@ -30,9 +30,6 @@ use crate::instance;
 /// This process's temp dir, locked for as long as this value lives.
 pub(super) struct OwnDir {
     pub path: PathBuf,
-    /// When its `owner` file was written: this process's age among those
-    /// sharing the dir.
-    pub created: std::time::SystemTime,
     _lock: File,
 }
 
@@ -43,14 +40,11 @@ impl OwnDir {
         fs::create_dir_all(&path)?;
         let lock = File::open(&path)?;
         flock(&lock, FlockOperation::NonBlockingLockExclusive).map_err(io::Error::from)?;
-        let owner = path.join(instance::OWNER);
-        fs::write(&owner, format!("{}\n", std::process::id()))?;
-        let created = fs::metadata(&owner)?.modified()?;
-        Ok(OwnDir {
-            path,
-            created,
-            _lock: lock,
-        })
+        fs::write(
+            path.join(instance::OWNER),
+            format!("{}\n", std::process::id()),
+        )?;
+        Ok(OwnDir { path, _lock: lock })
     }
 }
 
@@ -100,24 +94,6 @@ pub(super) fn sweep(root: &Path, primary: bool) -> usize {
         }
     }
     removed
-}
-
-/// Whether a live process that started after this one shares the cache
-/// dir: a successor, starting or serving beside it. Ages come from the
-/// `owner` files' mtimes.
-pub(super) fn successor_alive(root: &Path, own: &OwnDir) -> bool {
-    let Ok(entries) = fs::read_dir(root.join(instance::TMP)) else {
-        return false;
-    };
-    entries.filter_map(Result::ok).any(|e| {
-        let owner = e.path().join(instance::OWNER);
-        e.file_name() != instance::id()
-            && e.file_type().is_ok_and(|t| t.is_dir())
-            && fs::metadata(&owner)
-                .and_then(|m| m.modified())
-                .is_ok_and(|t| t > own.created)
-            && owner_alive(&e.path())
-    })
 }
 
 /// A fill of a digest that another live process sharing the cache dir is
@@ -228,29 +204,17 @@ mod tests {
     fn a_live_siblings_fill_is_found_and_a_dead_ones_is_not() {
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path();
-        let own = OwnDir::create(root).unwrap();
+        let _own = OwnDir::create(root).unwrap();
         let d = Digest::parse(&format!("sha256:{}", "ab".repeat(32))).unwrap();
         let sib = root.join(instance::TMP).join("c".repeat(32));
         fs::create_dir_all(&sib).unwrap();
         fs::write(sib.join(instance::OWNER), "3\n").unwrap();
-        // Started after this process (mtimes are coarse: say so outright).
-        File::options()
-            .write(true)
-            .open(sib.join(instance::OWNER))
-            .unwrap()
-            .set_modified(own.created + std::time::Duration::from_secs(1))
-            .unwrap();
         let (part, written) = fill_names(&d, 42);
         fs::write(sib.join(&part), [0u8; 42]).unwrap();
         fs::write(sib.join(&written), 7u64.to_le_bytes()).unwrap();
         assert!(find(root, &d).is_none(), "its owner is gone");
-        assert!(
-            !successor_alive(root, &own),
-            "no live process beside this one"
-        );
         let lock = File::open(&sib).unwrap();
         flock(&lock, FlockOperation::LockExclusive).unwrap();
-        assert!(successor_alive(root, &own), "a newer live process");
         let f = find(root, &d).expect("a live sibling's fill");
         assert_eq!(f.size, 42);
         assert!(f.alive());
