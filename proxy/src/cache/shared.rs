@@ -24,6 +24,10 @@ use std::path::{Path, PathBuf};
 
 use rustix::fs::{flock, FlockOperation};
 
+use std::io::Write;
+use std::sync::Arc;
+
+use super::{create_new, scan, Cache, Entry};
 use crate::digest::Digest;
 use crate::instance;
 
@@ -163,6 +167,96 @@ pub(super) fn find(root: &Path, d: &Digest) -> Option<SiblingFill> {
         }
     }
     None
+}
+
+/// What the cache does for processes sharing its dir.
+impl Cache {
+    /// Indexes content of `d` that is on disk but not in the index: a
+    /// process sharing the dir committed it.
+    pub(super) async fn adopt(self: &Arc<Self>, d: &Digest, manifest: bool) -> Option<Entry> {
+        let path = self.path(d);
+        let found = tokio::task::spawn_blocking(move || scan::on_disk(&path)).await;
+        let mut e = found.ok()??;
+        let evicted = {
+            let mut st = self.lock();
+            if let Some(now) = st.index.get(d) {
+                e = *now;
+            } else {
+                e.generation = st.next_generation;
+                st.next_generation += 1;
+                st.index.put(d.clone(), e);
+                st.committed += e.size;
+                tracing::debug!(digest = %d, size = e.size, "found on disk, committed by another process");
+            }
+            let ev = self.evict_until(&mut st, 0);
+            self.publish(&st);
+            ev
+        };
+        self.unlink(evicted);
+        (e.manifest || !manifest).then_some(e)
+    }
+
+    /// Called once this process holds the cache dir alone: sweeps what
+    /// processes that are gone left in `tmp/`, and rebuilds the index over
+    /// everything on disk, so that the cap holds over what they committed.
+    pub async fn became_primary(self: &Arc<Self>) {
+        let this = Arc::clone(self);
+        let done = tokio::task::spawn_blocking(move || {
+            let swept = sweep(&this.root, true);
+            // Commits of this process during the scan are kept from here.
+            let since = this.lock().next_generation;
+            let found = scan::all(&this.root)?;
+            let evicted = {
+                let mut st = this.lock();
+                scan::rebuild(&mut st, found, since);
+                let ev = this.evict_until(&mut st, 0);
+                this.publish(&st);
+                tracing::info!(
+                    entries = st.index.len(),
+                    bytes = st.committed,
+                    swept,
+                    "the cache dir is ours alone now: index rebuilt from disk"
+                );
+                ev
+            };
+            this.unlink(evicted);
+            io::Result::Ok(())
+        })
+        .await;
+        if let Ok(Err(e)) = done {
+            tracing::warn!(error = %e, "could not rebuild the index from disk");
+        }
+    }
+
+    /// The fill of `d` that another process sharing the cache dir runs now.
+    pub async fn sibling_fill(&self, d: &Digest) -> Option<SiblingFill> {
+        let (root, d) = (self.root.clone(), d.clone());
+        tokio::task::spawn_blocking(move || find(&root, &d))
+            .await
+            .ok()?
+    }
+
+    /// A blob fill's temp file for `size` bytes of `d`, and the file where
+    /// its progress is published, both named so that processes sharing the
+    /// cache dir find them (see [`shared`]).
+    pub(super) fn fill_files(
+        &self,
+        d: &Digest,
+        size: u64,
+    ) -> io::Result<(File, (PathBuf, PathBuf), File)> {
+        let (part, written) = fill_names(d, size);
+        let (part, written) = (self.own.path.join(part), self.own.path.join(written));
+        let mut progress = create_new(&written)?;
+        // Whatever fails past here (a full disk) must not leave `written`:
+        // the next fill of this digest could not create it.
+        let file = progress
+            .write_all(&0u64.to_le_bytes())
+            .and_then(|()| create_new(&part))
+            .inspect_err(|_| {
+                let _ = fs::remove_file(&written);
+            })?;
+        Ok((file, (part, written), progress))
+    }
 }
 
 #[cfg(test)]

@@ -23,7 +23,7 @@ pub(super) async fn admin_loop(listener: Listener, app: Arc<App>, ready: Arc<Ato
         let (stream, _, permit) = listener.accept(app.metrics()).await;
         let (app, ready) = (Arc::clone(&app), Arc::clone(&ready));
         let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-            let resp = admin_response(req.uri().path(), &app, ready.load(Ordering::SeqCst));
+            let resp = admin_response(req.uri(), &app, ready.load(Ordering::SeqCst));
             async move { Ok::<_, std::convert::Infallible>(resp) }
         });
         let conn = listener.http1().serve_connection(TokioIo::new(stream), svc);
@@ -34,8 +34,8 @@ pub(super) async fn admin_loop(listener: Listener, app: Arc<App>, ready: Arc<Ato
     }
 }
 
-pub(super) fn admin_response(path: &str, app: &App, ready: bool) -> Response<Body> {
-    let (status, ctype, body) = match path {
+pub(super) fn admin_response(uri: &http::Uri, app: &App, ready: bool) -> Response<Body> {
+    let (status, ctype, body) = match uri.path() {
         "/metrics" => (
             StatusCode::OK,
             "text/plain; version=0.0.4",
@@ -48,7 +48,7 @@ pub(super) fn admin_response(path: &str, app: &App, ready: bool) -> Response<Bod
         crate::instance::PATH => (
             StatusCode::OK,
             "text/plain",
-            crate::instance::id().to_owned(),
+            crate::instance::answer(uri.query()),
         ),
         "/readyz" if !ready => (
             StatusCode::SERVICE_UNAVAILABLE,

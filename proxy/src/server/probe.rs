@@ -92,7 +92,7 @@ pub(super) async fn serve(listener: UnixListener, app: Arc<App>, ready: Arc<Atom
         let (app, ready) = (Arc::clone(&app), Arc::clone(&ready));
         let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
             let ready = ready.load(std::sync::atomic::Ordering::SeqCst);
-            let resp = super::admin::admin_response(req.uri().path(), &app, ready);
+            let resp = super::admin::admin_response(req.uri(), &app, ready);
             async move { Ok::<_, std::convert::Infallible>(resp) }
         });
         let mut b = hyper::server::conn::http1::Builder::new();
