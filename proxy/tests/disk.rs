@@ -61,11 +61,12 @@ async fn a_cache_write_that_fails_cuts_the_client_and_is_not_an_upstream_error()
         errors_before,
         "the node's disk is not the upstream's fault"
     );
-    assert!(
-        proxy.logs().contains("cache write failed"),
-        "the node says why: {}",
-        proxy.logs()
-    );
+    // The log line is read off the proxy's stderr by a thread of its own.
+    wait_until(
+        || proxy.logs().contains("cache write failed"),
+        "the node says why",
+    )
+    .await;
     let left = temp_files(&cache);
     assert!(
         left.is_empty(),

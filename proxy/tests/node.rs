@@ -319,11 +319,20 @@ async fn a_dnat_to_another_server_fails_readiness_and_doctor_says_why() {
     wait_ready(admin, StatusCode::OK, "ready").await;
 
     // Another server in the namespace, and the rule a hostPort pod's
-    // portmap plugin would add: the registry address now reaches it.
+    // portmap plugin would add: the registry address now reaches it. It
+    // even answers the proxy's own id, which is public (the admin port
+    // gives it out): replaying it proves nothing without the key.
+    let (_, _, id) = get(&format!("http://{admin}{}", regproxy::instance::PATH), &[]).await;
+    let id = String::from_utf8(id.unwrap().to_vec()).unwrap();
+    let replay = temp_dir("replay");
+    std::fs::create_dir_all(replay.path().join("_regproxy")).unwrap();
+    std::fs::write(replay.path().join("_regproxy/instance"), &id).unwrap();
     let other = format!("{}:8080", ns.ns_ip);
     let _other = Killed(
         ns.command("python3")
             .args(["-m", "http.server", "--bind", &ns.ns_ip.to_string(), "8080"])
+            .arg("--directory")
+            .arg(replay.path())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -340,8 +349,8 @@ async fn a_dnat_to_another_server_fails_readiness_and_doctor_says_why() {
     wait_ready(admin, StatusCode::SERVICE_UNAVAILABLE, "reaches_us").await;
     let (_, why) = readyz(admin).await;
     assert!(
-        why.contains("answered by another server") && why.contains("404"),
-        "/readyz should say what answered instead: {why}"
+        why.contains("answered by another server") && why.contains(&id),
+        "/readyz should say what answered instead, its replayed id too: {why}"
     );
     let m = metrics_at(admin).await;
     assert_eq!(m[&ok_metric("reaches_us")], 0, "{m:?}");
