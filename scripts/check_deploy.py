@@ -8,13 +8,17 @@ With the binary it also checks that every setting and command the manifests
 use exists, and runs what serve writes on a node (as `regproxy hosts ...
 ensure` with the DaemonSet's name and address) and then the uninstall Job's
 commands against a scratch copy of a node's files: they must give the files
-back. Then a self-test: each check below that guards against a known
+back; and runs the probes' commands, which must fail while no `serve`
+answers on the probe socket and pass against one that does. Then a
+self-test: each check below that guards against a known
 mistake is shown to fail on the rendered manifests with that mistake made.
 Prints one line per check and closes with "N passed, N failed".
 """
 
 import copy
+import os
 import subprocess
+import threading
 import sys
 import tempfile
 from pathlib import Path
@@ -473,6 +477,8 @@ def run_commands(binary, ctx):
             f"`regproxy {sub} --help` exit {code}",
         )
 
+    run_probes(binary, main_c, s.get("--probe-socket"))
+
     with tempfile.TemporaryDirectory() as tmp:
         node = Path(tmp)
         hosts = node / "hosts"
@@ -508,6 +514,65 @@ def run_commands(binary, ctx):
             check(f"uninstall container {c['name']} succeeds", r.returncode == 0, r.stderr.strip())
         check("after uninstall the hosts file has its exact original bytes", hosts.read_bytes() == original)
         check("after uninstall certs.d is as it was", not any(certs.iterdir()))
+
+
+def run_probes(binary, main_c, socket):
+    """The DaemonSet's probe commands, run by the real binary against a
+    `serve` with its probe socket moved into a scratch dir: they must fail
+    while no process answers there and pass once one does."""
+    if not socket:
+        return
+    commands = {n: [str(a) for a in ((main_c.get(n) or {}).get("exec") or {}).get("command") or []] for n in PROBES}
+    commands = {n: [str(binary), *c[1:]] for n, c in commands.items() if c}
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("REGPROXY_")}
+        env["REGPROXY_PROBE_SOCKET"] = str(Path(tmp) / Path(socket).name)
+
+        def probe(cmd):
+            try:
+                return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=10)
+            except subprocess.TimeoutExpired as e:
+                return subprocess.CompletedProcess(cmd, "timeout", "", str(e))
+
+        for name, cmd in commands.items():
+            r = probe(cmd)
+            check(
+                f"the {name}'s command fails while no regproxy answers on the socket",
+                r.returncode not in (0, "timeout"),
+                f"exit {r.returncode}",
+            )
+        serve = subprocess.Popen(
+            [str(binary), "serve", "--listen=127.0.0.1:0", "--upstream=http://127.0.0.1:9",
+             f"--cache-dir={tmp}/cache", "--log-format=text"],
+            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )
+        # serve binds the probe socket before it logs "regproxy listening";
+        # its log lines are what this waits on (a timer ends a hung start).
+        killer = threading.Timer(60, serve.kill)
+        killer.start()
+        log = []
+        try:
+            for line in serve.stderr:
+                log.append(line.rstrip())
+                if "regproxy listening" in line:
+                    break
+            started = log and "regproxy listening" in log[-1]
+            check("`regproxy serve` starts with the DaemonSet's probe socket", started, " | ".join(log[-3:]))
+            for name, cmd in commands.items():
+                r = probe(cmd) if started else None
+                check(
+                    f"the {name}'s command `{' '.join(cmd[1:])}` passes against that serve",
+                    r is not None and r.returncode == 0,
+                    r and f"exit {r.returncode}: " + " | ".join(x for x in (r.stdout + r.stderr).splitlines() if x.strip()),
+                )
+        finally:
+            killer.cancel()
+            serve.terminate()
+            try:
+                serve.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                serve.kill()
+                serve.communicate()
 
 
 # --- self-test: each guard fails on the manifests with its mistake made ---
