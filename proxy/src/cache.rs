@@ -14,8 +14,9 @@
 //! whole, verified file. Eviction unlinks files (never truncates them), so a
 //! reader that has a file mapped keeps reading the bytes it was promised.
 //!
-//! Fills are in [`fill`], memory maps (and their `unsafe`) in `growing`, the
-//! index rebuilt from the disk in `scan`, and what processes sharing the dir
+//! Fills are in [`fill`], manifests stored whole in `manifests`, memory maps
+//! (and their `unsafe`) in `growing`, the index rebuilt from the disk in
+//! `scan`, and what processes sharing the dir
 //! during a handover see of each other in [`shared`]: a miss looks on disk
 //! before it fetches (a sibling may have committed it), and a fill another
 //! process runs is followed rather than fetched again.
@@ -39,6 +40,7 @@ use crate::upstream::Upstream;
 
 pub mod fill;
 mod growing;
+mod manifests;
 mod scan;
 pub mod shared;
 
@@ -128,8 +130,10 @@ impl Cache {
     /// a successor that does not yet calls [`Cache::became_primary`] later.
     pub fn open(root: &Path, cap: u64, metrics: Arc<Metrics>, primary: bool) -> io::Result<Cache> {
         fs::create_dir_all(root.join("sha256"))?;
-        let own = shared::OwnDir::create(root)?;
+        // Dead processes' leftovers first: on a full disk they are the room
+        // this process needs to start.
         shared::sweep(root, primary);
+        let own = shared::OwnDir::create(root)?;
 
         let state = scan::state(root, primary)?;
         let cache = Cache {
@@ -187,75 +191,6 @@ impl Cache {
         let d2 = d.clone();
         let opened = tokio::task::spawn_blocking(move || this.open_file(&d2, e.manifest)).await;
         self.opened(d, e, opened.ok()?)
-    }
-
-    /// Indexes content of `d` that is on disk but not in the index: a
-    /// process sharing the dir committed it.
-    async fn adopt(self: &Arc<Self>, d: &Digest, manifest: bool) -> Option<Entry> {
-        let path = self.path(d);
-        let found = tokio::task::spawn_blocking(move || scan::on_disk(&path)).await;
-        let mut e = found.ok()??;
-        let evicted = {
-            let mut st = self.lock();
-            if let Some(now) = st.index.get(d) {
-                e = *now;
-            } else {
-                e.generation = st.next_generation;
-                st.next_generation += 1;
-                st.index.put(d.clone(), e);
-                st.committed += e.size;
-                tracing::debug!(digest = %d, size = e.size, "found on disk, committed by another process");
-            }
-            let ev = self.evict_until(&mut st, 0);
-            self.publish(&st);
-            ev
-        };
-        self.unlink(evicted);
-        (e.manifest || !manifest).then_some(e)
-    }
-
-    /// Called once this process holds the cache dir alone: sweeps what
-    /// processes that are gone left in `tmp/`, and rebuilds the index over
-    /// everything on disk, so that the cap holds over what they committed.
-    pub async fn became_primary(self: &Arc<Self>) {
-        let this = Arc::clone(self);
-        let done = tokio::task::spawn_blocking(move || {
-            let swept = shared::sweep(&this.root, true);
-            let found = scan::all(&this.root)?;
-            let evicted = {
-                let mut st = this.lock();
-                scan::rebuild(&mut st, found);
-                let ev = this.evict_until(&mut st, 0);
-                this.publish(&st);
-                tracing::info!(
-                    entries = st.index.len(),
-                    bytes = st.committed,
-                    swept,
-                    "the cache dir is ours alone now: index rebuilt from disk"
-                );
-                ev
-            };
-            this.unlink(evicted);
-            io::Result::Ok(())
-        })
-        .await;
-        if let Ok(Err(e)) = done {
-            tracing::warn!(error = %e, "could not rebuild the index from disk");
-        }
-    }
-
-    /// Whether a live process that started after this one shares the cache
-    /// dir now: a successor taking over. Blocking (a listing of `tmp/`).
-    pub fn successor_alive(&self) -> bool {
-        shared::successor_alive(&self.root, &self.own)
-    }
-
-    /// The fill of `d` that another process sharing the cache dir runs now.
-    pub async fn sibling_fill(&self, d: &Digest) -> Option<shared::SiblingFill> {
-        let (root, d) = (self.root.clone(), d.clone());
-        tokio::task::spawn_blocking(move || shared::find(&root, &d))
-            .await
-            .ok()?
     }
 
     /// What the index holds for `d`, before any file is opened.
@@ -445,20 +380,6 @@ impl Cache {
         Ok((create_new(&path)?, path))
     }
 
-    /// A blob fill's temp file for `size` bytes of `d`, and the file where
-    /// its progress is published, both named so that processes sharing the
-    /// cache dir find them (see [`shared`]).
-    fn fill_files(&self, d: &Digest, size: u64) -> io::Result<(File, (PathBuf, PathBuf), File)> {
-        let (part, written) = shared::fill_names(d, size);
-        let (part, written) = (self.own.path.join(part), self.own.path.join(written));
-        let mut progress = create_new(&written)?;
-        progress.write_all(&0u64.to_le_bytes())?;
-        let file = create_new(&part).inspect_err(|_| {
-            let _ = fs::remove_file(&written);
-        })?;
-        Ok((file, (part, written), progress))
-    }
-
     /// Moves a verified temp file into place and indexes it, turning its
     /// reservation into committed bytes. Ends a fill's single-flight entry
     /// under the same lock, so a request sees either the fill or the entry.
@@ -527,33 +448,6 @@ impl Cache {
         let mut st = self.lock();
         st.reserved -= reserved;
         self.publish(&st);
-    }
-
-    /// Stores a verified manifest (small, already in memory).
-    pub async fn put_manifest(self: &Arc<Self>, d: Digest, media_type: String, bytes: Bytes) {
-        let this = Arc::clone(self);
-        let size = bytes.len() as u64;
-        let _ = tokio::task::spawn_blocking(move || {
-            if !this.reserve(size) {
-                return;
-            }
-            let (mut f, p) = match this.temp_file() {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(digest = %d, error = %e, "could not cache manifest");
-                    return this.release(size, None);
-                }
-            };
-            if let Err(e) = f.write_all(&bytes) {
-                tracing::warn!(digest = %d, error = %e, "could not cache manifest");
-                return this.release(size, Some(&p));
-            }
-            // `commit` releases the reservation whatever happens.
-            if let Err(e) = this.commit(&d, size, &p, Stored::Manifest(&f, &media_type)) {
-                tracing::warn!(digest = %d, error = %e, "could not cache manifest");
-            }
-        })
-        .await;
     }
 }
 

@@ -34,6 +34,9 @@ pub enum Command {
     /// Set net.ipv4.tcp_migrate_req=1 in this network namespace, so that a
     /// proxy handing over to its successor loses no queued connection.
     Sysctl,
+    /// Ask this pod's own `serve` (its `--probe-socket`) for `/healthz` or
+    /// `/readyz`: exit 0 on 200. For kubelet's exec probes.
+    Probe(crate::server::probe::ProbeArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -63,6 +66,12 @@ pub struct ServeArgs {
     /// Address of `/metrics`, `/healthz` and `/readyz`; none when unset.
     #[arg(long, env = "REGPROXY_ADMIN_LISTEN")]
     pub admin_listen: Option<SocketAddr>,
+
+    /// The admin endpoints also on a Unix socket at this path, answered by
+    /// this process alone (the TCP admin address is shared with a
+    /// successor during a handover): what `regproxy probe` asks.
+    #[arg(long, env = "REGPROXY_PROBE_SOCKET")]
+    pub probe_socket: Option<PathBuf>,
 
     /// Once every listener is bound, their addresses are written here as
     /// JSON, `{"listen":["ADDR"],"admin":"ADDR"}` (`null` without an admin
@@ -254,6 +263,8 @@ pub struct Config {
     pub cache_size: u64,
     /// `--ready-file`: where the bound addresses are written once bound.
     pub ready_file: Option<PathBuf>,
+    /// `--probe-socket`: the admin endpoints of this process alone.
+    pub probe_socket: Option<PathBuf>,
     pub limits: crate::server::Limits,
     pub shutdown_grace: Duration,
     pub upstream: UpstreamConfig,
@@ -303,6 +314,7 @@ impl ServeArgs {
             cache_dir: self.cache_dir,
             cache_size: self.cache_size,
             ready_file: self.ready_file,
+            probe_socket: self.probe_socket,
             limits: crate::server::Limits {
                 header_read_timeout: self.header_read_timeout,
                 max_connections: self.max_connections,

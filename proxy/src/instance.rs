@@ -21,6 +21,92 @@ pub const TMP: &str = "tmp";
 /// The file in a process's temp dir that says the dir is owned and locked.
 pub const OWNER: &str = "owner";
 
+/// The cache dir's secret: processes that share the dir prove it by an
+/// HMAC of a checker's nonce, so a server that replays an id it read
+/// elsewhere does not pass for this proxy.
+pub const KEY_FILE: &str = "instance.key";
+
+static KEY: OnceLock<[u8; 32]> = OnceLock::new();
+
+/// Loads the cache dir's key, creating it (0600) first when `create` and it
+/// is missing. Two processes creating it at once end up with the same key:
+/// it is linked into place only if absent, then read back.
+pub fn init_key(cache_dir: &Path, create: bool) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = cache_dir.join(KEY_FILE);
+    if create && !path.exists() {
+        let mut k = [0u8; 32];
+        getrandom::getrandom(&mut k).map_err(|e| std::io::Error::other(e.to_string()))?;
+        let tmp = temp_for(&path)?;
+        let _ = std::fs::remove_file(&tmp);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(&k)?;
+        f.sync_all()?;
+        let linked = std::fs::hard_link(&tmp, &path);
+        let _ = std::fs::remove_file(&tmp);
+        match linked {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
+            _ => {}
+        }
+    }
+    let key = <[u8; 32]>::try_from(std::fs::read(&path)?.as_slice())
+        .map_err(|_| std::io::Error::other(format!("{} is not a key", path.display())))?;
+    let _ = KEY.set(key);
+    Ok(())
+}
+
+fn proof(key: &[u8; 32], nonce: &str, id: &str) -> String {
+    use hmac::{Hmac, Mac};
+    let mut m = Hmac::<sha2::Sha256>::new_from_slice(key).expect("any key length");
+    m.update(b"regproxy instance\0");
+    m.update(nonce.as_bytes());
+    m.update(b"\0");
+    m.update(id.as_bytes());
+    m.finalize()
+        .into_bytes()
+        .iter()
+        .map(|x| format!("{x:02x}"))
+        .collect()
+}
+
+/// What [`PATH`] answers to a request with `query`: the id, and with a
+/// `nonce=` of up to 64 hex digits and the key known, its proof after a
+/// space.
+pub fn answer(query: Option<&str>) -> String {
+    let nonce = query
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .find_map(|kv| kv.strip_prefix("nonce="))
+        .filter(|n| !n.is_empty() && n.len() <= 64 && n.bytes().all(|b| b.is_ascii_hexdigit()));
+    match (nonce, KEY.get()) {
+        (Some(n), Some(k)) => format!("{} {}", id(), proof(k, n, id())),
+        _ => id().to_owned(),
+    }
+}
+
+/// A fresh nonce to ask [`PATH`] with, when this process knows the key.
+pub fn challenge() -> Option<String> {
+    KEY.get()?;
+    let mut b = [0u8; 16];
+    getrandom::getrandom(&mut b).ok()?;
+    Some(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+/// The id in an answer to `nonce`, if its proof is right: a process that
+/// holds this cache dir's key answered.
+pub fn verify<'a>(nonce: &str, answer: &'a str) -> Option<&'a str> {
+    let (id, got) = answer.trim().split_once(' ')?;
+    let key = KEY.get()?;
+    let want = proof(key, nonce, id);
+    // Not secret-dependent timing that matters here: the nonce is fresh.
+    (want == got).then_some(id)
+}
+
 /// This process's id: 32 hex digits, random, fixed for its lifetime.
 pub fn id() -> &'static str {
     static ID: OnceLock<String> = OnceLock::new();
@@ -74,6 +160,21 @@ mod tests {
         assert!(is_id(id()), "{}", id());
         assert!(!is_id("0123"), "too short");
         assert!(!is_id(&"A".repeat(32)), "upper case is not ours");
+    }
+
+    #[test]
+    fn only_a_holder_of_the_key_proves_a_nonce() {
+        let tmp = tempfile::tempdir().unwrap();
+        init_key(tmp.path(), true).unwrap();
+        init_key(tmp.path(), true).expect("an existing key is read back");
+        let n = challenge().expect("the key is known");
+        let a = answer(Some(&format!("x=1&nonce={n}")));
+        assert_eq!(verify(&n, &a), Some(id()));
+        assert_eq!(verify("00", &a), None, "a proof is for its own nonce");
+        assert_eq!(verify(&n, id()), None, "a bare id proves nothing");
+        let forged = format!("{} {}", id(), "0".repeat(64));
+        assert_eq!(verify(&n, &forged), None);
+        assert_eq!(answer(Some("nonce=../x")), id(), "no proof for a bad nonce");
     }
 
     #[test]

@@ -125,10 +125,13 @@ impl CacheLock {
         *self.primary.borrow()
     }
 
-    /// Waits until this process holds the lock (at once if it does).
+    /// Waits until this process holds the lock (at once if it does); for
+    /// ever if waiting for it failed.
     pub async fn primary(&self) {
         let mut rx = self.primary.clone();
-        let _ = rx.wait_for(|p| *p).await;
+        if rx.wait_for(|p| *p).await.is_err() {
+            std::future::pending::<()>().await;
+        }
     }
 }
 

@@ -48,6 +48,16 @@ fn main() -> anyhow::Result<()> {
                 std::process::exit(1);
             }
         },
+        Command::Probe(args) => match regproxy::server::probe::probe(&args) {
+            Ok(body) => {
+                print!("{body}");
+                Ok(())
+            }
+            Err(e) => {
+                eprintln!("regproxy probe: {e}");
+                std::process::exit(1);
+            }
+        },
         Command::Hosts(args) => {
             // One line on stderr, for the init container's log.
             if let Err(e) = regproxy::hosts::run(args) {

@@ -9,12 +9,16 @@ use std::time::Duration;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 
 mod admin;
+pub mod probe;
+mod sockets;
+
+pub use sockets::migrates_queued_connections;
+use sockets::{bind_shared, raise_fd_limit};
 
 use crate::api::App;
 use crate::auth::Auth;
@@ -62,6 +66,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             anyhow::anyhow!("cannot open cache dir {}: {e}", config.cache_dir.display())
         })?;
 
+    crate::instance::init_key(&config.cache_dir, true)
+        .map_err(|e| anyhow::anyhow!("cannot set up {}: {e}", config.cache_dir.display()))?;
     let server = Server::bind(&config).await?;
     // Redirects to our own listeners are refused.
     upstream.set_own_addrs(server.addrs());
@@ -72,7 +78,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     // first round at once, now that the API listener is bound.
     let node = crate::node::start(&config, server.api.local_addr()?, &metrics)?;
     let app = Arc::new(App::new(cache, upstream, tags, auth, metrics).with_node(node));
-    if !lock.is_primary() {
+    // As the cache was opened: a predecessor that exited meanwhile still
+    // leaves this process a sweep and a rebuild to do.
+    if !primary {
         let (app, lock) = (Arc::clone(&app), Arc::clone(&lock));
         tokio::spawn(async move {
             lock.primary().await;
@@ -136,30 +144,6 @@ async fn save_allowed_every(app: Arc<App>, every: Duration) {
     loop {
         tick.tick().await;
         app.save_allowed().await;
-    }
-}
-
-/// Raises the soft limit of open files to the hard one: each connection, fill
-/// and upstream connection takes a descriptor, and container runtimes often
-/// start processes with a soft limit of 1024. Warns when even the hard limit
-/// is below `want`.
-fn raise_fd_limit(want: u64) {
-    use rustix::process::{getrlimit, setrlimit, Resource};
-    let mut l = getrlimit(Resource::Nofile);
-    if l.current != l.maximum {
-        l.current = l.maximum;
-        if let Err(e) = setrlimit(Resource::Nofile, l) {
-            tracing::warn!(error = %e, "cannot raise the open files limit");
-        }
-    }
-    let now = getrlimit(Resource::Nofile).current;
-    if now.is_some_and(|n| n < want) {
-        tracing::warn!(
-            limit = now,
-            want,
-            "the open files limit is low for --max-connections on two listeners; \
-             connections past it fail to be accepted"
-        );
     }
 }
 
@@ -336,41 +320,12 @@ impl Listener {
     }
 }
 
-/// Binds `addr` with `SO_REUSEPORT`, so that a successor started with the
-/// same address binds it too while this process still serves, and the
-/// kernel spreads new connections over both until this one closes its
-/// listener (see [`Server::run`]).
-///
-/// Only processes of the same user may join the group, and binding port 80
-/// takes root or `CAP_NET_BIND_SERVICE` anyway: this lets nothing in that
-/// could not already take the address.
-fn bind_shared(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = match addr {
-        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
-        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
-    };
-    socket.set_reuseaddr(true)?;
-    socket.set_reuseport(true)?;
-    socket.bind(addr)?;
-    socket.listen(LISTEN_BACKLOG)
-}
-
-/// The kernel's queue of connections not yet accepted (capped by
-/// `net.core.somaxconn`): past `--max-connections`, API clients wait here.
-const LISTEN_BACKLOG: u32 = 1024;
-
-/// Whether the kernel moves connections queued on a closing listener to
-/// another of its `SO_REUSEPORT` group (`net.ipv4.tcp_migrate_req`, Linux
-/// 5.14 and later) instead of resetting them. `None` when it cannot tell.
-pub fn migrates_queued_connections() -> Option<bool> {
-    let v = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_migrate_req").ok()?;
-    Some(v.trim() != "0")
-}
-
 /// The bound listeners, and how they serve and drain.
 pub struct Server {
     api: TcpListener,
     admin: Option<TcpListener>,
+    /// `--probe-socket`: the admin endpoints of this process alone.
+    probe: Option<tokio::net::UnixListener>,
     limits: Limits,
     /// `--shutdown-grace`: how long transfers in flight may take to finish.
     grace: Duration,
@@ -386,9 +341,15 @@ impl Server {
             Some(a) => Some(bind(a)?),
             None => None,
         };
+        let probe = config
+            .probe_socket
+            .as_deref()
+            .map(probe::bind)
+            .transpose()?;
         Ok(Server {
             api: bind(config.listen)?,
             admin,
+            probe,
             limits: config.limits,
             grace: config.shutdown_grace,
         })
@@ -408,11 +369,18 @@ impl Server {
         let Server {
             api: listener,
             admin,
+            probe,
             limits,
             grace,
         } = self;
         let ready = Arc::new(AtomicBool::new(true));
-        let graceful = GracefulShutdown::new();
+        // Told to every connection when draining starts; `conns` is awaited.
+        let stop = tokio_util::sync::CancellationToken::new();
+        let conns = tokio_util::task::TaskTracker::new();
+        // This pod's probes, answered through the grace period too: it is
+        // shutting down (not ready), yet alive.
+        let probe_task =
+            probe.map(|l| tokio::spawn(probe::serve(l, Arc::clone(&app), Arc::clone(&ready))));
         let admin_task = admin.map(|l| {
             if let Ok(a) = l.local_addr() {
                 tracing::info!(addr = %a, "admin listening");
@@ -429,15 +397,42 @@ impl Server {
             };
             let _ = stream.set_nodelay(true);
             let app = Arc::clone(&app);
+            let started = Arc::new(tokio::sync::Notify::new());
+            let started2 = Arc::clone(&started);
             let svc = service_fn(move |req| {
+                started2.notify_one();
                 let app = Arc::clone(&app);
                 async move { Ok::<_, std::convert::Infallible>(app.handle(req).await) }
             });
             let conn = listener.http1().serve_connection(TokioIo::new(stream), svc);
-            let conn = graceful.watch(conn);
-            tokio::spawn(
+            let stop = stop.clone();
+            conns.spawn(
                 async move {
-                    if let Err(e) = conn.await {
+                    tokio::pin!(conn);
+                    let ended = tokio::select! {
+                        r = conn.as_mut() => Some(r),
+                        _ = stop.cancelled() => None,
+                    };
+                    // hyper's graceful shutdown closes a connection that has
+                    // not read a request yet, unanswered, and a client that
+                    // sent one on a fresh connection does not retry it: let
+                    // the first request start (the header read timeout
+                    // bounds the wait), then finish it and close.
+                    let ended = match ended {
+                        Some(r) => Some(r),
+                        None => tokio::select! {
+                            r = conn.as_mut() => Some(r),
+                            _ = started.notified() => None,
+                        },
+                    };
+                    let r = match ended {
+                        Some(r) => r,
+                        None => {
+                            conn.as_mut().graceful_shutdown();
+                            conn.await
+                        }
+                    };
+                    if let Err(e) = r {
                         tracing::debug!(error = %e, "connection ended with an error");
                     }
                     drop(permit);
@@ -458,12 +453,17 @@ impl Server {
         // finish and commit too, so that what was fetched is kept. Only requests
         // start fills, so once the connections are closed no more can start.
         let drained = async {
-            graceful.shutdown().await;
+            stop.cancel();
+            conns.close();
+            conns.wait().await;
             app.fills_done().await;
         };
         tokio::select! {
             _ = drained => tracing::info!("all connections closed, all fills committed"),
             _ = tokio::time::sleep_until(deadline) => tracing::warn!("grace period over; cutting remaining transfers"),
+        }
+        if let Some(t) = probe_task {
+            t.abort();
         }
     }
 }

@@ -89,3 +89,49 @@ async fn a_cache_write_that_fails_cuts_the_client_and_is_not_an_upstream_error()
         "a blob that fits is cached once there is room"
     );
 }
+
+#[tokio::test]
+async fn a_blob_tried_while_the_disk_was_full_is_cached_once_there_is_room() {
+    let reg = Registry::start();
+    let disk = Tmpfs::mount(8);
+    let cache = disk.path().join("cache");
+    let data = blob(1 << 20, 79);
+    let d = reg.put_blob_files("team/disk", &data);
+    let proxy = Proxy::start(&reg.url(), &cache, &["--cache-size", "1GiB"]);
+    proxy.wait_learned_open();
+
+    // The node's own files fill the disk from outside.
+    let filler = disk.path().join("filler");
+    let out = Command::new("dd")
+        .args(["if=/dev/zero", "bs=1M", "count=16"])
+        .arg(format!("of={}", filler.display()))
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "dd stops at the full disk");
+    let url = format!("{}/v2/team/disk/blobs/{d}", proxy.url());
+    let (st, _, body) = get(&url, &[]).await;
+    assert_eq!(st, 200);
+    assert_eq!(
+        sha256_digest(&body.expect("streamed uncached")),
+        d,
+        "a full disk still serves the blob, uncached"
+    );
+    proxy.fills_done().await;
+    assert!(!proxy.cache_path(&d).exists());
+    let left = temp_files(&cache);
+    assert!(
+        left.is_empty(),
+        "nothing of the failed fill is left: {left:?}"
+    );
+
+    // Room again: the same digest is cached now, and served from the cache.
+    std::fs::remove_file(&filler).unwrap();
+    let (st, _, body) = get(&url, &[]).await;
+    assert_eq!(st, 200);
+    assert_eq!(sha256_digest(&body.unwrap()), d);
+    proxy.fills_done().await;
+    assert!(
+        proxy.cache_path(&d).exists(),
+        "the blob is cached once there is room"
+    );
+}

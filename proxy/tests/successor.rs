@@ -9,6 +9,32 @@ use support::*;
 
 const MIB: usize = 1 << 20;
 
+/// `regproxy probe ENDPOINT --socket SOCK`: its exit code, and what it said.
+fn probe(sock: &std::path::Path, endpoint: &str) -> (Option<i32>, String) {
+    let out = std::process::Command::new(regproxy_bin())
+        .args(["probe", endpoint, "--socket"])
+        .arg(sock)
+        .output()
+        .unwrap();
+    let said =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.code(), said)
+}
+
+fn args_of(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// The body of `GET path` on a probe socket.
+fn ask_socket(sock: &std::path::Path, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out.split_once("\r\n\r\n").unwrap().1.to_owned()
+}
+
 /// A loopback address and port for a proxy and its successors.
 fn shared_listen() -> String {
     format!("127.0.0.1:{}", free_port())
@@ -20,8 +46,17 @@ async fn a_successor_follows_the_old_ones_fill_and_fetches_nothing_itself() {
     let gate = Gate::start(reg.addr).await;
     let cache = temp_dir("cache");
     let listen = shared_listen();
-    let args = ["--shutdown-grace", "5m"];
-    let mut old = Proxy::start_on(&listen, &gate.url(), cache.path(), &args);
+    let socks = temp_dir("probe");
+    let (old_sock, new_sock) = (socks.path().join("old.sock"), socks.path().join("new.sock"));
+    let with_sock = |p: &std::path::Path| -> Vec<String> {
+        ["--shutdown-grace", "5m", "--probe-socket"]
+            .iter()
+            .map(|s| s.to_string())
+            .chain([p.display().to_string()])
+            .collect()
+    };
+    let (old_args, new_args) = (with_sock(&old_sock), with_sock(&new_sock));
+    let mut old = Proxy::start_on(&listen, &gate.url(), cache.path(), &args_of(&old_args));
     old.wait_learned_open();
     let data = blob(16 * MIB, 31);
     let d = push_blob(&reg.url(), "team/app", &data).await;
@@ -38,19 +73,30 @@ async fn a_successor_follows_the_old_ones_fill_and_fetches_nothing_itself() {
         "the old process's fill is under way",
     )
     .await;
-    let new = Proxy::start_on(&listen, &gate.url(), cache.path(), &args);
+    let new = Proxy::start_on(&listen, &gate.url(), cache.path(), &args_of(&new_args));
     assert!(
         old.cache_path(&d).exists() || !temp_files(cache.path()).is_empty(),
         "the successor's start swept nothing of the live fill"
     );
-    // While both run, only the successor reports ready: kubelet's probes
-    // of the new pod may reach either process.
-    let (st, _, body) = get(&format!("http://{}/readyz", old.admin), &[]).await;
-    assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE);
-    assert!(String::from_utf8_lossy(&body.unwrap()).contains("being replaced"));
-    assert_eq!(
-        get(&format!("http://{}/readyz", new.admin), &[]).await.0,
-        StatusCode::OK
+    // Each pod's probes reach its own process through its probe socket,
+    // while the TCP addresses are shared.
+    for (who, p, sock) in [("old", &old, &old_sock), ("successor", &new, &new_sock)] {
+        assert_eq!(probe(sock, "readyz").0, Some(0), "{who} is ready");
+        let id = ask_socket(sock, regproxy::instance::PATH);
+        let (_, _, by_tcp) = get(
+            &format!("http://{}{}", p.admin, regproxy::instance::PATH),
+            &[],
+        )
+        .await;
+        assert_eq!(
+            id.as_bytes(),
+            &by_tcp.unwrap()[..],
+            "{who}'s socket is its own"
+        );
+    }
+    assert_ne!(
+        ask_socket(&old_sock, regproxy::instance::PATH),
+        ask_socket(&new_sock, regproxy::instance::PATH)
     );
     // Every new connection reaches the successor from here on.
     old.signal("-TERM");
@@ -68,6 +114,11 @@ async fn a_successor_follows_the_old_ones_fill_and_fetches_nothing_itself() {
         "the successor follows the fill in flight",
     )
     .await;
+    // Draining, the old pod is alive and not ready, by its own socket.
+    assert_eq!(probe(&old_sock, "healthz").0, Some(0));
+    let (code, out) = probe(&old_sock, "readyz");
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("shutting down"), "{out}");
     gate.open();
 
     for (who, r) in [("old", first), ("successor", second)] {

@@ -140,12 +140,6 @@ impl App {
         self.cache.fills_done().await;
     }
 
-    /// Whether a successor started beside this process (a handover): its
-    /// readiness is the successor's to report. Blocking (a short listing).
-    pub fn being_replaced(&self) -> bool {
-        self.cache.successor_alive()
-    }
-
     /// Called once this process holds the cache dir alone, after a
     /// handover (see [`Cache::became_primary`]).
     pub async fn cache_dir_is_ours(&self) {
@@ -163,7 +157,7 @@ impl App {
     /// Answers one request. Never fails: errors become OCI error responses.
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
         if req.uri().path() == crate::instance::PATH {
-            return instance(req.method());
+            return instance(req.method(), req.uri().query());
         }
         let (parts, body) = req.into_parts();
         let (kind, result) = self.dispatch(&parts, body).await;
@@ -285,9 +279,9 @@ impl App {
 /// [`crate::instance::PATH`]: this process's id, so that a check that
 /// connects to the node's registry address knows who answered. Not counted
 /// as a registry request.
-fn instance(method: &Method) -> Response<Body> {
+fn instance(method: &Method, query: Option<&str>) -> Response<Body> {
     let mut r = match *method {
-        Method::GET => Response::new(Body::full(crate::instance::id().as_bytes())),
+        Method::GET => Response::new(Body::full(crate::instance::answer(query))),
         Method::HEAD => Response::new(Body::empty()),
         _ => return Error::MethodNotAllowed(method.clone()).into_response(),
     };

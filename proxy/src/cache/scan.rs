@@ -56,7 +56,12 @@ fn content(root: &Path, primary: bool) -> io::Result<Vec<(SystemTime, Digest, En
                 types.push(hex.to_owned());
                 continue;
             }
-            let meta = f.metadata()?;
+            // Removed since the listing (another process evicted it): skip.
+            let meta = match f.metadata() {
+                Ok(m) => m,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
             match Digest::parse(&format!("sha256:{name}")) {
                 Ok(d)
                     if meta.is_file()
@@ -97,7 +102,12 @@ fn content(root: &Path, primary: bool) -> io::Result<Vec<(SystemTime, Digest, En
 /// maps it), except that what this process keeps mapped (its most recent
 /// hits, which set no mtime) is the most recent, in its order of use.
 /// Known entries keep their generation; fills and reservations stay.
-pub(super) fn rebuild(st: &mut State, found: Vec<(SystemTime, Digest, Entry)>) {
+/// Entries this process committed since generation `since` (during the
+/// scan, which runs unlocked) are kept even if the scan missed them. One
+/// that it evicted during the scan may come back without its file: a
+/// reader finds it gone and drops it; till then it only makes eviction
+/// keep less.
+pub(super) fn rebuild(st: &mut State, found: Vec<(SystemTime, Digest, Entry)>, since: u64) {
     let mut index = LruCache::unbounded();
     let mut committed = 0;
     for (_, d, mut e) in found {
@@ -110,6 +120,12 @@ pub(super) fn rebuild(st: &mut State, found: Vec<(SystemTime, Digest, Entry)>) {
         };
         committed += e.size;
         index.put(d, e);
+    }
+    for (d, e) in st.index.iter().rev() {
+        if e.generation >= since && !index.contains(d) {
+            committed += e.size;
+            index.put(d.clone(), *e);
+        }
     }
     for (d, _) in st.open.iter().rev() {
         index.promote(d);
@@ -127,9 +143,11 @@ pub(super) fn rebuild(st: &mut State, found: Vec<(SystemTime, Digest, Entry)>) {
     st.committed = committed;
 }
 
-/// Every content file, for [`rebuild`].
+/// Every content file, for [`rebuild`]. Sidecars without content stay: one
+/// may be this process's manifest commit in flight (its media type is
+/// renamed into place just before its content).
 pub(super) fn all(root: &Path) -> io::Result<Vec<(SystemTime, Digest, Entry)>> {
-    content(root, true)
+    content(root, false)
 }
 
 /// The entry for `d` if its content is on disk (committed by a sibling

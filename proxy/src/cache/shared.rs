@@ -24,15 +24,16 @@ use std::path::{Path, PathBuf};
 
 use rustix::fs::{flock, FlockOperation};
 
+use std::io::Write;
+use std::sync::Arc;
+
+use super::{create_new, scan, Cache, Entry};
 use crate::digest::Digest;
 use crate::instance;
 
 /// This process's temp dir, locked for as long as this value lives.
 pub(super) struct OwnDir {
     pub path: PathBuf,
-    /// When its `owner` file was written: this process's age among those
-    /// sharing the dir.
-    pub created: std::time::SystemTime,
     _lock: File,
 }
 
@@ -43,14 +44,11 @@ impl OwnDir {
         fs::create_dir_all(&path)?;
         let lock = File::open(&path)?;
         flock(&lock, FlockOperation::NonBlockingLockExclusive).map_err(io::Error::from)?;
-        let owner = path.join(instance::OWNER);
-        fs::write(&owner, format!("{}\n", std::process::id()))?;
-        let created = fs::metadata(&owner)?.modified()?;
-        Ok(OwnDir {
-            path,
-            created,
-            _lock: lock,
-        })
+        fs::write(
+            path.join(instance::OWNER),
+            format!("{}\n", std::process::id()),
+        )?;
+        Ok(OwnDir { path, _lock: lock })
     }
 }
 
@@ -100,24 +98,6 @@ pub(super) fn sweep(root: &Path, primary: bool) -> usize {
         }
     }
     removed
-}
-
-/// Whether a live process that started after this one shares the cache
-/// dir: a successor, starting or serving beside it. Ages come from the
-/// `owner` files' mtimes.
-pub(super) fn successor_alive(root: &Path, own: &OwnDir) -> bool {
-    let Ok(entries) = fs::read_dir(root.join(instance::TMP)) else {
-        return false;
-    };
-    entries.filter_map(Result::ok).any(|e| {
-        let owner = e.path().join(instance::OWNER);
-        e.file_name() != instance::id()
-            && e.file_type().is_ok_and(|t| t.is_dir())
-            && fs::metadata(&owner)
-                .and_then(|m| m.modified())
-                .is_ok_and(|t| t > own.created)
-            && owner_alive(&e.path())
-    })
 }
 
 /// A fill of a digest that another live process sharing the cache dir is
@@ -189,6 +169,96 @@ pub(super) fn find(root: &Path, d: &Digest) -> Option<SiblingFill> {
     None
 }
 
+/// What the cache does for processes sharing its dir.
+impl Cache {
+    /// Indexes content of `d` that is on disk but not in the index: a
+    /// process sharing the dir committed it.
+    pub(super) async fn adopt(self: &Arc<Self>, d: &Digest, manifest: bool) -> Option<Entry> {
+        let path = self.path(d);
+        let found = tokio::task::spawn_blocking(move || scan::on_disk(&path)).await;
+        let mut e = found.ok()??;
+        let evicted = {
+            let mut st = self.lock();
+            if let Some(now) = st.index.get(d) {
+                e = *now;
+            } else {
+                e.generation = st.next_generation;
+                st.next_generation += 1;
+                st.index.put(d.clone(), e);
+                st.committed += e.size;
+                tracing::debug!(digest = %d, size = e.size, "found on disk, committed by another process");
+            }
+            let ev = self.evict_until(&mut st, 0);
+            self.publish(&st);
+            ev
+        };
+        self.unlink(evicted);
+        (e.manifest || !manifest).then_some(e)
+    }
+
+    /// Called once this process holds the cache dir alone: sweeps what
+    /// processes that are gone left in `tmp/`, and rebuilds the index over
+    /// everything on disk, so that the cap holds over what they committed.
+    pub async fn became_primary(self: &Arc<Self>) {
+        let this = Arc::clone(self);
+        let done = tokio::task::spawn_blocking(move || {
+            let swept = sweep(&this.root, true);
+            // Commits of this process during the scan are kept from here.
+            let since = this.lock().next_generation;
+            let found = scan::all(&this.root)?;
+            let evicted = {
+                let mut st = this.lock();
+                scan::rebuild(&mut st, found, since);
+                let ev = this.evict_until(&mut st, 0);
+                this.publish(&st);
+                tracing::info!(
+                    entries = st.index.len(),
+                    bytes = st.committed,
+                    swept,
+                    "the cache dir is ours alone now: index rebuilt from disk"
+                );
+                ev
+            };
+            this.unlink(evicted);
+            io::Result::Ok(())
+        })
+        .await;
+        if let Ok(Err(e)) = done {
+            tracing::warn!(error = %e, "could not rebuild the index from disk");
+        }
+    }
+
+    /// The fill of `d` that another process sharing the cache dir runs now.
+    pub async fn sibling_fill(&self, d: &Digest) -> Option<SiblingFill> {
+        let (root, d) = (self.root.clone(), d.clone());
+        tokio::task::spawn_blocking(move || find(&root, &d))
+            .await
+            .ok()?
+    }
+
+    /// A blob fill's temp file for `size` bytes of `d`, and the file where
+    /// its progress is published, both named so that processes sharing the
+    /// cache dir find them (see [`shared`]).
+    pub(super) fn fill_files(
+        &self,
+        d: &Digest,
+        size: u64,
+    ) -> io::Result<(File, (PathBuf, PathBuf), File)> {
+        let (part, written) = fill_names(d, size);
+        let (part, written) = (self.own.path.join(part), self.own.path.join(written));
+        let mut progress = create_new(&written)?;
+        // Whatever fails past here (a full disk) must not leave `written`:
+        // the next fill of this digest could not create it.
+        let file = progress
+            .write_all(&0u64.to_le_bytes())
+            .and_then(|()| create_new(&part))
+            .inspect_err(|_| {
+                let _ = fs::remove_file(&written);
+            })?;
+        Ok((file, (part, written), progress))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -228,29 +298,17 @@ mod tests {
     fn a_live_siblings_fill_is_found_and_a_dead_ones_is_not() {
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path();
-        let own = OwnDir::create(root).unwrap();
+        let _own = OwnDir::create(root).unwrap();
         let d = Digest::parse(&format!("sha256:{}", "ab".repeat(32))).unwrap();
         let sib = root.join(instance::TMP).join("c".repeat(32));
         fs::create_dir_all(&sib).unwrap();
         fs::write(sib.join(instance::OWNER), "3\n").unwrap();
-        // Started after this process (mtimes are coarse: say so outright).
-        File::options()
-            .write(true)
-            .open(sib.join(instance::OWNER))
-            .unwrap()
-            .set_modified(own.created + std::time::Duration::from_secs(1))
-            .unwrap();
         let (part, written) = fill_names(&d, 42);
         fs::write(sib.join(&part), [0u8; 42]).unwrap();
         fs::write(sib.join(&written), 7u64.to_le_bytes()).unwrap();
         assert!(find(root, &d).is_none(), "its owner is gone");
-        assert!(
-            !successor_alive(root, &own),
-            "no live process beside this one"
-        );
         let lock = File::open(&sib).unwrap();
         flock(&lock, FlockOperation::LockExclusive).unwrap();
-        assert!(successor_alive(root, &own), "a newer live process");
         let f = find(root, &d).expect("a live sibling's fill");
         assert_eq!(f.size, 42);
         assert!(f.alive());

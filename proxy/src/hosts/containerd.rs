@@ -54,9 +54,12 @@ pub fn ensure_containerd(
         Err(e) => return Err(HostsError::io("read", &path)(e)),
     };
     std::fs::create_dir_all(&dir).map_err(HostsError::io("create", &dir))?;
-    let tmp = dir.join(format!(".hosts.toml.regproxy-{}", std::process::id()));
+    // Named after this process's instance id, not its pid: two pods' proxies
+    // (both pid 1 in their own pid namespaces) must not share a temp file.
+    let tmp = dir.join(format!(".hosts.toml.regproxy-{}", crate::instance::id()));
     let write = || -> io::Result<()> {
-        let mut f = File::create(&tmp)?;
+        let _ = std::fs::remove_file(&tmp);
+        let mut f = File::options().write(true).create_new(true).open(&tmp)?;
         f.write_all(wanted.as_bytes())?;
         f.sync_all()?;
         std::fs::rename(&tmp, &path)

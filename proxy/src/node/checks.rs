@@ -68,7 +68,14 @@ pub fn run_all(
         ),
         (
             Check::ReachesUs,
-            reaches_us(&hosts, &hosts_path, node, proxy.port(), ours),
+            // The name's own port when it has one: that is where pulls go.
+            reaches_us(
+                &hosts,
+                &hosts_path,
+                node,
+                node.port().unwrap_or(proxy.port()),
+                ours,
+            ),
         ),
     ];
     // Without a certs dir there is no hosts.toml for containerd to find.
@@ -183,15 +190,21 @@ pub enum Answer {
 
 /// Asks `addr` (with `Host: host`) who it is.
 pub fn who_answers(addr: SocketAddr, host: &str, ours: &[String]) -> Answer {
-    let (status, body) = match get_instance(addr, host) {
+    // With the cache dir's key known, only a proof of a fresh nonce counts:
+    // an id is public, and a server could replay one.
+    let nonce = crate::instance::challenge();
+    let (status, body) = match get_instance(addr, host, nonce.as_deref()) {
         Ok(x) => x,
         Err(e) => return Answer::Nothing(e),
     };
-    let id = body.trim();
-    if status.contains(" 200 ") && ours.iter().any(|o| o == id) {
-        return Answer::Ours(id.to_owned());
+    let id = match &nonce {
+        Some(n) => crate::instance::verify(n, &body),
+        None => Some(body.trim()).filter(|id| ours.iter().any(|o| o == id)),
+    };
+    match id {
+        Some(id) if status.contains(" 200 ") => Answer::Ours(id.to_owned()),
+        _ => Answer::Other { status, body },
     }
-    Answer::Other { status, body }
 }
 
 /// An answer that is not ours, for a log line: the status line and the
@@ -203,13 +216,14 @@ pub fn describe(status: &str, body: &str) -> String {
 
 /// `GET /_regproxy/instance` over a plain HTTP/1.1 connection: the status
 /// line and the body (at most 64 KiB; enough to recognise what answered).
-fn get_instance(addr: SocketAddr, host: &str) -> io::Result<(String, String)> {
+fn get_instance(addr: SocketAddr, host: &str, nonce: Option<&str>) -> io::Result<(String, String)> {
     let mut s = TcpStream::connect_timeout(&addr, TIMEOUT)?;
     s.set_read_timeout(Some(TIMEOUT))?;
     s.set_write_timeout(Some(TIMEOUT))?;
+    let query = nonce.map(|n| format!("?nonce={n}")).unwrap_or_default();
     write!(
         s,
-        "GET {} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nUser-Agent: regproxy-node-check\r\n\r\n",
+        "GET {}{query} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nUser-Agent: regproxy-node-check\r\n\r\n",
         crate::instance::PATH
     )?;
     let mut buf = Vec::new();

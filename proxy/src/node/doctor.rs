@@ -58,6 +58,9 @@ pub const MIGRATE_REQ: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
 /// Runs the checks, prints them, and returns whether all passed.
 pub async fn doctor(args: DoctorArgs) -> Result<bool, String> {
     let node = args.node.config()?;
+    // With the cache dir's key, the proxy must prove it holds it: a server
+    // replaying a public id does not pass. (No key: serve never ran here.)
+    let _ = crate::instance::init_key(&args.cache_dir, false);
     let proxy = node_address(args.listen);
     let mut all_ok = true;
     let mut print = |name: &str, r: Result<String, Failure>| match r {

@@ -53,6 +53,12 @@ impl NodeConfig {
         }
     }
 
+    /// The port the registry name carries, if any: where image references
+    /// of it connect, whatever the proxy listens on.
+    pub fn port(&self) -> Option<u16> {
+        self.registry_name.rsplit_once(':')?.1.parse().ok()
+    }
+
     /// Where node path `p` is in this process's filesystem.
     pub fn on_node(&self, p: &Path) -> PathBuf {
         self.root.join(p.strip_prefix("/").unwrap_or(p))

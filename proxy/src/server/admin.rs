@@ -1,6 +1,6 @@
-//! The admin listener's endpoints: `/metrics`, `/healthz`, `/readyz` (not
-//! ready while shutting down, while a successor runs beside this process,
-//! or while a node-path check fails), and
+//! The admin endpoints, on the admin listener and on the probe socket:
+//! `/metrics`, `/healthz`, `/readyz` (not ready while shutting down, or
+//! while a node-path check fails), and
 //! [`crate::instance::PATH`].
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,7 +23,7 @@ pub(super) async fn admin_loop(listener: Listener, app: Arc<App>, ready: Arc<Ato
         let (stream, _, permit) = listener.accept(app.metrics()).await;
         let (app, ready) = (Arc::clone(&app), Arc::clone(&ready));
         let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-            let resp = admin_response(req.uri().path(), &app, ready.load(Ordering::SeqCst));
+            let resp = admin_response(req.uri(), &app, ready.load(Ordering::SeqCst));
             async move { Ok::<_, std::convert::Infallible>(resp) }
         });
         let conn = listener.http1().serve_connection(TokioIo::new(stream), svc);
@@ -34,8 +34,8 @@ pub(super) async fn admin_loop(listener: Listener, app: Arc<App>, ready: Arc<Ato
     }
 }
 
-fn admin_response(path: &str, app: &App, ready: bool) -> Response<Body> {
-    let (status, ctype, body) = match path {
+pub(super) fn admin_response(uri: &http::Uri, app: &App, ready: bool) -> Response<Body> {
+    let (status, ctype, body) = match uri.path() {
         "/metrics" => (
             StatusCode::OK,
             "text/plain; version=0.0.4",
@@ -48,20 +48,12 @@ fn admin_response(path: &str, app: &App, ready: bool) -> Response<Body> {
         crate::instance::PATH => (
             StatusCode::OK,
             "text/plain",
-            crate::instance::id().to_owned(),
+            crate::instance::answer(uri.query()),
         ),
         "/readyz" if !ready => (
             StatusCode::SERVICE_UNAVAILABLE,
             "text/plain",
             "shutting down\n".to_owned(),
-        ),
-        // Both pods' probes reach either process while they share the admin
-        // address: only the successor may say the new pod is ready, so the
-        // old one is not stopped before the new one serves.
-        "/readyz" if app.being_replaced() => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "text/plain",
-            "being replaced: a newer regproxy serves this node beside this one\n".to_owned(),
         ),
         // A node whose pulls of the registry name do not reach this proxy
         // is not served by it, whatever the process itself can do.

@@ -19,6 +19,8 @@ mod daemons;
 #[allow(dead_code)]
 mod gate;
 #[allow(dead_code)]
+pub mod handover;
+#[allow(dead_code)]
 mod http;
 #[allow(dead_code)]
 pub mod netns;
