@@ -8,13 +8,17 @@ With the binary it also checks that every setting and command the manifests
 use exists, and runs what serve writes on a node (as `regproxy hosts ...
 ensure` with the DaemonSet's name and address) and then the uninstall Job's
 commands against a scratch copy of a node's files: they must give the files
-back. Then a self-test: each check below that guards against a known
+back; and runs the probes' commands, which must fail while no `serve`
+answers on the probe socket and pass against one that does. Then a
+self-test: each check below that guards against a known
 mistake is shown to fail on the rendered manifests with that mistake made.
 Prints one line per check and closes with "N passed, N failed".
 """
 
 import copy
+import os
 import subprocess
+import threading
 import sys
 import tempfile
 from pathlib import Path
@@ -35,6 +39,12 @@ DOCTOR_SETTINGS = ["--listen", "--cache-dir", "--registry-name", "--node-root"]
 DOCTOR_OPTIONAL = ["--hosts-file", "--containerd-certs-dir", "--containerd-config", "--containerd-server"]
 # The least time a start-up may take before kubelet may kill the container.
 SLOW_START_SECONDS = 120
+# Each probe of the regproxy container: (self-test key, `regproxy probe` endpoint).
+PROBES = {
+    "startupProbe": ("startup-probe", "healthz"),
+    "readinessProbe": ("readinessProbe-exec", "readyz"),
+    "livenessProbe": ("livenessProbe-exec", "healthz"),
+}
 
 state = {"results": [], "quiet": False}
 
@@ -206,7 +216,7 @@ def check_manifests(docs, job, uninstall_sh):
     )
     check(
         "the old pod stays until the new one has been ready a while (minReadySeconds > 0: "
-        "a margin on top of the old process's 503 while a successor runs)",
+        "a margin on top of the per-pod probes)",
         ds["spec"].get("minReadySeconds", 0) > 0,
         f"minReadySeconds: {ds['spec'].get('minReadySeconds')}",
         key="min-ready",
@@ -271,26 +281,60 @@ def check_manifests(docs, job, uninstall_sh):
         f"admin listen {admin_listen}, env {var}: {env.get(var)}, order {order}",
         key="admin-host-ip",
     )
-    probes = {p: main_c.get(p) for p in ("startupProbe", "readinessProbe", "livenessProbe")}
-    for name, want in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
-        p = (probes[name] or {}).get("httpGet", {})
+    # The probes: `regproxy probe` on this pod's own Unix socket. An httpGet
+    # or tcpSocket probe reaches the admin address, which the old and the
+    # new pod share during a rollout (SO_REUSEPORT): either process may
+    # answer it, so the new pod could look Ready before its own process runs.
+    volumes = {v["name"]: v for v in spec.get("volumes", [])}
+    probe_socket = s.get("--probe-socket")
+    probes = {p: main_c.get(p) for p in PROBES}
+    shared = [f"{n}: {k}" for n, p in probes.items() for k in ("httpGet", "tcpSocket", "grpc") if k in (p or {})]
+    check(
+        "no probe is httpGet, tcpSocket or grpc: those reach the admin address the old and the new pod "
+        "share during a rollout, and whichever process the kernel picks answers",
+        not shared,
+        str(shared),
+        key="probe-not-shared",
+    )
+    sockets = set()
+    for name, (want, endpoint) in PROBES.items():
+        cmd = [str(a) for a in ((probes[name] or {}).get("exec") or {}).get("command") or []]
+        rest = cmd[3:]
+        sock = None
+        if rest[:1] == ["--socket"] and len(rest) == 2:
+            sock, rest = rest[1], []
+        elif len(rest) == 1 and rest[0].startswith("--socket="):
+            sock, rest = rest[0].split("=", 1)[1], []
+        sockets.add(sock or probe_socket)
         check(
-            f"the {name} asks {want} on the admin port, by number",
-            p.get("port") == admin_port and p.get("path") == want,
-            str(p),
-            key=f"{name}-path",
+            f"the {name} runs `regproxy probe {endpoint}` (exec), which asks this pod's own process",
+            len(cmd) >= 3 and Path(cmd[0]).name == "regproxy" and cmd[1:3] == ["probe", endpoint] and not rest,
+            f"{probes[name] or None}",
+            key=want,
         )
+    socket_node, socket_vol = mounted(main_c, volumes, probe_socket or "")
+    socket_mount = [m for m in main_c.get("volumeMounts", []) or [] if m["name"] == (socket_vol or {}).get("name")]
+    check(
+        "REGPROXY_PROBE_SOCKET is set, the probes ask that socket, and it lies on a writable emptyDir "
+        "(this pod's own: a hostPath would be shared with the other pod, the root filesystem is read-only)",
+        probe_socket
+        and probe_socket.startswith("/")
+        and sockets == {probe_socket}
+        and socket_vol is not None
+        and "emptyDir" in socket_vol
+        and not any(m.get("readOnly") for m in socket_mount),
+        f"REGPROXY_PROBE_SOCKET {probe_socket!r}, probes ask {sorted(map(str, sockets))}, volume {socket_vol}",
+        key="probe-socket",
+    )
     startup = probes["startupProbe"] or {}
-    sp = startup.get("httpGet", {})
     live = probes["livenessProbe"]
     budget = probe_seconds(startup) if startup else probe_seconds(live or {})
     check(
-        f"a slow start (cache scan, DNS) is not killed: a startupProbe on /healthz "
+        f"a slow start (cache scan, DNS) is not killed: a startupProbe on healthz "
         f"gives it at least {SLOW_START_SECONDS}s before the liveness probe counts",
-        live is None or (startup and sp.get("path") == "/healthz" and sp.get("port") == admin_port
-                         and budget >= SLOW_START_SECONDS),
+        live is None or (startup and budget >= SLOW_START_SECONDS),
         f"startupProbe {startup or None}, {budget}s",
-        key="startup-probe",
+        key="startup-budget",
     )
     ann = pod["metadata"].get("annotations", {})
     check(
@@ -319,7 +363,6 @@ def check_manifests(docs, job, uninstall_sh):
         key="grace",
     )
 
-    volumes = {v["name"]: v for v in spec.get("volumes", [])}
     cache_node, cache_vol = mounted(main_c, volumes, s.get("--cache-dir", "/var/lib/regproxy"))
     check("the cache dir is a hostPath, so it outlives the pod", cache_node, str(cache_vol))
 
@@ -424,6 +467,17 @@ def run_commands(binary, ctx):
     for c in ctx["inits"]:
         code, _ = help_of(*c["args"][:1])
         check(f"init container {c['name']}: `regproxy {c['args'][0]}` exists", code == 0, f"exit {code}")
+    cmds = sorted({tuple(str(a) for a in ((main_c.get(p) or {}).get("exec") or {}).get("command") or [])[1:2]
+                   for p in PROBES} - {()})
+    for (sub,) in cmds:
+        code, probe_help = help_of(sub)
+        check(
+            f"the probes' `regproxy {sub}` exists and reads REGPROXY_PROBE_SOCKET",
+            code == 0 and "[env: REGPROXY_PROBE_SOCKET=" in probe_help,
+            f"`regproxy {sub} --help` exit {code}",
+        )
+
+    run_probes(binary, main_c, s.get("--probe-socket"))
 
     with tempfile.TemporaryDirectory() as tmp:
         node = Path(tmp)
@@ -460,6 +514,65 @@ def run_commands(binary, ctx):
             check(f"uninstall container {c['name']} succeeds", r.returncode == 0, r.stderr.strip())
         check("after uninstall the hosts file has its exact original bytes", hosts.read_bytes() == original)
         check("after uninstall certs.d is as it was", not any(certs.iterdir()))
+
+
+def run_probes(binary, main_c, socket):
+    """The DaemonSet's probe commands, run by the real binary against a
+    `serve` with its probe socket moved into a scratch dir: they must fail
+    while no process answers there and pass once one does."""
+    if not socket:
+        return
+    commands = {n: [str(a) for a in ((main_c.get(n) or {}).get("exec") or {}).get("command") or []] for n in PROBES}
+    commands = {n: [str(binary), *c[1:]] for n, c in commands.items() if c}
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("REGPROXY_")}
+        env["REGPROXY_PROBE_SOCKET"] = str(Path(tmp) / Path(socket).name)
+
+        def probe(cmd):
+            try:
+                return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=10)
+            except subprocess.TimeoutExpired as e:
+                return subprocess.CompletedProcess(cmd, "timeout", "", str(e))
+
+        for name, cmd in commands.items():
+            r = probe(cmd)
+            check(
+                f"the {name}'s command fails while no regproxy answers on the socket",
+                r.returncode not in (0, "timeout"),
+                f"exit {r.returncode}",
+            )
+        serve = subprocess.Popen(
+            [str(binary), "serve", "--listen=127.0.0.1:0", "--upstream=http://127.0.0.1:9",
+             f"--cache-dir={tmp}/cache", "--log-format=text"],
+            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )
+        # serve binds the probe socket before it logs "regproxy listening";
+        # its log lines are what this waits on (a timer ends a hung start).
+        killer = threading.Timer(60, serve.kill)
+        killer.start()
+        log = []
+        try:
+            for line in serve.stderr:
+                log.append(line.rstrip())
+                if "regproxy listening" in line:
+                    break
+            started = log and "regproxy listening" in log[-1]
+            check("`regproxy serve` starts with the DaemonSet's probe socket", started, " | ".join(log[-3:]))
+            for name, cmd in commands.items():
+                r = probe(cmd) if started else None
+                check(
+                    f"the {name}'s command `{' '.join(cmd[1:])}` passes against that serve",
+                    r is not None and r.returncode == 0,
+                    r and f"exit {r.returncode}: " + " | ".join(x for x in (r.stdout + r.stderr).splitlines() if x.strip()),
+                )
+        finally:
+            killer.cancel()
+            serve.terminate()
+            try:
+                serve.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                serve.kill()
+                serve.communicate()
 
 
 # --- self-test: each guard fails on the manifests with its mistake made ---
@@ -511,6 +624,18 @@ def _host_ip_late(docs):
     c["env"] = [e for e in c["env"] if e["name"] != "HOST_IP"] + [e for e in c["env"] if e["name"] == "HOST_IP"]
 
 
+def _probe_cmd(docs, probe, command):
+    _main(docs)[probe] = {"exec": {"command": command}, "periodSeconds": 5, "failureThreshold": 60}
+
+
+def _socket_volume(docs):
+    """The name of the volume mounted where REGPROXY_PROBE_SOCKET lies."""
+    c = _main(docs)
+    sock = [e["value"] for e in c["env"] if e["name"] == "REGPROXY_PROBE_SOCKET"][0]
+    mounts = [m for m in c["volumeMounts"] if sock.startswith(m["mountPath"].rstrip("/") + "/")]
+    return max(mounts, key=lambda m: len(m["mountPath"]))["name"]
+
+
 def _other_name(docs):
     _env(docs, "REGPROXY_REGISTRY_NAME", "registry.corp.internal")
     _main(docs)["image"] = "registry.corp.internal:80/regproxy@sha256:" + "0" * 64
@@ -541,14 +666,33 @@ MUTATIONS = [
     ("a nodeSelector for windows", "linux-only",
      lambda d: _set(_pod(d), "nodeSelector", {"kubernetes.io/os": "windows"})),
     ("no startupProbe", "startup-probe", lambda d: _main(d).pop("startupProbe")),
-    ("a startupProbe of 30s", "startup-probe",
+    ("a startupProbe of 30s", "startup-budget",
      lambda d: _set(_main(d)["startupProbe"], "failureThreshold", 6)),
-    ("a startupProbe on /readyz (a failing node-path check would restart the pod)", "startup-probe",
-     lambda d: _set(_main(d)["startupProbe"]["httpGet"], "path", "/readyz")),
-    ("the liveness probe on /readyz", "livenessProbe-path",
-     lambda d: _set(_main(d)["livenessProbe"]["httpGet"], "path", "/readyz")),
-    ("the readiness probe by port name", "readinessProbe-path",
-     lambda d: _set(_main(d)["readinessProbe"]["httpGet"], "port", "admin")),
+    ("a startupProbe on readyz (a failing node-path check would restart the pod)", "startup-probe",
+     lambda d: _probe_cmd(d, "startupProbe", ["/regproxy", "probe", "readyz"])),
+    ("the liveness probe on readyz", "livenessProbe-exec",
+     lambda d: _probe_cmd(d, "livenessProbe", ["/regproxy", "probe", "readyz"])),
+    ("the readiness probe as httpGet /readyz on the shared admin port", "probe-not-shared",
+     lambda d: _set(_main(d), "readinessProbe", {"httpGet": {"path": "/readyz", "port": 9477}, "periodSeconds": 5})),
+    ("the readiness probe as httpGet /readyz on the shared admin port", "readinessProbe-exec",
+     lambda d: _set(_main(d), "readinessProbe", {"httpGet": {"path": "/readyz", "port": 9477}, "periodSeconds": 5})),
+    ("the liveness probe as tcpSocket on the admin port", "probe-not-shared",
+     lambda d: _set(_main(d), "livenessProbe", {"tcpSocket": {"port": 9477}, "periodSeconds": 10})),
+    ("the startup probe as httpGet /healthz", "probe-not-shared",
+     lambda d: _set(_main(d), "startupProbe",
+                    {"httpGet": {"path": "/healthz", "port": 9477}, "periodSeconds": 5, "failureThreshold": 60})),
+    ("the readiness probe exec'ing curl on the admin port", "readinessProbe-exec",
+     lambda d: _probe_cmd(d, "readinessProbe", ["curl", "-f", "http://127.0.0.1:9477/readyz"])),
+    ("no REGPROXY_PROBE_SOCKET", "probe-socket",
+     lambda d: _set(_main(d), "env", [e for e in _main(d)["env"] if e["name"] != "REGPROXY_PROBE_SOCKET"])),
+    ("the probe socket in the cache's hostPath (shared by the old and the new pod)", "probe-socket",
+     lambda d: _env(d, "REGPROXY_PROBE_SOCKET", "/var/lib/regproxy/admin.sock")),
+    ("the probe socket on no volume (read-only root filesystem)", "probe-socket",
+     lambda d: _env(d, "REGPROXY_PROBE_SOCKET", "/tmp/admin.sock")),
+    ("the probe socket's emptyDir mounted read-only", "probe-socket",
+     lambda d: [_set(m, "readOnly", True) for m in _main(d)["volumeMounts"] if m["name"] == _socket_volume(d)]),
+    ("the readiness probe asking another socket than serve's", "probe-socket",
+     lambda d: _probe_cmd(d, "readinessProbe", ["/regproxy", "probe", "readyz", "--socket", "/run/other.sock"])),
     ("/etc/hosts bind-mounted as a file", "etc-dir-mount", _file_mount),
     ("no sysctl init container", "sysctl-init", lambda d: _pod(d).pop("initContainers")),
     ("the sysctl init container unprivileged", "sysctl-init",

