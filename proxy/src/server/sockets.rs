@@ -10,9 +10,11 @@ use tokio::net::TcpListener;
 /// kernel spreads new connections over both until this one closes its
 /// listener (see [`Server::run`]).
 ///
-/// Only processes of the same user may join the group, and binding port 80
-/// takes root or `CAP_NET_BIND_SERVICE` anyway: this lets nothing in that
-/// could not already take the address.
+/// The price: any process of the same user (root, on a node) in the node's
+/// network namespace may now bind the address too and take a share of its
+/// connections, where it got `EADDRINUSE` before. Such a process can change
+/// `/etc/hosts` or add a DNAT rule as well; blobs it serves fail their
+/// digest, tags do not (see the README's known limits).
 pub(super) fn bind_shared(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = match addr {
         SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
