@@ -21,40 +21,62 @@ fn regproxy(args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-fn fetch(containerd: &Containerd, certs: &Path, image: &str) -> Output {
+/// `ctr images pull`: resolve, fetch and unpack, as the CRI does (with the
+/// `native` snapshotter, which needs no overlay mount).
+fn pull(containerd: &Containerd, certs: &Path, image: &str) -> Output {
     containerd.ctr(&[
-        "content",
-        "fetch",
+        "images",
+        "pull",
+        "--snapshotter",
+        "native",
         "--hosts-dir",
         certs.to_str().unwrap(),
         image,
     ])
 }
 
+/// An image containerd can unpack: one uncompressed tar layer holding a
+/// file of `len` bytes from `seed`, and a config naming its diff id.
+fn unpackable(len: usize, seed: u64) -> (Vec<u8>, Vec<u8>) {
+    let dir = temp_dir("layer");
+    std::fs::write(dir.path().join("data"), blob(len, seed)).unwrap();
+    let out = Command::new("tar")
+        .args(["-c", "--owner=0", "--group=0", "-C"])
+        .arg(dir.path())
+        .arg("data")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "tar: {out:?}");
+    let layer = out.stdout;
+    let config = format!(
+        r#"{{"architecture":"amd64","os":"linux","rootfs":{{"type":"layers","diff_ids":["{}"]}}}}"#,
+        sha256_digest(&layer)
+    );
+    (layer, config.into_bytes())
+}
+
 #[test]
 fn containerd_pulls_through_the_proxy_by_hosts_toml_and_from_the_registry_when_it_is_down() {
     let reg = Registry::start();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let layer = blob(1 << 20, 11);
-    let config =
-        br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
+    let (layer, config) = unpackable(1 << 20, 11);
     rt.block_on(push_manifest(
         &reg.url(),
         "team/ctr",
         "v1",
-        config,
+        &config,
         &[&layer],
     ));
     let layer_digest = sha256_digest(&layer);
     // A second image, pulled only while the proxy is down: containerd keeps
     // a blob it once had until its GC runs, so a layer of its own is what
     // shows that the second pull really fetched.
-    let layer2 = blob(1 << 20, 12);
+    let (layer2, config2) = unpackable(1 << 20, 12);
     rt.block_on(push_manifest(
         &reg.url(),
         "team/ctr",
         "v2",
-        config,
+        &config2,
         &[&layer2],
     ));
     let layer2_digest = sha256_digest(&layer2);
@@ -84,7 +106,7 @@ fn containerd_pulls_through_the_proxy_by_hosts_toml_and_from_the_registry_when_i
     ]);
     assert!(said.contains("added"), "{said}");
 
-    let out = fetch(&containerd, certs_dir.path(), &image);
+    let out = pull(&containerd, certs_dir.path(), &image);
     assert!(
         out.status.success(),
         "containerd should pull {image} through the proxy; ctr said:\n{}{}",
@@ -119,7 +141,7 @@ fn containerd_pulls_through_the_proxy_by_hosts_toml_and_from_the_registry_when_i
     proxy.signal("-KILL");
     proxy.wait_exit(PATIENCE);
     let image2 = format!("{REGISTRY_NAME}/team/ctr:v2");
-    let out = fetch(&containerd, certs_dir.path(), &image2);
+    let out = pull(&containerd, certs_dir.path(), &image2);
     assert!(
         out.status.success(),
         "with the proxy down containerd should pull {image2} from the registry itself; ctr said:\n{}{}",
@@ -163,7 +185,7 @@ fn containerd_pulls_through_the_proxy_by_hosts_toml_and_from_the_registry_when_i
     );
     let rm = containerd.ctr(&["content", "rm", &layer_digest]);
     assert!(rm.status.success(), "ctr content rm should succeed");
-    let out = fetch(&containerd, certs_dir.path(), &image);
+    let out = pull(&containerd, certs_dir.path(), &image);
     assert!(
         !out.status.success(),
         "without hosts.toml containerd should no longer reach the registry name"
