@@ -66,8 +66,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             anyhow::anyhow!("cannot open cache dir {}: {e}", config.cache_dir.display())
         })?;
 
-    crate::instance::init_key(&config.cache_dir, true)
-        .map_err(|e| anyhow::anyhow!("cannot set up {}: {e}", config.cache_dir.display()))?;
+    // Without the key the node-path check falls back to matching ids: worse
+    // than a proof, far better than not serving the node.
+    if let Err(e) = crate::instance::init_key(&config.cache_dir, true) {
+        tracing::warn!(error = %e, "no instance key: reaches_us matches ids instead of proofs");
+    }
     let server = Server::bind(&config).await?;
     // Redirects to our own listeners are refused.
     upstream.set_own_addrs(server.addrs());
@@ -399,10 +402,22 @@ impl Server {
             let app = Arc::clone(&app);
             let started = Arc::new(tokio::sync::Notify::new());
             let started2 = Arc::clone(&started);
+            let draining = stop.clone();
             let svc = service_fn(move |req| {
                 started2.notify_one();
-                let app = Arc::clone(&app);
-                async move { Ok::<_, std::convert::Infallible>(app.handle(req).await) }
+                let (app, draining) = (Arc::clone(&app), draining.clone());
+                async move {
+                    let mut resp = app.handle(req).await;
+                    // An answer written before this connection hears of
+                    // the drain must still tell the client not to reuse it.
+                    if draining.is_cancelled() {
+                        resp.headers_mut().insert(
+                            http::header::CONNECTION,
+                            http::HeaderValue::from_static("close"),
+                        );
+                    }
+                    Ok::<_, std::convert::Infallible>(resp)
+                }
             });
             let conn = listener.http1().serve_connection(TokioIo::new(stream), svc);
             let stop = stop.clone();

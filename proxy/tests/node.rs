@@ -324,6 +324,13 @@ async fn a_dnat_to_another_server_fails_readiness_and_doctor_says_why() {
     // gives it out): replaying it proves nothing without the key.
     let (_, _, id) = get(&format!("http://{admin}{}", regproxy::instance::PATH), &[]).await;
     let id = String::from_utf8(id.unwrap().to_vec()).unwrap();
+    // The admin port, which other pods reach, proves nothing for anyone.
+    let (_, _, relayed) = get(
+        &format!("http://{admin}{}?nonce=00ff", regproxy::instance::PATH),
+        &[],
+    )
+    .await;
+    assert_eq!(&relayed.unwrap()[..], id.as_bytes(), "a bare id, no proof");
     let replay = temp_dir("replay");
     std::fs::create_dir_all(replay.path().join("_regproxy")).unwrap();
     std::fs::write(replay.path().join("_regproxy/instance"), &id).unwrap();

@@ -112,7 +112,11 @@ pub(super) fn rebuild(st: &mut State, found: Vec<(SystemTime, Digest, Entry)>, s
     let mut committed = 0;
     for (_, d, mut e) in found {
         e.generation = match st.index.peek(&d) {
-            Some(known) => known.generation,
+            // A `.type` renamed in just before the listing may be missed.
+            Some(known) => {
+                e.manifest |= known.manifest;
+                known.generation
+            }
             None => {
                 st.next_generation += 1;
                 st.next_generation - 1

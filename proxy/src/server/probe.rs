@@ -74,7 +74,10 @@ pub fn probe(args: &ProbeArgs) -> Result<String, String> {
 /// Binds the probe socket at `path`. A socket file that no process answers
 /// on (left by one that was killed) is replaced; one that answers is not.
 pub(super) fn bind(path: &Path) -> anyhow::Result<UnixListener> {
-    if UnixStream::connect(path).is_err() {
+    use std::os::unix::fs::FileTypeExt;
+    let stale = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket())
+        && UnixStream::connect(path).is_err();
+    if stale {
         let _ = std::fs::remove_file(path);
     }
     UnixListener::bind(path)
