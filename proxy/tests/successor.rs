@@ -40,47 +40,110 @@ fn shared_listen() -> String {
     format!("127.0.0.1:{}", free_port())
 }
 
+type Answer = tokio::task::JoinHandle<(StatusCode, http::HeaderMap, Result<bytes::Bytes, String>)>;
+
+/// A 16 MiB blob being filled by an old process, held at the uplink a
+/// quarter in, and its successor started beside it on the same address
+/// and cache dir; each with a probe socket of its own.
+struct Spanning {
+    _reg: Registry,
+    gate: Gate,
+    cache: TempDir,
+    _socks: TempDir,
+    old: Proxy,
+    new: Proxy,
+    old_sock: std::path::PathBuf,
+    new_sock: std::path::PathBuf,
+    url: String,
+    d: String,
+    size: usize,
+    /// The old process's client, until a test takes it.
+    first: Option<Answer>,
+}
+
+impl Spanning {
+    async fn start(seed: u64) -> Spanning {
+        let reg = Registry::start();
+        let gate = Gate::start(reg.addr).await;
+        let cache = temp_dir("cache");
+        let listen = shared_listen();
+        let socks = temp_dir("probe");
+        let (old_sock, new_sock) = (socks.path().join("old.sock"), socks.path().join("new.sock"));
+        let args = |sock: &std::path::Path| -> Vec<String> {
+            let sock = sock.to_str().unwrap();
+            ["--shutdown-grace", "5m", "--probe-socket", sock]
+                .map(String::from)
+                .to_vec()
+        };
+        let (old_args, new_args) = (args(&old_sock), args(&new_sock));
+        let old = Proxy::start_on(&listen, &gate.url(), cache.path(), &args_of(&old_args));
+        old.wait_learned_open();
+        let size = 16 * MIB;
+        let d = push_blob(&reg.url(), "team/app", &blob(size, seed)).await;
+        let url = format!("http://{listen}/v2/team/app/blobs/{d}");
+        // The old process fills the blob; the uplink stalls a quarter in.
+        gate.hold_after(4 * MIB as u64);
+        let first = spawn_get(&url);
+        wait_until(
+            || gate.passed() >= 4 * MIB as u64,
+            "the old process's fill is under way",
+        )
+        .await;
+        let new = Proxy::start_on(&listen, &gate.url(), cache.path(), &args_of(&new_args));
+        Spanning {
+            _reg: reg,
+            gate,
+            cache,
+            _socks: socks,
+            old,
+            new,
+            old_sock,
+            new_sock,
+            url,
+            d,
+            size,
+            first: Some(first),
+        }
+    }
+
+    /// SIGTERM to the old process; once it stopped listening, a client of
+    /// the successor asks for the blob and the successor follows the fill.
+    async fn hand_over(&self) -> Answer {
+        self.old.signal("-TERM");
+        let admin = self.old.admin;
+        wait_until(
+            || std::net::TcpStream::connect(admin).is_err(),
+            "the old process stopped listening",
+        )
+        .await;
+        let second = spawn_get(&self.url);
+        wait_for(
+            || async { self.new.metric("regproxy_fills_inflight").await == 1 },
+            "the successor follows the fill in flight",
+        )
+        .await;
+        second
+    }
+}
+
+fn spawn_get(url: &str) -> Answer {
+    let url = url.to_owned();
+    tokio::spawn(async move { get(&url, &[]).await })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_successor_follows_the_old_ones_fill_and_fetches_nothing_itself() {
-    let reg = Registry::start();
-    let gate = Gate::start(reg.addr).await;
-    let cache = temp_dir("cache");
-    let listen = shared_listen();
-    let socks = temp_dir("probe");
-    let (old_sock, new_sock) = (socks.path().join("old.sock"), socks.path().join("new.sock"));
-    let with_sock = |p: &std::path::Path| -> Vec<String> {
-        ["--shutdown-grace", "5m", "--probe-socket"]
-            .iter()
-            .map(|s| s.to_string())
-            .chain([p.display().to_string()])
-            .collect()
-    };
-    let (old_args, new_args) = (with_sock(&old_sock), with_sock(&new_sock));
-    let mut old = Proxy::start_on(&listen, &gate.url(), cache.path(), &args_of(&old_args));
-    old.wait_learned_open();
-    let data = blob(16 * MIB, 31);
-    let d = push_blob(&reg.url(), "team/app", &data).await;
-    let url = format!("http://{listen}/v2/team/app/blobs/{d}");
-
-    // The old process fills the blob; the uplink stalls a quarter in.
-    gate.hold_after(4 * MIB as u64);
-    let first = {
-        let url = url.clone();
-        tokio::spawn(async move { get(&url, &[]).await })
-    };
-    wait_until(
-        || gate.passed() >= 4 * MIB as u64,
-        "the old process's fill is under way",
-    )
-    .await;
-    let new = Proxy::start_on(&listen, &gate.url(), cache.path(), &args_of(&new_args));
+    let mut s = Spanning::start(31).await;
     assert!(
-        old.cache_path(&d).exists() || !temp_files(cache.path()).is_empty(),
+        s.old.cache_path(&s.d).exists() || !temp_files(s.cache.path()).is_empty(),
         "the successor's start swept nothing of the live fill"
     );
     // Each pod's probes reach its own process through its probe socket,
     // while the TCP addresses are shared.
-    for (who, p, sock) in [("old", &old, &old_sock), ("successor", &new, &new_sock)] {
+    for (who, p, sock) in [
+        ("old", &s.old, &s.old_sock),
+        ("successor", &s.new, &s.new_sock),
+    ] {
         assert_eq!(probe(sock, "readyz").0, Some(0), "{who} is ready");
         let id = ask_socket(sock, regproxy::instance::PATH);
         let (_, _, by_tcp) = get(
@@ -95,55 +158,42 @@ async fn a_successor_follows_the_old_ones_fill_and_fetches_nothing_itself() {
         );
     }
     assert_ne!(
-        ask_socket(&old_sock, regproxy::instance::PATH),
-        ask_socket(&new_sock, regproxy::instance::PATH)
+        ask_socket(&s.old_sock, regproxy::instance::PATH),
+        ask_socket(&s.new_sock, regproxy::instance::PATH)
     );
     // Every new connection reaches the successor from here on.
-    old.signal("-TERM");
-    wait_until(
-        || std::net::TcpStream::connect(old.admin).is_err(),
-        "the old process stopped listening",
-    )
-    .await;
-    let second = {
-        let url = url.clone();
-        tokio::spawn(async move { get(&url, &[]).await })
-    };
-    wait_for(
-        || async { new.metric("regproxy_fills_inflight").await == 1 },
-        "the successor follows the fill in flight",
-    )
-    .await;
+    let second = s.hand_over().await;
     // Draining, the old pod is alive and not ready, by its own socket.
-    assert_eq!(probe(&old_sock, "healthz").0, Some(0));
-    let (code, out) = probe(&old_sock, "readyz");
+    assert_eq!(probe(&s.old_sock, "healthz").0, Some(0));
+    let (code, out) = probe(&s.old_sock, "readyz");
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("shutting down"), "{out}");
-    gate.open();
+    s.gate.open();
 
+    let first = s.first.take().unwrap();
     for (who, r) in [("old", first), ("successor", second)] {
         let (st, _, body) = r.await.unwrap();
         assert_eq!(st, StatusCode::OK, "{who}'s client");
-        assert_eq!(sha256_digest(&body.unwrap()), d, "{who}'s client");
+        assert_eq!(sha256_digest(&body.unwrap()), s.d, "{who}'s client");
     }
     assert!(
-        old.wait_exit(PATIENCE),
+        s.old.wait_exit(PATIENCE),
         "the old process drains and exits 0"
     );
-    new.fills_done().await;
+    s.new.fills_done().await;
     assert_eq!(
-        new.metric("regproxy_upstream_bytes_total").await,
+        s.new.metric("regproxy_upstream_bytes_total").await,
         0,
         "the successor took the blob from the old process's fill"
     );
     assert!(
-        gate.passed() < (data.len() + MIB) as u64,
+        s.gate.passed() < (s.size + MIB) as u64,
         "the blob crossed the uplink once: {} bytes for {}",
-        gate.passed(),
-        data.len()
+        s.gate.passed(),
+        s.size
     );
-    assert!(new.cache_path(&d).exists());
-    let left = temp_files(cache.path());
+    assert!(s.new.cache_path(&s.d).exists());
+    let left = temp_files(s.cache.path());
     assert!(left.is_empty(), "nothing is left in tmp/: {left:?}");
 }
 
@@ -244,55 +294,24 @@ async fn what_the_old_one_commits_is_seen_and_the_cap_holds_once_it_exits() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_successor_resumes_from_the_upstream_when_the_old_one_dies_mid_fill() {
-    let reg = Registry::start();
-    let gate = Gate::start(reg.addr).await;
-    let cache = temp_dir("cache");
-    let listen = shared_listen();
-    let args = ["--shutdown-grace", "5m"];
-    let mut old = Proxy::start_on(&listen, &gate.url(), cache.path(), &args);
-    old.wait_learned_open();
-    let data = blob(16 * MIB, 32);
-    let d = push_blob(&reg.url(), "team/app", &data).await;
-    let url = format!("http://{listen}/v2/team/app/blobs/{d}");
-
-    gate.hold_after(4 * MIB as u64);
-    let first = {
-        let url = url.clone();
-        tokio::spawn(async move { get(&url, &[]).await })
-    };
-    wait_until(
-        || gate.passed() >= 4 * MIB as u64,
-        "the old process's fill is under way",
-    )
-    .await;
-    let new = Proxy::start_on(&listen, &gate.url(), cache.path(), &args);
-    old.signal("-TERM");
-    wait_until(
-        || std::net::TcpStream::connect(old.admin).is_err(),
-        "the old process stopped listening",
-    )
-    .await;
-    let second = {
-        let url = url.clone();
-        tokio::spawn(async move { get(&url, &[]).await })
-    };
-    wait_for(
-        || async { new.metric("regproxy_fills_inflight").await == 1 },
-        "the successor follows the fill in flight",
-    )
-    .await;
+    let mut s = Spanning::start(32).await;
+    let second = s.hand_over().await;
     // The old process dies with its fill; its held connection stays held.
-    old.signal("-KILL");
-    old.wait_exit(PATIENCE);
+    s.old.signal("-KILL");
+    s.old.wait_exit(PATIENCE);
 
     let (st, _, body) = second.await.unwrap();
     assert_eq!(st, StatusCode::OK);
     assert_eq!(
         sha256_digest(&body.expect("the successor's client gets the whole blob")),
-        d
+        s.d
     );
+    let first = s.first.take().unwrap();
     let (_, _, body) = first.await.unwrap();
     assert!(body.is_err(), "the killed process's client saw a cut body");
+    let new = &s.new;
+    let d = &s.d;
+    let cache = &s.cache;
     new.fills_done().await;
     let fetched = new.metric("regproxy_upstream_bytes_total").await;
     assert!(
@@ -300,7 +319,7 @@ async fn a_successor_resumes_from_the_upstream_when_the_old_one_dies_mid_fill() 
         "the successor fetched only what the old fill lacked: {fetched} bytes"
     );
     assert_eq!(new.metric("regproxy_upstream_errors_total").await, 0);
-    assert!(new.cache_path(&d).exists());
+    assert!(new.cache_path(d).exists());
     wait_until(
         || temp_files(cache.path()).is_empty(),
         "the dead process's temp files are swept once the successor holds the dir",
