@@ -58,12 +58,7 @@ fn login_pull_and_no_cached_blob_for_anyone_the_upstream_refuses() {
     std::fs::write(root.path().join("secret.bin"), blob(1 << 20, 99)).unwrap();
     let upstream_ref = format!("{}/team/private:v1", reg.addr);
     docker.docker(&["login", "-u", USER, "-p", PASSWORD, &reg.addr.to_string()]);
-    docker.sh(&format!(
-        "tar c -C {} . | docker import - {upstream_ref}",
-        root.path().display()
-    ));
-    docker.docker(&["push", &upstream_ref]);
-    docker.docker(&["rmi", &upstream_ref]);
+    docker.push_imported(root.path(), &upstream_ref);
 
     let host = format!("{REGISTRY_NAME}:{}", proxy.addr.port());
     let image = format!("{host}/team/private:v1");

@@ -23,13 +23,7 @@ fn docker_pulls_through_the_registry_name_and_the_second_pull_stays_on_the_node(
     )
     .unwrap();
     let upstream_ref = format!("{}/team/app:v1", reg.addr);
-    docker.sh(&format!(
-        "tar c -C {} . | docker import - {upstream_ref}",
-        root.path().display()
-    ));
-    docker.docker(&["push", &upstream_ref]);
-    let id = docker.image_id(&upstream_ref);
-    docker.docker(&["rmi", &upstream_ref]);
+    let id = docker.push_imported(root.path(), &upstream_ref);
 
     let node_ref = format!("{REGISTRY_NAME}:{}/team/app:v1", proxy.addr.port());
     docker.docker(&["pull", &node_ref]);

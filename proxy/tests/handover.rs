@@ -206,13 +206,7 @@ fn handovers() {
             let root = temp_dir("rootfs");
             std::fs::write(root.path().join("data.bin"), blob(2 << 20, 10 + i)).unwrap();
             let upstream_ref = format!("{}/team/d{i}:v1", reg.addr);
-            docker.sh(&format!(
-                "tar c -C {} . | docker import - {upstream_ref}",
-                root.path().display()
-            ));
-            docker.docker(&["push", &upstream_ref]);
-            let id = docker.image_id(&upstream_ref);
-            docker.docker(&["rmi", &upstream_ref]);
+            let id = docker.push_imported(root.path(), &upstream_ref);
             (format!("team/d{i}:v1"), id)
         })
         .collect();

@@ -174,13 +174,7 @@ fn the_scratch_image_runs_with_host_network_and_a_node_pulls_through_it() {
     std::fs::create_dir_all(root.path().join("app")).unwrap();
     std::fs::write(root.path().join("app/data.bin"), blob(2 << 20, 7)).unwrap();
     let upstream_ref = format!("{}/team/image-test:v1", reg.addr);
-    docker.sh(&format!(
-        "tar c -C {} . | docker import - {upstream_ref}",
-        root.path().display()
-    ));
-    docker.docker(&["push", &upstream_ref]);
-    let id = docker.image_id(&upstream_ref);
-    docker.docker(&["rmi", &upstream_ref]);
+    let id = docker.push_imported(root.path(), &upstream_ref);
 
     // The proxy in the image, on the host's network, as on a node: read-only
     // root, no capabilities, the cache on a host directory, and the upstream

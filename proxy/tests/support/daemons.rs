@@ -95,6 +95,20 @@ impl Dockerd {
         succeeded(out, script)
     }
 
+    /// Makes an image of the files in `rootfs` without any network
+    /// (`docker import`), pushes it as `upstream_ref`, and removes it
+    /// locally again: its id, for comparing what a pull gives back.
+    pub fn push_imported(&self, rootfs: &Path, upstream_ref: &str) -> String {
+        self.sh(&format!(
+            "tar c -C {} . | docker import - {upstream_ref}",
+            rootfs.display()
+        ));
+        self.docker(&["push", upstream_ref]);
+        let id = self.image_id(upstream_ref);
+        self.docker(&["rmi", upstream_ref]);
+        id
+    }
+
     pub fn image_id(&self, image: &str) -> String {
         self.docker(&["image", "inspect", "-f", "{{.Id}}", image])
             .trim()
