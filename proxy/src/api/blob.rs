@@ -45,7 +45,11 @@ impl App {
             // In a handover, the process being replaced may be filling this
             // blob: follow its fill rather than fetch the blob again. Its
             // upstream GET spoke for another client: ask for this one.
-            let mut sibling = self.cache.sibling_fill(&d).await;
+            let mut sibling = match self.cache.filling(&d) {
+                // Joining this process's own fill: nothing to look for.
+                true => None,
+                false => self.cache.sibling_fill(&d).await,
+            };
             if sibling.is_some() {
                 self.authorize(parts, name, &d, false).await?;
             }

@@ -228,6 +228,11 @@ impl Cache {
         }
     }
 
+    /// Whether this process is filling `d` now.
+    pub fn filling(&self, d: &Digest) -> bool {
+        self.lock().fills.contains_key(d)
+    }
+
     /// The fill of `d` that another process sharing the cache dir runs now.
     pub async fn sibling_fill(&self, d: &Digest) -> Option<SiblingFill> {
         let (root, d) = (self.root.clone(), d.clone());
