@@ -40,8 +40,9 @@ fn a_fill_resumes_across_ten_upstream_restarts_and_fetches_the_blob_about_once()
     let rt = tokio::runtime::Runtime::new().unwrap();
     let data = blob(SIZE, 77);
     let digest = reg.put_blob_files("team/big", &data);
-    // A small receive buffer toward the upstream: a killed registry's answer
-    // ends near where the gate is, not megabytes later out of socket buffers.
+    // A small receive buffer toward the upstream: of a killed registry's
+    // answer, only its own send buffer (see `SIZE`) still comes, not also
+    // what the gate's receive buffer would grow to behind a paced reader.
     let gate = rt.block_on(Gate::start_buffered(reg.addr, Some(32 << 10)));
     let cache = temp_dir("upstream-restart-cache");
     // The default retries: the point is that they suffice.

@@ -36,11 +36,10 @@ impl Gate {
     }
 
     /// [`Gate::start`] with the receive buffer of each connection to the
-    /// upstream set to `upstream_rcvbuf` bytes. A small one keeps the
-    /// upstream from running ahead of a paced connection: what the kernels
-    /// hold of an answer the gate has not passed yet stays small, so a
-    /// killed upstream cuts the answer near where the gate is, instead of
-    /// its last megabytes still arriving from the socket buffers.
+    /// upstream set to `upstream_rcvbuf` bytes. The kernel grows the buffer
+    /// of a paced (slow) reader to megabytes; a small one bounds what of an
+    /// answer the gate has not passed yet still arrives once the upstream
+    /// is killed (its own send buffer remains).
     pub async fn start_buffered(upstream: SocketAddr, upstream_rcvbuf: Option<u32>) -> Gate {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
