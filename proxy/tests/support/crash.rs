@@ -6,7 +6,9 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::process::{Command, Stdio};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, StatusCode};
@@ -14,7 +16,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
-use super::{sha256_digest, temp_files, PATIENCE};
+use super::{regproxy_bin, sha256_digest, temp_files, PATIENCE};
 
 /// A tiny xorshift64*: the same seed gives the same choices, so a run that
 /// failed is replayed from the seed it printed.
@@ -281,4 +283,33 @@ pub fn check_index(m: &HashMap<String, u64>, disk: Content) {
         "the index (bytes, entries) matches the content files on disk"
     );
     assert!(bytes <= cap, "the cap holds: {bytes} > {cap}");
+}
+
+/// Starts `regproxy serve` on `cache_dir` and kills it (`kill -9`) `after`
+/// its start, ready or not: a crash during start-up (the sweep of dead
+/// processes' temp files, the index rebuilt, the eviction down to the cap,
+/// the key, the binds). The wait is the fault's random moment, not a wait
+/// for something to happen.
+pub fn start_and_kill(upstream: &str, cache_dir: &Path, args: &[&str], after: Duration) {
+    let mut child = Command::new(regproxy_bin())
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--upstream",
+            upstream,
+        ])
+        .arg("--cache-dir")
+        .arg(cache_dir)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(after);
+    let _ = child.kill();
+    let _ = child.wait();
 }
