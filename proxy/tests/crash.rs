@@ -468,3 +468,47 @@ async fn try_pull(base: &str, tag: &str) -> (Option<String>, bool) {
     }
     (Some(d), true)
 }
+
+/// A start-up killed in the middle of sweeping a dead process's temp dir
+/// leaves that dir for the next start to finish: its `owner` file goes
+/// last. (Found by the crash loop: a sweep that lost `owner` first left a
+/// dir taken for one being created, with a `.fill` in it, forever.)
+#[test]
+fn a_sweep_killed_midway_is_finished_by_the_next_start() {
+    const FILES: usize = 20_000;
+    let cache = temp_dir("crash-sweep-cache");
+    let tmp = cache.path().join("tmp");
+    for round in 0..10 {
+        // A dead process's temp dir: owned, not locked, many files.
+        let dead = tmp.join(format!("{round:032x}"));
+        std::fs::create_dir_all(&dead).unwrap();
+        std::fs::write(dead.join("owner"), "1\n").unwrap();
+        for i in 0..FILES {
+            let n = ((round * FILES + i) as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            std::fs::write(dead.join(format!("{n:016x}.part")), b"x").unwrap();
+        }
+        let mut child = spawn_serve("http://127.0.0.1:9", cache.path(), &[]);
+        // Killed once the sweep has removed a share of the files that grows
+        // each round (1/11 to 10/11): `owner` is somewhere in that order.
+        let left = FILES * (10 - round) / 11;
+        wait_blocking(
+            || std::fs::read_dir(&dead).map_or(true, |d| d.count() < left),
+            "regproxy's start-up sweeps the dead process's temp dir",
+        );
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(
+            !dead.exists() || dead.join("owner").is_file(),
+            "round {round}: a sweep killed midway leaves the dead dir gone or still owned \
+             (so the next start sweeps it), not unowned with files in it"
+        );
+    }
+    let proxy = Proxy::start("http://127.0.0.1:9", cache.path(), &[]);
+    let left = temp_files(cache.path());
+    assert!(
+        left.is_empty(),
+        "the next start sweeps what is left: {} files remain",
+        left.len()
+    );
+    drop(proxy);
+}

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -285,13 +285,10 @@ pub fn check_index(m: &HashMap<String, u64>, disk: Content) {
     assert!(bytes <= cap, "the cap holds: {bytes} > {cap}");
 }
 
-/// Starts `regproxy serve` on `cache_dir` and kills it (`kill -9`) `after`
-/// its start, ready or not: a crash during start-up (the sweep of dead
-/// processes' temp files, the index rebuilt, the eviction down to the cap,
-/// the key, the binds). The wait is the fault's random moment, not a wait
-/// for something to happen.
-pub fn start_and_kill(upstream: &str, cache_dir: &Path, args: &[&str], after: Duration) {
-    let mut child = Command::new(regproxy_bin())
+/// `regproxy serve` on `cache_dir`, on port 0, its output dropped: for a
+/// test that kills it whenever it chooses, ready or not.
+pub fn spawn_serve(upstream: &str, cache_dir: &Path, args: &[&str]) -> Child {
+    Command::new(regproxy_bin())
         .args([
             "serve",
             "--listen",
@@ -308,7 +305,16 @@ pub fn start_and_kill(upstream: &str, cache_dir: &Path, args: &[&str], after: Du
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .unwrap();
+        .unwrap()
+}
+
+/// Starts `regproxy serve` on `cache_dir` and kills it (`kill -9`) `after`
+/// its start, ready or not: a crash during start-up (the sweep of dead
+/// processes' temp files, the index rebuilt, the eviction down to the cap,
+/// the key, the binds). The wait is the fault's random moment, not a wait
+/// for something to happen.
+pub fn start_and_kill(upstream: &str, cache_dir: &Path, args: &[&str], after: Duration) {
+    let mut child = spawn_serve(upstream, cache_dir, args);
     std::thread::sleep(after);
     let _ = child.kill();
     let _ = child.wait();
