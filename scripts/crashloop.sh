@@ -26,7 +26,7 @@ log=target/crashloop.log
 mkdir -p target
 start=$(date +%s)
 status=0
-REGPROXY_CRASH_RUNS="$runs" cargo test -p regproxy --test crash --locked -- --nocapture \
+REGPROXY_CRASH_RUNS="$runs" cargo test -p regproxy --test crash --locked -- kill_9 --nocapture \
   >"$log" 2>&1 || status=$?
 # The proxy's own log lines (JSON) are only in a failure's message: leave
 # them in the log file.
