@@ -169,3 +169,41 @@ fn unwritten(st: &State) -> u64 {
     let written: u64 = st.fills.values().map(|f| f.written()).sum();
     st.reserved.saturating_sub(written)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_state_changes_only_when_it_changes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let m = Arc::new(Metrics::default());
+        let disk = Disk::new(tmp.path(), Arc::clone(&m));
+        let gauge = || m.cache_disk_full.load(Relaxed);
+        assert!(
+            disk.free().unwrap() > 0,
+            "a temp dir's file system has room"
+        );
+        disk.room(1);
+        assert_eq!(gauge(), 0, "room on a disk with room changes nothing");
+        disk.no_room(0, 10);
+        disk.no_room(0, 20);
+        assert_eq!(gauge(), 1);
+        assert!(*disk.full.lock().unwrap());
+        disk.room(30);
+        assert_eq!(gauge(), 0);
+        let enospc = io::Error::from_raw_os_error(28);
+        assert!(
+            disk.write_failed(&enospc, 5),
+            "ENOSPC means the disk is full"
+        );
+        assert_eq!(gauge(), 1);
+        disk.room(30);
+        let other = io::Error::from(io::ErrorKind::PermissionDenied);
+        assert!(
+            !disk.write_failed(&other, 5),
+            "another failure is not a full disk"
+        );
+        assert_eq!(gauge(), 0);
+    }
+}
