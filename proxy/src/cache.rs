@@ -400,9 +400,15 @@ impl Cache {
             fs::create_dir_all(fin.parent().expect("content paths have a parent"))?;
             if let Some(t) = media_type {
                 let (mut tf, tp) = self.temp_file()?;
-                tf.write_all(t.as_bytes())?;
-                tf.sync_data()?;
-                fs::rename(&tp, type_path(&fin))?;
+                let written = tf
+                    .write_all(t.as_bytes())
+                    .and_then(|()| tf.sync_data())
+                    .and_then(|()| fs::rename(&tp, type_path(&fin)));
+                if written.is_err() {
+                    // A full disk: no temp file is left behind.
+                    let _ = fs::remove_file(&tp);
+                }
+                written?;
             }
             fs::rename(temp, &fin)
         })();
