@@ -39,6 +39,8 @@
 //! in place and checks it every `--reconcile-interval`, for `/readyz` and
 //! `regproxy_node_path_ok`; `regproxy doctor` runs the checks once;
 //! `regproxy sysctl` sets the handover sysctl).
+//!
+//! [`fuzzing`] holds the fuzz targets' bodies (`fuzz/`, `scripts/fuzz.sh`).
 #![deny(unsafe_code)]
 
 pub mod api;
@@ -48,6 +50,8 @@ pub mod cache;
 pub mod config;
 pub mod digest;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod headers;
 pub mod hosts;
 pub mod instance;

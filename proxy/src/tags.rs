@@ -65,6 +65,15 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// Whether a loaded entry is one [`Tags::put`] could have written: a valid
+/// repository name, tag and digest.
+fn storable((name, tag, entry): &(String, String, TagEntry)) -> bool {
+    use crate::digest::{validate_name, Digest, Reference};
+    validate_name(name).is_ok()
+        && matches!(Reference::parse(tag), Ok(Reference::Tag(_)))
+        && Digest::parse(&entry.digest).is_ok()
+}
+
 impl Tags {
     /// Loads the state file in `dir`; a missing or unreadable one starts empty.
     pub fn open(dir: &std::path::Path, ttl: Duration) -> Tags {
@@ -77,8 +86,14 @@ impl Tags {
             Err(_) => Persisted::default(),
         };
         let (now, now_ms) = (Instant::now(), now_ms());
-        let map = p
-            .tags
+        // Only what the proxy could have stored: a damaged entry (say, a cut
+        // digest) would otherwise answer a valid pull DIGEST_INVALID.
+        let read = p.tags.len();
+        let tags: Vec<_> = p.tags.into_iter().filter(storable).collect();
+        if tags.len() < read {
+            tracing::warn!(path = %path.display(), ignored = read - tags.len(), "ignoring malformed entries of the state file");
+        }
+        let map = tags
             .into_iter()
             .map(|(n, t, entry)| {
                 let age = Duration::from_millis(now_ms.saturating_sub(entry.checked_ms));
@@ -266,20 +281,22 @@ impl Drop for Flight<'_> {
 mod tests {
     use super::*;
 
+    const D: &str = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
     #[tokio::test]
     async fn tags_persist_and_expire() {
         let tmp = tempfile::tempdir().unwrap();
         let d = tmp.path().to_path_buf();
         let t = Arc::new(Tags::open(&d, Duration::from_secs(60)));
-        t.put("team/app", "v1", "sha256:aa".into(), "application/x".into())
+        t.put("team/app", "v1", D.into(), "application/x".into())
             .await;
         let (e, fresh) = t.get("team/app", "v1").unwrap();
         assert!(fresh);
-        assert_eq!(e.digest, "sha256:aa");
+        assert_eq!(e.digest, D);
         drop(t);
         let t = Tags::open(&d, Duration::from_secs(60));
         let (e, fresh) = t.get("team/app", "v1").expect("the tag survives a restart");
-        assert_eq!(e.digest, "sha256:aa");
+        assert_eq!(e.digest, D);
         assert!(fresh, "a restart keeps a tag's age, not more");
         let t = Tags::open(&d, Duration::ZERO);
         assert!(
@@ -287,6 +304,27 @@ mod tests {
             "with a TTL of 0 every tag is revalidated"
         );
         std::fs::remove_dir_all(d).unwrap();
+    }
+
+    #[tokio::test]
+    async fn malformed_entries_of_the_state_file_are_ignored() {
+        let tmp = tempfile::tempdir().unwrap();
+        let entry = |digest: &str| serde_json::json!({"digest": digest, "media_type": "application/x", "checked_ms": 1});
+        let state = serde_json::json!({"tags": [
+            ["team/app", "v1", entry(D)],
+            ["team/app", "cut", entry("sha256:e3b0")],
+            ["../etc", "v1", entry(D)],
+            ["team/app", "a/b", entry(D)],
+        ]});
+        std::fs::write(tmp.path().join("state.json"), state.to_string()).unwrap();
+        let t = Tags::open(tmp.path(), Duration::from_secs(60));
+        assert!(t.get("team/app", "v1").is_some(), "a good entry loads");
+        for (name, tag) in [("team/app", "cut"), ("../etc", "v1"), ("team/app", "a/b")] {
+            assert!(
+                t.get(name, tag).is_none(),
+                "{name}:{tag} is no entry the proxy could have stored and should be ignored"
+            );
+        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -201,7 +201,7 @@ fn blob_response(
 /// The status and byte range `start..end` to send for a blob of `size` bytes.
 /// One `bytes=` range is honoured; anything else that is not a valid single
 /// range is ignored (RFC 9110 allows that), an unsatisfiable one is a 416.
-fn ranged(h: &HeaderMap, size: u64) -> Result<(StatusCode, u64, u64), Error> {
+pub(crate) fn ranged(h: &HeaderMap, size: u64) -> Result<(StatusCode, u64, u64), Error> {
     let full = Ok((StatusCode::OK, 0, size));
     let Some(v) = h.get(header::RANGE).and_then(|v| v.to_str().ok()) else {
         return full;

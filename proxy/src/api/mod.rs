@@ -30,6 +30,9 @@ use crate::metrics::{Kind, Metrics, Outcome};
 use crate::tags::Tags;
 use crate::upstream::Upstream;
 use relay::Realms;
+// The parsers `crate::fuzzing` drives directly.
+pub(crate) use blob::ranged;
+pub(crate) use relay::{realm_path, replace_origin};
 
 /// Everything a request handler needs: the parts, each the one owner of
 /// its state.
@@ -47,7 +50,7 @@ pub struct App {
 
 /// What a path asks for.
 #[derive(Debug, PartialEq)]
-enum Route<'a> {
+pub(crate) enum Route<'a> {
     Ping,
     Blob(&'a str, Digest),
     Manifest(&'a str, Reference),
@@ -56,7 +59,7 @@ enum Route<'a> {
     Upload,
 }
 
-fn route(path: &str) -> Result<Route<'_>, Error> {
+pub(crate) fn route(path: &str) -> Result<Route<'_>, Error> {
     if path == "/v2" || path == "/v2/" {
         return Ok(Route::Ping);
     }

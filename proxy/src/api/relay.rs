@@ -235,7 +235,7 @@ impl App {
 
 /// Replaces `from` (an origin, `scheme://host:port`) by `to` wherever it
 /// stands as a whole origin: followed by a path, a quote, `>` or the end.
-fn replace_origin(s: &str, from: &str, to: &str) -> String {
+pub(crate) fn replace_origin(s: &str, from: &str, to: &str) -> String {
     let mut out = String::with_capacity(s.len());
     let mut rest = s;
     while let Some(i) = rest.find(from) {
@@ -250,7 +250,7 @@ fn replace_origin(s: &str, from: &str, to: &str) -> String {
 }
 
 /// The path of a `realm="..."` in a challenge when it is on `origin`.
-fn realm_path(challenge: &str, origin: &str) -> Option<String> {
+pub(crate) fn realm_path(challenge: &str, origin: &str) -> Option<String> {
     let i = challenge.find("realm=\"")? + "realm=\"".len();
     let url = &challenge[i..challenge[i..].find('"')? + i];
     let rest = url.strip_prefix(origin)?;

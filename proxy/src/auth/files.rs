@@ -44,12 +44,13 @@ pub(super) fn create_private(path: &Path) -> std::io::Result<std::fs::File> {
         .open(path)
 }
 
-pub(super) fn hex(b: &[u8; 32]) -> String {
+pub(crate) fn hex(b: &[u8; 32]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-pub(super) fn parse_key(s: &str) -> Option<[u8; 32]> {
-    if s.len() != 64 || !s.is_ascii() {
+pub(crate) fn parse_key(s: &str) -> Option<[u8; 32]> {
+    // Hex digits only: `from_str_radix` alone would take `+f` for `0f`.
+    if s.len() != 64 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
     let mut k = [0u8; 32];
@@ -116,4 +117,24 @@ pub(super) fn save_open(dir: &Path, open: bool) -> std::io::Result<()> {
     // The rename itself on stable storage: after a power loss, a "closed"
     // just learned must not come back as the "open" before it.
     std::fs::File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_64_hex_digits_and_nothing_else() {
+        let k = [0xab; 32];
+        assert_eq!(parse_key(&hex(&k)), Some(k));
+        assert_eq!(
+            parse_key(&"AB".repeat(32)),
+            Some(k),
+            "upper case is hex too"
+        );
+        // Found by the fuzz target `state`: `u8::from_str_radix` reads `+f`.
+        assert_eq!(parse_key(&"+f".repeat(32)), None);
+        assert_eq!(parse_key(&"ab".repeat(31)), None);
+        assert_eq!(parse_key(&"zz".repeat(32)), None);
+    }
 }

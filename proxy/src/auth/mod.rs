@@ -40,7 +40,9 @@ use tokio::time::Instant;
 
 use crate::config::AuthConfig;
 use crate::digest::Digest;
-use files::{create_private, hex, load_or_create_key, parse_key, random_key};
+use files::{create_private, load_or_create_key, random_key};
+// Also for `crate::fuzzing`, which checks the key grammar.
+pub(crate) use files::{hex, parse_key};
 
 /// Most remembered answers; the oldest go first. An entry is about 80 bytes.
 const MAX_ENTRIES: usize = 32 * 1024;

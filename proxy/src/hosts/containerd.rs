@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use super::{HostsError, Outcome};
 
 /// First line of every `hosts.toml` we write.
-const TOML_MARK: &str = "# managed by regproxy";
+pub(crate) const TOML_MARK: &str = "# managed by regproxy";
 
 /// `<certs_dir>/<name>/hosts.toml`; containerd names the folder after the
 /// registry host, port included when there is one.
@@ -46,9 +46,11 @@ pub fn ensure_containerd(
     let dir = certs_dir.join(name);
     let path = containerd_hosts_toml(certs_dir, name);
     let wanted = hosts_toml(name, endpoint, server);
-    let outcome = match std::fs::read_to_string(&path) {
-        Ok(old) if old == wanted => return Ok(Outcome::Unchanged),
-        Ok(old) if old.starts_with(TOML_MARK) => Outcome::Updated,
+    // Bytes, not text: a file of someone else's that is not UTF-8 is still
+    // theirs, not a read error.
+    let outcome = match std::fs::read(&path) {
+        Ok(old) if old == wanted.as_bytes() => return Ok(Outcome::Unchanged),
+        Ok(old) if old.starts_with(TOML_MARK.as_bytes()) => Outcome::Updated,
         Ok(_) => return Err(HostsError::NotOurs { path }),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Outcome::Added,
         Err(e) => return Err(HostsError::io("read", &path)(e)),
@@ -74,8 +76,8 @@ pub fn ensure_containerd(
 /// Deletes our `hosts.toml` for `name`, and its folder when that is then empty.
 pub fn remove_containerd(certs_dir: &Path, name: &str) -> Result<Outcome, HostsError> {
     let path = containerd_hosts_toml(certs_dir, name);
-    match std::fs::read_to_string(&path) {
-        Ok(old) if old.starts_with(TOML_MARK) => {}
+    match std::fs::read(&path) {
+        Ok(old) if old.starts_with(TOML_MARK.as_bytes()) => {}
         Ok(_) => return Ok(Outcome::LeftAlone),
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Outcome::Absent),
         Err(e) => return Err(HostsError::io("read", &path)(e)),
@@ -147,5 +149,20 @@ mod tests {
             Outcome::LeftAlone
         );
         assert!(containerd_hosts_toml(certs, "mine.example").exists());
+
+        // Found by the fuzzer: a foreign file that is not UTF-8 was a read
+        // error, not someone else's file.
+        let latin1 = containerd_hosts_toml(certs, "latin1.example");
+        std::fs::create_dir_all(latin1.parent().unwrap()).unwrap();
+        std::fs::write(&latin1, b"# caf\xe9\n").unwrap();
+        assert!(matches!(
+            ensure_containerd(certs, "latin1.example", "http://127.0.0.2:80", SERVER),
+            Err(HostsError::NotOurs { .. })
+        ));
+        assert_eq!(
+            remove_containerd(certs, "latin1.example").unwrap(),
+            Outcome::LeftAlone
+        );
+        assert_eq!(std::fs::read(&latin1).unwrap(), b"# caf\xe9\n");
     }
 }

@@ -16,6 +16,7 @@ use clap::{Args, Subcommand};
 mod containerd;
 mod etc_hosts;
 
+pub(crate) use containerd::TOML_MARK;
 pub use containerd::{containerd_hosts_toml, ensure_containerd, hosts_toml, remove_containerd};
 pub use etc_hosts::{
     ensure_entry, ensure_hosts_file, lookup, remove_entry, remove_from_hosts_file,
