@@ -206,8 +206,18 @@ impl Rig {
         t0: Instant,
     ) -> anyhow::Result<()> {
         let mut round: Vec<&'static str> = Vec::new();
+        // The first round comes within the first half of a short run, so
+        // that even a minute sees every kind.
+        let total = deadline.saturating_duration_since(Instant::now());
+        let first_gap = self.fault_every.min(total / (2 * KINDS.len() as u32 + 2));
+        let mut injected = 0;
         loop {
-            let gap = rng.between(self.fault_every / 2, self.fault_every * 3 / 2);
+            let gap = if injected < KINDS.len() {
+                rng.between(first_gap / 2, first_gap)
+            } else {
+                rng.between(self.fault_every / 2, self.fault_every * 3 / 2)
+            };
+            injected += 1;
             let wake = Instant::now() + gap;
             while Instant::now() < wake.min(deadline) {
                 self.reap();

@@ -214,6 +214,25 @@ pub fn checks(r: &SoakReport) -> Vec<Check> {
         measured: human(r.cache_max_bytes),
         met: r.cache_max_bytes <= r.cap_bytes && r.cache_max_bytes > 0,
     });
+    let unclean: Vec<&String> = r
+        .proxy_exits
+        .iter()
+        .filter(|e| !e.ends_with("exit status: 0"))
+        .collect();
+    v.push(Check {
+        what: "regproxy processes that exited unclean after SIGTERM".into(),
+        bar: "= 0".into(),
+        measured: if unclean.is_empty() {
+            format!("0 of {}", r.proxy_exits.len())
+        } else {
+            unclean
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join("; ")
+        },
+        met: unclean.is_empty(),
+    });
     v.push(Check {
         what: "panics in regproxy's logs".into(),
         bar: "= 0".into(),
@@ -552,7 +571,7 @@ mod tests {
             upstream: UpstreamUse::default(),
             distinct_bytes: 1,
             served_bytes: 1,
-            proxy_exits: vec![],
+            proxy_exits: vec!["regproxy-1: exit status: 0".into()],
             log: LogScan::default(),
         })
     }
