@@ -342,6 +342,7 @@ pub async fn run(params: Params, setup: Setup) -> anyhow::Result<report::SoakRep
     let work = setup.work;
     std::fs::create_dir_all(&work)?;
     let mut rng = Rng::new(seed);
+    let setup_started = Instant::now();
 
     // The content, hashed before anything starts.
     let p = params.clone();
@@ -415,6 +416,10 @@ pub async fn run(params: Params, setup: Setup) -> anyhow::Result<report::SoakRep
         crate::report::human(distinct)
     );
 
+    eprintln!(
+        "soak: set up in {:.1}s",
+        setup_started.elapsed().as_secs_f64()
+    );
     let mut rig = Rig::start(&params, setup.tools.clone(), &work, storage, upstream).await?;
     let t0 = Instant::now();
     let deadline = t0 + params.duration;
@@ -466,9 +471,18 @@ pub async fn run(params: Params, setup: Setup) -> anyhow::Result<report::SoakRep
         }
     }
     let elapsed = t0.elapsed();
+    eprintln!(
+        "soak: traffic stopped at {:.1}s, the last client {:.1}s after the deadline",
+        elapsed.as_secs_f64(),
+        elapsed.saturating_sub(params.duration).as_secs_f64()
+    );
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let samples = sampler.await.unwrap_or_default();
     let ended = rig.finish().await;
+    eprintln!(
+        "soak: every process stopped {:.1}s after the traffic",
+        t0.elapsed().saturating_sub(elapsed).as_secs_f64()
+    );
     fault_result?;
 
     let r = report::SoakReport::new(report::Parts {

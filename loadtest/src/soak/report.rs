@@ -337,6 +337,17 @@ pub fn text(r: &SoakReport) -> String {
     s
 }
 
+/// A round step (1, 2, 2.5 or 5 × 10ⁿ) that divides `0..=max` into at most 5.
+fn nice_step(max: f64) -> f64 {
+    let raw = (max / 5.0).max(1e-6);
+    let mag = 10f64.powf(raw.log10().floor());
+    [1.0, 2.0, 2.5, 5.0, 10.0]
+        .into_iter()
+        .map(|m| m * mag)
+        .find(|st| *st >= raw)
+        .unwrap_or(10.0 * mag)
+}
+
 fn fault_color(kind: &str) -> &'static str {
     match kind {
         "upstream restart" => "#d95f02",
@@ -408,8 +419,12 @@ pub fn svg(r: &SoakReport) -> String {
     let t = &r.totals;
     let _ = writeln!(
         s,
-        r#"<text x="20" y="28" font-size="18" font-weight="bold">regproxy soak: {:.0} min, {} requests, {} wrong, {} faults</text>"#,
-        r.elapsed_s / 60.0,
+        r#"<text x="20" y="28" font-size="18" font-weight="bold">regproxy soak: {} min, {} requests, {} wrong, {} faults</text>"#,
+        if r.elapsed_s < 600.0 {
+            format!("{:.1}", r.elapsed_s / 60.0)
+        } else {
+            format!("{:.0}", r.elapsed_s / 60.0)
+        },
         t.requests,
         t.wrong,
         r.faults.values().sum::<u64>()
@@ -443,29 +458,30 @@ pub fn svg(r: &SoakReport) -> String {
             py - 6.0,
             esc(title)
         );
-        let hi = r
+        let max = r
             .samples
             .iter()
             .flat_map(|smp| series.iter().filter_map(move |(_, _, f)| f(smp)))
-            .fold(0.0_f64, f64::max)
-            .max(1e-9)
-            * 1.1;
+            .fold(0.0_f64, f64::max);
+        let step = nice_step(max);
+        let hi = (max / step).ceil().max(1.0) * step;
         let y = |v: f64| py + ph - ph * v / hi;
-        for k in 0..=4 {
-            let v = hi * k as f64 / 4.0;
+        let mut v = 0.0;
+        while v <= hi + step / 2.0 {
             let _ = writeln!(
                 s,
                 r##"<line x1="{px}" y1="{y:.1}" x2="{}" y2="{y:.1}" stroke="#e4e4e4"/><text x="{}" y="{:.1}" font-size="10" text-anchor="end">{}</text>"##,
                 px + pw,
                 px - 6.0,
                 y(v) + 3.0,
-                if hi >= 10.0 {
+                if step >= 1.0 {
                     format!("{v:.0}")
                 } else {
                     format!("{v:.1}")
                 },
                 y = y(v)
             );
+            v += step;
         }
         for e in &r.fault_events {
             let _ = writeln!(
