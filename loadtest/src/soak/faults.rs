@@ -80,6 +80,8 @@ pub struct Rig {
     /// (pid, probe socket) of every live regproxy, oldest first.
     pub live: Arc<Mutex<Vec<(u32, PathBuf)>>>,
     started: usize,
+    /// Upstream restarts so far.
+    restarts: usize,
     exits: Vec<String>,
     faults: BTreeMap<String, u64>,
     events: Vec<Event>,
@@ -122,6 +124,7 @@ impl Rig {
             draining: Vec::new(),
             live: Arc::new(Mutex::new(Vec::new())),
             started: 0,
+            restarts: 0,
             exits: Vec::new(),
             faults: BTreeMap::new(),
             events: Vec::new(),
@@ -261,6 +264,13 @@ impl Rig {
                 let o = oracle.outage_begins();
                 self.used.add(&self.upstream.log.usage(0, None));
                 self.upstream.proc.kill_now();
+                // Each incarnation's logs are kept: `<name>.out.<n>`.
+                self.restarts += 1;
+                for p in [&self.upstream.proc.stdout, &self.upstream.proc.stderr] {
+                    let mut keep = p.clone().into_os_string();
+                    keep.push(format!(".{}", self.restarts));
+                    let _ = std::fs::rename(p, keep);
+                }
                 tokio::time::sleep(down).await;
                 let addr = self.upstream.addr.clone();
                 let r = start_upstream(&self.tools, &self.work, &self.storage, &addr, None).await;

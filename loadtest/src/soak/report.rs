@@ -69,7 +69,30 @@ pub struct SoakReport {
     /// Errors and cuts by kind that happened outside every fault's window
     /// (from its start to [`FAULT_WINDOW`] after it ended).
     pub quiet_errors: BTreeMap<String, u64>,
+    /// The longest run of one-second samples without a right response, and
+    /// when it began.
+    pub longest_stall_s: f64,
+    pub longest_stall_at_s: f64,
     pub checks: Vec<Check>,
+}
+
+/// The longest stretch of samples with no right response: (length, start).
+fn stall(samples: &[Sample]) -> (f64, f64) {
+    let (mut best, mut at) = (0.0, 0.0);
+    let mut start: Option<f64> = None;
+    let mut prev = 0.0;
+    for s in samples.iter().skip(1) {
+        if s.req_per_s == 0.0 {
+            let b = *start.get_or_insert(prev);
+            if s.t_s - b > best {
+                (best, at) = (s.t_s - b, b);
+            }
+        } else {
+            start = None;
+        }
+        prev = s.t_s;
+    }
+    (best, at)
 }
 
 /// How long after a fault ends its effects may still show: regproxy's
@@ -145,8 +168,11 @@ impl SoakReport {
             proxy_exits: p.proxy_exits,
             log: p.log,
             quiet_errors: BTreeMap::new(),
+            longest_stall_s: 0.0,
+            longest_stall_at_s: 0.0,
             checks: Vec::new(),
         };
+        (r.longest_stall_s, r.longest_stall_at_s) = stall(&r.samples);
         r.quiet_errors = quiet(&r.tally, &r.fault_events);
         r.checks = checks(&r);
         r
@@ -302,6 +328,11 @@ pub fn text(r: &SoakReport) -> String {
     for w in &r.tally.wrong_examples {
         let _ = writeln!(s, "WRONG: {w}");
     }
+    let _ = writeln!(
+        s,
+        "longest stretch without a right response: {:.0} s, from {:.0} s",
+        r.longest_stall_s, r.longest_stall_at_s
+    );
     let _ = writeln!(
         s,
         "regproxy per process, peak (2nd quarter → 2nd half): RssAnon {:.1} → {:.1} MiB, VmRSS {:.1} → {:.1} MiB, fds {} → {}",
@@ -596,6 +627,7 @@ mod tests {
     fn one_wrong_response_fails_the_soak() {
         let good = report(false);
         assert!(good.checks.iter().all(|c| c.met), "{:?}", good.checks);
+        assert_eq!(good.longest_stall_s, 0.0);
         let bad = report(true);
         let failed: Vec<_> = bad.checks.iter().filter(|c| !c.met).collect();
         assert_eq!(failed.len(), 1, "{failed:?}");

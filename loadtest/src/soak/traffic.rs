@@ -194,15 +194,28 @@ impl Worker {
 
     /// Runs random operations until the deadline.
     pub async fn run(mut self) {
+        // No operation may hold a client for long: a pull is a few requests
+        // of at most `timeout` each; past this it is counted and dropped.
+        let bound = self.world.timeout * 4;
         while Instant::now() < self.world.deadline {
-            match self.rng.below(100) {
-                0..=24 => self.docker_pull().await,
-                25..=49 => self.containerd_pull().await,
-                50..=64 => self.range_read().await,
-                65..=79 => self.heads().await,
-                80..=86 => self.hang_up().await,
-                87..=92 => self.push().await,
-                _ => self.tag_move().await,
+            let pick = self.rng.below(100);
+            let op = async {
+                match pick {
+                    0..=24 => self.docker_pull().await,
+                    25..=49 => self.containerd_pull().await,
+                    50..=64 => self.range_read().await,
+                    65..=79 => self.heads().await,
+                    80..=86 => self.hang_up().await,
+                    87..=92 => self.push().await,
+                    _ => self.tag_move().await,
+                }
+            };
+            if tokio::time::timeout(bound, op).await.is_err() {
+                self.world.tally.error(
+                    "client",
+                    "operation did not finish",
+                    format!("operation {pick} took over {bound:?}"),
+                );
             }
             // A node forgets its layers now and then (its pods moved).
             if self.rng.below(4) == 0 {
@@ -534,7 +547,11 @@ impl Worker {
         let d = super::oracle::sha(&m);
         // One move per image at a time, so the history's order is the upstream's.
         let lock = self.world.oracle.tag_lock(&name);
-        let _held = lock.lock().await;
+        // Another client moving it (the upstream slow to answer): this one
+        // does something else rather than queue behind it.
+        let Ok(_held) = tokio::time::timeout(Duration::from_secs(1), lock.lock()).await else {
+            return;
+        };
         let reg = Registry::new(&self.world.upstream, self.world.timeout);
         let asked = Instant::now();
         let result = reg.put_manifest(&name, "latest", m).await;
