@@ -18,6 +18,7 @@ use serde::Serialize;
 
 use super::gate::Gate;
 use super::oracle::Oracle;
+use super::traffic::{Worker, World};
 use super::{Params, Rng, Tmpfs};
 use crate::procs::{free_port, Proc, UpstreamUse};
 use crate::synth::BlobSpec;
@@ -60,6 +61,9 @@ pub struct LogScan {
     pub panics: u64,
     pub error_lines: u64,
     pub warn_lines: u64,
+    /// Fills regproxy refused because the upstream's bytes did not hash to
+    /// the digest (the corruption fault biting).
+    pub digest_mismatches: u64,
     /// The first few panic and error lines.
     pub examples: Vec<String>,
 }
@@ -204,7 +208,8 @@ impl Rig {
         &mut self,
         rng: &mut Rng,
         oracle: &Oracle,
-        blobs: &[BlobSpec],
+        blobs: &[(String, BlobSpec)],
+        world: &Arc<World>,
         deadline: Instant,
         t0: Instant,
     ) -> anyhow::Result<()> {
@@ -237,7 +242,7 @@ impl Rig {
             let at = t0.elapsed().as_secs_f64();
             let started = Instant::now();
             let detail = self
-                .inject(kind, rng, oracle, blobs)
+                .inject(kind, rng, oracle, blobs, world)
                 .await
                 .with_context(|| format!("injecting {kind}"))?;
             eprintln!("soak: {at:>7.1}s {kind}: {detail}");
@@ -256,7 +261,8 @@ impl Rig {
         kind: &str,
         rng: &mut Rng,
         oracle: &Oracle,
-        blobs: &[BlobSpec],
+        blobs: &[(String, BlobSpec)],
+        world: &Arc<World>,
     ) -> anyhow::Result<String> {
         match kind {
             "upstream restart" => {
@@ -289,25 +295,45 @@ impl Rig {
                 ))
             }
             "corrupt upstream blob" => {
-                let big: Vec<_> = blobs.iter().filter(|b| b.size >= 64 << 10).collect();
-                let b = big[rng.below(big.len())];
-                let hex = b.digest.trim_start_matches("sha256:");
-                let path = self
-                    .storage
-                    .join("docker/registry/v2/blobs/sha256")
-                    .join(&hex[..2])
-                    .join(hex)
-                    .join("data");
+                // A blob the cache does not hold, so that regproxy fetches
+                // the corrupted bytes (the hot ones stay cached).
+                let path_of = |root: &Path, b: &BlobSpec| {
+                    let hex = b.digest.trim_start_matches("sha256:").to_string();
+                    root.join(&hex[..2]).join(hex)
+                };
+                let cached = |b: &BlobSpec| path_of(&self.cache_dir.join("sha256"), b).exists();
+                let big: Vec<_> = blobs.iter().filter(|(_, b)| b.size >= 16 << 10).collect();
+                let cold: Vec<_> = big.iter().filter(|(_, b)| !cached(b)).collect();
+                let (repo, b) = if cold.is_empty() {
+                    big[rng.below(big.len())]
+                } else {
+                    *cold[rng.below(cold.len())]
+                };
+                let path =
+                    path_of(&self.storage.join("docker/registry/v2/blobs/sha256"), b).join("data");
                 let at = rng.below((b.size / 2) as usize) as u64 + b.size / 4;
                 let original = flip(&path, at, 4096)?;
+                // A client asks for it at once; others may while it lasts.
+                let mut probe = Worker::new(world.clone(), rng.next_u64());
+                let right = probe.get_blob("corrupt probe", repo, &b.digest).await;
                 let hold = rng.between(Duration::from_secs(1), Duration::from_secs(5));
                 tokio::time::sleep(hold).await;
                 restore(&path, at, &original)?;
                 Ok(format!(
-                    "{} bytes at {at} of {} ({}), for {hold:?}",
+                    "{} bytes at {at} of {repo}@{} ({}, {}), for {hold:?}; the probe GET {}",
                     original.len(),
                     b.digest,
-                    crate::report::human(b.size)
+                    crate::report::human(b.size),
+                    if cold.is_empty() {
+                        "cached"
+                    } else {
+                        "not cached"
+                    },
+                    if right {
+                        "was served the cached, right blob"
+                    } else {
+                        "failed (cut or error), as it must"
+                    }
                 ))
             }
             "full disk" => {
@@ -442,6 +468,7 @@ fn scan_logs(work: &Path, started: usize) -> LogScan {
             s.panics += panic as u64;
             s.error_lines += error as u64;
             s.warn_lines += l.contains(" WARN ") as u64;
+            s.digest_mismatches += l.contains("does not match its digest") as u64;
             if (panic || error) && s.examples.len() < 20 {
                 s.examples.push(format!("regproxy-{n}: {l}"));
             }

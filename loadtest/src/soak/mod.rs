@@ -437,6 +437,16 @@ pub async fn run(params: Params, setup: Setup) -> anyhow::Result<report::SoakRep
         seed,
     });
     let _ = world.tally.start.set(t0);
+    // What the corruption fault may pick: standalone blobs and image layers.
+    let corruptible: Vec<(String, synth::BlobSpec)> = blobs
+        .iter()
+        .map(|b| (BLOB_REPO.to_string(), b.clone()))
+        .chain(
+            images
+                .iter()
+                .flat_map(|i| i.layers.iter().map(move |l| (i.name.clone(), l.clone()))),
+        )
+        .collect();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let sampler = tokio::spawn(sample(
         rig.live.clone(),
@@ -460,7 +470,7 @@ pub async fn run(params: Params, setup: Setup) -> anyhow::Result<report::SoakRep
 
     // Faults until the end, then the clients finish what they started.
     let fault_result = rig
-        .inject_until(&mut rng, &oracle, &blobs, deadline, t0)
+        .inject_until(&mut rng, &oracle, &corruptible, &world, deadline, t0)
         .await;
     let grace = params.timeout * 2 + Duration::from_secs(30);
     for w in workers.into_iter().chain(skopeo) {

@@ -358,10 +358,11 @@ pub fn text(r: &SoakReport) -> String {
     );
     let _ = writeln!(
         s,
-        "regproxy logs: {} panics, {} ERROR, {} WARN lines; exits: {}",
+        "regproxy logs: {} panics, {} ERROR, {} WARN lines, {} corrupted fills refused; exits: {}",
         r.log.panics,
         r.log.error_lines,
         r.log.warn_lines,
+        r.log.digest_mismatches,
         r.proxy_exits.join("; ")
     );
     let _ = write!(s, "{}", crate::report::checks_text(&r.checks));

@@ -231,7 +231,7 @@ impl Worker {
     }
 
     /// A verified GET of a whole blob; `true` if right.
-    async fn get_blob(&mut self, op: &str, name: &str, digest: &str) -> bool {
+    pub async fn get_blob(&mut self, op: &str, name: &str, digest: &str) -> bool {
         let path = format!("/v2/{name}/blobs/{digest}");
         let resp = match self.http.send(Method::GET, &path, &[]).await {
             Ok(r) => r,
