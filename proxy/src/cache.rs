@@ -16,7 +16,8 @@
 //!
 //! Fills are in [`fill`], manifests stored whole in `manifests`, memory maps
 //! (and their `unsafe`) in `growing`, the index rebuilt from the disk in
-//! `scan`, and what processes sharing the dir
+//! `scan`, room on the file system and whether it is full in `disk`, and
+//! what processes sharing the dir
 //! during a handover see of each other in [`shared`]: a miss looks on disk
 //! before it fetches (a sibling may have committed it), and a fill another
 //! process runs is followed rather than fetched again.
@@ -38,6 +39,7 @@ use crate::digest::Digest;
 use crate::metrics::Metrics;
 use crate::upstream::Upstream;
 
+mod disk;
 pub mod fill;
 mod growing;
 mod manifests;
@@ -86,6 +88,8 @@ pub struct Cache {
     tmp_seq: AtomicU64,
     /// Every fill's task: shutdown waits for them to commit.
     fills: TaskTracker,
+    /// The file system's free space, and whether it is full.
+    disk: disk::Disk,
 }
 
 /// Content opened from the cache.
@@ -140,6 +144,7 @@ impl Cache {
             root: root.to_owned(),
             cap,
             state: Mutex::new(state),
+            disk: disk::Disk::new(root, Arc::clone(&metrics)),
             metrics,
             own,
             tmp_seq: AtomicU64::new(0),
@@ -308,49 +313,47 @@ impl Cache {
         self.fills.wait().await;
     }
 
-    /// Reserves room for `size` bytes, evicting least recently used entries.
-    /// False when the blob cannot be kept: larger than the cap, or the cap is
-    /// taken by other fills in flight.
-    fn reserve(&self, size: u64) -> bool {
-        if size > self.cap {
-            return false;
-        }
-        let (ok, evicted) = {
-            let mut st = self.lock();
-            if st.reserved + size > self.cap {
-                // Fills in flight hold the room: evicting could not make it.
-                return false;
-            }
-            let evicted = self.evict_until(&mut st, size);
-            let ok = st.committed + st.reserved + size <= self.cap;
-            if ok {
-                st.reserved += size;
-            }
-            self.publish(&st);
-            (ok, evicted)
-        };
-        self.unlink(evicted);
-        ok
-    }
-
+    /// Evicts least recently used entries until `need` more bytes fit under
+    /// the cap; returns the files to unlink.
     fn evict_until(&self, st: &mut State, need: u64) -> Vec<PathBuf> {
         let mut out = Vec::new();
         while st.committed + st.reserved + need > self.cap {
-            let Some((d, e)) = st.index.pop_lru() else {
+            if !self.evict_one(st, &mut out) {
                 break;
-            };
-            st.committed -= e.size;
-            st.open.pop(&d);
-            self.metrics.evictions.fetch_add(1, Relaxed);
-            self.metrics.evicted_bytes.fetch_add(e.size, Relaxed);
-            tracing::debug!(digest = %d, size = e.size, "evicted");
-            let p = self.path(&d);
-            if e.manifest {
-                out.push(type_path(&p));
             }
-            out.push(p);
         }
         out
+    }
+
+    /// Evicts least recently used entries until they hold `want` bytes:
+    /// room on the disk rather than under the cap.
+    fn evict_bytes(&self, st: &mut State, want: u64) -> Vec<PathBuf> {
+        let (mut out, goal) = (Vec::new(), st.committed.saturating_sub(want));
+        while st.committed > goal {
+            if !self.evict_one(st, &mut out) {
+                break;
+            }
+        }
+        out
+    }
+
+    /// Evicts the least recently used entry, adding its files to `out`;
+    /// false when the index is empty.
+    fn evict_one(&self, st: &mut State, out: &mut Vec<PathBuf>) -> bool {
+        let Some((d, e)) = st.index.pop_lru() else {
+            return false;
+        };
+        st.committed -= e.size;
+        st.open.pop(&d);
+        self.metrics.evictions.fetch_add(1, Relaxed);
+        self.metrics.evicted_bytes.fetch_add(e.size, Relaxed);
+        tracing::debug!(digest = %d, size = e.size, "evicted");
+        let p = self.path(&d);
+        if e.manifest {
+            out.push(type_path(&p));
+        }
+        out.push(p);
+        true
     }
 
     fn unlink(&self, paths: Vec<PathBuf>) {
@@ -397,9 +400,15 @@ impl Cache {
             fs::create_dir_all(fin.parent().expect("content paths have a parent"))?;
             if let Some(t) = media_type {
                 let (mut tf, tp) = self.temp_file()?;
-                tf.write_all(t.as_bytes())?;
-                tf.sync_data()?;
-                fs::rename(&tp, type_path(&fin))?;
+                let written = tf
+                    .write_all(t.as_bytes())
+                    .and_then(|()| tf.sync_data())
+                    .and_then(|()| fs::rename(&tp, type_path(&fin)));
+                if written.is_err() {
+                    // A full disk: no temp file is left behind.
+                    let _ = fs::remove_file(&tp);
+                }
+                written?;
             }
             fs::rename(temp, &fin)
         })();

@@ -45,8 +45,11 @@ pub fn init_key(cache_dir: &Path, create: bool) -> std::io::Result<()> {
             .create_new(true)
             .mode(0o600)
             .open(&tmp)?;
-        f.write_all(&k)?;
-        f.sync_all()?;
+        if let Err(e) = f.write_all(&k).and_then(|()| f.sync_all()) {
+            // A full disk: no temp file is left behind.
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
         let linked = std::fs::hard_link(&tmp, &path);
         let _ = std::fs::remove_file(&tmp);
         match linked {

@@ -67,6 +67,10 @@ pub struct Metrics {
     pub evicted_bytes: AtomicU64,
     pub commits: AtomicU64,
     pub uncached_fills: AtomicU64,
+    /// Of those, the fills not kept because the cache disk had no room.
+    pub uncached_no_room: AtomicU64,
+    /// 1 while the cache disk is full (see `cache::disk`).
+    pub cache_disk_full: AtomicU64,
     pub tag_revalidations: AtomicU64,
     pub tags_stale_served: AtomicU64,
     pub auth_checks: AtomicU64,
@@ -206,7 +210,19 @@ impl Metrics {
             "Blob fills running now.",
             g(&self.fills_inflight),
         );
-        one("regproxy_uncached_fills_total", "counter", "Fills streamed without being kept: larger than the cache, or no room next to other fills.", g(&self.uncached_fills));
+        one("regproxy_uncached_fills_total", "counter", "Fills streamed without being kept: larger than the cache, no room next to other fills, or no room on the disk.", g(&self.uncached_fills));
+        one(
+            "regproxy_uncached_fills_no_room_total",
+            "counter",
+            "Fills streamed without being kept because the cache disk had no room for them.",
+            g(&self.uncached_no_room),
+        );
+        one(
+            "regproxy_cache_disk_full",
+            "gauge",
+            "1 while the cache disk is full: a fill found no room, even after eviction; 0 once a later one finds room.",
+            g(&self.cache_disk_full),
+        );
         one(
             "regproxy_cache_commits_total",
             "counter",

@@ -41,8 +41,9 @@ pub struct Tags {
     ttl: Duration,
     state: Mutex<State>,
     /// Serializes writes of the state file; the snapshot is taken under it,
-    /// so the last write carries the newest state.
-    write: Mutex<()>,
+    /// so the last write carries the newest state. Holds whether the last
+    /// write failed.
+    write: Mutex<bool>,
 }
 
 struct State {
@@ -92,7 +93,7 @@ impl Tags {
                 map,
                 flights: HashMap::new(),
             }),
-            write: Mutex::new(()),
+            write: Mutex::new(false),
         }
     }
 
@@ -192,10 +193,12 @@ impl Tags {
         }
     }
 
+    /// Writes the state file. One that fails (a full disk) leaves the last
+    /// one whole, and is logged once until a write succeeds again.
     async fn save(self: &Arc<Self>) {
         let this = Arc::clone(self);
-        let res = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-            let _w = this.write.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = tokio::task::spawn_blocking(move || {
+            let mut failing = this.write.lock().unwrap_or_else(|e| e.into_inner());
             let p = {
                 let st = this.lock();
                 Persisted {
@@ -206,16 +209,32 @@ impl Tags {
                         .collect(),
                 }
             };
-            let tmp = crate::instance::temp_for(&this.path)?;
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&serde_json::to_vec(&p)?)?;
-            f.sync_data()?;
-            std::fs::rename(&tmp, &this.path)
+            let res = crate::instance::temp_for(&this.path).and_then(|tmp| {
+                let written = std::fs::File::create(&tmp).and_then(|mut f| {
+                    f.write_all(&serde_json::to_vec(&p)?)?;
+                    f.sync_data()?;
+                    std::fs::rename(&tmp, &this.path)
+                });
+                if written.is_err() {
+                    let _ = std::fs::remove_file(&tmp);
+                }
+                written
+            });
+            let path = this.path.display();
+            match res {
+                Err(e) => {
+                    if !std::mem::replace(&mut *failing, true) {
+                        tracing::warn!(%path, error = %e, "could not save the tag state; the last saved one stays");
+                    }
+                }
+                Ok(()) => {
+                    if std::mem::replace(&mut *failing, false) {
+                        tracing::info!(%path, "the tag state is saved again");
+                    }
+                }
+            }
         })
         .await;
-        if let Ok(Err(e)) = res {
-            tracing::warn!(path = %self.path.display(), error = %e, "could not save the tag state");
-        }
     }
 }
 

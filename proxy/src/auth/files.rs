@@ -101,12 +101,18 @@ pub(super) fn load_open(dir: &Path) -> bool {
 pub(super) fn save_open(dir: &Path, open: bool) -> std::io::Result<()> {
     let path = dir.join(OPEN_FILE);
     let tmp = crate::instance::temp_for(&path)?;
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(&serde_json::to_vec(&OpenFile {
-        upstream_open: open,
-    })?)?;
-    f.sync_data()?;
-    std::fs::rename(&tmp, &path)?;
+    let written = std::fs::File::create(&tmp).and_then(|mut f| {
+        f.write_all(&serde_json::to_vec(&OpenFile {
+            upstream_open: open,
+        })?)?;
+        f.sync_data()?;
+        std::fs::rename(&tmp, &path)
+    });
+    if let Err(e) = written {
+        // A full disk: the last file stays, and no temp file is left.
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
     // The rename itself on stable storage: after a power loss, a "closed"
     // just learned must not come back as the "open" before it.
     std::fs::File::open(dir)?.sync_all()

@@ -404,10 +404,16 @@ impl Auth {
             }
         };
         let tmp = crate::instance::temp_for(path)?;
-        let mut f = create_private(&tmp)?;
-        f.write_all(&serde_json::to_vec(&p)?)?;
-        f.sync_data()?;
-        std::fs::rename(&tmp, path)
+        let written = create_private(&tmp).and_then(|mut f| {
+            f.write_all(&serde_json::to_vec(&p)?)?;
+            f.sync_data()?;
+            std::fs::rename(&tmp, path)
+        });
+        if written.is_err() {
+            // A full disk: the last file stays, and no temp file is left.
+            let _ = std::fs::remove_file(&tmp);
+        }
+        written
     }
 }
 

@@ -23,6 +23,7 @@ use http::StatusCode;
 
 use tokio::sync::watch;
 
+use super::disk::NoRoom;
 use super::growing::Growing;
 use super::shared::SiblingFill;
 use super::{Cache, Stored};
@@ -177,6 +178,15 @@ impl Fill {
     fn set(&self, p: Progress) {
         self.progress.send_replace(p);
     }
+
+    /// Bytes of the blob on disk so far.
+    pub(super) fn written(&self) -> u64 {
+        match &*self.progress.borrow() {
+            Progress::Streaming { written, .. } => written.len() as u64,
+            Progress::Verified { size, .. } => *size,
+            Progress::Connecting | Progress::Failed(_) => 0,
+        }
+    }
 }
 
 fn vanished() -> Failure {
@@ -222,7 +232,7 @@ pub(super) async fn run(
     req: FillRequest,
 ) {
     let metrics = Arc::clone(&cache.metrics);
-    let mut guard = Guard::new(cache, Arc::clone(&fill));
+    let mut guard = Guard::new(Arc::clone(&cache), Arc::clone(&fill));
     let _place = FILLS
         .acquire()
         .await
@@ -244,7 +254,9 @@ pub(super) async fn run(
         let (file, progress) = guard.reserve(size).await?;
         tracing::debug!(%digest, size, "fill started");
         let src = Resumable::new(&upstream, &path, &req, digest, &metrics, (size, first));
-        let sink = copy(src, Writer::new(&fill, file, progress), digest).await?;
+        let sink = copy(src, Writer::new(&fill, file, progress))
+            .await
+            .map_err(|e| write_failed(&cache, &fill, size, e))?;
         verify(digest, sink, &metrics).map_err(Failure::Error)
     };
     match verified.await {
@@ -253,18 +265,23 @@ pub(super) async fn run(
     }
 }
 
+/// Why a copy stopped short.
+enum CopyError {
+    Upstream(Error),
+    Write(std::io::Error),
+}
+
 /// Copies the blob's bytes into the temp file, where readers follow them.
-async fn copy(mut src: Resumable<'_>, mut w: Writer<'_>, digest: &Digest) -> Result<Sink, Failure> {
-    let failed = |e| write_failed(digest, e);
-    while let Some(chunk) = src.next().await.map_err(Failure::Error)? {
+async fn copy(mut src: Resumable<'_>, mut w: Writer<'_>) -> Result<Sink, CopyError> {
+    while let Some(chunk) = src.next().await.map_err(CopyError::Upstream)? {
         if chunk.is_empty() {
             // The upstream broke: readers get what came before the resume.
-            w.flush().await.map_err(failed)?;
+            w.flush().await.map_err(CopyError::Write)?;
         } else {
-            w.push(chunk).await.map_err(failed)?;
+            w.push(chunk).await.map_err(CopyError::Write)?;
         }
     }
-    w.finish().await.map_err(failed)
+    w.finish().await.map_err(CopyError::Write)
 }
 
 /// Checks what was written against the digest: the whole file when it
@@ -287,8 +304,24 @@ fn verify(digest: &Digest, sink: Sink, m: &Metrics) -> Result<(Growing, Bytes), 
     Ok((sink.file, data))
 }
 
-fn write_failed(digest: &Digest, e: std::io::Error) -> Failure {
-    tracing::warn!(%digest, error = %e, "cache write failed");
+/// What a fill whose copy stopped tells its readers. A write that found the
+/// disk full (someone else filled it) cuts them: the bytes they were sent
+/// cannot be completed from here. The disk's state change says so in the
+/// log, once; each fill only at debug.
+fn write_failed(cache: &Cache, fill: &Fill, size: u64, e: CopyError) -> Failure {
+    let e = match e {
+        CopyError::Upstream(e) => return Failure::Error(e),
+        CopyError::Write(e) => e,
+    };
+    let digest = &fill.digest;
+    if cache
+        .disk
+        .write_failed(&e, size.saturating_sub(fill.written()))
+    {
+        tracing::debug!(%digest, error = %e, "cache write failed: the disk is full");
+    } else {
+        tracing::warn!(%digest, error = %e, "cache write failed");
+    }
     Failure::Error(Error::disk("write a blob", e))
 }
 
@@ -325,11 +358,21 @@ impl Guard {
     /// Reserves room for `size` bytes in the cache and creates the temp file.
     async fn reserve(&mut self, size: u64) -> Result<(Growing, File), Failure> {
         let (m, digest) = (&self.cache.metrics, &self.fill.digest);
-        if !self.cache.reserve(size) {
-            m.uncached_fills.fetch_add(1, Relaxed);
-            let cap = self.cache.capacity();
-            tracing::info!(%digest, size, cap, "blob will not fit in the cache; streaming it uncached");
-            return Err(Failure::Uncached);
+        match self.cache.reserve(size, true) {
+            Ok(()) => {}
+            Err(NoRoom::Cap) => {
+                m.uncached_fills.fetch_add(1, Relaxed);
+                let cap = self.cache.capacity();
+                tracing::info!(%digest, size, cap, "blob will not fit in the cache; streaming it uncached");
+                return Err(Failure::Uncached);
+            }
+            Err(NoRoom::Disk) => {
+                // The disk's state change is logged once, not each blob.
+                m.uncached_fills.fetch_add(1, Relaxed);
+                m.uncached_no_room.fetch_add(1, Relaxed);
+                tracing::debug!(%digest, size, "no room on the cache disk; streaming the blob uncached");
+                return Err(Failure::Uncached);
+            }
         }
         self.reserved = size;
         let cache = Arc::clone(&self.cache);
@@ -353,8 +396,13 @@ impl Guard {
                 Ok((file, progress))
             }
             Ok(Err(e)) => {
-                tracing::warn!(%digest, error = %e, "cannot write to the cache; streaming uncached");
                 m.uncached_fills.fetch_add(1, Relaxed);
+                if self.cache.disk.write_failed(&e, size) {
+                    m.uncached_no_room.fetch_add(1, Relaxed);
+                    tracing::debug!(%digest, error = %e, "no room on the cache disk; streaming the blob uncached");
+                } else {
+                    tracing::warn!(%digest, error = %e, "cannot write to the cache; streaming uncached");
+                }
                 Err(Failure::Uncached)
             }
             Err(_) => Err(Failure::Uncached),

@@ -15,23 +15,31 @@ impl Cache {
         let this = Arc::clone(self);
         let size = bytes.len() as u64;
         let _ = tokio::task::spawn_blocking(move || {
-            if !this.reserve(size) {
+            // Not kept: the disk's state change is logged, not each manifest.
+            if this.reserve(size, false).is_err() {
                 return;
             }
+            let failed = |e: std::io::Error| {
+                if this.disk.write_failed(&e, size) {
+                    tracing::debug!(digest = %d, error = %e, "could not cache manifest: the disk is full");
+                } else {
+                    tracing::warn!(digest = %d, error = %e, "could not cache manifest");
+                }
+            };
             let (mut f, p) = match this.temp_file() {
                 Ok(x) => x,
                 Err(e) => {
-                    tracing::warn!(digest = %d, error = %e, "could not cache manifest");
+                    failed(e);
                     return this.release(size, None);
                 }
             };
             if let Err(e) = f.write_all(&bytes) {
-                tracing::warn!(digest = %d, error = %e, "could not cache manifest");
+                failed(e);
                 return this.release(size, Some(&p));
             }
             // `commit` releases the reservation whatever happens.
             if let Err(e) = this.commit(&d, size, &p, Stored::Manifest(&f, &media_type)) {
-                tracing::warn!(digest = %d, error = %e, "could not cache manifest");
+                failed(e);
             }
         })
         .await;

@@ -44,10 +44,14 @@ impl OwnDir {
         fs::create_dir_all(&path)?;
         let lock = File::open(&path)?;
         flock(&lock, FlockOperation::NonBlockingLockExclusive).map_err(io::Error::from)?;
-        fs::write(
-            path.join(instance::OWNER),
-            format!("{}\n", std::process::id()),
-        )?;
+        let owner = path.join(instance::OWNER);
+        if let Err(e) = fs::write(&owner, format!("{}\n", std::process::id())) {
+            // On a full disk the pid finds no room, but the file is made:
+            // its being there is what marks the dir as owned.
+            if !(super::disk::is_full(&e) && owner.is_file()) {
+                return Err(e);
+            }
+        }
         Ok(OwnDir { path, _lock: lock })
     }
 }
