@@ -108,8 +108,9 @@ pub struct ServeArgs {
     #[arg(long, env = "REGPROXY_UPSTREAM_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub upstream_timeout: Duration,
 
-    /// How many times a blob download that broke off is resumed (with a
-    /// `Range` request from the byte where it stopped) before the fill fails.
+    /// How many times in a row a blob download that broke off is resumed
+    /// (with a `Range` request from the byte where it stopped) before the
+    /// fill fails; the count starts over once a resume brings bytes.
     #[arg(long, env = "REGPROXY_UPSTREAM_RETRIES", default_value_t = 5)]
     pub upstream_retries: u32,
 

@@ -54,7 +54,8 @@ pub struct Upstream {
     /// `scheme://authority` of `base`.
     origin: String,
     timeout: Duration,
-    /// Resumes of a broken blob download before its fill fails.
+    /// Resumes in a row (without a byte between) of a broken blob download
+    /// before its fill fails.
     retries: u32,
     /// `1.1 <this instance's token>`: a request that carries it has looped.
     via: HeaderValue,
@@ -145,7 +146,8 @@ impl Upstream {
         self.timeout
     }
 
-    /// How many times a blob download that broke off is resumed.
+    /// How many times in a row a blob download that broke off is resumed
+    /// without a byte coming in between (see `cache::fill::source`).
     pub fn retries(&self) -> u32 {
         self.retries
     }

@@ -90,7 +90,7 @@ pub(super) fn sweep(root: &Path, primary: bool) -> usize {
             continue;
         }
         let res = if is_dir {
-            fs::remove_dir_all(&path)
+            remove_dead_dir(&path)
         } else {
             fs::remove_file(&path)
         };
@@ -102,6 +102,38 @@ pub(super) fn sweep(root: &Path, primary: bool) -> usize {
         }
     }
     removed
+}
+
+/// Removes a dead process's temp dir with its `owner` file last: a sweep
+/// killed midway (a crash during start-up) leaves the dir still owned and
+/// unlocked, so the next sweep finishes it. Removed all at once (in
+/// listing order), it could lose `owner` first and keep the rest: a dir
+/// without `owner` is taken for one being created and kept forever, with
+/// up to a blob's bytes in it outside the cap.
+fn remove_dead_dir(dir: &Path) -> io::Result<()> {
+    let gone = |r: io::Result<()>| match r {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    };
+    let entries = match fs::read_dir(dir) {
+        // Another process swept it meanwhile.
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        r => r?,
+    };
+    for e in entries {
+        let e = e?;
+        if e.file_name() == instance::OWNER {
+            continue;
+        }
+        let p = e.path();
+        gone(if e.file_type()?.is_dir() {
+            fs::remove_dir_all(&p)
+        } else {
+            fs::remove_file(&p)
+        })?;
+    }
+    gone(fs::remove_file(dir.join(instance::OWNER)))?;
+    gone(fs::remove_dir(dir))
 }
 
 /// A fill of a digest that another live process sharing the cache dir is

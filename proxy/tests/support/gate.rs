@@ -32,6 +32,15 @@ struct GateState {
 
 impl Gate {
     pub async fn start(upstream: SocketAddr) -> Gate {
+        Gate::start_buffered(upstream, None).await
+    }
+
+    /// [`Gate::start`] with the receive buffer of each connection to the
+    /// upstream set to `upstream_rcvbuf` bytes. The kernel grows the buffer
+    /// of a paced (slow) reader to megabytes; a small one bounds what of an
+    /// answer the gate has not passed yet still arrives once the upstream
+    /// is killed (its own send buffer remains).
+    pub async fn start_buffered(upstream: SocketAddr, upstream_rcvbuf: Option<u32>) -> Gate {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let state = Arc::new(GateState {
@@ -51,7 +60,7 @@ impl Gate {
                 let id = st.conns.fetch_add(1, Ordering::SeqCst) + 1;
                 let st = Arc::clone(&st);
                 tokio::spawn(async move {
-                    let Ok(up) = tokio::net::TcpStream::connect(upstream).await else {
+                    let Ok(up) = connect(upstream, upstream_rcvbuf).await else {
                         return;
                     };
                     let (mut dr, mut dw) = down.into_split();
@@ -174,4 +183,16 @@ impl Gate {
     pub fn connections(&self) -> u64 {
         self.state.conns.load(Ordering::SeqCst)
     }
+}
+
+/// A connection to `to`, with its receive buffer set first when asked.
+async fn connect(to: SocketAddr, rcvbuf: Option<u32>) -> std::io::Result<tokio::net::TcpStream> {
+    let s = match to {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    if let Some(n) = rcvbuf {
+        s.set_recv_buffer_size(n)?;
+    }
+    s.connect(to).await
 }

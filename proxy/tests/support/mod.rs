@@ -3,8 +3,10 @@
 //! (Debian's `docker-registry`, Distribution 2.8, as the upstream), `proxy`
 //! (the `regproxy` binary), `gate` (a TCP relay that lets a test pause or cut
 //! the upstream's bytes mid-transfer), `daemons` (dockerd, containerd),
-//! `stub` (an upstream scripted for answers a real registry never gives) and
-//! `netns` (a network namespace for a peer off loopback). `http` and `order`
+//! `stub` (an upstream scripted for answers a real registry never gives),
+//! `netns` (a network namespace for a peer off loopback) and `crash` (seeded
+//! randomness, a switchable upstream relay and the cache dir's checks, for
+//! tests that kill processes at random moments). `http` and `order`
 //! are the test's own requests. This file keeps the waits and what all share.
 //!
 //! Every test binary compiles this whole folder and uses a part of it, so
@@ -14,6 +16,8 @@
 //! one allow over the folder: an item of a module that no binary uses any
 //! more does not warn; an item of this file without an allow still does.
 
+#[allow(dead_code)]
+pub mod crash;
 #[allow(dead_code)]
 mod daemons;
 #[allow(dead_code)]

@@ -57,8 +57,13 @@ pub(super) async fn start(
 /// The `size` bytes of a blob, in order, from an upstream body that may
 /// break. After a cut (an error, a stall longer than the upstream timeout, an
 /// early end) it asks again from the first byte it lacks with `Range`, up to
-/// `retries` times; an upstream that ignores the range and sends the whole
-/// blob has its first bytes skipped.
+/// `retries` times in a row without a byte coming in between, each after a
+/// longer pause (see [`backoff`]); an upstream that ignores the range and
+/// sends the whole blob has its first bytes skipped. The count starts over
+/// once a resumed answer brings bytes: an upstream restarted ten times
+/// during one long fill (a rollout, a crash loop) is followed as long as it
+/// comes back within the pauses, and each cut moves the fill forward, so it
+/// still ends.
 pub(super) struct Resumable<'a> {
     upstream: &'a Upstream,
     path: &'a str,
@@ -74,6 +79,7 @@ pub(super) struct Resumable<'a> {
     pos: u64,
     /// Bytes to drop from a 200 answer to a resume.
     skip: u64,
+    /// Resumes since the last byte came from the upstream.
     resumes: u32,
     /// Why the body broke, once the empty chunk that announces the resume
     /// was handed out.
@@ -189,6 +195,7 @@ impl<'a> Resumable<'a> {
                 )));
             }
             self.pos += chunk.len() as u64;
+            self.resumes = 0;
             return Ok(Some(chunk));
         };
         self.cut = Some(why);
@@ -196,7 +203,7 @@ impl<'a> Resumable<'a> {
     }
 
     /// Asks again from the first byte not handed out, until an answer comes
-    /// or the retries are spent.
+    /// or the retries in a row are spent.
     async fn resume(&mut self, mut why: Error) -> Result<(), Error> {
         let digest = self.digest;
         // The first resume after a sibling's fill stopped is no upstream error.
@@ -242,6 +249,9 @@ impl<'a> Resumable<'a> {
     }
 }
 
+/// The pause before resume `attempt` in a row: 0.4 s, doubling up to 6.4 s,
+/// so the default 5 retries wait out an upstream that is gone for about 12 s
+/// (a restart, a failover) and no more.
 fn backoff(attempt: u32) -> Duration {
     Duration::from_millis(200 * (1 << attempt.min(5)))
 }
