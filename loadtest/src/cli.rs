@@ -1,4 +1,4 @@
-//! The command line: `seed`, `pull`, `compare`.
+//! The command line: `seed`, `pull`, `compare`, `soak`.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -31,6 +31,28 @@ pub enum Command {
     Pull(PullArgs),
     /// Start the upstream and every target with fresh caches, run all scenarios, report.
     Compare(Box<CompareArgs>),
+    /// Mixed traffic and random faults against regproxy for a set time, every
+    /// completed response checked against the truth; reports and fails on a wrong one.
+    Soak(Box<SoakArgs>),
+}
+
+#[derive(Debug, Args)]
+pub struct SoakArgs {
+    #[command(flatten)]
+    pub params: crate::soak::Params,
+    /// The regproxy binary [default: `regproxy` next to this executable].
+    #[arg(long, env = "REGPROXY_BIN")]
+    pub regproxy_bin: Option<PathBuf>,
+    /// Distribution 2.8, the upstream.
+    #[arg(long, default_value = "/usr/bin/docker-registry")]
+    pub registry_bin: PathBuf,
+    /// Where logs, the upstream's storage and the cache's tmpfs go [default:
+    /// a temp dir, removed afterwards].
+    #[arg(long)]
+    pub work_dir: Option<PathBuf>,
+    /// Write `soak.txt`, `soak.json` and `soak.svg` here.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -121,6 +143,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         // started and removes its namespace and temp dirs.
         Command::Compare(a) => tokio::select! {
             r = compare(*a) => r,
+            s = interrupted() => bail!("stopped by {s}"),
+        },
+        Command::Soak(a) => tokio::select! {
+            r = soak(*a) => r,
             s = interrupted() => bail!("stopped by {s}"),
         },
     }
@@ -278,6 +304,29 @@ fn default_regproxy() -> anyhow::Result<PathBuf> {
     Ok(exe.with_file_name("regproxy"))
 }
 
+async fn soak(a: SoakArgs) -> anyhow::Result<()> {
+    let tools = Tools {
+        registry: a.registry_bin.clone(),
+        nginx: PathBuf::new(),
+        regproxy: match &a.regproxy_bin {
+            Some(p) => p.clone(),
+            None => default_regproxy()?,
+        },
+    };
+    let temp;
+    let work = match &a.work_dir {
+        Some(w) => w.clone(),
+        None => {
+            temp = tempfile::Builder::new()
+                .prefix("loadtest-soak-")
+                .tempdir()?;
+            temp.path().to_path_buf()
+        }
+    };
+    let setup = crate::soak::Setup { tools, work };
+    crate::soak::main(a.params, setup, a.out).await
+}
+
 async fn compare(a: CompareArgs) -> anyhow::Result<()> {
     for s in &a.params.scenarios {
         if !compare::SCENARIOS.iter().any(|(id, _)| id == s) {
@@ -360,6 +409,11 @@ mod tests {
             (vec![48 << 20, 16 << 20], vec![4096])
         );
         parse(&["loadtest", "pull", "--registry", "r", "--image", "a:v1"]);
+        let Command::Soak(s) = parse(&["loadtest", "soak"]) else {
+            unreachable!()
+        };
+        assert_eq!(s.params.duration, Duration::from_secs(60));
+        assert_eq!(s.params.cache_size, 32 << 20);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The edge-cluster pull workload, and regproxy measured side by side against
 //! what users run instead.
 //!
-//! - [`cli`]: the `seed`, `pull` and `compare` subcommands and their flags.
+//! - [`cli`]: the `seed`, `pull`, `compare` and `soak` subcommands and their flags.
 //! - [`synth`]: deterministic synthetic blobs and image sets (what `seed` pushes).
 //! - [`registry`]: a small OCI registry client: push, resolve, verified blob GETs.
 //! - [`stats`]: latency percentiles.
@@ -12,6 +12,8 @@
 //!   configured and started with a fresh cache.
 //! - [`netns`]: the bandwidth-limited uplink (network namespace, veth, `tc tbf`).
 //! - [`compare`]: the scenarios, run for every target in one run.
+//! - [`soak`]: `loadtest soak`, regproxy under mixed traffic and random
+//!   faults for a set time, every completed response checked by an oracle.
 //! - [`report`]: the table on stdout, the JSON, the SVG chart, and sizes for
 //!   humans (`256.0 MiB`). Sizes and durations on the command line are
 //!   `regproxy::units`, one grammar with the proxy.
@@ -22,6 +24,7 @@ pub mod netns;
 pub mod procs;
 pub mod registry;
 pub mod report;
+pub mod soak;
 pub mod stats;
 pub mod synth;
 pub mod targets;

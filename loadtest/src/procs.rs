@@ -43,6 +43,26 @@ impl Proc {
         self.child.id()
     }
 
+    /// Sends `sig` (`TERM`, `KILL`, ...) to the process.
+    pub fn signal(&self, sig: &str) {
+        let _ = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .stderr(Stdio::null())
+            .status();
+    }
+
+    /// `kill -9` and reap: the process is gone when this returns.
+    pub fn kill_now(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Its exit status, if it has exited.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
     /// Fails with the tail of its stderr if the process has exited.
     pub fn check_alive(&mut self) -> anyhow::Result<()> {
         if let Some(status) = self.child.try_wait()? {
@@ -109,7 +129,8 @@ pub struct MemPeak {
     pub anon_kib: u64,
 }
 
-fn status_kib(pid: u32) -> Option<(u64, u64)> {
+/// `VmRSS` and `RssAnon` of one process, in KiB.
+pub fn status_kib(pid: u32) -> Option<(u64, u64)> {
     let s = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let field = |key: &str| -> u64 {
         s.lines()

@@ -220,21 +220,31 @@ impl Registry {
             .await?;
             pushed += len;
         }
-        let req = Request::put(format!(
-            "{}/v2/{}/manifests/{}",
-            self.base, img.name, img.tag
-        ))
-        .header(header::CONTENT_TYPE, MANIFEST_TYPE)
-        .body(full(img.manifest.bytes.clone()))?;
+        self.put_manifest(&img.name, &img.tag, img.manifest.bytes.clone())
+            .await
+            .with_context(|| format!("pushing the manifest of {}", img.reference()))?;
+        Ok(pushed)
+    }
+
+    /// `PUT` an OCI manifest under `reference` (a tag moves to it); its blobs
+    /// must be there already.
+    pub async fn put_manifest(
+        &self,
+        name: &str,
+        reference: &str,
+        bytes: Bytes,
+    ) -> anyhow::Result<()> {
+        let req = Request::put(format!("{}/v2/{name}/manifests/{reference}", self.base))
+            .header(header::CONTENT_TYPE, MANIFEST_TYPE)
+            .body(full(bytes))?;
         let resp = self.send(req).await?;
         let status = resp.status();
         ensure!(
             status == StatusCode::CREATED,
-            "pushing the manifest of {} answered {status}: {}",
-            img.reference(),
+            "PUT manifest {name}:{reference} answered {status}: {}",
             String::from_utf8_lossy(&self.read_small(resp).await.unwrap_or_default())
         );
-        Ok(pushed)
+        Ok(())
     }
 
     /// Resolves a manifest by tag or digest, verifying its bytes against the

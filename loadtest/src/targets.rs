@@ -103,7 +103,8 @@ pub async fn start_upstream(
     })
 }
 
-async fn wait_ready(proc: &mut Proc, addr: &str) -> anyhow::Result<()> {
+/// Waits until `proc` answers `GET /v2/` on `addr`; fails if it exits first.
+pub async fn wait_ready(proc: &mut Proc, addr: &str) -> anyhow::Result<()> {
     // Generous: a loaded machine may take long to start a program; one
     // that comes up sooner ends the wait at once.
     const WITHIN: Duration = Duration::from_secs(60);
