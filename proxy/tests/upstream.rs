@@ -301,3 +301,37 @@ async fn an_upstream_off_loopback_cannot_redirect_onto_it() {
         inside.requests()
     );
 }
+
+/// An upstream that answers 5xx (Distribution does, mid-restart or with its
+/// storage in trouble) is the upstream's failure: the client gets a 502, on
+/// every path that would otherwise relay the answer, never the upstream's
+/// `500` passed on as if this node had a bug.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_5xx_reaches_the_client_as_a_502() {
+    let up = Stub::start("127.0.0.1:0", |req| {
+        if req.uri().path() == "/v2/" {
+            answer(200, &[], b"{}")
+        } else {
+            answer(500, &[], b"{\"errors\":[{\"code\":\"UNKNOWN\"}]}")
+        }
+    })
+    .await;
+    let cache = temp_dir("cache");
+    let proxy = Proxy::start(&up.url(), cache.path(), &[]);
+    let d = sha256_digest(b"not there");
+    for (method, path) in [
+        (Method::GET, "/v2/team/app/manifests/v1".to_string()),
+        (Method::HEAD, "/v2/team/app/manifests/v1".to_string()),
+        (Method::GET, format!("/v2/team/app/manifests/{d}")),
+        (Method::GET, "/v2/team/app/tags/list".to_string()),
+        (Method::POST, "/v2/team/app/blobs/uploads/".to_string()),
+    ] {
+        let url = format!("{}{path}", proxy.url());
+        let (st, _, _) = request(method.clone(), &url, &[], Bytes::new()).await;
+        assert_eq!(
+            st,
+            StatusCode::BAD_GATEWAY,
+            "{method} {path}: an upstream 500 is a 502"
+        );
+    }
+}

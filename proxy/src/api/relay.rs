@@ -202,6 +202,12 @@ impl App {
         resp: Response<Incoming>,
     ) -> Response<Body> {
         let (p, body) = resp.into_parts();
+        if p.status.is_server_error() {
+            // The upstream's own failure is a 502 like every other upstream
+            // failure (counted as one in `Upstream::send`): its `500` passed
+            // on as is would read as this node's bug.
+            return Error::status(parts.uri.path(), p.status).into_response();
+        }
         let body = Body::upstream(body, Arc::clone(&self.metrics), self.upstream.timeout());
         self.relayed(parts, p.status, &p.headers, body)
     }
