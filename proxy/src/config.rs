@@ -110,7 +110,7 @@ pub struct ServeArgs {
 
     /// How many times in a row a blob download that broke off is resumed
     /// (with a `Range` request from the byte where it stopped) before the
-    /// fill fails; the count starts over once a resume brings bytes.
+    /// fill fails; the count starts over once a resume brings 1 MiB.
     #[arg(long, env = "REGPROXY_UPSTREAM_RETRIES", default_value_t = 5)]
     pub upstream_retries: u32,
 

@@ -143,17 +143,33 @@ async fn a_blob_larger_than_the_free_space_is_streamed_whole_and_not_kept() {
         "nothing partial is committed"
     );
 
-    // A blob that fits is cached, and the disk has room again.
-    let small = blob(1 << 20, 78);
-    let small_digest = reg.put_blob_files("team/disk", &small);
-    pull(&proxy, "team/disk", &small_digest).await;
-    proxy.fills_done().await;
-    assert!(
-        proxy.cache_path(&small_digest).exists(),
-        "a blob that fits is cached once there is room"
+    // Small blobs that fit are cached between large ones that do not, and
+    // the state does not flip with each: the disk stays full (for blobs the
+    // size of the one refused) and says so once, not once per request.
+    for i in 0..4 {
+        let small = blob(256 << 10, 78 + i);
+        let small_digest = reg.put_blob_files("team/disk", &small);
+        pull(&proxy, "team/disk", &small_digest).await;
+        proxy.fills_done().await;
+        assert!(
+            proxy.cache_path(&small_digest).exists(),
+            "a blob that fits is cached"
+        );
+        pull(&proxy, "team/disk", &big_digest).await;
+        proxy.fills_done().await;
+        assert!(!proxy.cache_path(&big_digest).exists());
+    }
+    assert_eq!(proxy.metric("regproxy_cache_disk_full").await, 1);
+    assert_eq!(
+        proxy.metric("regproxy_uncached_fills_no_room_total").await,
+        5,
+        "each pull of the large blob was streamed uncached"
     );
-    assert_eq!(proxy.metric("regproxy_cache_disk_full").await, 0);
-    wait_until(|| lines(&proxy, ROOM) == 1, "the node says there is room").await;
+    assert_eq!(
+        (lines(&proxy, FULL), lines(&proxy, ROOM)),
+        (1, 0),
+        "mixed sizes do not flip the state: one line for the one change"
+    );
     assert_index_matches_disk(&proxy).await;
 }
 
@@ -441,5 +457,53 @@ async fn serve_starts_on_a_completely_full_disk_and_caches_once_there_is_room() 
     assert_eq!(proxy.metric("regproxy_cache_disk_full").await, 0);
     wait_until(|| lines(&proxy, ROOM) == 1, "the node says there is room").await;
     assert_eq!(lines(&proxy, FULL), 1, "one line said the disk was full");
+    assert_index_matches_disk(&proxy).await;
+}
+
+/// Evicting a blob that a slow client is still reading frees no blocks until
+/// that response ends: the room counted on it is checked again once it is
+/// unlinked, and the new blob is streamed whole, uncached, rather than cut
+/// when the disk fills under it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn room_counted_on_a_blob_still_being_read_is_checked_before_the_fill() {
+    use std::io::{Read, Write};
+    let reg = Registry::start();
+    let disk = Tmpfs::mount(64);
+    let cache = disk.path().join("cache");
+    let a = reg.put_blob_files("team/held", &blob(40 << 20, 201));
+    let b = reg.put_blob_files("team/held", &blob(40 << 20, 202));
+    let proxy = Proxy::start(&reg.url(), &cache, &["--cache-size", "1GiB"]);
+    proxy.wait_learned_open();
+    pull(&proxy, "team/held", &a).await;
+    proxy.fills_done().await;
+    assert!(proxy.cache_path(&a).exists());
+
+    // A client that reads the first bytes of A, then stops: its response
+    // holds A's file open.
+    let mut slow = std::net::TcpStream::connect(proxy.addr).unwrap();
+    write!(
+        slow,
+        "GET /v2/team/held/blobs/{a} HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
+    .unwrap();
+    let mut first = [0u8; 4096];
+    let n = slow.read(&mut first).unwrap();
+    assert!(n > 0, "the slow client's response has begun");
+
+    pull(&proxy, "team/held", &b).await;
+    proxy.fills_done().await;
+    assert!(!proxy.cache_path(&a).exists(), "A was evicted to make room");
+    assert!(
+        !proxy.cache_path(&b).exists(),
+        "B is not kept: A's blocks are still held"
+    );
+    assert_eq!(proxy.metric("regproxy_cache_disk_full").await, 1);
+    assert_eq!(
+        proxy.metric("regproxy_uncached_fills_no_room_total").await,
+        1
+    );
+    let left = temp_files(&cache);
+    assert!(left.is_empty(), "no temp file was left: {left:?}");
+    drop(slow);
     assert_index_matches_disk(&proxy).await;
 }

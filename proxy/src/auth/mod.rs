@@ -413,7 +413,11 @@ impl Auth {
         });
         if written.is_err() {
             // A full disk: the last file stays, and no temp file is left.
+            // The changes are still to be written: the next save (or the
+            // one at exit) tries again, so a refusal learned now is not
+            // forgotten by a restart.
             let _ = std::fs::remove_file(&tmp);
+            self.lock().dirty = true;
         }
         written
     }

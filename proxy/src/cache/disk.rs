@@ -38,7 +38,8 @@ pub(super) enum NoRoom {
 /// Whether the cache disk is full, and the gauge that shows it.
 pub(super) struct Disk {
     root: PathBuf,
-    full: Mutex<bool>,
+    /// While the disk is full: the bytes the last refused blob needed.
+    full: Mutex<Option<u64>>,
     metrics: Arc<Metrics>,
 }
 
@@ -46,7 +47,7 @@ impl Disk {
     pub fn new(root: &Path, metrics: Arc<Metrics>) -> Disk {
         Disk {
             root: root.to_owned(),
-            full: Mutex::new(false),
+            full: Mutex::new(None),
             metrics,
         }
     }
@@ -57,33 +58,33 @@ impl Disk {
         Ok(s.f_bavail.saturating_mul(s.f_frsize))
     }
 
-    /// Sets the state; logs and sets the gauge only when it changes.
-    fn set(&self, full: bool, free: u64, needed: u64) {
+    /// A check found no room for `needed` bytes: the disk is full until a
+    /// check finds room for as much (see [`Disk::room`]). Logs and sets the
+    /// gauge only when the state changes.
+    pub fn no_room(&self, free: u64, needed: u64) {
         let mut st = self.full.lock().unwrap_or_else(|e| e.into_inner());
-        if *st == full {
-            return;
-        }
-        *st = full;
-        self.metrics.cache_disk_full.store(u64::from(full), Relaxed);
-        if full {
+        let was = st.replace(needed);
+        if was.is_none() {
+            self.metrics.cache_disk_full.store(1, Relaxed);
             tracing::warn!(
                 free,
                 needed,
                 "cache disk is full: blobs that do not fit are served without being kept until there is room"
             );
-        } else {
-            tracing::info!(free, "cache disk has room again");
         }
     }
 
-    /// A check found no room for `needed` bytes.
-    pub fn no_room(&self, free: u64, needed: u64) {
-        self.set(true, free, needed);
-    }
-
-    /// A check found room.
+    /// A check found `free` bytes and room for its blob. The disk has room
+    /// again only if that is as much as the last blob refused needed: a
+    /// small blob that fits between large ones that do not would otherwise
+    /// flip the state, and its log line, on every request.
     pub fn room(&self, free: u64) {
-        self.set(false, free, 0);
+        let mut st = self.full.lock().unwrap_or_else(|e| e.into_inner());
+        if st.is_some_and(|needed| free >= needed) {
+            *st = None;
+            self.metrics.cache_disk_full.store(0, Relaxed);
+            tracing::info!(free, "cache disk has room again");
+        }
     }
 
     /// Takes in a cache write that failed with `e` while `needed` more bytes
@@ -119,7 +120,7 @@ impl Cache {
         // Before the lock: a system call. Unknown (an error) checks the cap
         // only, and the writes tell.
         let free = self.disk.free().ok();
-        let mut needed = 0;
+        let (mut needed, mut counted_evicted) = (0, false);
         let (res, evicted) = {
             let mut st = self.lock();
             if st.reserved + size > self.cap {
@@ -139,6 +140,7 @@ impl Cache {
                 } else {
                     let want = needed.saturating_sub(free + freed);
                     evicted.extend(self.evict_bytes(&mut st, want));
+                    counted_evicted = free < needed;
                     Ok(())
                 }
             } else {
@@ -151,6 +153,20 @@ impl Cache {
             (res, evicted)
         };
         self.unlink(evicted);
+        // The room counted on files just unlinked: a file a response still
+        // has open keeps its blocks until that response ends. Without room
+        // now, the blob is not kept after all (nothing to cut midway).
+        let short = counted_evicted
+            && res.is_ok()
+            && self.disk.free().is_ok_and(|now| now < size + HEADROOM);
+        if short {
+            let mut st = self.lock();
+            st.reserved -= size;
+            self.publish(&st);
+            drop(st);
+            self.disk.no_room(self.disk.free().unwrap_or(0), needed);
+            return Err(NoRoom::Disk);
+        }
         if let Some(free) = free {
             match res {
                 Ok(()) if blob => self.disk.room(free),
@@ -189,7 +205,13 @@ mod tests {
         disk.no_room(0, 10);
         disk.no_room(0, 20);
         assert_eq!(gauge(), 1);
-        assert!(*disk.full.lock().unwrap());
+        assert!(disk.full.lock().unwrap().is_some());
+        disk.room(19);
+        assert_eq!(
+            gauge(),
+            1,
+            "room for a smaller blob than the one refused is no room again"
+        );
         disk.room(30);
         assert_eq!(gauge(), 0);
         let enospc = io::Error::from_raw_os_error(28);

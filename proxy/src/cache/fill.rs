@@ -429,6 +429,10 @@ impl Guard {
         };
         match tokio::task::spawn_blocking(commit).await {
             Ok(Ok(())) => tracing::debug!(%digest, size, "fill committed"),
+            Ok(Err(e)) if self.cache.disk.write_failed(&e, 0) => {
+                // The disk's state change says so, once.
+                tracing::debug!(%digest, error = %e, "verified blob could not be committed: the disk is full")
+            }
             Ok(Err(e)) => {
                 tracing::warn!(%digest, error = %e, "verified blob could not be committed")
             }

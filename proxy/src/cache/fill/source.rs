@@ -57,10 +57,10 @@ pub(super) async fn start(
 /// The `size` bytes of a blob, in order, from an upstream body that may
 /// break. After a cut (an error, a stall longer than the upstream timeout, an
 /// early end) it asks again from the first byte it lacks with `Range`, up to
-/// `retries` times in a row without a byte coming in between, each after a
+/// `retries` times in a row without 1 MiB coming in between, each after a
 /// longer pause (see [`backoff`]); an upstream that ignores the range and
 /// sends the whole blob has its first bytes skipped. The count starts over
-/// once a resumed answer brings bytes: an upstream restarted ten times
+/// once a resumed answer brings [`PROGRESS`] bytes: an upstream restarted ten times
 /// during one long fill (a rollout, a crash loop) is followed as long as it
 /// comes back within the pauses, and each cut moves the fill forward, so it
 /// still ends.
@@ -79,8 +79,10 @@ pub(super) struct Resumable<'a> {
     pos: u64,
     /// Bytes to drop from a 200 answer to a resume.
     skip: u64,
-    /// Resumes since the last byte came from the upstream.
+    /// Resumes in a row: since the last [`PROGRESS`] bytes came in.
     resumes: u32,
+    /// Where the last resume started.
+    resumed_at: u64,
     /// Why the body broke, once the empty chunk that announces the resume
     /// was handed out.
     cut: Option<Error>,
@@ -117,6 +119,7 @@ impl<'a> Resumable<'a> {
             pos: 0,
             skip: 0,
             resumes: 0,
+            resumed_at: 0,
             cut: None,
         }
     }
@@ -195,7 +198,10 @@ impl<'a> Resumable<'a> {
                 )));
             }
             self.pos += chunk.len() as u64;
-            self.resumes = 0;
+            if self.pos >= self.resumed_at.saturating_add(PROGRESS) {
+                // Real progress since the last resume: the count starts over.
+                self.resumes = 0;
+            }
             return Ok(Some(chunk));
         };
         self.cut = Some(why);
@@ -220,6 +226,7 @@ impl<'a> Resumable<'a> {
             self.resumes += 1;
             self.metrics.upstream_resumes.fetch_add(1, Relaxed);
             let (from, attempt) = (self.pos, self.resumes);
+            self.resumed_at = from;
             tracing::info!(%digest, error = %why, from, attempt, "resuming the upstream download");
             tokio::time::sleep(backoff(attempt)).await;
             let range = HeaderValue::from_str(&format!("bytes={from}-")).expect("ascii");
@@ -248,6 +255,12 @@ impl<'a> Resumable<'a> {
         }
     }
 }
+
+/// Bytes a resumed answer must bring before the count of resumes in a row
+/// starts over: a path that cuts every connection after a few KiB still
+/// ends the fill after `--upstream-retries` resumes, rather than crawling
+/// through a large blob for hours.
+const PROGRESS: u64 = 1 << 20;
 
 /// The pause before resume `attempt` in a row: 0.4 s, doubling up to 6.4 s,
 /// so the default 5 retries wait out an upstream that is gone for about 12 s
