@@ -34,9 +34,6 @@ pub struct Pullable {
     pub tags: Vec<String>,
 }
 
-/// Tags the pushes move between (each push sets one of them anew).
-const PUSHED_TAGS: u64 = 64;
-
 /// What every client shares.
 pub struct World {
     pub proxy: String,
@@ -513,11 +510,8 @@ impl Worker {
             .wrapping_mul(1_000_003)
             .wrapping_add(7_000_000 + k);
         let layer = synth::blob(seed, 32 << 10 | (k % 4096), LAYER_TYPE);
-        // A bounded set of tags that pushes move, as a CI pipeline does: the
-        // proxy's tag state stays the same size however long the soak runs,
-        // so its memory must stay flat too.
         let name = format!("soak/pushed-{}", k % 8);
-        let tag = format!("p{}", k % PUSHED_TAGS);
+        let tag = format!("p{k}");
         let img = synth::image(&name, &tag, vec![layer]);
         self.world.oracle.add_image(&img);
         let reg = Registry::new(&self.world.proxy, self.world.timeout);
@@ -529,18 +523,14 @@ impl Worker {
                     .oracle
                     .set_tag(&name, &tag, &img.manifest.digest, asked, Instant::now());
                 self.tally().hung_up(op);
-                {
-                    let mut imgs = self.world.images.lock().expect("images lock");
-                    if !imgs
-                        .iter()
-                        .any(|p| p.name == name && p.tags == [tag.clone()])
-                    {
-                        imgs.push(Pullable {
-                            name: name.clone(),
-                            tags: vec![tag.clone()],
-                        });
-                    }
-                }
+                self.world
+                    .images
+                    .lock()
+                    .expect("images lock")
+                    .push(Pullable {
+                        name: name.clone(),
+                        tags: vec![tag.clone()],
+                    });
                 if let Some(d) = self.get_manifest("pull pushed", &name, &tag).await {
                     self.pull_blobs("pull pushed", &name, &d).await;
                 }
