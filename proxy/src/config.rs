@@ -110,7 +110,7 @@ pub struct ServeArgs {
 
     /// How many times in a row a blob download that broke off is resumed
     /// (with a `Range` request from the byte where it stopped) before the
-    /// fill fails; the count starts over once a resume brings 1 MiB.
+    /// fill fails; the count starts over once a resume brings 64 KiB.
     #[arg(long, env = "REGPROXY_UPSTREAM_RETRIES", default_value_t = 5)]
     pub upstream_retries: u32,
 

@@ -54,7 +54,7 @@ pub struct Upstream {
     /// `scheme://authority` of `base`.
     origin: String,
     timeout: Duration,
-    /// Resumes in a row (less than 1 MiB between) of a broken blob download
+    /// Resumes in a row (less than 64 KiB between) of a broken blob download
     /// before its fill fails.
     retries: u32,
     /// `1.1 <this instance's token>`: a request that carries it has looped.
@@ -147,7 +147,7 @@ impl Upstream {
     }
 
     /// How many times in a row a blob download that broke off is resumed
-    /// with less than 1 MiB coming in between (see `cache::fill::source`).
+    /// with less than 64 KiB coming in between (see `cache::fill::source`).
     pub fn retries(&self) -> u32 {
         self.retries
     }

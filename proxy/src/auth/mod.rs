@@ -405,7 +405,13 @@ impl Auth {
                     .collect(),
             }
         };
-        let tmp = crate::instance::temp_for(path)?;
+        let tmp = match crate::instance::temp_for(path) {
+            Ok(tmp) => tmp,
+            Err(e) => {
+                self.lock().dirty = true;
+                return Err(e);
+            }
+        };
         let written = create_private(&tmp).and_then(|mut f| {
             f.write_all(&serde_json::to_vec(&p)?)?;
             f.sync_data()?;

@@ -74,10 +74,11 @@ impl Disk {
         }
     }
 
-    /// A check found `free` bytes and room for its blob. The disk has room
-    /// again only if that is as much as the last blob refused needed: a
-    /// small blob that fits between large ones that do not would otherwise
-    /// flip the state, and its log line, on every request.
+    /// A check found room for its blob, and `free` bytes for a blob, counting
+    /// what eviction could free. The disk has room again only if that is as
+    /// much as the last blob refused needed: a small blob that fits between
+    /// large ones that do not would otherwise flip the state, and its log
+    /// line, on every request.
     pub fn room(&self, free: u64) {
         let mut st = self.full.lock().unwrap_or_else(|e| e.into_inner());
         if st.is_some_and(|needed| free >= needed) {
@@ -120,7 +121,7 @@ impl Cache {
         // Before the lock: a system call. Unknown (an error) checks the cap
         // only, and the writes tell.
         let free = self.disk.free().ok();
-        let (mut needed, mut counted_evicted) = (0, false);
+        let (mut counted_evicted, mut avail) = (false, 0);
         let (res, evicted) = {
             let mut st = self.lock();
             if st.reserved + size > self.cap {
@@ -134,7 +135,10 @@ impl Cache {
             } else if let Some(free) = free {
                 // Evicted files free their blocks once unlinked, below.
                 let freed = before - st.committed;
-                needed = size + unwritten(&st) + HEADROOM;
+                let needed = size + unwritten(&st) + HEADROOM;
+                // The room there is for this blob, counting what eviction
+                // could free: what decides whether the disk is full.
+                avail = (free + freed + st.committed).saturating_sub(needed - size);
                 if free + freed + st.committed < needed {
                     Err(NoRoom::Disk)
                 } else {
@@ -164,14 +168,15 @@ impl Cache {
             st.reserved -= size;
             self.publish(&st);
             drop(st);
-            self.disk.no_room(self.disk.free().unwrap_or(0), needed);
+            self.disk
+                .no_room(self.disk.free().unwrap_or(0), size + HEADROOM);
             return Err(NoRoom::Disk);
         }
         if let Some(free) = free {
             match res {
-                Ok(()) if blob => self.disk.room(free),
+                Ok(()) if blob => self.disk.room(avail),
                 Ok(()) => {}
-                Err(NoRoom::Disk) => self.disk.no_room(free, needed),
+                Err(NoRoom::Disk) => self.disk.no_room(free, size + HEADROOM),
                 Err(NoRoom::Cap) => {}
             }
         }

@@ -57,7 +57,7 @@ pub(super) async fn start(
 /// The `size` bytes of a blob, in order, from an upstream body that may
 /// break. After a cut (an error, a stall longer than the upstream timeout, an
 /// early end) it asks again from the first byte it lacks with `Range`, up to
-/// `retries` times in a row without 1 MiB coming in between, each after a
+/// `retries` times in a row without 64 KiB coming in between, each after a
 /// longer pause (see [`backoff`]); an upstream that ignores the range and
 /// sends the whole blob has its first bytes skipped. The count starts over
 /// once a resumed answer brings [`PROGRESS`] bytes: an upstream restarted ten times
@@ -257,10 +257,11 @@ impl<'a> Resumable<'a> {
 }
 
 /// Bytes a resumed answer must bring before the count of resumes in a row
-/// starts over: a path that cuts every connection after a few KiB still
+/// starts over: a path that cuts every connection after a few bytes still
 /// ends the fill after `--upstream-retries` resumes, rather than crawling
-/// through a large blob for hours.
-const PROGRESS: u64 = 1 << 20;
+/// through a large blob for hours, while a slow link cut every few seconds
+/// (each connection bringing hundreds of KiB) is followed to the end.
+const PROGRESS: u64 = 64 << 10;
 
 /// The pause before resume `attempt` in a row: 0.4 s, doubling up to 6.4 s,
 /// so the default 5 retries wait out an upstream that is gone for about 12 s
