@@ -10,40 +10,14 @@
 //! in the profile this test was built in (`target/debug/regproxy` under
 //! `cargo test`); `REGPROXY_BIN` overrides that.
 
-use std::path::{Path, PathBuf};
+mod support;
+
+use support::regproxy_bin;
+
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-
-/// Builds regproxy next to the loadtest binary under test and returns its path.
-fn regproxy_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("REGPROXY_BIN") {
-        return PathBuf::from(p);
-    }
-    let loadtest = Path::new(env!("CARGO_BIN_EXE_loadtest"));
-    let dir = loadtest
-        .parent()
-        .expect("the loadtest binary has a directory");
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("loadtest/ is in the workspace");
-    let mut cargo = Command::new(env!("CARGO"));
-    cargo
-        .current_dir(workspace)
-        .args(["build", "-p", "regproxy", "--bin", "regproxy"]);
-    if dir.ends_with("release") {
-        cargo.arg("--release");
-    }
-    let status = cargo.status().expect("cargo should start");
-    assert!(
-        status.success(),
-        "building the regproxy binary should succeed"
-    );
-    let bin = dir.join("regproxy");
-    assert!(bin.is_file(), "cargo should have built {}", bin.display());
-    bin
-}
 
 fn rows<'a>(report: &'a Value, scenario: &str) -> Vec<&'a Value> {
     report["report"]["rows"]
