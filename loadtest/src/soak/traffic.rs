@@ -188,6 +188,31 @@ impl Worker {
         }
     }
 
+    /// Sends a request of `op`; a failure or an answer other than `200` is
+    /// tallied as `op`'s error, and gives `None`.
+    async fn send_ok(
+        &self,
+        op: &str,
+        method: Method,
+        path: &str,
+        headers: &[(header::HeaderName, String)],
+    ) -> Option<Resp> {
+        let resp = match self.http.send(method, path, headers).await {
+            Ok(r) => r,
+            Err((k, why)) => {
+                self.tally().error(op, k, why);
+                return None;
+            }
+        };
+        let status = resp.status();
+        if status != StatusCode::OK {
+            self.tally()
+                .error(op, &format!("status {}", status.as_u16()), path.to_owned());
+            return None;
+        }
+        Some(resp)
+    }
+
     fn tally(&self) -> &Tally {
         &self.world.tally
     }
@@ -356,20 +381,10 @@ impl Worker {
         let (name, tag) = self.pick_image();
         let path = format!("/v2/{name}/manifests/{tag}");
         let start = Instant::now();
-        let resp = match self
-            .http
-            .send(Method::HEAD, &path, &[(header::ACCEPT, ACCEPT.into())])
-            .await
-        {
-            Ok(r) => r,
-            Err((k, why)) => return self.tally().error(op, k, why),
+        let headers = [(header::ACCEPT, ACCEPT.into())];
+        let Some(resp) = self.send_ok(op, Method::HEAD, &path, &headers).await else {
+            return;
         };
-        let status = resp.status();
-        if status != StatusCode::OK {
-            return self
-                .tally()
-                .error(op, &format!("status {}", status.as_u16()), path);
-        }
         let end = Instant::now();
         let Some(d) = header_str(resp.headers(), "docker-content-digest") else {
             self.tally().verdict(
@@ -454,16 +469,9 @@ impl Worker {
         let op = "head";
         let (d, _) = self.pick_blob();
         let path = format!("/v2/{BLOB_REPO}/blobs/{d}");
-        let resp = match self.http.send(Method::HEAD, &path, &[]).await {
-            Ok(r) => r,
-            Err((k, why)) => return self.tally().error(op, k, why),
+        let Some(resp) = self.send_ok(op, Method::HEAD, &path, &[]).await else {
+            return;
         };
-        let status = resp.status();
-        if status != StatusCode::OK {
-            return self
-                .tally()
-                .error(op, &format!("status {}", status.as_u16()), path);
-        }
         let named = header_str(resp.headers(), "docker-content-digest");
         let v = self
             .world
@@ -477,16 +485,9 @@ impl Worker {
         let op = "hang up";
         let (d, _) = self.pick_blob();
         let path = format!("/v2/{BLOB_REPO}/blobs/{d}");
-        let resp = match self.http.send(Method::GET, &path, &[]).await {
-            Ok(r) => r,
-            Err((k, why)) => return self.tally().error(op, k, why),
+        let Some(resp) = self.send_ok(op, Method::GET, &path, &[]).await else {
+            return;
         };
-        let status = resp.status();
-        if status != StatusCode::OK {
-            return self
-                .tally()
-                .error(op, &format!("status {}", status.as_u16()), path);
-        }
         let want = 1 + self.rng.below(256 << 10) as u64;
         let mut body = resp.into_body();
         let mut got = 0;
