@@ -8,6 +8,8 @@
 //! randomness, a switchable upstream relay and the cache dir's checks, for
 //! tests that kill processes at random moments). `http` and `order`
 //! are the test's own requests. This file keeps the waits and what all share.
+//! `peers` starts nodes with peers on (issue 11), and a fake peer and a
+//! DNS server of the test's own.
 //!
 //! Every test binary compiles this whole folder and uses a part of it, so
 //! what one binary leaves unused is not dead: each module is declared with
@@ -30,6 +32,8 @@ mod http;
 pub mod netns;
 #[allow(dead_code)]
 mod order;
+#[allow(dead_code)]
+pub mod peers;
 #[allow(dead_code)]
 mod proxy;
 #[allow(dead_code)]
