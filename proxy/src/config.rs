@@ -171,9 +171,10 @@ pub struct ServeArgs {
 #[derive(Debug, Clone, Args)]
 pub struct PeerArgs {
     /// The other nodes' peer listeners: `IP:PORT,IP:PORT,...`, or
-    /// `dns:NAME:PORT` for every address NAME resolves to (through DNS alone,
-    /// never /etc/hosts; asked again every few seconds), such as a headless
-    /// Service over the DaemonSet. This node's own `--peer-listen` may be in
+    /// `dns:NAME:PORT` for every address NAME resolves to (through the
+    /// resolver `--upstream-resolver` picks, so with `dns` never through
+    /// /etc/hosts; asked again every 5 s), such as a headless Service over
+    /// the DaemonSet. This node's own `--peer-listen` may be in
     /// the list. Unset or empty: peers off, every miss goes to the upstream.
     #[arg(long, env = "REGPROXY_PEERS", value_parser = crate::peers::parse_peers)]
     pub peers: Option<crate::peers::PeerList>,
