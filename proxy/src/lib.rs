@@ -58,6 +58,7 @@ pub mod instance;
 pub mod lock;
 pub mod metrics;
 pub mod node;
+pub mod peers;
 pub mod resolve;
 pub mod server;
 pub mod tags;

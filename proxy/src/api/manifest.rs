@@ -58,7 +58,11 @@ enum Revalidated {
     Uninterpreted,
 }
 
-fn manifest_response(d: &Digest, media_type: &str, len: usize) -> http::response::Builder {
+pub(super) fn manifest_response(
+    d: &Digest,
+    media_type: &str,
+    len: usize,
+) -> http::response::Builder {
     // A type that is no header value (never stored since pushes check it,
     // but the cache dir may be older) must not make the response invalid.
     let media_type = HeaderValue::from_str(media_type)
