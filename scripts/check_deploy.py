@@ -23,6 +23,7 @@ import base64
 import copy
 import json
 import os
+import socket
 import subprocess
 import threading
 import sys
@@ -592,12 +593,26 @@ def check_peers(docs, ds, main_c, s, env_list, listen, admin_listen):
     )
     value = base64.b64decode(data.get(key_name, "") or "").strip() if key_name else b""
     check(
-        f"the rendered peer secret has at least {PEER_SECRET_MIN} bytes (regproxy refuses less)",
-        len(value) >= PEER_SECRET_MIN,
+        f"the rendered peer secret is printable ASCII without spaces, at least {PEER_SECRET_MIN} bytes "
+        "(regproxy refuses anything else)",
+        len(value) >= PEER_SECRET_MIN and all(0x21 <= b <= 0x7E for b in value),
         f"{len(value)} bytes",
         key="peer-secret-length",
     )
-    return {"listen": peer_listen, "peers": peers, "timeout": s.get("--peer-timeout"), "secret": value}
+    check(
+        "the peers' name is resolved as the upstream's is, by DNS only, never the node's /etc/hosts "
+        "(regproxy resolves a dns: peer name with the --upstream-resolver)",
+        not peers.startswith("dns:") or s.get("--upstream-resolver") == "dns",
+        f"--upstream-resolver {s.get('--upstream-resolver')!r}",
+        key="peers-resolver",
+    )
+    return {
+        "listen": peer_listen,
+        "peers": peers,
+        "timeout": s.get("--peer-timeout"),
+        "resolver": s.get("--upstream-resolver"),
+        "secret": value,
+    }
 
 
 def run_commands(binary, ctx):
@@ -775,9 +790,16 @@ def peer_get(addr, secret):
         return str(e), None
 
 
+def free_port():
+    """A loopback TCP port nothing listens on now (--peer-listen refuses 0)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_peer(binary, peer):
     """`serve` with the DaemonSet's peer settings (REGPROXY_PEERS as it is,
-    the peer listener moved to loopback port 0) and the rendered secret in a
+    the peer listener moved to a free loopback port) and the rendered secret in a
     0400 file: the peer port answers only with the secret. With the secret
     file missing, or shorter than regproxy accepts, serve exits 2 at start
     with one line (a pod with a broken Secret fails loudly, it does not run
@@ -788,12 +810,13 @@ def run_peer(binary, peer):
         env = {k: v for k, v in os.environ.items() if not k.startswith("REGPROXY_")}
         env.update({
             "REGPROXY_PEERS": peer["peers"],
-            "REGPROXY_PEER_LISTEN": "127.0.0.1:0",
+            "REGPROXY_PEER_LISTEN": f"127.0.0.1:{free_port()}",
             "REGPROXY_PEER_SECRET_FILE": f"{tmp}/secret",
             "REGPROXY_READY_FILE": f"{tmp}/ready.json",
         })
-        if peer.get("timeout"):
-            env["REGPROXY_PEER_TIMEOUT"] = peer["timeout"]
+        for var, key in (("REGPROXY_PEER_TIMEOUT", "timeout"), ("REGPROXY_UPSTREAM_RESOLVER", "resolver")):
+            if peer.get(key):
+                env[var] = peer[key]
         args = ["--listen=127.0.0.1:0", "--upstream=http://127.0.0.1:9", f"--cache-dir={tmp}/cache",
                 "--log-format=text"]
         for what, content in (("missing", None), ("shorter than 16 bytes", b" 0123456789abcde\n")):
@@ -915,10 +938,14 @@ def _peer_mount(docs):
     return [m for m in _main(docs)["volumeMounts"] if m["name"] == name][0]
 
 
-def _short_secret(docs):
+def _secret_value(docs, value):
     secret = by_kind(docs, "Secret", _peer_volume(docs)["secret"]["secretName"])
     for k in secret["data"]:
-        secret["data"][k] = base64.b64encode(b"  short-secret\n").decode()
+        secret["data"][k] = base64.b64encode(value).decode()
+
+
+def _short_secret(docs):
+    _secret_value(docs, b"  short-secret\n")
 
 
 def _host_ip_after_peer_listen(docs):
@@ -1027,6 +1054,10 @@ MUTATIONS = [
     ("the peer secret volume naming a Secret not in the render", "peer-secret-mount",
      lambda d: _set(_peer_volume(d)["secret"], "secretName", "regproxy-peer-secret")),
     ("a peer secret of 12 bytes", "peer-secret-length", _short_secret),
+    ("a peer secret with a space in it", "peer-secret-length",
+     lambda d: _secret_value(d, b"0123456789 abcdef0123456789")),
+    ("the upstream (and so the peers' name) resolved through /etc/hosts first", "peers-resolver",
+     lambda d: _env(d, "REGPROXY_UPSTREAM_RESOLVER", "system")),
 ]
 JOB_MUTATIONS = [
     ("the uninstall Job with a fixed image", "uninstall-image",
