@@ -21,7 +21,6 @@ Prints one line per check and closes with "N passed, N failed".
 
 import base64
 import copy
-import json
 import os
 import socket
 import subprocess
@@ -812,7 +811,6 @@ def run_peer(binary, peer):
             "REGPROXY_PEERS": peer["peers"],
             "REGPROXY_PEER_LISTEN": f"127.0.0.1:{free_port()}",
             "REGPROXY_PEER_SECRET_FILE": f"{tmp}/secret",
-            "REGPROXY_READY_FILE": f"{tmp}/ready.json",
         })
         for var, key in (("REGPROXY_PEER_TIMEOUT", "timeout"), ("REGPROXY_UPSTREAM_RESOLVER", "resolver")):
             if peer.get(key):
@@ -841,9 +839,8 @@ def run_peer(binary, peer):
         try:
             check("`regproxy serve` starts with the DaemonSet's peer settings and the rendered secret", started,
                   " | ".join(log[-3:]))
-            ready = json.loads(Path(f"{tmp}/ready.json").read_text()) if started else {}
-            addr = ready.get("peer")
-            check("its --ready-file names the peer listener", addr, str(ready))
+            # Every listener is bound before serve logs "regproxy listening".
+            addr = env["REGPROXY_PEER_LISTEN"] if started else None
             if addr:
                 status, challenge = peer_get(addr, None)
                 check(
