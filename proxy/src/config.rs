@@ -148,6 +148,9 @@ pub struct ServeArgs {
     pub remember_allowed: Option<Duration>,
 
     #[command(flatten)]
+    pub peers: PeerArgs,
+
+    #[command(flatten)]
     pub node: NodeArgs,
 
     /// Log lines as human text or one JSON object each.
@@ -163,6 +166,90 @@ pub struct ServeArgs {
 /// The node path `serve` keeps in place and checks (and `doctor` checks):
 /// the registry name in the node's hosts file, containerd's `hosts.toml`,
 /// containerd's `config_path`. The paths are the node's, under `--node-root`.
+/// Peers: the other nodes' proxies, asked for blobs before the upstream (see
+/// [`crate::peers`]).
+#[derive(Debug, Clone, Args)]
+pub struct PeerArgs {
+    /// The other nodes' peer listeners: `IP:PORT,IP:PORT,...`, or
+    /// `dns:NAME:PORT` for every address NAME resolves to (through the
+    /// resolver `--upstream-resolver` picks, so with `dns` never through
+    /// /etc/hosts; asked again every 5 s), such as a headless Service over
+    /// the DaemonSet. This node's own `--peer-listen` may be in
+    /// the list. Unset or empty: peers off, every miss goes to the upstream.
+    #[arg(long, env = "REGPROXY_PEERS", value_parser = crate::peers::parse_peers)]
+    pub peers: Option<crate::peers::PeerList>,
+
+    /// Address the peer listener binds (the node's IP and a port): it serves
+    /// other nodes' proxies, content by digest only. Required with `--peers`.
+    #[arg(long, env = "REGPROXY_PEER_LISTEN")]
+    pub peer_listen: Option<SocketAddr>,
+
+    /// File holding the secret every peer presents (a Kubernetes Secret, at
+    /// least 16 bytes). Required with `--peers`.
+    #[arg(long, env = "REGPROXY_PEER_SECRET_FILE")]
+    pub peer_secret_file: Option<PathBuf>,
+
+    /// Longest wait for a peer: to connect and answer, and between two reads
+    /// of its body. Past it the upstream is asked instead.
+    #[arg(long, env = "REGPROXY_PEER_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub peer_timeout: Duration,
+}
+
+impl PeerArgs {
+    /// The peers' configuration; `None` when peers are off.
+    pub fn config(&self) -> Result<Option<crate::peers::PeerConfig>, String> {
+        let list = match &self.peers {
+            Some(l) if !l.is_empty() => l.clone(),
+            _ => return Ok(None),
+        };
+        let listen = self
+            .peer_listen
+            .ok_or("--peers needs --peer-listen: the address other nodes ask")?;
+        if listen.port() == 0 {
+            return Err("--peer-listen needs a port: peers cannot find port 0".into());
+        }
+        if listen.ip().is_unspecified() {
+            return Err(
+                "--peer-listen must be this node's address as the other nodes \
+                        list it (its IP), not a wildcard: it is how a node knows itself \
+                        among the peers"
+                    .into(),
+            );
+        }
+        let path = self
+            .peer_secret_file
+            .as_ref()
+            .ok_or("--peers needs --peer-secret-file: peers must prove they are peers")?;
+        let secret = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read --peer-secret-file {}: {e}", path.display()))?;
+        let secret = secret.trim().to_owned();
+        if secret.len() < crate::peers::MIN_SECRET {
+            return Err(format!(
+                "--peer-secret-file {} holds {} bytes; peers need a secret of at least {}",
+                path.display(),
+                secret.len(),
+                crate::peers::MIN_SECRET
+            ));
+        }
+        if !secret.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(format!(
+                "--peer-secret-file {}: the secret must be printable ASCII without spaces \
+                 (e.g. base64 of random bytes)",
+                path.display()
+            ));
+        }
+        if self.peer_timeout.is_zero() {
+            return Err("--peer-timeout must be longer than 0s".into());
+        }
+        Ok(Some(crate::peers::PeerConfig {
+            list,
+            listen,
+            secret,
+            timeout: self.peer_timeout,
+        }))
+    }
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct NodeArgs {
     /// The registry name the node maps to this proxy (`name` or `name:port`,
@@ -274,6 +361,7 @@ pub struct Config {
     pub log: LogConfig,
     /// The node path kept and checked; `None` without `--registry-name`.
     pub node: Option<crate::node::NodeConfig>,
+    pub peers: Option<crate::peers::PeerConfig>,
 }
 
 /// How the upstream is reached, and how hard a download is tried.
@@ -309,6 +397,12 @@ impl ServeArgs {
     pub fn config(self) -> Result<Config, String> {
         self.validate()?;
         let node = self.node.config()?;
+        let peers = self.peers.config()?;
+        if let Some(p) = &peers {
+            if Some(p.listen) == self.admin_listen || p.listen == self.listen {
+                return Err("--peer-listen must differ from --listen and --admin-listen".into());
+            }
+        }
         Ok(Config {
             listen: self.listen,
             admin_listen: self.admin_listen,
@@ -339,6 +433,7 @@ impl ServeArgs {
                 level: self.log_level,
             },
             node,
+            peers,
         })
     }
 }
@@ -392,6 +487,75 @@ mod tests {
         assert!(parse(&["--max-connections", "100000"]).is_err());
         assert!(parse(&["--header-read-timeout", "0s"]).is_err());
         assert!(parse(&["--upstream-timeout", "0s"]).is_err());
+    }
+
+    #[test]
+    fn peers_need_their_listener_and_a_real_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("good");
+        std::fs::write(&good, "c2VjcmV0LXNlY3JldC1zZWNyZXQ=\n").unwrap();
+        let short = dir.path().join("short");
+        std::fs::write(&short, "tooshort\n").unwrap();
+        let spaced = dir.path().join("spaced");
+        std::fs::write(&spaced, "a secret with spaces in it").unwrap();
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["regproxy", "serve", "--upstream", "http://up:5000"];
+            argv.extend_from_slice(extra);
+            match Cli::try_parse_from(argv).expect("parses").command {
+                Command::Serve(a) => a.config().map(|c| c.peers),
+                _ => unreachable!(),
+            }
+        };
+        let g = good.to_str().unwrap();
+        let peers = ["--peers", "127.0.0.11:5001,127.0.0.12:5001"];
+        assert!(parse(&[]).unwrap().is_none(), "no --peers, no peers");
+        assert!(parse(&["--peers", ""]).unwrap().is_none(), "empty is off");
+        let on = [
+            &peers[..],
+            &["--peer-listen", "127.0.0.11:5001", "--peer-secret-file", g],
+        ]
+        .concat();
+        let p = parse(&on).unwrap().expect("peers on");
+        assert_eq!(p.secret, "c2VjcmV0LXNlY3JldC1zZWNyZXQ=", "trimmed");
+        assert!(
+            !format!("{p:?}").contains("c2VjcmV0"),
+            "Debug hides the secret"
+        );
+        assert!(parse(&[&peers[..], &["--peer-secret-file", g]].concat()).is_err());
+        assert!(parse(&[&peers[..], &["--peer-listen", "127.0.0.11:5001"]].concat()).is_err());
+        for bad in [
+            &["--peer-listen", "0.0.0.0:5001", "--peer-secret-file", g][..],
+            &["--peer-listen", "127.0.0.11:0", "--peer-secret-file", g],
+            &["--peer-listen", "127.0.0.1:5000", "--peer-secret-file", g],
+            &[
+                "--peer-listen",
+                "127.0.0.11:5001",
+                "--peer-secret-file",
+                short.to_str().unwrap(),
+            ],
+            &[
+                "--peer-listen",
+                "127.0.0.11:5001",
+                "--peer-secret-file",
+                spaced.to_str().unwrap(),
+            ],
+            &[
+                "--peer-listen",
+                "127.0.0.11:5001",
+                "--peer-secret-file",
+                "/nonexistent/secret",
+            ],
+            &[
+                "--peer-listen",
+                "127.0.0.11:5001",
+                "--peer-secret-file",
+                g,
+                "--peer-timeout",
+                "0s",
+            ],
+        ] {
+            assert!(parse(&[&peers[..], bad].concat()).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -80,6 +80,147 @@ pub struct Metrics {
     pub connections_refused: AtomicU64,
     /// The node path's checks and repairs (`--registry-name`).
     pub node_path: NodePath,
+    /// Fills from other nodes (`--peers`).
+    pub peers: PeerMetrics,
+}
+
+/// Why a miss that a peer owned went to the upstream after all.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fallback {
+    /// No connection, or the peer is known to be down.
+    Unreachable,
+    /// The peer answered something other than the blob.
+    Error,
+    /// No answer within `--peer-timeout`.
+    Timeout,
+    /// The peer's bytes did not match the digest.
+    BadBytes,
+    /// The peer's body broke off or stalled mid-blob: the rest came from
+    /// the upstream.
+    Broken,
+}
+
+const FALLBACKS: [(Fallback, &str); 5] = [
+    (Fallback::Unreachable, "unreachable"),
+    (Fallback::Error, "error"),
+    (Fallback::Timeout, "timeout"),
+    (Fallback::BadBytes, "bad_bytes"),
+    (Fallback::Broken, "broken"),
+];
+
+/// How the peer listener answered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PeerAnswer {
+    /// From the node cache.
+    Hit,
+    /// From a fill (started or joined).
+    Miss,
+    /// 404: not here, and not to be fetched for a peer.
+    NotFound,
+    /// No secret, or a wrong one.
+    Unauthorized,
+}
+
+const PEER_ANSWERS: [(PeerAnswer, &str); 4] = [
+    (PeerAnswer::Hit, "hit"),
+    (PeerAnswer::Miss, "miss"),
+    (PeerAnswer::NotFound, "not_found"),
+    (PeerAnswer::Unauthorized, "unauthorized"),
+];
+
+/// The `regproxy_peer*` series.
+#[derive(Default)]
+pub struct PeerMetrics {
+    /// Other nodes known (the list, or the name's addresses).
+    pub known: AtomicU64,
+    /// Of those, the ones that answer and are not banned.
+    pub live: AtomicU64,
+    /// Leader misses this node owns.
+    pub owner_self: AtomicU64,
+    /// Leader misses a peer owns.
+    pub owner_peer: AtomicU64,
+    /// Body bytes received from peers.
+    pub bytes_received: AtomicU64,
+    /// Body bytes sent on the peer listener.
+    pub bytes_served: Arc<AtomicU64>,
+    /// Peers banned for bytes that did not verify.
+    pub bad: AtomicU64,
+    answers: [AtomicU64; 4],
+    fallbacks: [AtomicU64; 5],
+}
+
+impl PeerMetrics {
+    pub fn answered(&self, a: PeerAnswer) {
+        self.answers[a as usize].fetch_add(1, Relaxed);
+    }
+
+    pub fn fell_back(&self, f: Fallback) {
+        self.fallbacks[f as usize].fetch_add(1, Relaxed);
+    }
+
+    pub fn fallbacks(&self, f: Fallback) -> u64 {
+        self.fallbacks[f as usize].load(Relaxed)
+    }
+
+    fn render(&self, s: &mut String) {
+        let g = |a: &AtomicU64| a.load(Relaxed);
+        let mut one = |name: &str, kind: &str, help: &str, v: u64| {
+            let _ = write!(
+                s,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"
+            );
+        };
+        one(
+            "regproxy_peers_known",
+            "gauge",
+            "Other nodes known as peers (--peers list, or the addresses of its name).",
+            g(&self.known),
+        );
+        one(
+            "regproxy_peers_live",
+            "gauge",
+            "Peers that answered their last probe and are not banned.",
+            g(&self.live),
+        );
+        one(
+            "regproxy_peer_bytes_received_total",
+            "counter",
+            "Body bytes received from peers.",
+            g(&self.bytes_received),
+        );
+        one(
+            "regproxy_peer_bytes_served_total",
+            "counter",
+            "Body bytes sent to peers on the peer listener.",
+            g(&self.bytes_served),
+        );
+        one(
+            "regproxy_peer_bad_total",
+            "counter",
+            "Peers banned for a while because their bytes did not match the digest.",
+            g(&self.bad),
+        );
+        s.push_str("# HELP regproxy_peer_owner_total Blob misses by the node that owns the digest: this one, or a peer that is asked first.\n");
+        s.push_str("# TYPE regproxy_peer_owner_total counter\n");
+        for (owner, n) in [("self", &self.owner_self), ("peer", &self.owner_peer)] {
+            let _ = writeln!(s, "regproxy_peer_owner_total{{owner=\"{owner}\"}} {}", g(n));
+        }
+        s.push_str("# HELP regproxy_peer_requests_total Requests on the peer listener, by how they were answered.\n");
+        s.push_str("# TYPE regproxy_peer_requests_total counter\n");
+        for (a, name) in PEER_ANSWERS {
+            let n = g(&self.answers[a as usize]);
+            let _ = writeln!(s, "regproxy_peer_requests_total{{outcome=\"{name}\"}} {n}");
+        }
+        s.push_str("# HELP regproxy_peer_fallbacks_total Misses a peer owned that went to the upstream after all, by why.\n");
+        s.push_str("# TYPE regproxy_peer_fallbacks_total counter\n");
+        for (f, name) in FALLBACKS {
+            let _ = writeln!(
+                s,
+                "regproxy_peer_fallbacks_total{{reason=\"{name}\"}} {}",
+                self.fallbacks(f)
+            );
+        }
+    }
 }
 
 /// `regproxy_node_path_ok{check}` (only the checks that ran) and
@@ -290,6 +431,7 @@ impl Metrics {
             g(&self.connections_refused),
         );
         self.node_path.render(&mut s);
+        self.peers.render(&mut s);
         s
     }
 }

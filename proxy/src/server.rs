@@ -8,14 +8,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
 use tracing::Instrument;
 
 mod admin;
+mod listener;
 pub mod probe;
 mod sockets;
+
+pub use listener::Limits;
+use listener::{Listener, PastCap};
 
 pub use sockets::migrates_queued_connections;
 use sockets::{bind_shared, raise_fd_limit};
@@ -56,7 +59,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let resolver = Resolver::new(config.upstream.resolver)
         .map_err(|e| anyhow::anyhow!("cannot set up the upstream resolver: {e}"))?;
     refuse_self_upstream(&config, &resolver).await?;
-    let mut upstream = Upstream::new(&config.upstream, resolver, Arc::clone(&metrics))?;
+    let mut upstream = Upstream::new(&config.upstream, resolver.clone(), Arc::clone(&metrics))?;
     let dir = config.cache_dir.clone();
     let (cap, m) = (config.cache_size, Arc::clone(&metrics));
     let primary = lock.is_primary();
@@ -80,7 +83,18 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     // The node path (--registry-name): kept and checked from now on, the
     // first round at once, now that the API listener is bound.
     let node = crate::node::start(&config, server.api.local_addr()?, &metrics)?;
-    let app = Arc::new(App::new(cache, upstream, tags, auth, metrics).with_node(node));
+    let peers = config
+        .peers
+        .as_ref()
+        .map(|p| crate::peers::Peers::new(p, resolver.clone(), Arc::clone(&metrics)));
+    let app = Arc::new(
+        App::new(cache, upstream, tags, auth, metrics)
+            .with_node(node)
+            .with_peers(peers.clone()),
+    );
+    if let Some(peers) = peers {
+        tokio::spawn(peers.run());
+    }
     // As the cache was opened: a predecessor that exited meanwhile still
     // leaves this process a sweep and a rebuild to do.
     if !primary {
@@ -116,7 +130,16 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             .as_ref()
             .map(TcpListener::local_addr)
             .transpose()?;
-        let ready = serde_json::json!({"listen": [server.api.local_addr()?], "admin": admin});
+        let peer = server
+            .peer
+            .as_ref()
+            .map(TcpListener::local_addr)
+            .transpose()?;
+        let ready = serde_json::json!({
+            "listen": [server.api.local_addr()?],
+            "admin": admin,
+            "peer": peer,
+        });
         write_atomically(path, ready.to_string().as_bytes())
             .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
     }
@@ -192,141 +215,12 @@ async fn shutdown_signal() {
     }
 }
 
-/// What keeps a listener from being starved by slow or idle clients; both
-/// listeners get the same.
-#[derive(Clone, Copy, Debug)]
-pub struct Limits {
-    /// Longest wait for a whole request head, and so the keep-alive idle
-    /// timeout too: hyper 1.x starts this timer whenever a connection waits
-    /// for a request (`proto/h1/conn.rs`, `poll_read_head`), a fresh one or
-    /// a kept-alive one whose last response is done.
-    pub header_read_timeout: Duration,
-    /// Connections a listener holds at once. Past it, the API listener
-    /// leaves new connections waiting in the kernel's backlog until one
-    /// ends (clients do not retry a refusal); the admin listener answers
-    /// them 503, except the node's own (see [`LOCAL_RESERVE`]).
-    pub max_connections: usize,
-}
-
-/// Admin connections kept for clients on the listener's own address: on a
-/// node, kubelet's probes come from the node's address to the node's
-/// address, while a flood from other pods comes from theirs. So a flood of
-/// the admin port fails no probe.
-const LOCAL_RESERVE: usize = 8;
-
-/// What a listener does with a connection past its cap.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum PastCap {
-    /// Leave it in the backlog until a slot frees.
-    Wait,
-    /// Answer 503 and close it, unless it comes from the listener's own
-    /// address and a reserved slot is free.
-    Refuse,
-}
-
-/// Largest read buffer of a client connection (hyper's minimum is 8 KiB).
-/// It bounds a request head (hyper answers 431 past it) and what a
-/// connection holds of a push body it relays, so that `--max-connections`
-/// idle or slow connections cost a known amount of memory.
-const CONN_READ_BUF: usize = 16 << 10;
-
-/// The answer to a connection past the cap, written without reading its
-/// request: the client learns why instead of seeing a bare close.
-const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nconnection: close\r\n\
-content-type: text/plain\r\ncontent-length: 28\r\nretry-after: 1\r\n\r\n\
-too many connections, retry\n";
-
-/// A listener and its connection cap.
-struct Listener {
-    inner: TcpListener,
-    limits: Limits,
-    slots: Arc<Semaphore>,
-    past_cap: PastCap,
-    /// Slots only clients on the listener's own address may take.
-    reserve: Arc<Semaphore>,
-    /// Which listener, for logs.
-    name: &'static str,
-}
-
-impl Listener {
-    fn new(inner: TcpListener, limits: Limits, past_cap: PastCap, name: &'static str) -> Listener {
-        let reserved = if past_cap == PastCap::Refuse {
-            LOCAL_RESERVE
-        } else {
-            0
-        };
-        Listener {
-            inner,
-            limits,
-            slots: Arc::new(Semaphore::new(limits.max_connections)),
-            past_cap,
-            reserve: Arc::new(Semaphore::new(reserved)),
-            name,
-        }
-    }
-
-    /// The next connection that fits under the cap, with the permit that
-    /// holds its place until it ends. Failures to accept (out of
-    /// descriptors) back off.
-    async fn accept(&self, metrics: &Metrics) -> (TcpStream, SocketAddr, OwnedSemaphorePermit) {
-        // Past the cap, wait before accepting: the connection waits in the
-        // backlog, and is served as soon as another ends.
-        let mut waited = match self.past_cap {
-            PastCap::Wait => Some(
-                Arc::clone(&self.slots)
-                    .acquire_owned()
-                    .await
-                    .expect("the semaphore is never closed"),
-            ),
-            PastCap::Refuse => None,
-        };
-        loop {
-            let (stream, peer) = match self.inner.accept().await {
-                Ok(x) => x,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off, keep serving.
-                    tracing::warn!(listener = self.name, error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            if let Some(permit) = waited.take() {
-                return (stream, peer, permit);
-            }
-            let own = self.inner.local_addr().is_ok_and(|l| l.ip() == peer.ip());
-            let permit = Arc::clone(&self.slots)
-                .try_acquire_owned()
-                .or_else(|e| match own {
-                    true => Arc::clone(&self.reserve).try_acquire_owned(),
-                    false => Err(e),
-                });
-            match permit {
-                Ok(permit) => return (stream, peer, permit),
-                Err(_) => {
-                    metrics.connections_refused.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(listener = self.name, client.addr = %peer, "connection refused: at --max-connections");
-                    // Fits in any socket buffer; whatever the client sees, the
-                    // connection is closed on drop.
-                    let _ = stream.try_write(BUSY);
-                }
-            }
-        }
-    }
-
-    /// hyper's HTTP/1 server settings for this listener's connections.
-    fn http1(&self) -> hyper::server::conn::http1::Builder {
-        let mut b = hyper::server::conn::http1::Builder::new();
-        b.timer(TokioTimer::new())
-            .header_read_timeout(self.limits.header_read_timeout)
-            .max_buf_size(CONN_READ_BUF);
-        b
-    }
-}
-
 /// The bound listeners, and how they serve and drain.
 pub struct Server {
     api: TcpListener,
     admin: Option<TcpListener>,
+    /// `--peer-listen`: other nodes' proxies (see [`crate::peers`]).
+    peer: Option<TcpListener>,
     /// `--probe-socket`: the admin endpoints of this process alone.
     probe: Option<tokio::net::UnixListener>,
     limits: Limits,
@@ -334,14 +228,36 @@ pub struct Server {
     grace: Duration,
 }
 
+/// Which requests a listener's connections carry.
+#[derive(Clone, Copy)]
+enum Face {
+    /// The registry API, for the node's clients.
+    Api,
+    /// The peer listener, for other nodes.
+    Peer,
+}
+
+/// What every connection of every listener shares for the drain.
+#[derive(Clone)]
+struct Conns {
+    /// Told to every connection when draining starts.
+    stop: tokio_util::sync::CancellationToken,
+    /// Awaited when draining.
+    tracker: tokio_util::task::TaskTracker,
+}
+
 impl Server {
-    /// Binds the API listener and, if configured, the admin one.
+    /// Binds the API listener and, if configured, the admin and peer ones.
     pub async fn bind(config: &Config) -> anyhow::Result<Server> {
         let bind = |a: SocketAddr| {
             bind_shared(a).map_err(|e| anyhow::anyhow!("cannot listen on {a}: {e}"))
         };
         let admin = match config.admin_listen {
             Some(a) => Some(bind(a)?),
+            None => None,
+        };
+        let peer = match &config.peers {
+            Some(p) => Some(bind(p.listen)?),
             None => None,
         };
         let probe = config
@@ -352,6 +268,7 @@ impl Server {
         Ok(Server {
             api: bind(config.listen)?,
             admin,
+            peer,
             probe,
             limits: config.limits,
             grace: config.shutdown_grace,
@@ -362,24 +279,27 @@ impl Server {
     pub fn addrs(&self) -> impl Iterator<Item = SocketAddr> + '_ {
         std::iter::once(&self.api)
             .chain(&self.admin)
+            .chain(&self.peer)
             .filter_map(|l| l.local_addr().ok())
     }
 
-    /// Serves the API (and the admin endpoints) until `shutdown`
+    /// Serves the API (and the admin and peer endpoints) until `shutdown`
     /// completes; then stops accepting, reports not-ready, and lets
     /// transfers and fills in flight finish within the grace period.
     pub async fn run(self, app: Arc<App>, shutdown: impl Future<Output = ()>) {
         let Server {
             api: listener,
             admin,
+            peer,
             probe,
             limits,
             grace,
         } = self;
         let ready = Arc::new(AtomicBool::new(true));
-        // Told to every connection when draining starts; `conns` is awaited.
-        let stop = tokio_util::sync::CancellationToken::new();
-        let conns = tokio_util::task::TaskTracker::new();
+        let conns = Conns {
+            stop: tokio_util::sync::CancellationToken::new(),
+            tracker: tokio_util::task::TaskTracker::new(),
+        };
         // This pod's probes, answered through the grace period too: it is
         // shutting down (not ready), yet alive.
         let probe_task =
@@ -391,73 +311,30 @@ impl Server {
             let l = Listener::new(l, limits, PastCap::Refuse, "admin");
             tokio::spawn(admin::admin_loop(l, Arc::clone(&app), Arc::clone(&ready)))
         });
+        // Peers are served like clients, and stop being accepted with them.
+        let accepting = tokio_util::sync::CancellationToken::new();
+        let peer_task = peer.map(|l| {
+            if let Ok(a) = l.local_addr() {
+                tracing::info!(addr = %a, "peer listener listening");
+            }
+            let l = Listener::new(l, limits, PastCap::Wait, "peer");
+            let (app, conns, until) = (Arc::clone(&app), conns.clone(), accepting.clone());
+            tokio::spawn(async move {
+                accept_loop(&l, &app, Face::Peer, &conns, until.cancelled()).await;
+                l
+            })
+        });
         let listener = Listener::new(listener, limits, PastCap::Wait, "api");
-        tokio::pin!(shutdown);
-        loop {
-            let (stream, peer, permit) = tokio::select! {
-                _ = &mut shutdown => break,
-                c = listener.accept(app.metrics()) => c,
-            };
-            let _ = stream.set_nodelay(true);
-            let app = Arc::clone(&app);
-            let started = Arc::new(tokio::sync::Notify::new());
-            let started2 = Arc::clone(&started);
-            let draining = stop.clone();
-            let svc = service_fn(move |req| {
-                started2.notify_one();
-                let (app, draining) = (Arc::clone(&app), draining.clone());
-                async move {
-                    let mut resp = app.handle(req).await;
-                    // An answer written before this connection hears of
-                    // the drain must still tell the client not to reuse it.
-                    if draining.is_cancelled() {
-                        resp.headers_mut().insert(
-                            http::header::CONNECTION,
-                            http::HeaderValue::from_static("close"),
-                        );
-                    }
-                    Ok::<_, std::convert::Infallible>(resp)
-                }
-            });
-            let conn = listener.http1().serve_connection(TokioIo::new(stream), svc);
-            let stop = stop.clone();
-            conns.spawn(
-                async move {
-                    tokio::pin!(conn);
-                    let ended = tokio::select! {
-                        r = conn.as_mut() => Some(r),
-                        _ = stop.cancelled() => None,
-                    };
-                    // hyper's graceful shutdown closes a connection that has
-                    // not read a request yet, unanswered, and a client that
-                    // sent one on a fresh connection does not retry it: let
-                    // the first request start (the header read timeout
-                    // bounds the wait), then finish it and close.
-                    let ended = match ended {
-                        Some(r) => Some(r),
-                        None => tokio::select! {
-                            r = conn.as_mut() => Some(r),
-                            _ = started.notified() => None,
-                        },
-                    };
-                    let r = match ended {
-                        Some(r) => r,
-                        None => {
-                            conn.as_mut().graceful_shutdown();
-                            conn.await
-                        }
-                    };
-                    if let Err(e) = r {
-                        tracing::debug!(error = %e, "connection ended with an error");
-                    }
-                    drop(permit);
-                }
-                .instrument(tracing::debug_span!("conn", client.addr = %peer)),
-            );
-        }
-        // Both listeners close at once: a successor sharing their addresses
+        accept_loop(&listener, &app, Face::Api, &conns, shutdown).await;
+        accepting.cancel();
+        let peer_listener = match peer_task {
+            Some(t) => t.await.ok(),
+            None => None,
+        };
+        // The listeners close at once: a successor sharing their addresses
         // (`SO_REUSEPORT`) gets every new connection, probes included.
         drop(listener);
+        drop(peer_listener);
         ready.store(false, Ordering::SeqCst);
         if let Some(t) = &admin_task {
             t.abort();
@@ -468,9 +345,9 @@ impl Server {
         // finish and commit too, so that what was fetched is kept. Only requests
         // start fills, so once the connections are closed no more can start.
         let drained = async {
-            stop.cancel();
-            conns.close();
-            conns.wait().await;
+            conns.stop.cancel();
+            conns.tracker.close();
+            conns.tracker.wait().await;
             app.fills_done().await;
         };
         tokio::select! {
@@ -480,5 +357,82 @@ impl Server {
         if let Some(t) = probe_task {
             t.abort();
         }
+    }
+}
+
+/// Accepts connections on `listener` and serves them as `face` until
+/// `until` completes.
+async fn accept_loop(
+    listener: &Listener,
+    app: &Arc<App>,
+    face: Face,
+    conns: &Conns,
+    until: impl Future<Output = ()>,
+) {
+    tokio::pin!(until);
+    loop {
+        let (stream, peer, permit) = tokio::select! {
+            _ = &mut until => return,
+            c = listener.accept(app.metrics()) => c,
+        };
+        let _ = stream.set_nodelay(true);
+        let app = Arc::clone(app);
+        let started = Arc::new(tokio::sync::Notify::new());
+        let started2 = Arc::clone(&started);
+        let draining = conns.stop.clone();
+        let svc = service_fn(move |req| {
+            started2.notify_one();
+            let (app, draining) = (Arc::clone(&app), draining.clone());
+            async move {
+                let mut resp = match face {
+                    Face::Api => app.handle(req).await,
+                    Face::Peer => app.handle_peer(req).await,
+                };
+                // An answer written before this connection hears of
+                // the drain must still tell the client not to reuse it.
+                if draining.is_cancelled() {
+                    resp.headers_mut().insert(
+                        http::header::CONNECTION,
+                        http::HeaderValue::from_static("close"),
+                    );
+                }
+                Ok::<_, std::convert::Infallible>(resp)
+            }
+        });
+        let conn = listener.http1().serve_connection(TokioIo::new(stream), svc);
+        let stop = conns.stop.clone();
+        conns.tracker.spawn(
+            async move {
+                tokio::pin!(conn);
+                let ended = tokio::select! {
+                    r = conn.as_mut() => Some(r),
+                    _ = stop.cancelled() => None,
+                };
+                // hyper's graceful shutdown closes a connection that has
+                // not read a request yet, unanswered, and a client that
+                // sent one on a fresh connection does not retry it: let
+                // the first request start (the header read timeout
+                // bounds the wait), then finish it and close.
+                let ended = match ended {
+                    Some(r) => Some(r),
+                    None => tokio::select! {
+                        r = conn.as_mut() => Some(r),
+                        _ = started.notified() => None,
+                    },
+                };
+                let r = match ended {
+                    Some(r) => r,
+                    None => {
+                        conn.as_mut().graceful_shutdown();
+                        conn.await
+                    }
+                };
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+                drop(permit);
+            }
+            .instrument(tracing::debug_span!("conn", client.addr = %peer)),
+        );
     }
 }

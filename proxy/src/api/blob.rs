@@ -16,6 +16,7 @@ use crate::digest::Digest;
 use crate::error::{Error, UpstreamError};
 use crate::headers::CONTENT_DIGEST;
 use crate::metrics::Outcome;
+use crate::peers::Ask;
 
 impl App {
     pub(super) async fn blob(&self, parts: &Parts, name: &str, d: Digest, head: bool) -> Answer {
@@ -45,15 +46,26 @@ impl App {
             // In a handover, the process being replaced may be filling this
             // blob: follow its fill rather than fetch the blob again. Its
             // upstream GET spoke for another client: ask for this one.
-            let mut sibling = match self.cache.filling(&d) {
+            let filling = self.cache.filling(&d);
+            let mut sibling = match filling {
                 // Joining this process's own fill: nothing to look for.
                 true => None,
                 false => self.cache.sibling_fill(&d).await,
             };
-            if sibling.is_some() {
+            // A peer that owns this digest is asked before the upstream
+            // (see `crate::peers`). Neither its answer nor the other
+            // process's spoke for this client: ask for it first.
+            let mut owner = match (&self.peers, filling || sibling.is_some()) {
+                (Some(peers), false) => peers.owner(&d).map(|owner| Ask {
+                    peers: Arc::clone(peers),
+                    owner,
+                }),
+                _ => None,
+            };
+            if sibling.is_some() || owner.is_some() {
                 self.authorize(parts, name, &d, false).await?;
             }
-            let vouched = sibling.is_none();
+            let vouched = sibling.is_none() && owner.is_none();
             let (fill, leader) = match self.cache.join(&d) {
                 Join::Committed => {
                     last = Error::Internal(VANISHED);
@@ -64,6 +76,9 @@ impl App {
                     (f, false)
                 }
                 Join::Leader(f) => {
+                    if let Some(peers) = &self.peers {
+                        peers.counted_owner(owner.is_some());
+                    }
                     self.upstream_contacted();
                     // The fill fetches the whole blob, whatever range this client wants.
                     let mut headers = parts.headers.clone();
@@ -72,6 +87,7 @@ impl App {
                         name: name.to_owned(),
                         headers,
                         sibling: sibling.take(),
+                        peer: owner.take(),
                     };
                     let upstream = Arc::clone(&self.upstream);
                     self.cache.spawn_fill(upstream, Arc::clone(&f), fr);
@@ -174,7 +190,7 @@ impl App {
     }
 }
 
-fn blob_response(
+pub(super) fn blob_response(
     status: StatusCode,
     d: &Digest,
     start: u64,

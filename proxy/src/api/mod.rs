@@ -3,6 +3,7 @@
 //! - [`blob`]: blobs from the node cache or a single-flight fill.
 //! - [`manifest`]: manifests by digest (cached) and by tag (remembered for
 //!   `--tag-ttl`, served stale while the upstream is down).
+//! - [`peer`]: the peer listener: other nodes ask for content by digest.
 //! - [`relay`]: everything relayed as it is, pushes included, with the
 //!   upstream's URLs rewritten to the proxy's.
 //! - [`authorize`]: before cached content goes out, the upstream would serve
@@ -11,6 +12,7 @@
 mod authorize;
 mod blob;
 mod manifest;
+mod peer;
 mod relay;
 
 use std::sync::Arc;
@@ -46,6 +48,8 @@ pub struct App {
     realms: Realms,
     /// The node path's last checks (`--registry-name`), for `/readyz`.
     node: Option<Arc<crate::node::Status>>,
+    /// The other nodes asked before the upstream (`--peers`).
+    peers: Option<Arc<crate::peers::Peers>>,
 }
 
 /// What a path asks for.
@@ -119,7 +123,14 @@ impl App {
             auth,
             realms: Realms::default(),
             node: None,
+            peers: None,
         }
+    }
+
+    /// With peers to ask before the upstream (see [`crate::peers`]).
+    pub fn with_peers(mut self, peers: Option<Arc<crate::peers::Peers>>) -> App {
+        self.peers = peers;
+        self
     }
 
     /// With the node path's status (see [`crate::node::start`]).

@@ -9,7 +9,9 @@
 //! a wrong layer for a whole one.
 //!
 //! `run` is the steps of a fill; `source` gets the blob's bytes from the
-//! upstream (resuming after a cut), `writer` puts them on disk.
+//! upstream (resuming after a cut), or first from the peer that owns the
+//! digest (`peer`) or another process's fill (`sibling`); `writer` puts
+//! them on disk.
 
 use std::fs::File;
 use std::path::PathBuf;
@@ -30,9 +32,10 @@ use super::{Cache, Stored};
 use crate::body::BoxError;
 use crate::digest::Digest;
 use crate::error::{Error, UpstreamError};
-use crate::metrics::Metrics;
+use crate::metrics::{Fallback, Metrics};
 use crate::upstream::Upstream;
 
+mod peer;
 mod sibling;
 mod source;
 mod uncached;
@@ -201,6 +204,9 @@ pub struct FillRequest {
     /// Another process's fill of this blob to take the bytes from (the
     /// request was authorized without the upstream's answer to a GET).
     pub sibling: Option<SiblingFill>,
+    /// The peer that owns this digest, asked before the upstream (the
+    /// request was authorized without the upstream's answer to a GET).
+    pub peer: Option<crate::peers::Ask>,
 }
 
 /// Counts a fill in `regproxy_fills_inflight` from before its task is
@@ -244,20 +250,33 @@ pub(super) async fn run(
             tracing::info!(%digest, from = %s.part.display(), "following another process's fill");
             sibling::Tail::open(s, upstream.timeout()).ok()
         });
-        let (size, first) = match tail {
-            Some(t) => (t.size(), First::Sibling(t)),
-            None => {
+        let from_peer = match (&tail, &req.peer) {
+            (None, Some(ask)) => peer::start(ask, &path, digest).await,
+            _ => None,
+        };
+        let (size, first) = match (tail, from_peer) {
+            (Some(t), _) => (t.size(), First::Sibling(t)),
+            (None, Some((size, body))) => (size, First::Peer(body)),
+            (None, None) => {
                 let (size, body) = source::start(&upstream, &path, &req, digest, &metrics).await?;
                 (size, First::Upstream(body))
             }
         };
+        let blame = matches!(first, First::Peer(_))
+            .then(|| req.peer.clone())
+            .flatten();
         let (file, progress) = guard.reserve(size).await?;
         tracing::debug!(%digest, size, "fill started");
         let src = Resumable::new(&upstream, &path, &req, digest, &metrics, (size, first));
         let sink = copy(src, Writer::new(&fill, file, progress))
             .await
             .map_err(|e| write_failed(&cache, &fill, size, e))?;
-        verify(digest, sink, &metrics).map_err(Failure::Error)
+        verify(digest, sink, &metrics).map_err(|e| {
+            if let Some(ask) = &blame {
+                ask.peers.fell_back(ask.owner, Fallback::BadBytes);
+            }
+            Failure::Error(e)
+        })
     };
     match verified.await {
         Ok((file, data)) => guard.commit(file, data).await,

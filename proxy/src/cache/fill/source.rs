@@ -14,7 +14,8 @@ use super::sibling::Tail;
 use super::{Failure, FillRequest};
 use crate::digest::Digest;
 use crate::error::{Cause, Error, UpstreamError, Wait};
-use crate::metrics::Metrics;
+use crate::metrics::{Fallback, Metrics};
+use crate::peers::Ask;
 use crate::upstream::Upstream;
 
 /// Error bodies relayed from upstream are cut at this size.
@@ -72,8 +73,13 @@ pub(super) struct Resumable<'a> {
     metrics: &'a Metrics,
     /// Where the bytes come from until it fails: another process's fill.
     tail: Option<Tail>,
-    /// The upstream's body; once `tail` is gone, there is one.
+    /// The upstream's body; once `tail` is gone, there is one. First the
+    /// owner's, while `peer` says so.
     body: Option<Incoming>,
+    /// The peer that `body` comes from, until it breaks.
+    peer: Option<Ask>,
+    /// The last cut was the peer's, not the upstream's.
+    peer_broke: bool,
     size: u64,
     /// Bytes handed out.
     pos: u64,
@@ -92,6 +98,8 @@ pub(super) struct Resumable<'a> {
 pub(super) enum First {
     Upstream(Incoming),
     Sibling(Tail),
+    /// The owner's answer (`req.peer`).
+    Peer(Incoming),
 }
 
 impl<'a> Resumable<'a> {
@@ -103,9 +111,10 @@ impl<'a> Resumable<'a> {
         metrics: &'a Metrics,
         (size, first): (u64, First),
     ) -> Resumable<'a> {
-        let (tail, body) = match first {
-            First::Upstream(b) => (None, Some(b)),
-            First::Sibling(t) => (Some(t), None),
+        let (tail, body, peer) = match first {
+            First::Upstream(b) => (None, Some(b), None),
+            First::Sibling(t) => (Some(t), None, None),
+            First::Peer(b) => (None, Some(b), req.peer.clone()),
         };
         Resumable {
             upstream,
@@ -115,6 +124,8 @@ impl<'a> Resumable<'a> {
             metrics,
             tail,
             body,
+            peer,
+            peer_broke: false,
             size,
             pos: 0,
             skip: 0,
@@ -148,7 +159,10 @@ impl<'a> Resumable<'a> {
                 }
             }
         }
-        let timeout = self.upstream.timeout();
+        let timeout = match &self.peer {
+            Some(ask) => ask.peers.timeout(),
+            None => self.upstream.timeout(),
+        };
         let Some(body) = &mut self.body else {
             return Err(Error::Internal("a fill with neither upstream nor sibling"));
         };
@@ -178,9 +192,14 @@ impl<'a> Resumable<'a> {
             let Ok(mut chunk) = frame.into_data() else {
                 continue;
             };
-            self.metrics
-                .upstream_bytes
-                .fetch_add(chunk.len() as u64, Relaxed);
+            match &self.peer {
+                Some(ask) => ask.peers.received(chunk.len() as u64),
+                None => {
+                    self.metrics
+                        .upstream_bytes
+                        .fetch_add(chunk.len() as u64, Relaxed);
+                }
+            }
             if self.skip > 0 {
                 let n = self.skip.min(chunk.len() as u64);
                 self.skip -= n;
@@ -192,7 +211,10 @@ impl<'a> Resumable<'a> {
             if self.pos + chunk.len() as u64 > self.size {
                 self.metrics.digest_mismatches.fetch_add(1, Relaxed);
                 let (digest, size) = (self.digest, self.size);
-                tracing::warn!(%digest, size, "upstream sent more bytes than it announced; discarding");
+                if let Some(ask) = &self.peer {
+                    ask.peers.fell_back(ask.owner, Fallback::BadBytes);
+                }
+                tracing::warn!(%digest, size, "the source sent more bytes than it announced; discarding");
                 return Err(Error::invalid(format!(
                     "{digest}: longer than its Content-Length"
                 )));
@@ -204,6 +226,12 @@ impl<'a> Resumable<'a> {
             }
             return Ok(Some(chunk));
         };
+        if let Some(ask) = self.peer.take() {
+            let (digest, at, owner) = (self.digest, self.pos, ask.owner);
+            tracing::info!(%digest, %owner, at, error = %why, "the owner's body broke off; the upstream sends the rest");
+            ask.peers.fell_back(owner, Fallback::Broken);
+            self.peer_broke = true;
+        }
         self.cut = Some(why);
         Ok(Some(Bytes::new()))
     }
@@ -212,8 +240,9 @@ impl<'a> Resumable<'a> {
     /// or the retries in a row are spent.
     async fn resume(&mut self, mut why: Error) -> Result<(), Error> {
         let digest = self.digest;
-        // The first resume after a sibling's fill stopped is no upstream error.
-        let mut upstream_failed = self.body.is_some();
+        // The first resume after a sibling's fill or a peer's body stopped
+        // is no upstream error.
+        let mut upstream_failed = self.body.is_some() && !std::mem::take(&mut self.peer_broke);
         loop {
             if std::mem::replace(&mut upstream_failed, true) {
                 self.metrics.upstream_errors.fetch_add(1, Relaxed);
