@@ -10,7 +10,12 @@
 //! - the peer port: nothing without the secret, only content by digest;
 //! - dockerd, containerd's order and skopeo, one per node: one GET per blob;
 //! - `--peers dns:NAME:PORT` through a name server the test runs, and the
-//!   answer shrinking under it.
+//!   answer shrinking under it;
+//! - a node leaving (kill -9) and joining again while two others pull;
+//! - a manifest by digest: once upstream for three nodes;
+//! - a private upstream: a peer's copy reaches only clients the upstream
+//!   lets in, and a blob the owner may not fetch anonymously is fetched by
+//!   the asking node itself.
 
 mod support;
 
@@ -725,5 +730,165 @@ fn a_node_leaving_and_joining_during_pulls_fails_no_pull_of_the_others() {
             total += gets;
         }
         println!("{} rounds, {total} upstream GETs", digests.len());
+    });
+}
+
+#[test]
+fn a_manifest_by_digest_crosses_the_uplink_once_for_three_nodes() {
+    let rt = runtime();
+    let reg = Registry::start();
+    let c = Cluster::start(28, 3, &reg.url(), &[]);
+    for n in &c.nodes {
+        n.proxy.wait_learned_open();
+    }
+    let layer = blob(100 << 10, 2801);
+    rt.block_on(async {
+        wait_live(&all(&c), 2).await;
+        let (manifest, digest) = push_manifest(&reg.url(), REPO, "v1", b"{}", &[&layer]).await;
+        let owner = c.owner_of(&digest);
+        // An asking node first (the owner fetches it for it), then the
+        // others: the owner from its cache, the third from the owner's.
+        let order = [(owner + 1) % 3, owner, (owner + 2) % 3];
+        for i in order {
+            let url = format!("{}/v2/{REPO}/manifests/{digest}", c.nodes[i].url());
+            let (st, h, body) = send(Method::GET, &url, &[("accept", ACCEPT_MANIFESTS)]).await;
+            assert_eq!(st, StatusCode::OK, "node {i}");
+            assert_eq!(&body[..], &manifest[..], "node {i} serves the manifest");
+            assert_eq!(h["docker-content-digest"], digest.as_str());
+        }
+        let needle = format!("/manifests/{digest} HTTP/1.1\"");
+        let gets = reg
+            .logged(1, "GETs of the manifest by digest", |l| {
+                l.contains("\"GET /v2/") && l.contains(&needle)
+            })
+            .await;
+        assert_eq!(gets, 1, "three nodes fetched the manifest upstream once");
+        let received =
+            c.nodes[order[0]].metric0(RECEIVED).await + c.nodes[order[2]].metric0(RECEIVED).await;
+        assert!(
+            received >= 2 * manifest.len() as u64,
+            "both asking nodes got it from the owner"
+        );
+    });
+}
+
+const ALICE: (&str, &str) = ("alice", "alices-pw");
+const BOB: (&str, &str) = ("bob", "bobs-pw");
+
+fn basic((user, pw): (&str, &str)) -> String {
+    let out = std::process::Command::new("sh")
+        .args(["-c", &format!("printf '%s' '{user}:{pw}' | base64 -w0")])
+        .output()
+        .unwrap();
+    format!("Basic {}", succeeded(out, "base64"))
+}
+
+/// GETs of blob `d` that the upstream answered 200, once there are at
+/// least `expected` (a refused one is logged too, with its 401).
+async fn ok_gets(reg: &Registry, d: &str, expected: usize) -> usize {
+    let needle = format!("/blobs/{d} HTTP/1.1\" 200 ");
+    reg.logged(expected, &format!("200 GETs of {d}"), |l| {
+        l.contains("\"GET /v2/") && l.contains(&needle)
+    })
+    .await
+}
+
+/// A registry whose every request needs alice's or bob's password.
+fn private_registry() -> (Registry, TempDir) {
+    let dir = temp_dir("htpasswd");
+    let file = dir.path().join("htpasswd");
+    let mut lines = Vec::new();
+    for (user, pw) in [ALICE, BOB] {
+        let out = std::process::Command::new("htpasswd")
+            .args(["-Bbn", user, pw])
+            .output()
+            .expect("htpasswd (apache2-utils) is installed");
+        lines.extend_from_slice(succeeded(out, "htpasswd").trim_ascii_end().as_bytes());
+        lines.push(b'\n');
+    }
+    std::fs::write(&file, lines).unwrap();
+    let reg = Registry::start_with(&format!(
+        "auth:\n  htpasswd:\n    realm: test-realm\n    path: {}\n",
+        file.display()
+    ));
+    (reg, dir)
+}
+
+#[test]
+fn a_node_serves_a_private_blob_from_a_peer_only_to_clients_the_upstream_lets_in() {
+    let rt = runtime();
+    let (reg, _htpasswd) = private_registry();
+    let c = Cluster::start(29, 3, &reg.url(), &[]);
+    let cached = blob(1 << 20, 2901);
+    let cold = blob(1 << 20, 2902);
+    let x = reg.put_blob_files(REPO, &cached);
+    let y = reg.put_blob_files(REPO, &cold);
+    let (alice, bob) = (basic(ALICE), basic(BOB));
+    let stranger = basic(("mallory", "guess"));
+    rt.block_on(async {
+        wait_live(&all(&c), 2).await;
+        // Alice pulls X through its owner: it is cached there.
+        let o = c.owner_of(&x);
+        let asker = &c.nodes[(o + 1) % 3];
+        let (st, _, body) = send(
+            Method::GET,
+            &c.nodes[o].blob_url(REPO, &x),
+            &[("authorization", &alice)],
+        )
+        .await;
+        assert_eq!(st, StatusCode::OK);
+        assert_eq!(sha256_digest(&body), x);
+        c.nodes[o].proxy.fills_done().await;
+
+        // On another node, no one the upstream refuses gets it, although
+        // the owner has it and would serve it to the node.
+        for (who, headers) in [
+            ("an anonymous client", vec![]),
+            (
+                "a wrong password",
+                vec![("authorization", stranger.as_str())],
+            ),
+        ] {
+            for n in &c.nodes {
+                let (st, _, body) = send(Method::GET, &n.blob_url(REPO, &x), &headers).await;
+                assert_eq!(st, StatusCode::UNAUTHORIZED, "{who} on node {}", n.peer);
+                assert_ne!(sha256_digest(&body), x, "{who} did not get it");
+            }
+        }
+        // Bob, whom the upstream lets in, gets it on the asking node, from
+        // the owner: no second upstream GET.
+        let (st, _, body) = send(
+            Method::GET,
+            &asker.blob_url(REPO, &x),
+            &[("authorization", &bob)],
+        )
+        .await;
+        assert_eq!(st, StatusCode::OK);
+        assert_eq!(sha256_digest(&body), x);
+        asker.proxy.fills_done().await;
+        assert!(
+            asker.metric0(RECEIVED).await >= cached.len() as u64,
+            "from the owner"
+        );
+        assert_eq!(ok_gets(&reg, &x, 1).await, 1, "X crossed the uplink once");
+
+        // Y is cached nowhere: its owner's anonymous fill is refused, so the
+        // asking node fetches it itself with its client's credentials.
+        let oy = c.owner_of(&y);
+        let asker = &c.nodes[(oy + 1) % 3];
+        let (st, _, body) = send(
+            Method::GET,
+            &asker.blob_url(REPO, &y),
+            &[("authorization", &bob)],
+        )
+        .await;
+        assert_eq!(st, StatusCode::OK);
+        assert_eq!(sha256_digest(&body), y);
+        asker.proxy.fills_done().await;
+        assert!(
+            c.nodes[oy].metric0(&peer_requests("not_found")).await >= 1,
+            "the owner said 404"
+        );
+        assert_eq!(ok_gets(&reg, &y, 1).await, 1, "the asker's own GET");
     });
 }
