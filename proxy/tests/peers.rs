@@ -606,13 +606,12 @@ fn peers_from_a_dns_name_find_each_other_and_follow_the_answer_as_it_shrinks() {
             IpAddr::V6(_) => unreachable!(),
         })
         .collect();
-    let ns_ip = Ipv4Addr::new(127, 0, 26, 53);
-    let dns = rt.block_on(DnsServer::start(ns_ip, &format!("{NAME}."), v4.clone()));
+    let dns = rt.block_on(DnsServer::start(26, &format!("{NAME}."), v4.clone()));
     let port = free_port_on(&ips);
     let (_secret_dir, secret) = secret_file();
     let peers = format!("dns:{NAME}:{port}");
     let url = reg.url();
-    let nodes: Vec<Node> = with_resolv_conf(IpAddr::V4(ns_ip), || {
+    let nodes: Vec<Node> = with_resolv_conf(dns.addr.ip(), || {
         ips.iter()
             .map(|ip| start_node(*ip, SocketAddr::new(*ip, port), &peers, &secret, &url, &[]))
             .collect()

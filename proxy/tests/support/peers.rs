@@ -337,13 +337,23 @@ pub struct DnsServer {
 }
 
 impl DnsServer {
-    /// `name` is fully qualified (`regproxy-peers.test.`).
-    pub async fn start(ip: Ipv4Addr, name: &str, answers: Vec<Ipv4Addr>) -> DnsServer {
+    /// Serves on port 53 (a resolv.conf names no port) of the first of
+    /// `127.0.<block>.53..` that is free: another run of the same test may
+    /// hold one. `name` is fully qualified (`regproxy-peers.test.`).
+    pub async fn start(block: u8, name: &str, answers: Vec<Ipv4Addr>) -> DnsServer {
         use hickory_resolver::proto::op::{Message, MessageType, ResponseCode};
         use hickory_resolver::proto::rr::{rdata::A, Name, RData, Record, RecordType};
         use std::str::FromStr;
 
-        let socket = tokio::net::UdpSocket::bind((ip, 53)).await.unwrap();
+        let mut socket = None;
+        for last in 53..100 {
+            let ip = Ipv4Addr::new(127, 0, block, last);
+            if let Ok(s) = tokio::net::UdpSocket::bind((ip, 53)).await {
+                socket = Some(s);
+                break;
+            }
+        }
+        let socket = socket.expect("a free port 53 on one of 127.0.<block>.53..99");
         let addr = socket.local_addr().unwrap();
         let answers = Arc::new(Mutex::new(answers));
         let queries = Arc::new(AtomicU64::new(0));
