@@ -12,6 +12,8 @@
 //! - `--peers dns:NAME:PORT` through a name server the test runs, and the
 //!   answer shrinking under it;
 //! - a node leaving (kill -9) and joining again while two others pull;
+//! - a peer silent before its head, or mid-body, past --peer-timeout: the
+//!   upstream instead, resumed with a Range from where the peer stopped;
 //! - a manifest by digest: once upstream for three nodes;
 //! - a private upstream: a peer's copy reaches only clients the upstream
 //!   lets in, and a blob the owner may not fetch anonymously is fetched by
@@ -890,4 +892,86 @@ fn a_node_serves_a_private_blob_from_a_peer_only_to_clients_the_upstream_lets_in
         );
         assert_eq!(ok_gets(&reg, &y, 1).await, 1, "the asker's own GET");
     });
+}
+
+#[test]
+fn a_peer_slower_than_the_peer_timeout_is_given_up_before_its_head_and_mid_body() {
+    const LEN: usize = 4 << 20;
+    const HALF: usize = LEN / 2;
+    let rt = runtime();
+    let reg = Registry::start();
+    let ips = loopback_ips(30, 2);
+    let addrs = peer_addrs(&ips);
+    let (node_peer, fake_addr) = (addrs[0], addrs[1]);
+    let mut owned = Vec::new();
+    for seed in 3000.. {
+        let data = blob(LEN, seed);
+        if owner(&sha256_digest(&data), &addrs) == fake_addr {
+            owned.push((reg.put_blob_files(REPO, &data), data));
+        }
+        if owned.len() == 2 {
+            break;
+        }
+    }
+    let (a, b) = (owned[0].0.clone(), owned[1].0.clone());
+    let stalls = [Stall::BeforeHead, Stall::After(HALF)];
+    let blobs = owned
+        .into_iter()
+        .zip(stalls)
+        .map(|((d, data), stall)| (d, (data, stall)))
+        .collect();
+    let fake = rt.block_on(StallingPeer::start(fake_addr, blobs));
+    let (_secret_dir, secret) = secret_file();
+    let node = start_node(
+        ips[0],
+        node_peer,
+        &peer_list(&addrs),
+        &secret,
+        &reg.url(),
+        &["--peer-timeout", "1s"],
+    );
+    node.proxy.wait_learned_open();
+    rt.block_on(async {
+        // No head within --peer-timeout: the upstream instead.
+        wait_live(&[&node], 1).await;
+        let t = Instant::now();
+        get_verified(&node.blob_url(REPO, &a), &a).await.unwrap();
+        let took = t.elapsed();
+        assert_eq!(fake.blob_gets(), 1, "the node asked the owner first");
+        wait_metric(&node, &fallbacks("timeout"), 1).await;
+        node.proxy.fills_done().await;
+        assert_eq!(ok_gets(&reg, &a, 1).await, 1);
+        println!("a head that never came: served from the upstream after {took:?}");
+
+        // Half the body, then silence: the rest from the upstream, from
+        // where the owner stopped.
+        wait_live(&[&node], 1).await;
+        let upstream_before = node.metric0(UPSTREAM_BYTES).await;
+        let t = Instant::now();
+        get_verified(&node.blob_url(REPO, &b), &b).await.unwrap();
+        let took = t.elapsed();
+        assert_eq!(fake.blob_gets(), 2, "the node asked the owner first");
+        wait_metric(&node, &fallbacks("broken"), 1).await;
+        node.proxy.fills_done().await;
+        let from_upstream = node.metric0(UPSTREAM_BYTES).await - upstream_before;
+        assert!(
+            from_upstream <= (LEN - HALF) as u64 + PROBES,
+            "the upstream sent only what the owner had not ({from_upstream} bytes of {LEN})"
+        );
+        assert_eq!(ranged_gets(&reg, &b).await, 1, "one resume with Range");
+        assert_eq!(ok_gets(&reg, &b, 0).await, 0, "no GET of the whole blob");
+        let cached = std::fs::read(node.proxy.cache_path(&b)).unwrap();
+        assert_eq!(sha256_digest(&cached), b);
+        println!("a body stalled at {HALF} of {LEN}: whole after {took:?}, {from_upstream} bytes from the upstream");
+    });
+}
+
+/// GETs of blob `d` that the upstream answered 206 (a resume), once
+/// there is one.
+async fn ranged_gets(reg: &Registry, d: &str) -> usize {
+    let needle = format!("/blobs/{d} HTTP/1.1\" 206 ");
+    reg.logged(1, &format!("206 GETs of {d}"), |l| {
+        l.contains("\"GET /v2/") && l.contains(&needle)
+    })
+    .await
 }

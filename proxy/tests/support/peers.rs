@@ -467,3 +467,98 @@ fn unshare_mounts() {
         std::io::Error::last_os_error()
     );
 }
+
+/// How a [`StallingPeer`] fails a blob GET.
+#[derive(Clone, Copy, Debug)]
+pub enum Stall {
+    /// Reads the request and never answers.
+    BeforeHead,
+    /// Answers 200 with the right length and the first `n` right bytes,
+    /// then sends nothing more (and keeps the connection open).
+    After(usize),
+}
+
+/// A peer that answers its liveness probes at once but stalls on blobs, on
+/// raw TCP so that it can stop in the middle of a body.
+pub struct StallingPeer {
+    blob_gets: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl StallingPeer {
+    /// Serves on `addr`; `blobs` maps a digest to its true bytes and how
+    /// to stall on it.
+    pub async fn start(addr: SocketAddr, blobs: HashMap<String, (Vec<u8>, Stall)>) -> StallingPeer {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        let blobs = Arc::new(blobs);
+        let blob_gets = Arc::new(AtomicU64::new(0));
+        let gets = Arc::clone(&blob_gets);
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let (blobs, gets) = (Arc::clone(&blobs), Arc::clone(&gets));
+                tokio::spawn(async move {
+                    let mut s = BufReader::new(stream);
+                    loop {
+                        // The request line, then headers up to the blank line.
+                        let mut first = String::new();
+                        if s.read_line(&mut first).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        loop {
+                            let mut h = String::new();
+                            if s.read_line(&mut h).await.unwrap_or(0) == 0 {
+                                return;
+                            }
+                            if h == "\r\n" {
+                                break;
+                            }
+                        }
+                        let path = first.split_whitespace().nth(1).unwrap_or_default();
+                        if path == "/v2/" {
+                            let ok = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
+                            if s.get_mut().write_all(ok.as_bytes()).await.is_err() {
+                                return;
+                            }
+                            continue;
+                        }
+                        let digest = path.rsplit('/').next().unwrap_or_default();
+                        let Some((bytes, stall)) = blobs.get(digest) else {
+                            let nf = "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n";
+                            let _ = s.get_mut().write_all(nf.as_bytes()).await;
+                            continue;
+                        };
+                        gets.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        if let Stall::After(n) = stall {
+                            let head = format!(
+                                "HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\n\
+                                 docker-content-digest: {digest}\r\ncontent-length: {}\r\n\r\n",
+                                bytes.len()
+                            );
+                            let w = s.get_mut();
+                            let _ = w.write_all(head.as_bytes()).await;
+                            let _ = w.write_all(&bytes[..*n]).await;
+                            let _ = w.flush().await;
+                        }
+                        // Held open, silent, until the asker gives up.
+                        let mut rest = Vec::new();
+                        let _ = tokio::io::AsyncReadExt::read_to_end(&mut s, &mut rest).await;
+                        return;
+                    }
+                });
+            }
+        });
+        StallingPeer { blob_gets, task }
+    }
+
+    /// Blob GETs it got so far.
+    pub fn blob_gets(&self) -> u64 {
+        self.blob_gets.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for StallingPeer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
