@@ -6,7 +6,8 @@
 //!
 //! - a cold 256 MiB blob, 3 nodes × 4 clients: one upstream GET;
 //! - the owner killed mid-blob: the survivors' clients still get it whole;
-//! - a peer serving flipped bytes: caught, banned, bypassed;
+//! - a peer serving flipped bytes: caught, banned, bypassed (and one that
+//!   answers 404: bypassed, still live);
 //! - the peer port: nothing without the secret, only content by digest;
 //! - dockerd, containerd's order and skopeo, one per node: one GET per blob;
 //! - `--peers dns:NAME:PORT` through a name server the test runs, and the
@@ -242,7 +243,8 @@ fn a_peer_that_serves_flipped_bytes_is_caught_banned_and_bypassed() {
     let ips = loopback_ips(23, 2);
     let addrs = peer_addrs(&ips);
     let (node_peer, fake_addr) = (addrs[0], addrs[1]);
-    // Two blobs the fake owns by the rendezvous rule.
+    // Three blobs the fake owns by the rendezvous rule; it lies about two
+    // and does not know the third.
     let mut owned = HashMap::new();
     let mut order = Vec::new();
     for seed in 2300.. {
@@ -252,11 +254,12 @@ fn a_peer_that_serves_flipped_bytes_is_caught_banned_and_bypassed() {
             order.push(reg.put_blob_files(REPO, &data));
             owned.insert(d, data);
         }
-        if owned.len() == 2 {
+        if owned.len() == 3 {
             break;
         }
     }
-    let (a, b) = (order[0].clone(), order[1].clone());
+    let (a, b, unknown) = (order[0].clone(), order[1].clone(), order[2].clone());
+    owned.remove(&unknown);
     let fake = rt.block_on(FakePeer::start(fake_addr, owned));
     let (_secret_dir, secret) = secret_file();
     let node = start_node(
@@ -270,6 +273,18 @@ fn a_peer_that_serves_flipped_bytes_is_caught_banned_and_bypassed() {
     node.proxy.wait_learned_open();
     rt.block_on(async {
         wait_live(&[&node], 1).await;
+        // A 404 from the owner: the upstream instead; the peer stays live.
+        get_verified(&node.blob_url(REPO, &unknown), &unknown)
+            .await
+            .unwrap();
+        assert_eq!(
+            fake.blob_requests().len(),
+            1,
+            "the node asked the owner first"
+        );
+        wait_metric(&node, &fallbacks("error"), 1).await;
+        assert_eq!(node.metric0("regproxy_peers_live").await, 1);
+
         let got = get_counting(node.blob_url(REPO, &a), Default::default()).await;
         match &got {
             Err(_) => {}
@@ -278,7 +293,7 @@ fn a_peer_that_serves_flipped_bytes_is_caught_banned_and_bypassed() {
         }
         assert_eq!(
             fake.blob_requests().len(),
-            1,
+            2,
             "the node asked the owner (the fake) first"
         );
         wait_metric(&node, &fallbacks("bad_bytes"), 1).await;
@@ -289,7 +304,7 @@ fn a_peer_that_serves_flipped_bytes_is_caught_banned_and_bypassed() {
         get_verified(&node.blob_url(REPO, &b), &b).await.unwrap();
         assert_eq!(
             fake.blob_requests().len(),
-            1,
+            2,
             "a banned peer is not asked again, even for a blob it owns"
         );
         node.proxy.fills_done().await;
