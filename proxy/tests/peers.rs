@@ -29,7 +29,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use bytes::Bytes;
 use http::{Method, StatusCode};
 use support::handover::{docker_cli, get_counting, get_verified};
 use support::peers::*;
@@ -46,33 +45,6 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-fn all(c: &Cluster) -> Vec<&Node> {
-    c.nodes.iter().collect()
-}
-
-/// Waits until no node has a fill in flight.
-async fn fills_done(nodes: &[&Node]) {
-    for n in nodes {
-        n.proxy.fills_done().await;
-    }
-}
-
-const OWNER_SELF: &str = "regproxy_peer_owner_total{owner=\"self\"}";
-const OWNER_PEER: &str = "regproxy_peer_owner_total{owner=\"peer\"}";
-const RECEIVED: &str = "regproxy_peer_bytes_received_total";
-const SERVED: &str = "regproxy_peer_bytes_served_total";
-const UPSTREAM_BYTES: &str = "regproxy_upstream_bytes_total";
-/// Slack for the liveness probes' bodies in a byte counter.
-const PROBES: u64 = 64 << 10;
-
-fn peer_requests(outcome: &str) -> String {
-    format!("regproxy_peer_requests_total{{outcome=\"{outcome}\"}}")
-}
-
-fn fallbacks(reason: &str) -> String {
-    format!("regproxy_peer_fallbacks_total{{reason=\"{reason}\"}}")
-}
-
 #[test]
 fn three_nodes_times_four_clients_fetch_a_cold_256_mib_blob_from_the_upstream_once() {
     let rt = runtime();
@@ -82,7 +54,7 @@ fn three_nodes_times_four_clients_fetch_a_cold_256_mib_blob_from_the_upstream_on
         n.proxy.wait_learned_open();
     }
     rt.block_on(async {
-        wait_live(&all(&c), 2).await;
+        wait_live(&c.all(), 2).await;
         let digest = reg.put_blob_files(REPO, &blob(BIG, 2101));
         let owner = c.owner_of(&digest);
         let urls: Vec<String> = c.nodes.iter().map(|n| n.blob_url(REPO, &digest)).collect();
@@ -96,7 +68,7 @@ fn three_nodes_times_four_clients_fetch_a_cold_256_mib_blob_from_the_upstream_on
                 i / 4
             );
         }
-        fills_done(&all(&c)).await;
+        fills_done(&c.all()).await;
         assert_eq!(
             reg.blob_gets_logged(&digest, 1).await,
             1,
@@ -162,7 +134,7 @@ fn an_owner_killed_mid_blob_leaves_every_client_of_the_survivors_with_a_verified
     let owner = c.owner_of(&digest);
     let survivors: Vec<usize> = (0..3).filter(|i| *i != owner).collect();
     let clients = rt.block_on(async {
-        wait_live(&all(&c), 2).await;
+        wait_live(&c.all(), 2).await;
         gate.hold_after(HELD_AT);
         let urls: Vec<String> = c.nodes.iter().map(|n| n.blob_url(REPO, &digest)).collect();
         let clients = Clients::start(&urls, 4);
@@ -322,17 +294,6 @@ fn a_peer_that_serves_flipped_bytes_is_caught_banned_and_bypassed() {
             );
         }
     });
-}
-
-/// A request to `url`, returning status, headers and the body (empty when
-/// it was cut).
-async fn send(
-    method: Method,
-    url: &str,
-    headers: &[(&str, &str)],
-) -> (StatusCode, http::HeaderMap, Bytes) {
-    let (st, h, body) = request(method, url, headers, Bytes::new()).await;
-    (st, h, body.unwrap_or_default())
 }
 
 #[test]
@@ -549,7 +510,7 @@ fn dockerd_containerd_order_and_skopeo_on_three_nodes_fetch_each_blob_once() {
     for n in &c.nodes {
         n.proxy.wait_learned_open();
     }
-    rt.block_on(wait_live(&all(&c), 2));
+    rt.block_on(wait_live(&c.all(), 2));
     let out_dir = temp_dir("skopeo");
     let docker_ref = format!("{}/{REPO}:v1", c.nodes[0].proxy.addr);
     let skopeo_src = format!("docker://{}/{REPO}:v1", c.nodes[2].proxy.addr);
@@ -599,7 +560,7 @@ fn dockerd_containerd_order_and_skopeo_on_three_nodes_fetch_each_blob_once() {
         assert_eq!(&sha256_digest(&copied), d, "skopeo's copy of {d}");
     }
     rt.block_on(async {
-        fills_done(&all(&c)).await;
+        fills_done(&c.all()).await;
         for d in &blobs {
             assert_eq!(
                 reg.blob_gets_logged(d, 1).await,
@@ -685,7 +646,7 @@ fn a_node_leaving_and_joining_during_pulls_fails_no_pull_of_the_others() {
     for n in &c.nodes {
         n.proxy.wait_learned_open();
     }
-    rt.block_on(wait_live(&all(&c), 2));
+    rt.block_on(wait_live(&c.all(), 2));
     // Nodes 0 and 1 pull a new cold blob each round, both at once, until
     // told to stop; node 2 leaves (kill -9) and joins again meanwhile.
     let stop = Arc::new(AtomicBool::new(false));
@@ -731,14 +692,14 @@ fn a_node_leaving_and_joining_during_pulls_fails_no_pull_of_the_others() {
     rt.block_on(wait_live(&[&c.nodes[0], &c.nodes[1]], 1));
     after(PER_PHASE);
     c.restart(2);
-    rt.block_on(wait_live(&all(&c), 2));
+    rt.block_on(wait_live(&c.all(), 2));
     after(PER_PHASE);
     stop.store(true, SeqCst);
     let digests = rt.block_on(pulling).unwrap();
     let failures = failures.lock().unwrap().clone();
     assert!(failures.is_empty(), "pulls failed: {failures:#?}");
     rt.block_on(async {
-        fills_done(&all(&c)).await;
+        fills_done(&c.all()).await;
         let mut total = 0;
         for d in &digests {
             let gets = reg.blob_gets_logged(d, 1).await;
@@ -759,7 +720,7 @@ fn a_manifest_by_digest_crosses_the_uplink_once_for_three_nodes() {
     }
     let layer = blob(100 << 10, 2801);
     rt.block_on(async {
-        wait_live(&all(&c), 2).await;
+        wait_live(&c.all(), 2).await;
         let (manifest, digest) = push_manifest(&reg.url(), REPO, "v1", b"{}", &[&layer]).await;
         let owner = c.owner_of(&digest);
         // An asking node first (the owner fetches it for it), then the
@@ -788,48 +749,6 @@ fn a_manifest_by_digest_crosses_the_uplink_once_for_three_nodes() {
     });
 }
 
-const ALICE: (&str, &str) = ("alice", "alices-pw");
-const BOB: (&str, &str) = ("bob", "bobs-pw");
-
-fn basic((user, pw): (&str, &str)) -> String {
-    let out = std::process::Command::new("sh")
-        .args(["-c", &format!("printf '%s' '{user}:{pw}' | base64 -w0")])
-        .output()
-        .unwrap();
-    format!("Basic {}", succeeded(out, "base64"))
-}
-
-/// GETs of blob `d` that the upstream answered 200, once there are at
-/// least `expected` (a refused one is logged too, with its 401).
-async fn ok_gets(reg: &Registry, d: &str, expected: usize) -> usize {
-    let needle = format!("/blobs/{d} HTTP/1.1\" 200 ");
-    reg.logged(expected, &format!("200 GETs of {d}"), |l| {
-        l.contains("\"GET /v2/") && l.contains(&needle)
-    })
-    .await
-}
-
-/// A registry whose every request needs alice's or bob's password.
-fn private_registry() -> (Registry, TempDir) {
-    let dir = temp_dir("htpasswd");
-    let file = dir.path().join("htpasswd");
-    let mut lines = Vec::new();
-    for (user, pw) in [ALICE, BOB] {
-        let out = std::process::Command::new("htpasswd")
-            .args(["-Bbn", user, pw])
-            .output()
-            .expect("htpasswd (apache2-utils) is installed");
-        lines.extend_from_slice(succeeded(out, "htpasswd").trim_ascii_end().as_bytes());
-        lines.push(b'\n');
-    }
-    std::fs::write(&file, lines).unwrap();
-    let reg = Registry::start_with(&format!(
-        "auth:\n  htpasswd:\n    realm: test-realm\n    path: {}\n",
-        file.display()
-    ));
-    (reg, dir)
-}
-
 #[test]
 fn a_node_serves_a_private_blob_from_a_peer_only_to_clients_the_upstream_lets_in() {
     let rt = runtime();
@@ -842,7 +761,7 @@ fn a_node_serves_a_private_blob_from_a_peer_only_to_clients_the_upstream_lets_in
     let (alice, bob) = (basic(ALICE), basic(BOB));
     let stranger = basic(("mallory", "guess"));
     rt.block_on(async {
-        wait_live(&all(&c), 2).await;
+        wait_live(&c.all(), 2).await;
         // Alice pulls X through its owner: it is cached there.
         let o = c.owner_of(&x);
         let asker = &c.nodes[(o + 1) % 3];
@@ -979,14 +898,4 @@ fn a_peer_slower_than_the_peer_timeout_is_given_up_before_its_head_and_mid_body(
         assert_eq!(sha256_digest(&cached), b);
         println!("a body stalled at {HALF} of {LEN}: whole after {took:?}, {from_upstream} bytes from the upstream");
     });
-}
-
-/// GETs of blob `d` that the upstream answered 206 (a resume), once
-/// there is one.
-async fn ranged_gets(reg: &Registry, d: &str) -> usize {
-    let needle = format!("/blobs/{d} HTTP/1.1\" 206 ");
-    reg.logged(1, &format!("206 GETs of {d}"), |l| {
-        l.contains("\"GET /v2/") && l.contains(&needle)
-    })
-    .await
 }

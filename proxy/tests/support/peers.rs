@@ -14,12 +14,13 @@ use std::process::Command;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
-use http::StatusCode;
+use bytes::Bytes;
+use http::{HeaderMap, Method, StatusCode};
 use sha2::{Digest as _, Sha256};
 
 use super::handover::get_counting;
 use super::stub::{answer, Stub};
-use super::{succeeded, temp_dir, wait_for, Proxy, TempDir, PATIENCE};
+use super::{request, succeeded, temp_dir, wait_for, Proxy, Registry, TempDir, PATIENCE};
 
 /// The secret every node of a test cluster reads from its
 /// `--peer-secret-file` (printable, no spaces, over 16 bytes).
@@ -187,6 +188,11 @@ impl Cluster {
         let (ip, peer) = (old.proxy.addr.ip(), old.peer);
         let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
         self.nodes[i] = start_node(ip, peer, &self.list, &self.secret, &self.upstream, &extra);
+    }
+
+    /// Every node, for the helpers that take a few.
+    pub fn all(&self) -> Vec<&Node> {
+        self.nodes.iter().collect()
     }
 
     /// The peer listener addresses of every node.
@@ -561,4 +567,94 @@ impl Drop for StallingPeer {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+// What the tests count and ask, by name.
+
+/// Waits until no node has a fill in flight.
+pub async fn fills_done(nodes: &[&Node]) {
+    for n in nodes {
+        n.proxy.fills_done().await;
+    }
+}
+
+pub const OWNER_SELF: &str = "regproxy_peer_owner_total{owner=\"self\"}";
+pub const OWNER_PEER: &str = "regproxy_peer_owner_total{owner=\"peer\"}";
+pub const RECEIVED: &str = "regproxy_peer_bytes_received_total";
+pub const SERVED: &str = "regproxy_peer_bytes_served_total";
+pub const UPSTREAM_BYTES: &str = "regproxy_upstream_bytes_total";
+/// Slack for the liveness probes' bodies in a byte counter.
+pub const PROBES: u64 = 64 << 10;
+
+pub fn peer_requests(outcome: &str) -> String {
+    format!("regproxy_peer_requests_total{{outcome=\"{outcome}\"}}")
+}
+
+pub fn fallbacks(reason: &str) -> String {
+    format!("regproxy_peer_fallbacks_total{{reason=\"{reason}\"}}")
+}
+
+/// A request to `url`, returning status, headers and the body (empty when
+/// it was cut).
+pub async fn send(
+    method: Method,
+    url: &str,
+    headers: &[(&str, &str)],
+) -> (StatusCode, HeaderMap, Bytes) {
+    let (st, h, body) = request(method, url, headers, Bytes::new()).await;
+    (st, h, body.unwrap_or_default())
+}
+
+/// Users of [`private_registry`].
+pub const ALICE: (&str, &str) = ("alice", "alices-pw");
+pub const BOB: (&str, &str) = ("bob", "bobs-pw");
+
+/// GETs of blob `d` that the upstream answered 200, once there are at
+/// least `expected` (a refused one is logged too, with its 401).
+pub async fn ok_gets(reg: &Registry, d: &str, expected: usize) -> usize {
+    let needle = format!("/blobs/{d} HTTP/1.1\" 200 ");
+    reg.logged(expected, &format!("200 GETs of {d}"), |l| {
+        l.contains("\"GET /v2/") && l.contains(&needle)
+    })
+    .await
+}
+
+/// A registry whose every request needs alice's or bob's password.
+pub fn private_registry() -> (Registry, TempDir) {
+    let dir = temp_dir("htpasswd");
+    let file = dir.path().join("htpasswd");
+    let mut lines = Vec::new();
+    for (user, pw) in [ALICE, BOB] {
+        let out = Command::new("htpasswd")
+            .args(["-Bbn", user, pw])
+            .output()
+            .expect("htpasswd (apache2-utils) is installed");
+        lines.extend_from_slice(succeeded(out, "htpasswd").trim_ascii_end().as_bytes());
+        lines.push(b'\n');
+    }
+    std::fs::write(&file, lines).unwrap();
+    let reg = Registry::start_with(&format!(
+        "auth:\n  htpasswd:\n    realm: test-realm\n    path: {}\n",
+        file.display()
+    ));
+    (reg, dir)
+}
+
+/// GETs of blob `d` that the upstream answered 206 (a resume), once
+/// there is one.
+pub async fn ranged_gets(reg: &Registry, d: &str) -> usize {
+    let needle = format!("/blobs/{d} HTTP/1.1\" 206 ");
+    reg.logged(1, &format!("206 GETs of {d}"), |l| {
+        l.contains("\"GET /v2/") && l.contains(&needle)
+    })
+    .await
+}
+
+/// An `Authorization: Basic` value.
+pub fn basic((user, pw): (&str, &str)) -> String {
+    let out = Command::new("sh")
+        .args(["-c", &format!("printf '%s' '{user}:{pw}' | base64 -w0")])
+        .output()
+        .unwrap();
+    format!("Basic {}", succeeded(out, "base64"))
 }
