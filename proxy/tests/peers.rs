@@ -5,7 +5,8 @@
 //! upstream GETs is the registry's own access log.
 //!
 //! - a cold 256 MiB blob, 3 nodes × 4 clients: one upstream GET;
-//! - the owner killed mid-blob: the survivors' clients still get it whole;
+//! - the owner killed mid-blob: the survivors' clients still get it whole,
+//!   and it crosses the uplink once more (the new owner's resume);
 //! - a peer serving flipped bytes: caught, banned, bypassed (and one that
 //!   answers 404: bypassed, still live);
 //! - the peer port: nothing without the secret, only content by digest;
@@ -13,8 +14,9 @@
 //! - `--peers dns:NAME:PORT` through a name server the test runs, and the
 //!   answer shrinking under it;
 //! - a node leaving (kill -9) and joining again while two others pull;
-//! - a peer silent before its head, or mid-body, past --peer-timeout: the
-//!   upstream instead, resumed with a Range from where the peer stopped;
+//! - a peer silent before its head, or mid-body (while it answers its
+//!   probes, past --upstream-timeout): the upstream instead, resumed with a
+//!   Range from where the peer stopped;
 //! - a manifest by digest: once upstream for three nodes;
 //! - a private upstream: a peer's copy reaches only clients the upstream
 //!   lets in, and a blob the owner may not fetch anonymously is fetched by
@@ -188,10 +190,27 @@ fn an_owner_killed_mid_blob_leaves_every_client_of_the_survivors_with_a_verified
         }
         wait_live(&alive, 1).await;
         fills_done(&alive).await;
+        // The survivors agree on a new owner: it resumes from the upstream,
+        // the other one from it. The blob crosses the uplink once more.
         let gets = reg.blob_gets_logged(&digest, 1).await;
         assert!(
-            gets <= 3,
-            "the owner's GET and at most one resume per survivor reach the upstream, not {gets}"
+            gets <= 2,
+            "the dead owner's GET and the new owner's resume reach the upstream, not {gets}"
+        );
+        let peers: Vec<SocketAddr> = alive.iter().map(|n| n.peer).collect();
+        let new_owner = support::peers::owner(&digest, &peers);
+        let other = alive.iter().find(|n| n.peer != new_owner).unwrap();
+        let up = other.metric0(UPSTREAM_BYTES).await;
+        assert!(
+            up < PROBES,
+            "node {} resumed from the new owner {new_owner}, not the upstream ({up} bytes)",
+            other.peer
+        );
+        let got = other.metric0(RECEIVED).await;
+        assert!(
+            got >= SIZE as u64,
+            "node {} got every byte from peers ({got})",
+            other.peer
         );
         println!(
             "owner killed with {killed_at} of {SIZE} bytes sent upstream; {gets} upstream GETs"
@@ -379,6 +398,11 @@ fn the_peer_port_refuses_without_the_secret_and_serves_only_content_by_digest() 
                         challenge.starts_with("Bearer")
                             && challenge.contains("realm=\"regproxy-peers\""),
                         "{method} {path} with {what}: challenge {challenge:?}"
+                    );
+                    assert_eq!(
+                        h.get("connection").map(|v| v.to_str().unwrap()),
+                        Some("close"),
+                        "{method} {path} with {what}: a refused peer connection is closed"
                     );
                     if method == Method::GET {
                         let e: serde_json::Value = serde_json::from_slice(&body)
@@ -829,7 +853,7 @@ fn a_node_serves_a_private_blob_from_a_peer_only_to_clients_the_upstream_lets_in
 }
 
 #[test]
-fn a_peer_slower_than_the_peer_timeout_is_given_up_before_its_head_and_mid_body() {
+fn a_silent_peer_is_given_up_before_its_head_and_mid_body_and_the_upstream_resumes() {
     const LEN: usize = 4 << 20;
     const HALF: usize = LEN / 2;
     let rt = runtime();
@@ -862,11 +886,13 @@ fn a_peer_slower_than_the_peer_timeout_is_given_up_before_its_head_and_mid_body(
         &peer_list(&addrs),
         &secret,
         &reg.url(),
-        &["--peer-timeout", "1s"],
+        // A silent owner that still answers its probes is waited on for
+        // --upstream-timeout, as the owner waits on its own upstream.
+        &["--peer-timeout", "1s", "--upstream-timeout", "3s"],
     );
     node.proxy.wait_learned_open();
     rt.block_on(async {
-        // No head within --peer-timeout: the upstream instead.
+        // No head: the upstream instead.
         wait_live(&[&node], 1).await;
         let t = Instant::now();
         get_verified(&node.blob_url(REPO, &a), &a).await.unwrap();
