@@ -20,7 +20,8 @@
 //! - a manifest by digest: once upstream for three nodes;
 //! - a private upstream: a peer's copy reaches only clients the upstream
 //!   lets in, and a blob the owner may not fetch anonymously is fetched by
-//!   the asking node itself.
+//!   the asking node itself;
+//! - `serve` refuses peers without a listener or a usable secret.
 
 mod support;
 
@@ -924,4 +925,86 @@ fn a_silent_peer_is_given_up_before_its_head_and_mid_body_and_the_upstream_resum
         assert_eq!(sha256_digest(&cached), b);
         println!("a body stalled at {HALF} of {LEN}: whole after {took:?}, {from_upstream} bytes from the upstream");
     });
+}
+
+#[test]
+fn serve_refuses_peers_without_a_listener_or_a_usable_secret_in_one_line_and_shows_no_secret() {
+    let dir = temp_dir("peer-flags");
+    let file = |name: &str, content: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, content).unwrap();
+        p.to_str().unwrap().to_owned()
+    };
+    let good = file("good", &format!("{SECRET}\n"));
+    let short = file("short", "short-secret\n");
+    let spaced = file("spaced", "a secret with spaces in it 0123456789\n");
+    let cache = dir.path().join("cache");
+    let cases: [(&[&str], &str); 6] = [
+        (&["--peer-listen", "127.0.31.1:5101"], "--peer-secret-file"),
+        (&["--peer-secret-file", &good], "--peer-listen"),
+        (
+            &[
+                "--peer-listen",
+                "127.0.31.1:5101",
+                "--peer-secret-file",
+                &short,
+            ],
+            "--peer-secret-file",
+        ),
+        (
+            &[
+                "--peer-listen",
+                "127.0.31.1:5101",
+                "--peer-secret-file",
+                &spaced,
+            ],
+            "--peer-secret-file",
+        ),
+        (
+            &["--peer-listen", "0.0.0.0:5101", "--peer-secret-file", &good],
+            "--peer-listen",
+        ),
+        (
+            &[
+                "--peer-listen",
+                "127.0.31.1:5101",
+                "--peer-secret-file",
+                "/nonexistent/secret",
+            ],
+            "--peer-secret-file",
+        ),
+    ];
+    for (args, names) in cases {
+        let out = std::process::Command::new(regproxy_bin())
+            .args([
+                "serve",
+                "--listen",
+                "127.0.31.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+            ])
+            .args(["--upstream", "http://127.0.0.1:1", "--cache-dir"])
+            .arg(&cache)
+            .args(["--peers", "127.0.31.2:5101"])
+            .args(args)
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "serve {args:?} exits 2: {said}");
+        assert_eq!(
+            said.trim_end().lines().count(),
+            1,
+            "one line for {args:?}: {said}"
+        );
+        assert!(
+            said.contains(names),
+            "{args:?}: the line names {names}: {said}"
+        );
+        for secret in ["short-secret", "a secret with spaces", SECRET] {
+            assert!(
+                !said.contains(secret),
+                "{args:?}: the line shows no secret: {said}"
+            );
+        }
+    }
 }
