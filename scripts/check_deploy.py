@@ -1,6 +1,7 @@
-"""Checks the rendered deploy/ manifests for what issues 4 and 9 ask of them,
-beyond the schema: the DaemonSet, its rollout, the node path it keeps, the
-Services, the namespace's Pod Security level, and that the uninstall Job
+"""Checks the rendered deploy/ manifests for what issues 4, 9 and 11 ask of
+them, beyond the schema: the DaemonSet, its rollout, the node path it keeps,
+the Services, the namespace's Pod Security level, the peers (the headless
+Service, the shared secret, the peer listener), and that the uninstall Job
 undoes exactly what regproxy writes on a node.
 
 Usage: check_deploy.py BASE.yaml SYSADMIN_DIR REGPROXY_BINARY
@@ -9,19 +10,27 @@ use exists, and runs what serve writes on a node (as `regproxy hosts ...
 ensure` with the DaemonSet's name and address) and then the uninstall Job's
 commands against a scratch copy of a node's files: they must give the files
 back; and runs the probes' commands, which must fail while no `serve`
-answers on the probe socket and pass against one that does. Then a
+answers on the probe socket and pass against one that does; and starts
+`serve` with the DaemonSet's peer settings and the rendered secret: the peer
+port refuses a request without the secret and answers one with it, and a
+missing or short secret stops serve at start. Then a
 self-test: each check below that guards against a known
 mistake is shown to fail on the rendered manifests with that mistake made.
 Prints one line per check and closes with "N passed, N failed".
 """
 
+import base64
 import copy
 import os
+import socket
 import subprocess
 import threading
 import sys
 import tempfile
 from pathlib import Path
+
+import urllib.error
+import urllib.request
 
 import yaml
 
@@ -45,6 +54,11 @@ PROBES = {
     "readinessProbe": ("readinessProbe-exec", "readyz"),
     "livenessProbe": ("livenessProbe-exec", "healthz"),
 }
+
+# The headless Service whose A records are the nodes' peer addresses.
+PEER_SERVICE = "regproxy-peers"
+# regproxy refuses a shorter peer secret (after trimming whitespace).
+PEER_SECRET_MIN = 16
 
 state = {"results": [], "quiet": False}
 
@@ -183,7 +197,13 @@ def check_manifests(docs, job, uninstall_sh):
     pod = ds["spec"]["template"]
     spec = pod["spec"]
     check("it uses the node's network", spec.get("hostNetwork") is True)
-    check("it still resolves cluster names", spec.get("dnsPolicy") == "ClusterFirstWithHostNet")
+    check(
+        "it still resolves cluster names, registry-upstream and regproxy-peers "
+        "(dnsPolicy ClusterFirstWithHostNet: cluster DNS in a hostNetwork pod's /etc/resolv.conf)",
+        spec.get("dnsPolicy") == "ClusterFirstWithHostNet",
+        str(spec.get("dnsPolicy")),
+        key="cluster-dns",
+    )
     check(
         "it runs on Linux nodes only (nodeSelector kubernetes.io/os: linux)",
         (spec.get("nodeSelector") or {}).get("kubernetes.io/os") == "linux",
@@ -248,7 +268,7 @@ def check_manifests(docs, job, uninstall_sh):
     )
     listen = s.get("--listen", "")
     host, _, port = listen.rpartition(":")
-    check("it listens on a loopback address", host.startswith("127."), listen)
+    check("it listens on a loopback address", host.startswith("127."), listen, key="api-loopback")
     check("it listens on port 80, so image references need no port", port == "80", listen)
     upstream = s.get("--upstream", "")
     check(
@@ -439,7 +459,159 @@ def check_manifests(docs, job, uninstall_sh):
         str([c["image"] for c in jspec["containers"]]),
         key="uninstall-image",
     )
-    return {"main": main_c, "settings": s, "inits": inits, "uninstall": [c for _, c in removes.values()]}
+    peer = check_peers(docs, ds, main_c, s, env_list, listen, admin_listen)
+    return {"main": main_c, "settings": s, "inits": inits, "uninstall": [c for _, c in removes.values()], "peer": peer}
+
+
+def port_of(addr):
+    """The port of HOST:PORT as an int, or None."""
+    port = str(addr).rpartition(":")[2]
+    return int(port) if port.isdigit() else None
+
+
+def selects(selector, labels):
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+def check_peers(docs, ds, main_c, s, env_list, listen, admin_listen):
+    """Issue 11: the headless Service regproxy-peers over the DaemonSet's
+    pods, the peer listener on the node's own address, and the shared
+    secret mounted as a file. Returns what run_peer needs."""
+    pod = ds["spec"]["template"]
+    svc = by_kind(docs, "Service", PEER_SERVICE)
+    check(f"the Service {PEER_SERVICE} exists", svc, key="peers-service")
+    svc = svc or {"metadata": {}, "spec": {}}
+    sspec = svc["spec"]
+    check(
+        f"{PEER_SERVICE} is headless (clusterIP: None): its A records are the pods' own addresses, "
+        "with hostNetwork the nodes'",
+        sspec.get("clusterIP") == "None",
+        f"clusterIP: {sspec.get('clusterIP')}",
+        key="peers-headless",
+    )
+    sel = sspec.get("selector") or {}
+    others = [
+        d["metadata"]["name"]
+        for d in docs
+        if d is not ds and d["kind"] in ("Deployment", "DaemonSet", "StatefulSet", "Job", "Pod")
+        and selects(sel, ((d["spec"].get("template") or d).get("metadata") or {}).get("labels") or {})
+    ]
+    check(
+        f"{PEER_SERVICE} selects the DaemonSet's pods and no other workload's",
+        selects(sel, pod["metadata"].get("labels") or {}) and not others,
+        f"selector {sel}, pod labels {pod['metadata'].get('labels')}, also selects {others}",
+        key="peers-selector",
+    )
+    check(
+        f"{PEER_SERVICE} publishes Ready pods only (no publishNotReadyAddresses: a pod starting or "
+        "terminating is no owner)",
+        not sspec.get("publishNotReadyAddresses"),
+        key="peers-ready-only",
+    )
+
+    peers = s.get("--peers", "")
+    peer_listen = s.get("--peer-listen", "")
+    peer_host, _, _ = peer_listen.rpartition(":")
+    peer_port = port_of(peer_listen)
+    ports = sspec.get("ports") or []
+    check(
+        f"the one port of {PEER_SERVICE} is REGPROXY_PEER_LISTEN's, TCP, with a numeric targetPort "
+        "(the pods declare no port a name could match)",
+        len(ports) == 1
+        and ports[0].get("protocol", "TCP") == "TCP"
+        and ports[0].get("port") == peer_port
+        and ports[0].get("targetPort", ports[0].get("port")) == peer_port,
+        f"ports {ports}, peer listen {peer_listen!r}",
+        key="peers-port",
+    )
+    want = f"dns:{PEER_SERVICE}.{svc['metadata'].get('namespace', 'default')}.svc.cluster.local:{peer_port}"
+    check(
+        f"REGPROXY_PEERS is the DNS name of {PEER_SERVICE} in its namespace, with the peer port",
+        peers == want,
+        f"{peers!r}, want {want!r}",
+        key="peers-dns-name",
+    )
+    env = {e["name"]: e for e in env_list}
+    order = [e["name"] for e in env_list]
+    var = peer_host[2:-1] if peer_host.startswith("$(") and peer_host.endswith(")") else None
+    field = env.get(var, {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") if var else None
+    before = var in order and (
+        "REGPROXY_PEER_LISTEN" not in order or order.index(var) < order.index("REGPROXY_PEER_LISTEN")
+    )
+    check(
+        "the peer listener is on the node's own address, from status.hostIP (defined before it is used): "
+        "the address the other nodes resolve, and the one this node finds itself by among them",
+        field == "status.hostIP" and before,
+        f"peer listen {peer_listen!r}, env {var}: {env.get(var)}, order {order}",
+        key="peer-listen-host-ip",
+    )
+    check(
+        "the peer listener is not on loopback (other nodes must reach it); the API is",
+        peer_listen
+        and not peer_host.startswith("127.")
+        and peer_host.strip("[]") not in ("::1", "localhost")
+        and listen.rpartition(":")[0].startswith("127."),
+        f"peer listen {peer_listen!r}, listen {listen!r}",
+        key="peer-not-loopback",
+    )
+    check(
+        "the peer port differs from the API's and the admin port",
+        peer_port is not None and peer_port not in (port_of(listen), port_of(admin_listen)),
+        f"peer {peer_listen!r}, listen {listen!r}, admin {admin_listen!r}",
+        key="peer-port-distinct",
+    )
+
+    # The secret: a file from a Secret in the render, read-only, root's only.
+    path = s.get("--peer-secret-file", "")
+    volumes = {v["name"]: v for v in pod["spec"].get("volumes", [])}
+    mounts = [
+        m for m in main_c.get("volumeMounts", []) or []
+        if path.startswith(m["mountPath"].rstrip("/") + "/")
+    ]
+    m = max(mounts, key=lambda m: len(m["mountPath"])) if mounts else {}
+    vol = (volumes.get(m.get("name")) or {}).get("secret") or {}
+    rel = path[len(m.get("mountPath", "").rstrip("/")) + 1:] if m else ""
+    items = vol.get("items")
+    item = [i for i in items if i["path"] == rel] if items else [{"key": rel, "path": rel}]
+    key_name = item[0]["key"] if item else None
+    mode = (item[0].get("mode") if item and items else None) or vol.get("defaultMode", 0o644)
+    secret = by_kind(docs, "Secret", vol.get("secretName"))
+    data = (secret or {}).get("data") or {}
+    check(
+        "REGPROXY_PEER_SECRET_FILE is a key of a Secret in the render, mounted read-only (no subPath), "
+        "readable by its owner only",
+        path
+        and secret is not None
+        and key_name in data
+        and m.get("readOnly") is True
+        and not m.get("subPath")
+        and mode & 0o077 == 0
+        and "--peer-secret-file" not in flags(main_c),
+        f"{path!r} in mount {m}, volume {vol}, key {key_name!r} of {sorted(data)}, mode {oct(mode)}",
+        key="peer-secret-mount",
+    )
+    value = base64.b64decode(data.get(key_name, "") or "").strip() if key_name else b""
+    check(
+        f"the rendered peer secret is printable ASCII without spaces, at least {PEER_SECRET_MIN} bytes "
+        "(regproxy refuses anything else)",
+        len(value) >= PEER_SECRET_MIN and all(0x21 <= b <= 0x7E for b in value),
+        f"{len(value)} bytes",
+        key="peer-secret-length",
+    )
+    check(
+        "the peers' name is resolved as the upstream's is, by DNS only, never the node's /etc/hosts "
+        "(regproxy resolves a dns: peer name with the --upstream-resolver)",
+        not peers.startswith("dns:") or s.get("--upstream-resolver") == "dns",
+        f"--upstream-resolver {s.get('--upstream-resolver')!r}",
+        key="peers-resolver",
+    )
+    return {
+        "listen": peer_listen,
+        "peers": peers,
+        "timeout": s.get("--peer-timeout"),
+        "resolver": s.get("--upstream-resolver"),
+        "secret": value,
+    }
 
 
 def run_commands(binary, ctx):
@@ -478,6 +650,7 @@ def run_commands(binary, ctx):
         )
 
     run_probes(binary, main_c, s.get("--probe-socket"))
+    run_peer(binary, ctx["peer"])
 
     with tempfile.TemporaryDirectory() as tmp:
         node = Path(tmp)
@@ -575,6 +748,114 @@ def run_probes(binary, main_c, socket):
                 serve.communicate()
 
 
+def serve_until_listening(binary, args, env):
+    """Starts `regproxy serve`; returns (process, log lines so far, started)
+    once it logs "regproxy listening" or ends (a timer ends a hung start)."""
+    serve = subprocess.Popen(
+        [str(binary), "serve", *args],
+        env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    killer = threading.Timer(60, serve.kill)
+    killer.start()
+    log = []
+    for line in serve.stderr:
+        log.append(line.rstrip())
+        if "regproxy listening" in line:
+            break
+    killer.cancel()
+    return serve, log, bool(log) and "regproxy listening" in log[-1]
+
+
+def stop(serve):
+    serve.terminate()
+    try:
+        serve.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        serve.kill()
+        serve.communicate()
+
+
+def peer_get(addr, secret):
+    """GET /v2/ on the peer listener; (status, WWW-Authenticate)."""
+    req = urllib.request.Request(f"http://{addr}/v2/")
+    if secret is not None:
+        req.add_header("Authorization", "Bearer " + secret.decode())
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, r.headers.get("WWW-Authenticate")
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers.get("WWW-Authenticate")
+    except OSError as e:
+        return str(e), None
+
+
+def free_port():
+    """A loopback TCP port nothing listens on now (--peer-listen refuses 0)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_peer(binary, peer):
+    """`serve` with the DaemonSet's peer settings (REGPROXY_PEERS as it is,
+    the peer listener moved to a free loopback port) and the rendered secret in a
+    0400 file: the peer port answers only with the secret. With the secret
+    file missing, or shorter than regproxy accepts, serve exits 2 at start
+    with one line (a pod with a broken Secret fails loudly, it does not run
+    without peers)."""
+    if not peer.get("peers"):
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("REGPROXY_")}
+        env.update({
+            "REGPROXY_PEERS": peer["peers"],
+            "REGPROXY_PEER_LISTEN": f"127.0.0.1:{free_port()}",
+            "REGPROXY_PEER_SECRET_FILE": f"{tmp}/secret",
+        })
+        for var, key in (("REGPROXY_PEER_TIMEOUT", "timeout"), ("REGPROXY_UPSTREAM_RESOLVER", "resolver")):
+            if peer.get(key):
+                env[var] = peer[key]
+        args = ["--listen=127.0.0.1:0", "--upstream=http://127.0.0.1:9", f"--cache-dir={tmp}/cache",
+                "--log-format=text"]
+        for what, content in (("missing", None), ("shorter than 16 bytes", b" 0123456789abcde\n")):
+            Path(f"{tmp}/secret").unlink(missing_ok=True)
+            if content is not None:
+                Path(f"{tmp}/secret").write_bytes(content)
+            try:
+                r = subprocess.run([str(binary), "serve", *args], env=env, capture_output=True, text=True,
+                                   timeout=20)
+                code, err = r.returncode, r.stderr.strip().splitlines()
+            except subprocess.TimeoutExpired:
+                code, err = "timeout", []
+            check(
+                f"`regproxy serve` with the peer secret file {what} exits 2 with one line",
+                code == 2 and len(err) == 1,
+                f"exit {code}: {err}",
+            )
+        secret_file = Path(f"{tmp}/secret")
+        secret_file.write_bytes(peer["secret"] + b"\n")
+        secret_file.chmod(0o400)
+        serve, log, started = serve_until_listening(binary, args, env)
+        try:
+            check("`regproxy serve` starts with the DaemonSet's peer settings and the rendered secret", started,
+                  " | ".join(log[-3:]))
+            # Every listener is bound before serve logs "regproxy listening".
+            addr = env["REGPROXY_PEER_LISTEN"] if started else None
+            if addr:
+                status, challenge = peer_get(addr, None)
+                check(
+                    "the peer port answers 401 without the secret",
+                    status == 401 and "regproxy-peers" in (challenge or ""),
+                    f"{status} {challenge}",
+                )
+                status, _ = peer_get(addr, b"x" * len(peer["secret"]))
+                check("the peer port answers 401 with a wrong secret", status == 401, str(status))
+                status, _ = peer_get(addr, peer["secret"])
+                check("the peer port answers GET /v2/ with the rendered secret", status == 200, str(status))
+        finally:
+            stop(serve)
+
+
 # --- self-test: each guard fails on the manifests with its mistake made ---
 
 def _ds(docs):
@@ -641,6 +922,37 @@ def _other_name(docs):
     _main(docs)["image"] = "registry.corp.internal:80/regproxy@sha256:" + "0" * 64
 
 
+def _peers_svc(docs):
+    return by_kind(docs, "Service", PEER_SERVICE)
+
+
+def _peer_volume(docs):
+    return [v for v in _pod(docs)["volumes"] if "secret" in v][0]
+
+
+def _peer_mount(docs):
+    name = _peer_volume(docs)["name"]
+    return [m for m in _main(docs)["volumeMounts"] if m["name"] == name][0]
+
+
+def _secret_value(docs, value):
+    secret = by_kind(docs, "Secret", _peer_volume(docs)["secret"]["secretName"])
+    for k in secret["data"]:
+        secret["data"][k] = base64.b64encode(value).decode()
+
+
+def _short_secret(docs):
+    _secret_value(docs, b"  short-secret\n")
+
+
+def _host_ip_after_peer_listen(docs):
+    c = _main(docs)
+    host_ip = [e for e in c["env"] if e["name"] == "HOST_IP"]
+    rest = [e for e in c["env"] if e["name"] != "HOST_IP"]
+    at = [e["name"] for e in rest].index("REGPROXY_PEER_LISTEN") + 1
+    c["env"] = rest[:at] + host_ip + rest[at:]
+
+
 MUTATIONS = [
     ("the image pulled through the registry name", "image-not-proxied",
      lambda d: _set(_main(d), "image", f"{NAME}/regproxy:0.1.0")),
@@ -701,6 +1013,48 @@ MUTATIONS = [
      lambda d: _set(_pod(d), "terminationGracePeriodSeconds", 20)),
     ("--registry-name as a flag (doctor would not see it)", "settings-in-env", _env_to_arg),
     ("HOST_IP defined after the value that uses it", "admin-host-ip", _host_ip_late),
+    # Peers (issue 11).
+    ("dnsPolicy: ClusterFirst (a hostNetwork pod gets the node's resolver: no regproxy-peers)", "cluster-dns",
+     lambda d: _set(_pod(d), "dnsPolicy", "ClusterFirst")),
+    ("the API on the node's address", "api-loopback", lambda d: _env(d, "REGPROXY_LISTEN", "$(HOST_IP):80")),
+    ("no regproxy-peers Service", "peers-service", lambda d: d.remove(_peers_svc(d))),
+    ("regproxy-peers with a cluster IP (one virtual address, not the nodes')", "peers-headless",
+     lambda d: _peers_svc(d)["spec"].pop("clusterIP")),
+    ("regproxy-peers selecting the registry's pods", "peers-selector",
+     lambda d: _set(_peers_svc(d)["spec"], "selector", {"app.kubernetes.io/name": "registry"})),
+    ("regproxy-peers selecting by the part-of label (the registry's pods too)", "peers-selector",
+     lambda d: _set(_peers_svc(d)["spec"], "selector", {"app.kubernetes.io/part-of": "regproxy"})),
+    ("regproxy-peers publishing not-ready pods", "peers-ready-only",
+     lambda d: _set(_peers_svc(d)["spec"], "publishNotReadyAddresses", True)),
+    ("regproxy-peers on another port than the peer listener", "peers-port",
+     lambda d: _set(_peers_svc(d)["spec"]["ports"][0], "port", 5002)),
+    ("regproxy-peers with a named targetPort (the pods declare none)", "peers-port",
+     lambda d: _set(_peers_svc(d)["spec"]["ports"][0], "targetPort", "peer")),
+    ("REGPROXY_PEERS in another namespace", "peers-dns-name",
+     lambda d: _env(d, "REGPROXY_PEERS", f"dns:{PEER_SERVICE}.default.svc.cluster.local:5001")),
+    ("REGPROXY_PEERS as a fixed list", "peers-dns-name",
+     lambda d: _env(d, "REGPROXY_PEERS", "10.0.0.4:5001,10.0.0.5:5001")),
+    ("the peer listener on loopback", "peer-not-loopback",
+     lambda d: _env(d, "REGPROXY_PEER_LISTEN", "127.0.0.2:5001")),
+    ("the peer listener on 0.0.0.0 (the node would not find itself among the peers)", "peer-listen-host-ip",
+     lambda d: _env(d, "REGPROXY_PEER_LISTEN", "0.0.0.0:5001")),
+    ("HOST_IP defined after REGPROXY_PEER_LISTEN", "peer-listen-host-ip", _host_ip_after_peer_listen),
+    ("the peer listener on the admin port", "peer-port-distinct",
+     lambda d: _env(d, "REGPROXY_PEER_LISTEN", "$(HOST_IP):9477")),
+    ("the peer port declared as a containerPort", "no-host-ports-with-surge",
+     lambda d: _set(_main(d), "ports", [{"name": "peer", "containerPort": 5001}])),
+    ("the peer secret readable by everyone (mode 0644)", "peer-secret-mount",
+     lambda d: _set(_peer_volume(d)["secret"], "defaultMode", 0o644)),
+    ("the peer secret mounted writable", "peer-secret-mount", lambda d: _peer_mount(d).pop("readOnly")),
+    ("REGPROXY_PEER_SECRET_FILE naming a file the Secret does not hold", "peer-secret-mount",
+     lambda d: _env(d, "REGPROXY_PEER_SECRET_FILE", _peer_mount(d)["mountPath"] + "/token")),
+    ("the peer secret volume naming a Secret not in the render", "peer-secret-mount",
+     lambda d: _set(_peer_volume(d)["secret"], "secretName", "regproxy-peer-secret")),
+    ("a peer secret of 12 bytes", "peer-secret-length", _short_secret),
+    ("a peer secret with a space in it", "peer-secret-length",
+     lambda d: _secret_value(d, b"0123456789 abcdef0123456789")),
+    ("the upstream (and so the peers' name) resolved through /etc/hosts first", "peers-resolver",
+     lambda d: _env(d, "REGPROXY_UPSTREAM_RESOLVER", "system")),
 ]
 JOB_MUTATIONS = [
     ("the uninstall Job with a fixed image", "uninstall-image",

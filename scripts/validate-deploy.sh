@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Renders deploy/ (and its storage overlays) with kustomize, validates every
+# Renders deploy/ (and its storage overlays) with kustomize, from a scratch
+# copy with a throwaway peer secret (the real one is each operator's own,
+# ignored by git; this fails if git would track it), validates every
 # object, and the sysadmin/ Jobs, with `kubernetes-validate --strict` against
 # current Kubernetes versions, then checks what the manifests must do
 # (scripts/check_deploy.py, which also runs the node set-up for the
@@ -29,10 +31,33 @@ kubectl="$venv/bin/kubectl"
 validate="$venv/bin/kubernetes-validate"
 "$kubectl" version --client | grep -i kustomize
 
+# The peers' secret (deploy/base/kustomization.yaml, secretGenerator) is a
+# file each operator makes and git ignores: never in the repository, and
+# without it kustomize refuses to render. Render a scratch copy of deploy/
+# with a throwaway value of its own instead, never the operator's file.
+secret=deploy/base/peer-secret
+if git rev-parse --is-inside-work-tree >/dev/null 2>&1 &&
+  { [ -n "$(git ls-files -- "$secret")" ] || ! git check-ignore -q "$secret"; }; then
+  echo "$secret must be ignored by git and never committed" >&2
+  exit 1
+fi
+src=target/deploy-src
+rm -rf "$src"
+mkdir -p "$src"
+cp -r deploy "$src/"
+rm -f "$src/$secret"
+if "$kubectl" kustomize "$src/deploy" >/dev/null 2>"$src/missing.err"; then
+  echo "deploy/ renders without $secret: a missing peer secret must fail loudly" >&2
+  exit 1
+fi
+grep -q peer-secret "$src/missing.err"
+echo "without $secret, kustomize refuses to render: $(head -c 120 "$src/missing.err")"
+head -c 32 /dev/urandom | base64 > "$src/$secret"
+
 mkdir -p "$out"
 for dir in deploy deploy/storage/pvc deploy/storage/s3; do
   file="$out/$(echo "$dir" | tr / -).yaml"
-  "$kubectl" kustomize "$dir" > "$file"
+  "$kubectl" kustomize "$src/$dir" > "$file"
   echo "rendered $dir: $(grep -c '^kind:' "$file") objects"
   for v in "${K8S_VERSIONS[@]}"; do
     "$validate" --strict --quiet -k "$v" "$file"

@@ -53,7 +53,13 @@ kubectl -n registry logs -l app.kubernetes.io/name=regproxy-uninstall --all-cont
 
 if $all; then
   echo "3/3 deleting the registry and the namespace"
-  kubectl delete -k ../deploy --ignore-not-found
+  if [ -f ../deploy/base/peer-secret ]; then
+    kubectl delete -k ../deploy --ignore-not-found
+  else
+    # deploy/ does not render without the peers' secret file (made on the
+    # machine that installed it); everything it creates is in the namespace.
+    kubectl delete namespace registry --ignore-not-found
+  fi
 else
   echo "3/3 skipped: the registry keeps running (--all deletes it and the namespace)"
 fi

@@ -171,9 +171,10 @@ pub struct ServeArgs {
 #[derive(Debug, Clone, Args)]
 pub struct PeerArgs {
     /// The other nodes' peer listeners: `IP:PORT,IP:PORT,...`, or
-    /// `dns:NAME:PORT` for every address NAME resolves to (through DNS alone,
-    /// never /etc/hosts; asked again every few seconds), such as a headless
-    /// Service over the DaemonSet. This node's own `--peer-listen` may be in
+    /// `dns:NAME:PORT` for every address NAME resolves to (through the
+    /// resolver `--upstream-resolver` picks, so with `dns` never through
+    /// /etc/hosts; asked again every 5 s), such as a headless Service over
+    /// the DaemonSet. This node's own `--peer-listen` may be in
     /// the list. Unset or empty: peers off, every miss goes to the upstream.
     #[arg(long, env = "REGPROXY_PEERS", value_parser = crate::peers::parse_peers)]
     pub peers: Option<crate::peers::PeerList>,
@@ -206,6 +207,14 @@ impl PeerArgs {
             .ok_or("--peers needs --peer-listen: the address other nodes ask")?;
         if listen.port() == 0 {
             return Err("--peer-listen needs a port: peers cannot find port 0".into());
+        }
+        if listen.ip().is_unspecified() {
+            return Err(
+                "--peer-listen must be this node's address as the other nodes \
+                        list it (its IP), not a wildcard: it is how a node knows itself \
+                        among the peers"
+                    .into(),
+            );
         }
         let path = self
             .peer_secret_file
@@ -478,6 +487,75 @@ mod tests {
         assert!(parse(&["--max-connections", "100000"]).is_err());
         assert!(parse(&["--header-read-timeout", "0s"]).is_err());
         assert!(parse(&["--upstream-timeout", "0s"]).is_err());
+    }
+
+    #[test]
+    fn peers_need_their_listener_and_a_real_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("good");
+        std::fs::write(&good, "c2VjcmV0LXNlY3JldC1zZWNyZXQ=\n").unwrap();
+        let short = dir.path().join("short");
+        std::fs::write(&short, "tooshort\n").unwrap();
+        let spaced = dir.path().join("spaced");
+        std::fs::write(&spaced, "a secret with spaces in it").unwrap();
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["regproxy", "serve", "--upstream", "http://up:5000"];
+            argv.extend_from_slice(extra);
+            match Cli::try_parse_from(argv).expect("parses").command {
+                Command::Serve(a) => a.config().map(|c| c.peers),
+                _ => unreachable!(),
+            }
+        };
+        let g = good.to_str().unwrap();
+        let peers = ["--peers", "127.0.0.11:5001,127.0.0.12:5001"];
+        assert!(parse(&[]).unwrap().is_none(), "no --peers, no peers");
+        assert!(parse(&["--peers", ""]).unwrap().is_none(), "empty is off");
+        let on = [
+            &peers[..],
+            &["--peer-listen", "127.0.0.11:5001", "--peer-secret-file", g],
+        ]
+        .concat();
+        let p = parse(&on).unwrap().expect("peers on");
+        assert_eq!(p.secret, "c2VjcmV0LXNlY3JldC1zZWNyZXQ=", "trimmed");
+        assert!(
+            !format!("{p:?}").contains("c2VjcmV0"),
+            "Debug hides the secret"
+        );
+        assert!(parse(&[&peers[..], &["--peer-secret-file", g]].concat()).is_err());
+        assert!(parse(&[&peers[..], &["--peer-listen", "127.0.0.11:5001"]].concat()).is_err());
+        for bad in [
+            &["--peer-listen", "0.0.0.0:5001", "--peer-secret-file", g][..],
+            &["--peer-listen", "127.0.0.11:0", "--peer-secret-file", g],
+            &["--peer-listen", "127.0.0.1:5000", "--peer-secret-file", g],
+            &[
+                "--peer-listen",
+                "127.0.0.11:5001",
+                "--peer-secret-file",
+                short.to_str().unwrap(),
+            ],
+            &[
+                "--peer-listen",
+                "127.0.0.11:5001",
+                "--peer-secret-file",
+                spaced.to_str().unwrap(),
+            ],
+            &[
+                "--peer-listen",
+                "127.0.0.11:5001",
+                "--peer-secret-file",
+                "/nonexistent/secret",
+            ],
+            &[
+                "--peer-listen",
+                "127.0.0.11:5001",
+                "--peer-secret-file",
+                g,
+                "--peer-timeout",
+                "0s",
+            ],
+        ] {
+            assert!(parse(&[&peers[..], bad].concat()).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

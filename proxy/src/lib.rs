@@ -28,6 +28,9 @@
 //! - [`lock`]: one primary process per cache dir, an exclusive `flock`; a
 //!   successor on the same address serves beside it and takes over.
 //! - [`instance`]: this process's id among those sharing a cache dir.
+//! - [`peers`]: the other nodes' proxies (`--peers`): one owner per digest
+//!   by rendezvous hashing, asked on a miss before the upstream; who is
+//!   live, and who is banned for bad bytes. `api/peer` serves them.
 //!
 //! Foundations: [`config`] (flags, each also an env var), [`units`] (sizes
 //! and durations, loadtest's too), [`digest`] (digests, names, references,

@@ -25,14 +25,14 @@ pub(super) const MAX_MANIFEST: usize = 4 << 20;
 
 /// Every manifest kind a client may pull, asked for when the proxy resolves
 /// a tag for itself: multi-arch indexes first, as today's clients ask.
-const ALL_MANIFESTS: &str = "application/vnd.oci.image.index.v1+json, \
+pub(super) const ALL_MANIFESTS: &str = "application/vnd.oci.image.index.v1+json, \
     application/vnd.docker.distribution.manifest.list.v2+json, \
     application/vnd.oci.image.manifest.v1+json, \
     application/vnd.docker.distribution.manifest.v2+json";
 
 /// A manifest fetched from upstream, verified and cached; or the upstream's
 /// answer when it was not a 200.
-enum Fetched {
+pub(super) enum Fetched {
     Manifest {
         digest: Digest,
         media_type: String,
@@ -98,6 +98,11 @@ impl App {
                 .await
                 .map(|r| (Outcome::Passthrough, r));
         }
+        if let Some((media_type, bytes)) = self.manifest_from_owner(parts, name, &d).await? {
+            let resp = manifest_response(&d, &media_type, bytes.len());
+            let body = Body::full(bytes);
+            return Ok((Outcome::Miss, resp.body(body).expect("valid response")));
+        }
         match self
             .fetch_manifest(parts, name, &d.to_string(), Some(&d), false)
             .await?
@@ -123,7 +128,7 @@ impl App {
     /// GETs a manifest from upstream with the client's credentials, checks
     /// it against `expect` and its `Docker-Content-Digest`, and caches it.
     /// `accept_all` asks for every manifest kind instead of the client's.
-    async fn fetch_manifest(
+    pub(super) async fn fetch_manifest(
         &self,
         parts: &Parts,
         name: &str,

@@ -4,29 +4,33 @@
 //!
 //! A blob comes from the cache, or from this node's single-flight fill,
 //! started anonymously if none runs: the asking node streams it as it
-//! arrives, as this node's own clients do. A manifest comes from the cache
-//! only (a few KiB; the asking node fetches it itself otherwise). A HEAD
-//! of something not cached, and a blob the upstream will not give an
-//! anonymous request, is a 404: the asking node then goes to the upstream
-//! with its own client's credential.
+//! arrives, as this node's own clients do; a manifest from the cache or
+//! fetched anonymously. A HEAD of something not cached, and content the
+//! upstream will not give an anonymous request, is a 404: the asking node
+//! then goes to the upstream with its own client's credential.
+//!
+//! The asking side of manifests is here too ([`App::manifest_from_owner`]);
+//! blobs are asked for by their fill (`cache::fill::peer`).
 
 use std::sync::Arc;
 
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::request::Parts;
 use http::{Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use super::blob::{blob_response, ranged};
-use super::manifest::manifest_response;
-use super::{route, App, Route};
+use super::manifest::{manifest_response, Fetched, ALL_MANIFESTS, MAX_MANIFEST};
+use super::{accepts, route, App, Route};
 use crate::body::Body;
 use crate::cache::fill::FillRequest;
 use crate::cache::{Failure, Join};
 use crate::digest::{Digest, Reference};
 use crate::error::Error;
 use crate::headers::{API_VERSION, API_VERSION_VALUE};
-use crate::metrics::PeerAnswer;
+use crate::metrics::{Fallback, PeerAnswer};
 
 /// The answer, and how to count it (a probe is not counted).
 type PeerResult = Result<(Option<PeerAnswer>, Response<Body>), Error>;
@@ -85,7 +89,7 @@ impl App {
                 Ok((None, r))
             }
             Route::Blob(name, d) => self.peer_blob(&parts.headers, name, d, head).await,
-            Route::Manifest(_, Reference::Digest(d)) => self.peer_manifest(d, head).await,
+            Route::Manifest(name, Reference::Digest(d)) => self.peer_manifest(name, d, head).await,
             Route::Manifest(_, Reference::Tag(t)) => Err(Error::ManifestUnknown(t)),
             _ => Err(Error::NotFound),
         }
@@ -152,19 +156,107 @@ impl App {
         Err(Error::BlobUnknown(d.to_string()))
     }
 
-    async fn peer_manifest(&self, d: Digest, head: bool) -> PeerResult {
-        let Some(hit) = self.cache.get(&d, true).await else {
+    async fn peer_manifest(&self, name: &str, d: Digest, head: bool) -> PeerResult {
+        let served = &self.metrics.peers.bytes_served;
+        if let Some(hit) = self.cache.get(&d, true).await {
+            let media_type = hit.media_type.unwrap_or_default();
+            let resp = manifest_response(&d, &media_type, hit.data.len());
+            let body = match head {
+                true => Body::empty(),
+                false => Body::mapped(hit.data, Arc::clone(served)),
+            };
+            return Ok((
+                Some(PeerAnswer::Hit),
+                resp.body(body).expect("valid response"),
+            ));
+        }
+        if head {
             return Err(Error::ManifestUnknown(d.to_string()));
+        }
+        // Anonymous, and of any kind: the asking node checks its client's Accept.
+        let (mut parts, ()) = Request::new(()).into_parts();
+        let all = HeaderValue::from_static(ALL_MANIFESTS);
+        parts.headers.insert(header::ACCEPT, all);
+        self.upstream_contacted();
+        match self
+            .fetch_manifest(&parts, name, &d.to_string(), Some(&d), true)
+            .await?
+        {
+            Fetched::Manifest {
+                media_type, bytes, ..
+            } => {
+                let resp = manifest_response(&d, &media_type, bytes.len());
+                let body = Body::mapped(bytes, Arc::clone(served));
+                Ok((
+                    Some(PeerAnswer::Miss),
+                    resp.body(body).expect("valid response"),
+                ))
+            }
+            Fetched::Relayed(_) => Err(Error::ManifestUnknown(d.to_string())),
+        }
+    }
+
+    /// A manifest miss that a peer owns: this client is authorized first
+    /// (the owner's answer speaks for no client), then the owner is asked;
+    /// what it sends is checked against the digest, cached and vouched for
+    /// as the upstream's answer would be. `None`: ask the upstream.
+    pub(super) async fn manifest_from_owner(
+        &self,
+        parts: &Parts,
+        name: &str,
+        d: &Digest,
+    ) -> Result<Option<(String, Bytes)>, Error> {
+        let Some(peers) = &self.peers else {
+            return Ok(None);
         };
-        let media_type = hit.media_type.unwrap_or_default();
-        let resp = manifest_response(&d, &media_type, hit.data.len());
-        let body = match head {
-            true => Body::empty(),
-            false => Body::mapped(hit.data, Arc::clone(&self.metrics.peers.bytes_served)),
+        let Some(owner) = peers.owner(d) else {
+            return Ok(None);
         };
-        Ok((
-            Some(PeerAnswer::Hit),
-            resp.body(body).expect("valid response"),
-        ))
+        let grant = self.authorize(parts, name, d, true).await?;
+        let got = match peers.get(owner, &format!("/v2/{name}/manifests/{d}")).await {
+            Ok(r) if r.status() == StatusCode::OK => read_manifest(r, peers.timeout()).await,
+            Ok(_) => Err(Fallback::Error),
+            Err(why) => Err(why),
+        };
+        let (media_type, bytes) = match got {
+            Ok((_, bytes)) if Digest::of(&bytes) != *d => {
+                peers.fell_back(owner, Fallback::BadBytes);
+                return Ok(None);
+            }
+            // Not of a kind this client takes: the upstream negotiates.
+            Ok((media_type, _)) if !accepts(&parts.headers, &media_type) => return Ok(None),
+            Ok(got) => got,
+            Err(why) => {
+                peers.fell_back(owner, why);
+                return Ok(None);
+            }
+        };
+        peers.received(bytes.len() as u64);
+        self.vouch(parts, name, grant, &bytes);
+        self.cache
+            .put_manifest(d.clone(), media_type.clone(), bytes.clone())
+            .await;
+        Ok(Some((media_type, bytes)))
+    }
+}
+
+/// A peer's manifest answer: its media type and bytes, at most
+/// [`MAX_MANIFEST`], within `timeout`.
+async fn read_manifest(
+    r: Response<Incoming>,
+    timeout: std::time::Duration,
+) -> Result<(String, Bytes), Fallback> {
+    let (p, body) = r.into_parts();
+    let media_type = p
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/octet-stream")
+        .to_owned();
+    let limited = http_body_util::Limited::new(body, MAX_MANIFEST);
+    match tokio::time::timeout(timeout, limited.collect()).await {
+        Ok(Ok(c)) => Ok((media_type, c.to_bytes())),
+        Ok(Err(_)) => Err(Fallback::Broken),
+        Err(_) => Err(Fallback::Timeout),
     }
 }
