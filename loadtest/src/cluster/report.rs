@@ -191,13 +191,13 @@ pub fn svg(c: &ClusterReport, m: &Machine) -> String {
 
     // Panel 1: amplification, log2 scale so 1.00 and N×clients both read.
     let (ax, ay, aw, ah) = (70.0, 110.0, 400.0, 330.0);
-    let top = runs
+    let tallest = runs
         .iter()
         .map(|r| r.amplification)
         .fold(c.nodes as f64, f64::max)
-        .max(2.0)
-        .log2()
-        .ceil();
+        .max(2.0);
+    // Room above the tallest bar for its label.
+    let top = (tallest * 1.3).log2().ceil();
     let y_of = |v: f64| ay + ah - (v.max(0.5).log2() + 1.0) / (top + 1.0) * ah;
     let _ = writeln!(
         s,
