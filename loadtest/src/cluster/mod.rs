@@ -191,6 +191,8 @@ pub fn images(p: &Params) -> Vec<ImageSpec> {
     })
 }
 
+/// The setups' upstreams listen on 5010, 5011, … (one each).
+const UPSTREAM_PORT: u16 = 5010;
 const CLIENT_PORT: u16 = 5000;
 const PEER_PORT: u16 = 5001;
 const ADMIN_PORT: u16 = 9090;
@@ -253,6 +255,7 @@ pub async fn run(p: &Params, images: &[ImageSpec], env: &Env<'_>) -> anyhow::Res
             tag: i.tag.clone(),
         })
         .collect();
+    // A fixed secret: the LAN is the run's own, and nothing else listens there.
     let secret = env.work.join("cluster-peer-secret");
     std::fs::write(&secret, "loadtest-cluster-peer-secret-0123456789\n")?;
     let mut runs = Vec::new();
@@ -267,7 +270,7 @@ pub async fn run(p: &Params, images: &[ImageSpec], env: &Env<'_>) -> anyhow::Res
             distinct,
             largest: largest.clone(),
             secret: &secret,
-            port: CLIENT_PORT + 10 + idx as u16,
+            port: UPSTREAM_PORT + idx as u16,
         };
         let r = ctx.run(setup).await?;
         eprintln!(
@@ -453,10 +456,13 @@ impl SetupCtx<'_> {
         } else {
             None
         };
-        let victim = (setup == Setup::PeersKill)
-            .then_some(())
-            .and(self.largest.clone())
-            .map(|(digest, size)| (owner(&digest, &self.peer_list()), digest, size));
+        // The node to kill: the owner of the largest layer when all are live.
+        let victim = match (setup, &self.largest) {
+            (Setup::PeersKill, Some((digest, size))) => {
+                Some((owner(digest, &self.peer_list()), digest.clone(), *size))
+            }
+            _ => None,
+        };
 
         let before = snapshot(&nodes).await;
         let mark = upstream.log.mark();
