@@ -208,6 +208,15 @@ impl PeerArgs {
         if listen.port() == 0 {
             return Err("--peer-listen needs a port: peers cannot find port 0".into());
         }
+        if let crate::peers::PeerList::Dns { port, .. } = &list {
+            if *port != listen.port() {
+                return Err(format!(
+                    "--peers dns:NAME:{port} and --peer-listen port {} differ: \
+                     a node finds itself among the name's addresses by its own",
+                    listen.port()
+                ));
+            }
+        }
         if listen.ip().is_unspecified() {
             return Err(
                 "--peer-listen must be this node's address as the other nodes \
@@ -399,8 +408,17 @@ impl ServeArgs {
         let node = self.node.config()?;
         let peers = self.peers.config()?;
         if let Some(p) = &peers {
-            if Some(p.listen) == self.admin_listen || p.listen == self.listen {
-                return Err("--peer-listen must differ from --listen and --admin-listen".into());
+            // Two listeners on one port overlap when they share the IP or
+            // one is a wildcard: `SO_REUSEPORT` would let both bind, and
+            // split one port's connections between them.
+            let overlaps = |other: SocketAddr| {
+                other.port() == p.listen.port()
+                    && (other.ip() == p.listen.ip() || other.ip().is_unspecified())
+            };
+            if overlaps(self.listen) || self.admin_listen.is_some_and(overlaps) {
+                return Err("--peer-listen must not share a port with --listen or \
+                            --admin-listen on the same or a wildcard address"
+                    .into());
             }
         }
         Ok(Config {
@@ -522,11 +540,40 @@ mod tests {
             "Debug hides the secret"
         );
         assert!(parse(&[&peers[..], &["--peer-secret-file", g]].concat()).is_err());
+        let dns = |port: &str| {
+            let list = format!("dns:peers.test:{port}");
+            parse(&[
+                "--peers",
+                &list,
+                "--peer-listen",
+                "127.0.0.11:5001",
+                "--peer-secret-file",
+                g,
+            ])
+        };
+        assert!(dns("5001").unwrap().is_some());
+        assert!(dns("5002").is_err(), "a node finds itself by its peer port");
         assert!(parse(&[&peers[..], &["--peer-listen", "127.0.0.11:5001"]].concat()).is_err());
         for bad in [
             &["--peer-listen", "0.0.0.0:5001", "--peer-secret-file", g][..],
             &["--peer-listen", "127.0.0.11:0", "--peer-secret-file", g],
             &["--peer-listen", "127.0.0.1:5000", "--peer-secret-file", g],
+            &[
+                "--peer-listen",
+                "127.0.0.11:5000",
+                "--listen",
+                "0.0.0.0:5000",
+                "--peer-secret-file",
+                g,
+            ],
+            &[
+                "--peer-listen",
+                "127.0.0.11:5001",
+                "--admin-listen",
+                "127.0.0.11:5001",
+                "--peer-secret-file",
+                g,
+            ],
             &[
                 "--peer-listen",
                 "127.0.0.11:5001",

@@ -135,18 +135,30 @@ pub struct Peers {
     /// `Bearer <secret>`, sent and expected.
     auth: HeaderValue,
     timeout: Duration,
+    /// Longest wait for a live owner's next answer or bytes: the owner
+    /// waits as long for its own upstream (`--upstream-timeout`).
+    patience: Duration,
     client: Client<HttpConnector, Empty<Bytes>>,
     members: Members,
     metrics: Arc<Metrics>,
 }
 
 impl Peers {
-    pub fn new(config: &PeerConfig, resolver: Resolver, metrics: Arc<Metrics>) -> Arc<Peers> {
+    /// `patience`: the upstream timeout (see [`Peers::patiently`]).
+    pub fn new(
+        config: &PeerConfig,
+        patience: Duration,
+        resolver: Resolver,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Peers> {
         let mut http = HttpConnector::new();
         http.set_connect_timeout(Some(config.timeout));
         http.set_nodelay(true);
+        // Idle connections are let go before the peer's listener closes
+        // them (it keeps one idle for at most `--peer-timeout`), so that no
+        // request is written onto a connection being closed.
         let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_idle_timeout(config.timeout / 2)
             .pool_max_idle_per_host(32)
             .http1_max_buf_size(crate::upstream::READ_BUF)
             .build(http);
@@ -157,6 +169,7 @@ impl Peers {
             me: config.listen,
             auth,
             timeout: config.timeout,
+            patience: patience.max(config.timeout),
             client,
             members: Members::new(config.list.clone(), config.listen, resolver),
             metrics,
@@ -186,9 +199,33 @@ impl Peers {
         }
     }
 
-    /// Whether the peer answers `/v2/` with 200 to our secret.
+    /// Whether the peer answers `/v2/` with 200 to our secret within
+    /// `--peer-timeout`.
     async fn probe(&self, peer: SocketAddr) -> bool {
-        matches!(self.get(peer, "/v2/").await, Ok(r) if r.status() == StatusCode::OK)
+        let asked = tokio::time::timeout(self.timeout, self.get(peer, "/v2/", None));
+        matches!(asked.await, Ok(Ok(r)) if r.status() == StatusCode::OK)
+    }
+
+    /// Waits for `what` from `owner` while it stays live: every
+    /// `--peer-timeout` without an answer, the owner's last probe is looked
+    /// at, and a dead or banned owner is given up at once. A live one (it
+    /// may itself wait for a slow uplink) is waited on for
+    /// `--upstream-timeout` at most.
+    pub async fn patiently<T>(
+        &self,
+        owner: SocketAddr,
+        what: impl std::future::Future<Output = T>,
+    ) -> Result<T, Fallback> {
+        let start = tokio::time::Instant::now();
+        tokio::pin!(what);
+        loop {
+            match tokio::time::timeout(self.timeout, &mut what).await {
+                Ok(t) => return Ok(t),
+                Err(_) if !self.members.is_live(owner) => return Err(Fallback::Timeout),
+                Err(_) if start.elapsed() >= self.patience => return Err(Fallback::Timeout),
+                Err(_) => {}
+            }
+        }
     }
 
     /// The peer that owns `d`, or `None` when this node does.
@@ -207,25 +244,33 @@ impl Peers {
         constant_time_eq(got.as_bytes(), self.auth.as_bytes())
     }
 
-    /// `GET path` from `peer`: the response head within `--peer-timeout`.
-    pub async fn get(&self, peer: SocketAddr, path: &str) -> Result<Response<Incoming>, Fallback> {
-        let req = Request::builder()
+    /// `GET path` from `peer` (from byte `from` on), its response head:
+    /// connected within `--peer-timeout`, answered while the peer stays
+    /// live (see [`Peers::patiently`]).
+    pub async fn get(
+        &self,
+        peer: SocketAddr,
+        path: &str,
+        from: Option<u64>,
+    ) -> Result<Response<Incoming>, Fallback> {
+        let mut req = Request::builder()
             .method(Method::GET)
             .uri(format!("http://{peer}{path}"))
             .header(header::AUTHORIZATION, self.auth.clone())
             .header(
                 header::USER_AGENT,
                 concat!("regproxy-peer/", env!("CARGO_PKG_VERSION")),
-            )
-            .body(Empty::new())
-            .map_err(|_| Fallback::Error)?;
-        match tokio::time::timeout(self.timeout, self.client.request(req)).await {
-            Ok(Ok(r)) => Ok(r),
-            Ok(Err(e)) => {
+            );
+        if let Some(from) = from {
+            req = req.header(header::RANGE, format!("bytes={from}-"));
+        }
+        let req = req.body(Empty::new()).map_err(|_| Fallback::Error)?;
+        match self.patiently(peer, self.client.request(req)).await? {
+            Ok(r) => Ok(r),
+            Err(e) => {
                 tracing::debug!(%peer, error = %e, "peer unreachable");
                 Err(Fallback::Unreachable)
             }
-            Err(_) => Err(Fallback::Timeout),
         }
     }
 
@@ -248,14 +293,14 @@ impl Peers {
         self.timeout
     }
 
-    /// A request to `peer` fell back to the upstream: counted, and a peer
-    /// that did not answer is not asked again before it answers a probe.
+    /// A request to `peer` fell back to another source: counted, and a
+    /// peer that could not be reached or broke off is not asked again
+    /// before it answers a probe. A slow one is: it was still live.
     pub fn fell_back(&self, peer: SocketAddr, why: Fallback) {
         self.metrics.peers.fell_back(why);
         match why {
-            Fallback::Unreachable | Fallback::Timeout | Fallback::Broken => {
-                self.members.probed(peer, false)
-            }
+            Fallback::Unreachable | Fallback::Broken => self.members.probed(peer, false),
+            Fallback::Timeout => {}
             Fallback::BadBytes => {
                 if self.members.ban(peer, BAN) {
                     self.metrics.peers.bad.fetch_add(1, Relaxed);

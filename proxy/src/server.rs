@@ -83,10 +83,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     // The node path (--registry-name): kept and checked from now on, the
     // first round at once, now that the API listener is bound.
     let node = crate::node::start(&config, server.api.local_addr()?, &metrics)?;
-    let peers = config
-        .peers
-        .as_ref()
-        .map(|p| crate::peers::Peers::new(p, resolver.clone(), Arc::clone(&metrics)));
+    let peers = config.peers.as_ref().map(|p| {
+        let patience = config.upstream.timeout;
+        crate::peers::Peers::new(p, patience, resolver.clone(), Arc::clone(&metrics))
+    });
     let app = Arc::new(
         App::new(cache, upstream, tags, auth, metrics)
             .with_node(node)
@@ -133,7 +133,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         let peer = server
             .peer
             .as_ref()
-            .map(TcpListener::local_addr)
+            .map(|(l, _)| l.local_addr())
             .transpose()?;
         let ready = serde_json::json!({
             "listen": [server.api.local_addr()?],
@@ -219,8 +219,9 @@ async fn shutdown_signal() {
 pub struct Server {
     api: TcpListener,
     admin: Option<TcpListener>,
-    /// `--peer-listen`: other nodes' proxies (see [`crate::peers`]).
-    peer: Option<TcpListener>,
+    /// `--peer-listen`: other nodes' proxies (see [`crate::peers`]), and
+    /// its limits.
+    peer: Option<(TcpListener, Limits)>,
     /// `--probe-socket`: the admin endpoints of this process alone.
     probe: Option<tokio::net::UnixListener>,
     limits: Limits,
@@ -256,8 +257,15 @@ impl Server {
             Some(a) => Some(bind(a)?),
             None => None,
         };
+        // Peers send their request heads at once, and keep a connection
+        // idle for less than `--peer-timeout` (see `Peers::new`): whoever
+        // holds one longer is no peer.
         let peer = match &config.peers {
-            Some(p) => Some(bind(p.listen)?),
+            Some(p) => {
+                let mut limits = config.limits;
+                limits.header_read_timeout = limits.header_read_timeout.min(p.timeout);
+                Some((bind(p.listen)?, limits))
+            }
             None => None,
         };
         let probe = config
@@ -279,7 +287,7 @@ impl Server {
     pub fn addrs(&self) -> impl Iterator<Item = SocketAddr> + '_ {
         std::iter::once(&self.api)
             .chain(&self.admin)
-            .chain(&self.peer)
+            .chain(self.peer.as_ref().map(|(l, _)| l))
             .filter_map(|l| l.local_addr().ok())
     }
 
@@ -313,11 +321,14 @@ impl Server {
         });
         // Peers are served like clients, and stop being accepted with them.
         let accepting = tokio_util::sync::CancellationToken::new();
-        let peer_task = peer.map(|l| {
+        let peer_task = peer.map(|(l, peer_limits)| {
             if let Ok(a) = l.local_addr() {
                 tracing::info!(addr = %a, "peer listener listening");
             }
-            let l = Listener::new(l, limits, PastCap::Wait, "peer");
+            // Past the cap a peer is told at once (503) and asks the
+            // upstream, rather than wait behind connections that may be
+            // anyone's: the port is reachable from every pod.
+            let l = Listener::new(l, peer_limits, PastCap::Refuse, "peer");
             let (app, conns, until) = (Arc::clone(&app), conns.clone(), accepting.clone());
             tokio::spawn(async move {
                 accept_loop(&l, &app, Face::Peer, &conns, until.cancelled()).await;

@@ -31,6 +31,8 @@ use crate::digest::{Digest, Reference};
 use crate::error::Error;
 use crate::headers::{API_VERSION, API_VERSION_VALUE};
 use crate::metrics::{Fallback, PeerAnswer};
+use crate::peers::Peers;
+use std::net::SocketAddr;
 
 /// The answer, and how to count it (a probe is not counted).
 type PeerResult = Result<(Option<PeerAnswer>, Response<Body>), Error>;
@@ -46,11 +48,7 @@ impl App {
         let m = &self.metrics.peers;
         if !peers.admits(&parts.headers) {
             m.answered(PeerAnswer::Unauthorized);
-            return Error::Denied {
-                status: StatusCode::UNAUTHORIZED,
-                challenge: Some(HeaderValue::from_static("Bearer realm=\"regproxy-peers\"")),
-            }
-            .into_response();
+            return unauthorized();
         }
         let mut resp = match self.peer_dispatch(&parts).await {
             Ok((answer, r)) => {
@@ -117,16 +115,22 @@ impl App {
             if head {
                 return Err(Error::BlobUnknown(d.to_string()));
             }
+            let sibling = match self.cache.filling(&d) {
+                true => None,
+                false => self.cache.sibling_fill(&d).await,
+            };
             let fill = match self.cache.join(&d) {
                 Join::Committed => continue,
                 Join::Follower(f) => f,
                 Join::Leader(f) => {
                     self.upstream_contacted();
-                    // Anonymous: a peer request carries no client's credential.
+                    // Anonymous: a peer request carries no client's
+                    // credential; in a handover it follows the other
+                    // process's fill of the blob, if there is one.
                     let fr = FillRequest {
                         name: name.to_owned(),
                         headers: HeaderMap::new(),
-                        sibling: None,
+                        sibling,
                         peer: None,
                     };
                     self.cache
@@ -213,13 +217,18 @@ impl App {
             return Ok(None);
         };
         let grant = self.authorize(parts, name, d, true).await?;
-        let got = match peers.get(owner, &format!("/v2/{name}/manifests/{d}")).await {
-            Ok(r) if r.status() == StatusCode::OK => read_manifest(r, peers.timeout()).await,
+        let got = match peers
+            .get(owner, &format!("/v2/{name}/manifests/{d}"), None)
+            .await
+        {
+            Ok(r) if r.status() == StatusCode::OK => read_manifest(r, peers, owner).await,
             Ok(_) => Err(Fallback::Error),
             Err(why) => Err(why),
         };
         let (media_type, bytes) = match got {
-            Ok((_, bytes)) if Digest::of(&bytes) != *d => {
+            Ok((media_type, bytes))
+                if Digest::of(&bytes) != *d || !is_manifest(&media_type, &bytes) =>
+            {
                 peers.fell_back(owner, Fallback::BadBytes);
                 return Ok(None);
             }
@@ -240,23 +249,88 @@ impl App {
     }
 }
 
+/// The answer to a request without the peer secret. The connection is
+/// closed: whoever does not know the secret gets no connection to hold.
+fn unauthorized() -> Response<Body> {
+    const BODY: &str = r#"{"errors":[{"code":"UNAUTHORIZED","message":"the peer secret is missing or wrong: this port serves other nodes' regproxy only","detail":null}]}"#;
+    Response::builder()
+        .status(StatusCode::UNAUTHORIZED)
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::WWW_AUTHENTICATE, "Bearer realm=\"regproxy-peers\"")
+        .header(header::CONNECTION, "close")
+        .header(API_VERSION, API_VERSION_VALUE)
+        .body(Body::full(BODY.as_bytes()))
+        .expect("valid response")
+}
+
 /// A peer's manifest answer: its media type and bytes, at most
-/// [`MAX_MANIFEST`], within `timeout`.
+/// [`MAX_MANIFEST`], read while the peer stays live.
 async fn read_manifest(
     r: Response<Incoming>,
-    timeout: std::time::Duration,
+    peers: &Peers,
+    owner: SocketAddr,
 ) -> Result<(String, Bytes), Fallback> {
     let (p, body) = r.into_parts();
     let media_type = p
         .headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .unwrap_or("application/octet-stream")
+        .unwrap_or_default()
         .to_owned();
     let limited = http_body_util::Limited::new(body, MAX_MANIFEST);
-    match tokio::time::timeout(timeout, limited.collect()).await {
-        Ok(Ok(c)) => Ok((media_type, c.to_bytes())),
-        Ok(Err(_)) => Err(Fallback::Broken),
-        Err(_) => Err(Fallback::Timeout),
+    match peers.patiently(owner, limited.collect()).await? {
+        Ok(c) => Ok((media_type, c.to_bytes())),
+        Err(_) => Err(Fallback::Broken),
+    }
+}
+
+/// The manifest kinds a peer may hand over.
+const MANIFEST_TYPES: [&str; 4] = [
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+];
+
+/// Whether a peer's manifest says what it is: a known manifest kind, the
+/// same as its own `mediaType` where it names one. The digest does not
+/// cover the header, so a peer could otherwise cache a manifest on this
+/// node under a type no client can use.
+fn is_manifest(media_type: &str, bytes: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Kind {
+        #[serde(rename = "mediaType")]
+        media_type: Option<String>,
+    }
+    if !MANIFEST_TYPES.contains(&media_type) {
+        return false;
+    }
+    match serde_json::from_slice::<Kind>(bytes) {
+        Ok(k) => k.media_type.is_none_or(|t| t == media_type),
+        Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peers_manifest_must_say_what_it_is() {
+        let oci = "application/vnd.oci.image.manifest.v1+json";
+        let typed =
+            br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json"}"#;
+        let untyped = br#"{"schemaVersion":2,"layers":[]}"#;
+        assert!(is_manifest(oci, typed));
+        assert!(
+            is_manifest(oci, untyped),
+            "OCI manifests may omit mediaType"
+        );
+        assert!(!is_manifest("text/html", typed));
+        assert!(!is_manifest(
+            "application/vnd.oci.image.index.v1+json",
+            typed
+        ));
+        assert!(!is_manifest(oci, b"<html>"));
     }
 }

@@ -57,6 +57,12 @@ const FOLLOW_CHUNK: u64 = 1 << 20;
 /// place before they connect; their readers wait as for a slow upstream.
 pub const MAX_FILLS: usize = 256;
 static FILLS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_FILLS);
+/// Fills that ask a peer first take their place here instead: a fill that
+/// waits for a peer must not hold a place the peer's own fill for it may
+/// need on the other side (two nodes asking each other would wait on each
+/// other). A fill here that falls back talks to the upstream too, so the
+/// upstream sees at most twice [`MAX_FILLS`] connections.
+static PEER_FILLS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_FILLS);
 
 /// Where a fill is.
 #[derive(Clone)]
@@ -239,7 +245,11 @@ pub(super) async fn run(
 ) {
     let metrics = Arc::clone(&cache.metrics);
     let mut guard = Guard::new(Arc::clone(&cache), Arc::clone(&fill));
-    let _place = FILLS
+    let places = match req.peer {
+        Some(_) => &PEER_FILLS,
+        None => &FILLS,
+    };
+    let _place = places
         .acquire()
         .await
         .expect("the semaphore is never closed");
@@ -262,18 +272,19 @@ pub(super) async fn run(
                 (size, First::Upstream(body))
             }
         };
-        let blame = matches!(first, First::Peer(_))
-            .then(|| req.peer.clone())
-            .flatten();
         let (file, progress) = guard.reserve(size).await?;
         tracing::debug!(%digest, size, "fill started");
-        let src = Resumable::new(&upstream, &path, &req, digest, &metrics, (size, first));
-        let sink = copy(src, Writer::new(&fill, file, progress))
+        let mut src = Resumable::new(&upstream, &path, &req, digest, &metrics, (size, first));
+        let sink = copy(&mut src, Writer::new(&fill, file, progress))
             .await
             .map_err(|e| write_failed(&cache, &fill, size, e))?;
         verify(digest, sink, &metrics).map_err(|e| {
-            if let Some(ask) = &blame {
-                ask.peers.fell_back(ask.owner, Fallback::BadBytes);
+            // Peers that sent all of it sent bad bytes; with the upstream's
+            // bytes in the mix, nobody knows whose were bad.
+            if let Some(ask) = &req.peer {
+                for p in src.blamed() {
+                    ask.peers.fell_back(*p, Fallback::BadBytes);
+                }
             }
             Failure::Error(e)
         })
@@ -291,7 +302,7 @@ enum CopyError {
 }
 
 /// Copies the blob's bytes into the temp file, where readers follow them.
-async fn copy(mut src: Resumable<'_>, mut w: Writer<'_>) -> Result<Sink, CopyError> {
+async fn copy(src: &mut Resumable<'_>, mut w: Writer<'_>) -> Result<Sink, CopyError> {
     while let Some(chunk) = src.next().await.map_err(CopyError::Upstream)? {
         if chunk.is_empty() {
             // The upstream broke: readers get what came before the resume.

@@ -116,6 +116,14 @@ impl Members {
             .collect()
     }
 
+    /// Whether `peer` is asked now.
+    pub(super) fn is_live(&self, peer: SocketAddr) -> bool {
+        let now = Instant::now();
+        self.lock()
+            .get(&peer)
+            .is_some_and(|s| s.live && s.banned_until.is_none_or(|t| t <= now))
+    }
+
     /// How many peers are known, and how many of them are asked.
     pub(super) fn counts(&self) -> (u64, u64) {
         let known = self.lock().len() as u64;

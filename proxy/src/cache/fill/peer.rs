@@ -6,7 +6,7 @@
 use http::StatusCode;
 use hyper::body::Incoming;
 
-use super::source::content_length;
+use super::source::{content_length, content_range};
 use crate::digest::Digest;
 use crate::metrics::Fallback;
 use crate::peers::Ask;
@@ -14,7 +14,7 @@ use crate::peers::Ask;
 /// Asks the owner for the blob at `path`: its size and body.
 pub(super) async fn start(ask: &Ask, path: &str, digest: &Digest) -> Option<(u64, Incoming)> {
     let owner = ask.owner;
-    let why = match ask.peers.get(owner, path).await {
+    let why = match ask.peers.get(owner, path, None).await {
         Ok(r) if r.status() == StatusCode::OK => match content_length(r.headers()) {
             Some(size) if digest.admits_size(size) => {
                 tracing::debug!(%digest, %owner, size, "filling from the peer that owns it");
@@ -30,5 +30,35 @@ pub(super) async fn start(ask: &Ask, path: &str, digest: &Digest) -> Option<(u64
     };
     tracing::info!(%digest, %owner, reason = ?why, "the owner did not serve it; asking the upstream");
     ask.peers.fell_back(owner, why);
+    None
+}
+
+/// After `prev` broke off at byte `from`: the rest of the blob from the
+/// digest's owner now (`prev` is no longer live), if that is another node
+/// and it answers with exactly the bytes `from..size`. `None`: the upstream
+/// sends the rest.
+pub(super) async fn resume(
+    prev: &Ask,
+    digest: &Digest,
+    path: &str,
+    (from, size): (u64, u64),
+) -> Option<(Ask, Incoming)> {
+    let owner = prev.peers.owner(digest)?;
+    let why = match prev.peers.get(owner, path, Some(from)).await {
+        Ok(r)
+            if r.status() == StatusCode::PARTIAL_CONTENT
+                && content_range(r.headers()) == Some((from, Some(size))) =>
+        {
+            tracing::info!(%digest, %owner, from, "the digest's new owner sends the rest");
+            let next = Ask {
+                peers: std::sync::Arc::clone(&prev.peers),
+                owner,
+            };
+            return Some((next, r.into_body()));
+        }
+        Ok(_) => Fallback::Error,
+        Err(why) => why,
+    };
+    prev.peers.fell_back(owner, why);
     None
 }

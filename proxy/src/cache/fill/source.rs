@@ -80,6 +80,11 @@ pub(super) struct Resumable<'a> {
     peer: Option<Ask>,
     /// The last cut was the peer's, not the upstream's.
     peer_broke: bool,
+    /// Every peer that sent bytes of this blob, the one that announced its
+    /// size first.
+    peers_used: Vec<std::net::SocketAddr>,
+    /// Bytes that came from the upstream.
+    from_upstream: u64,
     size: u64,
     /// Bytes handed out.
     pos: u64,
@@ -116,6 +121,7 @@ impl<'a> Resumable<'a> {
             First::Sibling(t) => (Some(t), None, None),
             First::Peer(b) => (None, Some(b), req.peer.clone()),
         };
+        let peers_used = peer.iter().map(|a| a.owner).collect();
         Resumable {
             upstream,
             path,
@@ -126,6 +132,8 @@ impl<'a> Resumable<'a> {
             body,
             peer,
             peer_broke: false,
+            peers_used,
+            from_upstream: 0,
             size,
             pos: 0,
             skip: 0,
@@ -159,30 +167,32 @@ impl<'a> Resumable<'a> {
                 }
             }
         }
-        let timeout = match &self.peer {
-            Some(ask) => ask.peers.timeout(),
-            None => self.upstream.timeout(),
-        };
+        let timeout = self.upstream.timeout();
         let Some(body) = &mut self.body else {
             return Err(Error::Internal("a fill with neither upstream nor sibling"));
         };
         let why = loop {
-            let frame = match tokio::time::timeout(timeout, body.frame()).await {
-                Ok(Some(Ok(f))) => f,
-                Ok(None) if self.pos == self.size => return Ok(None),
-                Ok(None) => {
+            // A peer is waited on while it stays live (see `Peers::patiently`).
+            let frame = match &self.peer {
+                Some(ask) => ask.peers.patiently(ask.owner, body.frame()).await.ok(),
+                None => tokio::time::timeout(timeout, body.frame()).await.ok(),
+            };
+            let frame = match frame {
+                Some(Some(Ok(f))) => f,
+                Some(None) if self.pos == self.size => return Ok(None),
+                Some(None) => {
                     break Error::invalid(format!(
                         "upstream body ended after {} of {} bytes",
                         self.pos, self.size
                     ))
                 }
-                Ok(Some(Err(e))) => {
+                Some(Some(Err(e))) => {
                     break Error::from(UpstreamError::Broken {
                         url: self.path.to_owned(),
                         cause: Cause::new(e),
                     })
                 }
-                Err(_) => {
+                None => {
                     break Error::from(UpstreamError::Timeout {
                         url: self.path.to_owned(),
                         wait: Wait::Body(timeout),
@@ -195,6 +205,7 @@ impl<'a> Resumable<'a> {
             match &self.peer {
                 Some(ask) => ask.peers.received(chunk.len() as u64),
                 None => {
+                    self.from_upstream += chunk.len() as u64;
                     self.metrics
                         .upstream_bytes
                         .fetch_add(chunk.len() as u64, Relaxed);
@@ -228,8 +239,20 @@ impl<'a> Resumable<'a> {
         };
         if let Some(ask) = self.peer.take() {
             let (digest, at, owner) = (self.digest, self.pos, ask.owner);
-            tracing::info!(%digest, %owner, at, error = %why, "the owner's body broke off; the upstream sends the rest");
+            tracing::info!(%digest, %owner, at, error = %why, "the owner's body broke off");
             ask.peers.fell_back(owner, Fallback::Broken);
+            // The digest's new owner, if another node, sends the rest: it
+            // is fetched once more for the cluster, not once per node.
+            if let Some((next, body)) =
+                super::peer::resume(&ask, digest, self.path, (at, self.size)).await
+            {
+                if self.peers_used.len() < MAX_PEERS {
+                    self.peers_used.push(next.owner);
+                    self.peer = Some(next);
+                    self.body = Some(body);
+                    return Ok(Some(Bytes::new()));
+                }
+            }
             self.peer_broke = true;
         }
         self.cut = Some(why);
@@ -240,24 +263,31 @@ impl<'a> Resumable<'a> {
     /// or the retries in a row are spent.
     async fn resume(&mut self, mut why: Error) -> Result<(), Error> {
         let digest = self.digest;
-        // The first resume after a sibling's fill or a peer's body stopped
-        // is no upstream error.
-        let mut upstream_failed = self.body.is_some() && !std::mem::take(&mut self.peer_broke);
+        // The first ask after a peer's body stopped is the fallback, not a
+        // retry: neither counted nor delayed. Neither it nor the first after
+        // a sibling's fill stopped follows an upstream error.
+        let mut fallback = std::mem::take(&mut self.peer_broke);
+        let mut upstream_failed = self.body.is_some() && !fallback;
         loop {
             if std::mem::replace(&mut upstream_failed, true) {
                 self.metrics.upstream_errors.fetch_add(1, Relaxed);
             }
-            if self.resumes >= self.upstream.retries() {
-                let resumes = self.resumes;
-                tracing::warn!(%digest, error = %why, resumes, "giving up on the upstream download");
-                return Err(why);
-            }
-            self.resumes += 1;
-            self.metrics.upstream_resumes.fetch_add(1, Relaxed);
-            let (from, attempt) = (self.pos, self.resumes);
+            let from = self.pos;
             self.resumed_at = from;
-            tracing::info!(%digest, error = %why, from, attempt, "resuming the upstream download");
-            tokio::time::sleep(backoff(attempt)).await;
+            if std::mem::take(&mut fallback) {
+                tracing::info!(%digest, error = %why, from, "the upstream sends the rest");
+            } else {
+                if self.resumes >= self.upstream.retries() {
+                    let resumes = self.resumes;
+                    tracing::warn!(%digest, error = %why, resumes, "giving up on the upstream download");
+                    return Err(why);
+                }
+                self.resumes += 1;
+                self.metrics.upstream_resumes.fetch_add(1, Relaxed);
+                let attempt = self.resumes;
+                tracing::info!(%digest, error = %why, from, attempt, "resuming the upstream download");
+                tokio::time::sleep(backoff(attempt)).await;
+            }
             let range = HeaderValue::from_str(&format!("bytes={from}-")).expect("ascii");
             let headers = &self.req.headers;
             match self
@@ -267,13 +297,16 @@ impl<'a> Resumable<'a> {
             {
                 Ok(r)
                     if r.status() == StatusCode::PARTIAL_CONTENT
-                        && range_start(r.headers()) == Some(from) =>
+                        && content_range(r.headers()).is_some_and(|(a, _)| a == from) =>
                 {
+                    let total = content_range(r.headers()).and_then(|(_, n)| n);
+                    self.same_size(total)?;
                     self.skip = 0;
                     self.body = Some(r.into_body());
                     return Ok(());
                 }
                 Ok(r) if r.status() == StatusCode::OK => {
+                    self.same_size(content_length(r.headers()))?;
                     self.skip = from;
                     self.body = Some(r.into_body());
                     return Ok(());
@@ -284,6 +317,40 @@ impl<'a> Resumable<'a> {
         }
     }
 }
+
+impl Resumable<'_> {
+    /// The peers to blame when the blob does not match its digest: those
+    /// that sent it, if they sent all of it.
+    pub(super) fn blamed(&self) -> &[std::net::SocketAddr] {
+        match self.from_upstream {
+            0 => &self.peers_used,
+            _ => &[],
+        }
+    }
+
+    /// Checks the size a resumed answer gives the whole blob against the
+    /// size announced first. A peer that announced another size than the
+    /// upstream's lied (or its disk rotted): it is banned, and the fill
+    /// fails rather than eat into the cache on its word.
+    fn same_size(&self, total: Option<u64>) -> Result<(), Error> {
+        let Some(total) = total else { return Ok(()) };
+        if total == self.size {
+            return Ok(());
+        }
+        let (digest, size) = (self.digest, self.size);
+        if let (Some(first), Some(ask)) = (self.peers_used.first(), &self.req.peer) {
+            ask.peers.fell_back(*first, Fallback::BadBytes);
+        }
+        tracing::warn!(%digest, size, total, "the upstream gives the blob another size than announced first; discarding");
+        Err(Error::invalid(format!(
+            "{digest}: {total} bytes upstream, {size} announced first"
+        )))
+    }
+}
+
+/// Most peers one fill takes bytes from: the owner, and the owners after
+/// it when one dies.
+const MAX_PEERS: usize = 3;
 
 /// Bytes a resumed answer must bring before the count of resumes in a row
 /// starts over: a path that cuts every connection after a few bytes still
@@ -303,11 +370,14 @@ pub(super) fn content_length(h: &HeaderMap) -> Option<u64> {
     h.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
 }
 
-/// The first byte of a `Content-Range: bytes a-b/n` answer.
-fn range_start(h: &HeaderMap) -> Option<u64> {
+/// The first byte and the whole size (`None` for `*`) of a
+/// `Content-Range: bytes a-b/n` answer.
+pub(super) fn content_range(h: &HeaderMap) -> Option<(u64, Option<u64>)> {
     let v = h.get(header::CONTENT_RANGE)?.to_str().ok()?;
     let rest = v.strip_prefix("bytes ")?;
-    rest.split(['-', '/']).next()?.trim().parse().ok()
+    let (range, total) = rest.split_once('/')?;
+    let start = range.split('-').next()?.trim().parse().ok()?;
+    Some((start, total.trim().parse().ok()))
 }
 
 /// Reads at most `cap` bytes of a small upstream body (an error document).

@@ -17,6 +17,10 @@ use crate::cache::growing::Growing;
 /// Upstream bytes gathered before one write to the temp file, when the
 /// budget allows: few large writes while memory is plentiful.
 const WRITE_BATCH: usize = 256 << 10;
+/// A batch older than this is written however small it is: on a slow
+/// uplink (or a slow owner, for the nodes that fill from this one) readers
+/// see bytes as they trickle in, not once per [`WRITE_BATCH`].
+const BATCH_AGE: std::time::Duration = std::time::Duration::from_millis(500);
 /// Bytes that all fills together may hold between the upstream socket and
 /// the temp file (gathering, or on their way to disk), whatever the number
 /// of fills. Past half of it, fills stop gathering and write each chunk as
@@ -51,6 +55,8 @@ pub(super) struct Writer<'f> {
     pending: Option<JoinHandle<io::Result<Sink>>>,
     batch: Vec<Bytes>,
     batch_len: usize,
+    /// When the first chunk of `batch` came.
+    batch_since: Option<tokio::time::Instant>,
     /// The budget held by `batch`; it goes with the batch to disk.
     batch_room: Option<SemaphorePermit<'static>>,
 }
@@ -71,6 +77,7 @@ impl<'f> Writer<'f> {
             pending: None,
             batch: Vec::new(),
             batch_len: 0,
+            batch_since: None,
             batch_room: None,
         }
     }
@@ -91,7 +98,13 @@ impl<'f> Writer<'f> {
         }
         self.batch_len += chunk.len();
         self.batch.push(chunk);
-        if self.batch_len >= WRITE_BATCH || BUFFERS.available_permits() < GATHER_FLOOR {
+        let since = *self
+            .batch_since
+            .get_or_insert_with(tokio::time::Instant::now);
+        if self.batch_len >= WRITE_BATCH
+            || BUFFERS.available_permits() < GATHER_FLOOR
+            || since.elapsed() >= BATCH_AGE
+        {
             self.start_batch().await?;
         }
         Ok(())
@@ -118,6 +131,7 @@ impl<'f> Writer<'f> {
         }
         let batch = std::mem::take(&mut self.batch);
         self.batch_len = 0;
+        self.batch_since = None;
         let room = self.batch_room.take();
         let mut sink = self.sink.take().expect("one batch at a time");
         self.pending = Some(tokio::task::spawn_blocking(move || {
