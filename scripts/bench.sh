@@ -18,6 +18,18 @@ cargo build --release -p regproxy -p loadtest
 
 out=loadtest/results
 mkdir -p "$out"
+# `scripts/bench.sh cluster [ARGS]`: only the cluster scenario (issue 11: N
+# nodes in network namespaces behind one shaped uplink, peers on, off,
+# direct, and a node killed), into loadtest/results/cluster.{txt,json,svg}.
+if [ "${1:-}" = cluster ]; then
+  shift
+  target/release/loadtest compare --scenarios cluster \
+    --regproxy-bin target/release/regproxy \
+    --json "$out/cluster.json" \
+    --cluster-svg "$out/cluster.svg" \
+    "$@" | tee "$out/cluster.txt"
+  exit 0
+fi
 target/release/loadtest compare \
   --regproxy-bin target/release/regproxy \
   --json "$out/bench.json" \

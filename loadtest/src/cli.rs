@@ -133,6 +133,9 @@ pub struct CompareArgs {
     /// Write the chart as SVG here.
     #[arg(long)]
     pub svg: Option<PathBuf>,
+    /// Write the cluster scenario's chart as SVG here.
+    #[arg(long)]
+    pub cluster_svg: Option<PathBuf>,
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -329,7 +332,7 @@ async fn soak(a: SoakArgs) -> anyhow::Result<()> {
 
 async fn compare(a: CompareArgs) -> anyhow::Result<()> {
     for s in &a.params.scenarios {
-        if !compare::SCENARIOS.iter().any(|(id, _)| id == s) {
+        if !compare::SCENARIOS.iter().any(|(id, _)| id == s) && s != compare::CLUSTER {
             bail!("unknown scenario {s:?}; see --help");
         }
     }
@@ -341,10 +344,16 @@ async fn compare(a: CompareArgs) -> anyhow::Result<()> {
             None => default_regproxy()?,
         },
     };
+    // The cluster scenario runs regproxy (and direct) whatever `--targets` says.
+    let p = &a.params;
+    let on_targets = p.wants_loopback() || p.wants_uplink();
     for (needed, path) in [
         (true, &tools.registry),
-        (a.params.targets.contains(&Kind::Nginx), &tools.nginx),
-        (a.params.targets.contains(&Kind::Regproxy), &tools.regproxy),
+        (on_targets && p.targets.contains(&Kind::Nginx), &tools.nginx),
+        (
+            (on_targets && p.targets.contains(&Kind::Regproxy)) || p.wants(compare::CLUSTER),
+            &tools.regproxy,
+        ),
     ] {
         if needed && !path.is_file() {
             bail!(
@@ -364,8 +373,13 @@ async fn compare(a: CompareArgs) -> anyhow::Result<()> {
         }
     };
     let report = compare::run(a.params, tools, work).await?;
-    let checks = crate::report::checks(&report);
+    let mut checks = crate::report::checks(&report);
     print!("{}", crate::report::table(&report));
+    if let Some(c) = &report.cluster {
+        println!();
+        print!("{}", crate::cluster::report::table(c));
+        checks.extend(crate::cluster::report::checks(c));
+    }
     println!();
     print!("{}", crate::report::checks_text(&checks));
     if let Some(path) = &a.json {
@@ -377,7 +391,15 @@ async fn compare(a: CompareArgs) -> anyhow::Result<()> {
         std::fs::write(path, crate::report::svg(&report))
             .with_context(|| format!("writing {}", path.display()))?;
     }
-    let errors: u64 = report.rows.iter().map(|r| r.errors).sum();
+    if let (Some(path), Some(c)) = (&a.cluster_svg, &report.cluster) {
+        std::fs::write(path, crate::cluster::report::svg(c, &report.machine))
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    let errors: u64 = report.rows.iter().map(|r| r.errors).sum::<u64>()
+        + report
+            .cluster
+            .as_ref()
+            .map_or(0, crate::cluster::report::errors);
     if errors > 0 {
         bail!("{errors} requests failed or did not verify (see the errors column and the JSON)");
     }

@@ -33,7 +33,8 @@ pub struct Params {
     )]
     pub targets: Vec<Kind>,
     /// Run only these scenarios [default: all]: cold_concurrent, images_cold,
-    /// images_warm, warm_single, warm_concurrent, small_requests, uplink_node1, uplink_node2.
+    /// images_warm, warm_single, warm_concurrent, small_requests, uplink_node1,
+    /// uplink_node2, cluster.
     #[arg(long, value_delimiter = ',')]
     pub scenarios: Vec<String>,
     /// The big blob (warm single stream; cold concurrent).
@@ -103,6 +104,9 @@ pub struct Params {
     #[arg(long, default_value = "300s", value_parser = parse_duration)]
     #[serde(with = "secs")]
     pub scenario_timeout: Duration,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub cluster: crate::cluster::Params,
 }
 
 impl Params {
@@ -110,7 +114,22 @@ impl Params {
     pub fn wants(&self, id: &str) -> bool {
         self.scenarios.is_empty() || self.scenarios.iter().any(|s| s == id)
     }
+
+    /// Whether any scenario on the loopback targets is part of this run.
+    pub fn wants_loopback(&self) -> bool {
+        SCENARIOS
+            .iter()
+            .any(|(id, _)| !id.starts_with("uplink_") && self.wants(id))
+    }
+
+    /// Whether an uplink node scenario is part of this run.
+    pub fn wants_uplink(&self) -> bool {
+        self.uplink_mbit > 0 && (self.wants("uplink_node1") || self.wants("uplink_node2"))
+    }
 }
+
+/// The cluster scenario's id (its results are [`Report::cluster`], not rows).
+pub const CLUSTER: &str = "cluster";
 
 mod secs {
     pub fn serialize<S: serde::Serializer>(
@@ -227,6 +246,8 @@ pub struct Report {
     pub machine: Machine,
     pub params: Params,
     pub rows: Vec<Row>,
+    /// The cluster scenario, when it ran.
+    pub cluster: Option<crate::cluster::ClusterReport>,
 }
 
 impl Report {
@@ -237,13 +258,20 @@ impl Report {
     }
 }
 
-/// The content of a run, hashed before anything starts.
+/// The content of a run, hashed before anything starts: only what the
+/// scenarios it runs need.
 struct Plan {
+    loopback: Option<LoopbackPlan>,
+    uplink_images: Vec<ImageSpec>,
+    cluster_images: Vec<ImageSpec>,
+}
+
+/// The content of the loopback scenarios.
+struct LoopbackPlan {
     /// One fresh big blob per cold repetition; the first is the warm one.
     cold: Vec<BlobSpec>,
     medium: BlobSpec,
     images: Vec<ImageSpec>,
-    uplink_images: Vec<ImageSpec>,
 }
 
 const BLOB_REPO: &str = "bench/blobs";
@@ -555,25 +583,38 @@ pub async fn run(params: Params, tools: Tools, work: PathBuf) -> anyhow::Result<
     let t0 = Instant::now();
     eprintln!("hashing the synthetic content …");
     let p = params.clone();
+    // Only the content of the scenarios this run wants: the cold blobs alone
+    // take seconds to hash.
     let plan = tokio::task::spawn_blocking(move || Plan {
-        cold: (0..p.cold_repeat.max(1) as u64)
-            .map(|i| synth::blob(100 + i, p.big, LAYER_TYPE))
-            .collect(),
-        medium: synth::blob(2, p.medium, LAYER_TYPE),
-        images: synth::image_set(&ImageSetShape {
-            prefix: "bench/app".into(),
-            images: p.images,
-            shared_layers: p.shared_layers.clone(),
-            unique_layers: p.unique_layers.clone(),
-            seed: 10,
+        loopback: p.wants_loopback().then(|| LoopbackPlan {
+            cold: (0..p.cold_repeat.max(1) as u64)
+                .map(|i| synth::blob(100 + i, p.big, LAYER_TYPE))
+                .collect(),
+            medium: synth::blob(2, p.medium, LAYER_TYPE),
+            images: synth::image_set(&ImageSetShape {
+                prefix: "bench/app".into(),
+                images: p.images,
+                shared_layers: p.shared_layers.clone(),
+                unique_layers: p.unique_layers.clone(),
+                seed: 10,
+            }),
         }),
-        uplink_images: synth::image_set(&ImageSetShape {
-            prefix: "bench/edge".into(),
-            images: p.uplink_images,
-            shared_layers: p.uplink_shared.clone(),
-            unique_layers: p.uplink_unique.clone(),
-            seed: 20,
-        }),
+        uplink_images: if p.wants_uplink() {
+            synth::image_set(&ImageSetShape {
+                prefix: "bench/edge".into(),
+                images: p.uplink_images,
+                shared_layers: p.uplink_shared.clone(),
+                unique_layers: p.uplink_unique.clone(),
+                seed: 20,
+            })
+        } else {
+            Vec::new()
+        },
+        cluster_images: if p.wants(CLUSTER) {
+            crate::cluster::images(&p.cluster)
+        } else {
+            Vec::new()
+        },
     })
     .await?;
 
@@ -583,21 +624,26 @@ pub async fn run(params: Params, tools: Tools, work: PathBuf) -> anyhow::Result<
     let upstream = start_upstream(&tools, &work, &storage, &up_addr, None).await?;
     eprintln!("seeding the upstream at {up_addr} …");
     let reg = Registry::new(&up_addr, params.timeout);
-    for b in &plan.cold {
-        reg.push_blob(BLOB_REPO, b).await?;
+    if let Some(l) = &plan.loopback {
+        for b in l.cold.iter().chain([&l.medium]) {
+            reg.push_blob(BLOB_REPO, b).await?;
+        }
     }
-    reg.push_blob(BLOB_REPO, &plan.medium).await?;
-    for img in plan.images.iter().chain(&plan.uplink_images) {
+    let loop_images = plan.loopback.iter().flat_map(|l| &l.images);
+    for img in loop_images
+        .chain(&plan.uplink_images)
+        .chain(&plan.cluster_images)
+    {
         reg.push_image(img)
             .await
             .with_context(|| format!("seeding {}", img.reference()))?;
     }
     eprintln!("seeded in {:.1}s", t0.elapsed().as_secs_f64());
+    // Every scenario runs against upstreams of its own on this storage.
+    drop(upstream);
 
     // The uplink: a namespace whose upstreams serve the same storage.
-    let uplink = if params.uplink_mbit > 0
-        && (params.wants("uplink_node1") || params.wants("uplink_node2"))
-    {
+    let uplink = if params.wants_uplink() {
         Some(Uplink::create(params.uplink_mbit)?)
     } else {
         None
@@ -609,10 +655,88 @@ pub async fn run(params: Params, tools: Tools, work: PathBuf) -> anyhow::Result<
         sampler: &sampler,
         rows: Vec::new(),
     };
-    let image_refs = refs(&plan.images);
+    if let Some(l) = &plan.loopback {
+        loopback(&mut ctx, l, &tools, &work, &storage).await?;
+    }
     let uplink_refs = refs(&plan.uplink_images);
-    let image_distinct = synth::distinct_blob_bytes(&plan.images);
     let uplink_distinct = synth::distinct_blob_bytes(&plan.uplink_images);
+    let to = params.timeout;
+    let p = &params;
+
+    // Two nodes per target behind the shaped uplink, one after the other,
+    // each with its own fresh cache.
+    if let Some(link) = &uplink {
+        for (i, &kind) in params.targets.iter().enumerate() {
+            for (n, (scenario, label)) in [("uplink_node1", "node1"), ("uplink_node2", "node2")]
+                .into_iter()
+                .enumerate()
+            {
+                if !p.wants(scenario) {
+                    continue;
+                }
+                // An upstream per node too, for the same reason as above.
+                let addr = format!("{}:{}", link.upstream_ip, 5000 + 2 * i + n);
+                let up = [start_upstream(&tools, &work, &storage, &addr, Some(&link.ns)).await?];
+                let node = start_target(kind, &tools, &up[0].addr, &work, label).await?;
+                let spec = Spec::new(scenario, p.uplink_clients, uplink_distinct);
+                ctx.scenario(spec, std::slice::from_ref(&node), &up, |_, addr| {
+                    let refs = &uplink_refs;
+                    async move {
+                        workload::pull_images(
+                            &addr,
+                            to,
+                            refs,
+                            p.uplink_clients,
+                            p.layer_concurrency,
+                        )
+                        .await
+                    }
+                })
+                .await;
+            }
+        }
+    }
+    let cluster = if p.wants(CLUSTER) {
+        let env = crate::cluster::Env {
+            tools: &tools,
+            work: &work,
+            storage: &storage,
+            timeout: p.timeout,
+            scenario_timeout: p.scenario_timeout,
+            layer_concurrency: p.layer_concurrency,
+        };
+        Some(crate::cluster::run(&p.cluster, &plan.cluster_images, &env).await?)
+    } else {
+        None
+    };
+    let mut rows = ctx.rows;
+    // In the order of the table: by scenario, then by target.
+    rows.sort_by_key(|r| {
+        let s = SCENARIOS.iter().position(|(id, _)| *id == r.scenario);
+        let t = params.targets.iter().position(|k| *k == r.target);
+        (s, t)
+    });
+    drop(uplink);
+    eprintln!("compare finished in {:.1}s", t0.elapsed().as_secs_f64());
+    Ok(Report {
+        machine,
+        params,
+        rows,
+        cluster,
+    })
+}
+
+/// The loopback scenarios: every target at once, each with its own upstream.
+async fn loopback(
+    ctx: &mut Ctx<'_>,
+    plan: &LoopbackPlan,
+    tools: &Tools,
+    work: &std::path::Path,
+    storage: &std::path::Path,
+) -> anyhow::Result<()> {
+    let params = ctx.params;
+    let image_refs = refs(&plan.images);
+    let image_distinct = synth::distinct_blob_bytes(&plan.images);
     let to = params.timeout;
     let reps = params.repeat.max(1);
     let (big, medium) = (&plan.cold[0], &plan.medium);
@@ -624,16 +748,15 @@ pub async fn run(params: Params, tools: Tools, work: PathBuf) -> anyhow::Result<
     // storage: an upstream's access log then holds that target's requests
     // only, even when a peer finishes a download in the background while the
     // next target is measured (Distribution's proxy does).
-    drop(upstream);
     let mut upstreams = Vec::new();
     let mut targets = Vec::new();
     for &kind in &params.targets {
         let addr = format!("127.0.0.1:{}", crate::procs::free_port()?);
-        let up = start_upstream(&tools, &work, &storage, &addr, None).await?;
-        targets.push(start_target(kind, &tools, &up.addr, &work, "loop").await?);
+        let up = start_upstream(tools, work, storage, &addr, None).await?;
+        targets.push(start_target(kind, tools, &up.addr, work, "loop").await?);
         upstreams.push(up);
     }
-    let p = &params;
+    let p = params;
     if p.wants("cold_concurrent") {
         let digests = plan.cold.iter().map(|b| b.digest.clone()).collect();
         let spec = Spec::new("cold_concurrent", p.cold_clients, big.size)
@@ -716,52 +839,5 @@ pub async fn run(params: Params, tools: Tools, work: PathBuf) -> anyhow::Result<
     }
     drop(targets);
     drop(upstreams);
-
-    // Two nodes per target behind the shaped uplink, one after the other,
-    // each with its own fresh cache.
-    if let Some(link) = &uplink {
-        for (i, &kind) in params.targets.iter().enumerate() {
-            for (n, (scenario, label)) in [("uplink_node1", "node1"), ("uplink_node2", "node2")]
-                .into_iter()
-                .enumerate()
-            {
-                if !p.wants(scenario) {
-                    continue;
-                }
-                // An upstream per node too, for the same reason as above.
-                let addr = format!("{}:{}", link.upstream_ip, 5000 + 2 * i + n);
-                let up = [start_upstream(&tools, &work, &storage, &addr, Some(&link.ns)).await?];
-                let node = start_target(kind, &tools, &up[0].addr, &work, label).await?;
-                let spec = Spec::new(scenario, p.uplink_clients, uplink_distinct);
-                ctx.scenario(spec, std::slice::from_ref(&node), &up, |_, addr| {
-                    let refs = &uplink_refs;
-                    async move {
-                        workload::pull_images(
-                            &addr,
-                            to,
-                            refs,
-                            p.uplink_clients,
-                            p.layer_concurrency,
-                        )
-                        .await
-                    }
-                })
-                .await;
-            }
-        }
-    }
-    let mut rows = ctx.rows;
-    // In the order of the table: by scenario, then by target.
-    rows.sort_by_key(|r| {
-        let s = SCENARIOS.iter().position(|(id, _)| *id == r.scenario);
-        let t = params.targets.iter().position(|k| *k == r.target);
-        (s, t)
-    });
-    drop(uplink);
-    eprintln!("compare finished in {:.1}s", t0.elapsed().as_secs_f64());
-    Ok(Report {
-        machine,
-        params,
-        rows,
-    })
+    Ok(())
 }

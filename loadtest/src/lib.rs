@@ -12,6 +12,8 @@
 //!   configured and started with a fresh cache.
 //! - [`netns`]: the bandwidth-limited uplink (network namespace, veth, `tc tbf`).
 //! - [`compare`]: the scenarios, run for every target in one run.
+//! - [`cluster`]: the `cluster` scenario: N nodes in network namespaces on one
+//!   LAN behind one shaped uplink, regproxy with peers on and off, and direct.
 //! - [`soak`]: `loadtest soak`, regproxy under mixed traffic and random
 //!   faults for a set time, every completed response checked by an oracle.
 //! - [`report`]: the table on stdout, the JSON, the SVG chart, and sizes for
@@ -19,6 +21,7 @@
 //!   `regproxy::units`, one grammar with the proxy.
 
 pub mod cli;
+pub mod cluster;
 pub mod compare;
 pub mod netns;
 pub mod procs;

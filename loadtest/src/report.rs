@@ -76,6 +76,9 @@ pub fn table(report: &Report) -> String {
         "machine: {} × {} · {:.1} GiB · Linux {} · {}",
         m.nproc, m.cpu, m.mem_total_gib, m.kernel, m.started_utc
     );
+    if report.rows.is_empty() {
+        return s;
+    }
     let _ = writeln!(
         s,
         "up GET, up MiB: successful blob GETs the upstream served and bytes it sent, per repetition; \

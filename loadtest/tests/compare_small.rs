@@ -44,6 +44,12 @@ fn a_short_compare_verifies_everything_and_regproxy_fetches_once() {
     let started = Instant::now();
     let out = Command::new(env!("CARGO_BIN_EXE_loadtest"))
         .args(["compare", "--targets", "regproxy,nginx,distribution,direct"])
+        // Every scenario but `cluster`, which tests/cluster.rs runs.
+        .args([
+            "--scenarios",
+            "cold_concurrent,images_cold,images_warm,warm_single,warm_concurrent,\
+             small_requests,uplink_node1,uplink_node2",
+        ])
         .args(["--big", "2MiB", "--medium", "512KiB"])
         .args([
             "--cold-clients",
