@@ -189,8 +189,12 @@ pub struct PeerArgs {
     #[arg(long, env = "REGPROXY_PEER_SECRET_FILE")]
     pub peer_secret_file: Option<PathBuf>,
 
-    /// Longest wait for a peer: to connect and answer, and between two reads
-    /// of its body. Past it the upstream is asked instead.
+    /// Longest wait to connect to a peer, and its probe's timeout. A peer
+    /// that sends nothing for this long is given up if its last probe
+    /// failed, and waited on up to `--upstream-timeout` while its probes
+    /// answer (it may be waiting on the uplink itself); given up, the next
+    /// owner or the upstream sends the blob. Also the peer listener's
+    /// longest wait for a request head.
     #[arg(long, env = "REGPROXY_PEER_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub peer_timeout: Duration,
 }

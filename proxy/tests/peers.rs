@@ -21,6 +21,10 @@
 //! - a private upstream: a peer's copy reaches only clients the upstream
 //!   lets in, and a blob the owner may not fetch anonymously is fetched by
 //!   the asking node itself;
+//! - a peer that announces a blob larger than it is: banned once the
+//!   upstream's size contradicts it, the fill fails, the next pull is right;
+//! - the peer listener past its connection cap: 503 at once, and silent
+//!   connections are closed after --peer-timeout;
 //! - `serve` refuses peers without a listener or a usable secret.
 
 mod support;
@@ -1007,4 +1011,129 @@ fn serve_refuses_peers_without_a_listener_or_a_usable_secret_in_one_line_and_sho
             );
         }
     }
+}
+
+#[test]
+fn a_peer_that_announces_a_larger_blob_is_banned_once_the_upstream_contradicts_it() {
+    const LEN: usize = 2 << 20;
+    let rt = runtime();
+    let reg = Registry::start();
+    let ips = loopback_ips(32, 2);
+    let addrs = peer_addrs(&ips);
+    let (node_peer, fake_addr) = (addrs[0], addrs[1]);
+    let (d, data) = (3200..)
+        .map(|seed| blob(LEN, seed))
+        .map(|data| (sha256_digest(&data), data))
+        .find(|(d, _)| owner(d, &addrs) == fake_addr)
+        .unwrap();
+    reg.put_blob_files(REPO, &data);
+    let lie = Stall::Oversized {
+        extra: 64 << 20,
+        n: LEN / 2,
+    };
+    let fake = rt.block_on(StallingPeer::start(
+        fake_addr,
+        HashMap::from([(d.clone(), (data, lie))]),
+    ));
+    let (_secret_dir, secret) = secret_file();
+    let node = start_node(
+        ips[0],
+        node_peer,
+        &peer_list(&addrs),
+        &secret,
+        &reg.url(),
+        &[],
+    );
+    node.proxy.wait_learned_open();
+    rt.block_on(async {
+        wait_live(&[&node], 1).await;
+        let got = get_counting(node.blob_url(REPO, &d), Default::default()).await;
+        match &got {
+            Err(_) => {}
+            Ok((st, _, _)) if *st != StatusCode::OK => {}
+            Ok(_) => panic!("a fill sized by a lie must not end as a whole 200 body: {got:?}"),
+        }
+        assert_eq!(fake.blob_gets(), 1, "the node asked the owner first");
+        // Its body broke off; the upstream's answer to the resume gives the
+        // blob's real size: the peer lied.
+        wait_metric(&node, &fallbacks("broken"), 1).await;
+        wait_metric(&node, &fallbacks("bad_bytes"), 1).await;
+        wait_metric(&node, "regproxy_peer_bad_total", 1).await;
+        wait_live(&[&node], 0).await;
+        node.proxy.fills_done().await;
+        assert!(
+            !node.proxy.cache_path(&d).exists(),
+            "nothing is cached on a lie"
+        );
+        get_verified(&node.blob_url(REPO, &d), &d).await.unwrap();
+        assert_eq!(fake.blob_gets(), 1, "a banned peer is not asked again");
+        node.proxy.fills_done().await;
+        let cached = std::fs::read(node.proxy.cache_path(&d)).unwrap();
+        assert_eq!(sha256_digest(&cached), d);
+    });
+}
+
+#[test]
+fn the_peer_listener_refuses_past_its_cap_and_closes_silent_connections() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rt = runtime();
+    let reg = Registry::start();
+    let ips = loopback_ips(33, 2);
+    let addrs = peer_addrs(&ips);
+    let (_secret_dir, secret) = secret_file();
+    let node = start_node(
+        ips[0],
+        addrs[0],
+        &peer_list(&addrs),
+        &secret,
+        &reg.url(),
+        &["--max-connections", "2", "--peer-timeout", "1s"],
+    );
+    let token = std::fs::read_to_string(&secret).unwrap();
+    rt.block_on(async {
+        // Two connections that never send a head take the listener's places.
+        let mut silent = Vec::new();
+        for _ in 0..2 {
+            silent.push(tokio::net::TcpStream::connect(addrs[0]).await.unwrap());
+        }
+        // Past the cap: 503 at once, not a wait behind them.
+        let mut third = tokio::net::TcpStream::connect(addrs[0]).await.unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(PATIENCE, third.read_to_end(&mut answer))
+            .await
+            .expect("the refusal comes at once")
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+        // The silent ones are closed after --peer-timeout (the listener's
+        // head timeout), well before --header-read-timeout's 10 s.
+        let t = Instant::now();
+        for c in &mut silent {
+            let mut rest = Vec::new();
+            tokio::time::timeout(PATIENCE, c.read_to_end(&mut rest))
+                .await
+                .expect("a silent connection is closed")
+                .ok();
+        }
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(8),
+            "closed after --peer-timeout, not --header-read-timeout: {:?}",
+            t.elapsed()
+        );
+        // Then a peer gets in.
+        let mut c = tokio::net::TcpStream::connect(addrs[0]).await.unwrap();
+        let req = format!(
+            "GET /v2/ HTTP/1.1\r\nhost: {}\r\nauthorization: Bearer {}\r\nconnection: close\r\n\r\n",
+            addrs[0],
+            token.trim()
+        );
+        c.write_all(req.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(PATIENCE, c.read_to_end(&mut answer))
+            .await
+            .unwrap()
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    });
 }

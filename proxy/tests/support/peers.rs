@@ -482,6 +482,9 @@ pub enum Stall {
     /// Answers 200 with the right length and the first `n` right bytes,
     /// then sends nothing more (and keeps the connection open).
     After(usize),
+    /// Answers 200 announcing `extra` bytes more than the blob has, sends
+    /// the first `n` right bytes, and closes the connection.
+    Oversized { extra: usize, n: usize },
 }
 
 /// A peer that answers its liveness probes at once but stalls on blobs, on
@@ -535,6 +538,18 @@ impl StallingPeer {
                             continue;
                         };
                         gets.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        if let Stall::Oversized { extra, n } = stall {
+                            let head = format!(
+                                "HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\n\
+                                 content-length: {}\r\n\r\n",
+                                bytes.len() + extra
+                            );
+                            let w = s.get_mut();
+                            let _ = w.write_all(head.as_bytes()).await;
+                            let _ = w.write_all(&bytes[..*n]).await;
+                            let _ = w.flush().await;
+                            return;
+                        }
                         if let Stall::After(n) = stall {
                             let head = format!(
                                 "HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\n\
