@@ -1081,7 +1081,7 @@ fn the_peer_listener_refuses_past_its_cap_and_closes_silent_connections() {
     let ips = loopback_ips(33, 2);
     let addrs = peer_addrs(&ips);
     let (_secret_dir, secret) = secret_file();
-    let node = start_node(
+    let _node = start_node(
         ips[0],
         addrs[0],
         &peer_list(&addrs),
