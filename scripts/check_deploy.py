@@ -789,16 +789,25 @@ def peer_get(addr, secret):
         return str(e), None
 
 
-def free_port():
-    """A loopback TCP port nothing listens on now (--peer-listen refuses 0)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_peer_listen(peers):
+    """A loopback address with the peer port of `peers` (`dns:NAME:PORT`:
+    serve wants --peer-listen on that port, so that a node finds itself
+    among the name's addresses) that nothing listens on now."""
+    port = int(peers.rsplit(":", 1)[1]) if peers.startswith("dns:") else 0
+    for last in range(1, 255):
+        ip = f"127.0.77.{last}"
+        with socket.socket() as s:
+            try:
+                s.bind((ip, port))
+            except OSError:
+                continue
+            return f"{ip}:{s.getsockname()[1]}"
+    raise SystemExit("no free loopback address for the peer listener in 127.0.77.0/24")
 
 
 def run_peer(binary, peer):
     """`serve` with the DaemonSet's peer settings (REGPROXY_PEERS as it is,
-    the peer listener moved to a free loopback port) and the rendered secret in a
+    the peer listener moved to a free loopback address on the peer port) and the rendered secret in a
     0400 file: the peer port answers only with the secret. With the secret
     file missing, or shorter than regproxy accepts, serve exits 2 at start
     with one line (a pod with a broken Secret fails loudly, it does not run
@@ -809,7 +818,7 @@ def run_peer(binary, peer):
         env = {k: v for k, v in os.environ.items() if not k.startswith("REGPROXY_")}
         env.update({
             "REGPROXY_PEERS": peer["peers"],
-            "REGPROXY_PEER_LISTEN": f"127.0.0.1:{free_port()}",
+            "REGPROXY_PEER_LISTEN": free_peer_listen(peer["peers"]),
             "REGPROXY_PEER_SECRET_FILE": f"{tmp}/secret",
         })
         for var, key in (("REGPROXY_PEER_TIMEOUT", "timeout"), ("REGPROXY_UPSTREAM_RESOLVER", "resolver")):
