@@ -236,6 +236,20 @@ impl Peers {
         (weight(best) > weight(&self.me)).then_some(*best)
     }
 
+    /// The owner of `d` among the live peers not in `used` and this node;
+    /// `None` when this node is.
+    pub fn owner_among_unused(&self, d: &Digest, used: &[SocketAddr]) -> Option<SocketAddr> {
+        let mut live = self.members.live();
+        live.retain(|p| !used.contains(p));
+        let best = live.into_iter().max_by_key(|p| weight(d, p))?;
+        (weight(d, &best) > weight(d, &self.me)).then_some(best)
+    }
+
+    /// `--upstream-timeout`: how long a live peer is waited on.
+    pub fn patience(&self) -> Duration {
+        self.patience
+    }
+
     /// Whether a request on the peer listener carries the secret.
     pub fn admits(&self, h: &HeaderMap) -> bool {
         let Some(got) = h.get(header::AUTHORIZATION) else {

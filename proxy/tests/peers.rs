@@ -21,6 +21,8 @@
 //! - a private upstream: a peer's copy reaches only clients the upstream
 //!   lets in, and a blob the owner may not fetch anonymously is fetched by
 //!   the asking node itself;
+//! - a live peer that trickles: given up as a stall after --upstream-timeout,
+//!   the upstream sends the rest, the peer stays live;
 //! - a peer that announces a blob larger than it is: banned once the
 //!   upstream's size contradicts it, the fill fails, the next pull is right;
 //! - the peer listener past its connection cap: 503 at once, and silent
@@ -916,7 +918,9 @@ fn a_silent_peer_is_given_up_before_its_head_and_mid_body_and_the_upstream_resum
         get_verified(&node.blob_url(REPO, &b), &b).await.unwrap();
         let took = t.elapsed();
         assert_eq!(fake.blob_gets(), 2, "the node asked the owner first");
-        wait_metric(&node, &fallbacks("broken"), 1).await;
+        // A stall of a live peer is a timeout, not a break: it stays live.
+        wait_metric(&node, &fallbacks("timeout"), 2).await;
+        assert_eq!(node.metric0(&fallbacks("broken")).await, 0);
         node.proxy.fills_done().await;
         let from_upstream = node.metric0(UPSTREAM_BYTES).await - upstream_before;
         assert!(
@@ -1135,5 +1139,55 @@ fn the_peer_listener_refuses_past_its_cap_and_closes_silent_connections() {
             .unwrap();
         let answer = String::from_utf8_lossy(&answer);
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    });
+}
+
+#[test]
+fn a_live_peer_that_trickles_is_given_up_and_the_upstream_sends_the_rest() {
+    const LEN: usize = 1 << 20;
+    let rt = runtime();
+    let reg = Registry::start();
+    let ips = loopback_ips(34, 2);
+    let addrs = peer_addrs(&ips);
+    let (node_peer, fake_addr) = (addrs[0], addrs[1]);
+    let (d, data) = (3400..)
+        .map(|seed| blob(LEN, seed))
+        .map(|data| (sha256_digest(&data), data))
+        .find(|(d, _)| owner(d, &addrs) == fake_addr)
+        .unwrap();
+    reg.put_blob_files(REPO, &data);
+    let fake = rt.block_on(StallingPeer::start(
+        fake_addr,
+        HashMap::from([(d.clone(), (data, Stall::Trickle))]),
+    ));
+    let (_secret_dir, secret) = secret_file();
+    let node = start_node(
+        ips[0],
+        node_peer,
+        &peer_list(&addrs),
+        &secret,
+        &reg.url(),
+        &["--peer-timeout", "1s", "--upstream-timeout", "2s"],
+    );
+    node.proxy.wait_learned_open();
+    rt.block_on(async {
+        wait_live(&[&node], 1).await;
+        get_verified(&node.blob_url(REPO, &d), &d).await.unwrap();
+        assert_eq!(fake.blob_gets(), 1, "the node asked the owner first");
+        wait_metric(&node, &fallbacks("timeout"), 1).await;
+        assert_eq!(node.metric0(&fallbacks("broken")).await, 0);
+        assert_eq!(
+            node.metric0("regproxy_peers_live").await,
+            1,
+            "a slow peer is not a dead one"
+        );
+        node.proxy.fills_done().await;
+        assert_eq!(
+            ranged_gets(&reg, &d).await,
+            1,
+            "the rest with one Range GET"
+        );
+        let cached = std::fs::read(node.proxy.cache_path(&d)).unwrap();
+        assert_eq!(sha256_digest(&cached), d);
     });
 }

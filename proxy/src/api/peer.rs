@@ -226,10 +226,15 @@ impl App {
             Err(why) => Err(why),
         };
         let (media_type, bytes) = match got {
-            Ok((media_type, bytes))
-                if Digest::of(&bytes) != *d || !is_manifest(&media_type, &bytes) =>
-            {
+            Ok((_, bytes)) if Digest::of(&bytes) != *d => {
                 peers.fell_back(owner, Fallback::BadBytes);
+                return Ok(None);
+            }
+            // The right bytes under a label this node cannot check (an
+            // older or newer manifest kind, or a lie): not cached from the
+            // peer, and no ban, since the digest matched.
+            Ok((media_type, bytes)) if !is_manifest(&media_type, &bytes) => {
+                peers.fell_back(owner, Fallback::Error);
                 return Ok(None);
             }
             // Not of a kind this client takes: the upstream negotiates.

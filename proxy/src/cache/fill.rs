@@ -188,6 +188,18 @@ impl Fill {
         self.progress.send_replace(p);
     }
 
+    /// More bytes are on disk, from the writer's blocking task: published
+    /// only while the fill is streaming, never over its end.
+    fn advance(&self, size: u64, written: Bytes) {
+        self.progress.send_if_modified(|p| match p {
+            Progress::Streaming { written: w, .. } if w.len() < written.len() => {
+                *p = Progress::Streaming { size, written };
+                true
+            }
+            _ => false,
+        });
+    }
+
     /// Bytes of the blob on disk so far.
     pub(super) fn written(&self) -> u64 {
         match &*self.progress.borrow() {
@@ -275,7 +287,7 @@ pub(super) async fn run(
         let (file, progress) = guard.reserve(size).await?;
         tracing::debug!(%digest, size, "fill started");
         let mut src = Resumable::new(&upstream, &path, &req, digest, &metrics, (size, first));
-        let sink = copy(&mut src, Writer::new(&fill, file, progress))
+        let sink = copy(&mut src, Writer::new(Arc::clone(&fill), file, progress))
             .await
             .map_err(|e| write_failed(&cache, &fill, size, e))?;
         verify(digest, sink, &metrics).map_err(|e| {
@@ -302,7 +314,7 @@ enum CopyError {
 }
 
 /// Copies the blob's bytes into the temp file, where readers follow them.
-async fn copy(src: &mut Resumable<'_>, mut w: Writer<'_>) -> Result<Sink, CopyError> {
+async fn copy(src: &mut Resumable<'_>, mut w: Writer) -> Result<Sink, CopyError> {
     while let Some(chunk) = src.next().await.map_err(CopyError::Upstream)? {
         if chunk.is_empty() {
             // The upstream broke: readers get what came before the resume.

@@ -482,6 +482,9 @@ pub enum Stall {
     /// Answers 200 with the right length and the first `n` right bytes,
     /// then sends nothing more (and keeps the connection open).
     After(usize),
+    /// Answers 200 with the right length and sends the blob one byte every
+    /// 100 ms: live, never silent, never done.
+    Trickle,
     /// Answers 200 announcing `extra` bytes more than the blob has, sends
     /// the first `n` right bytes, and closes the connection.
     Oversized { extra: usize, n: usize },
@@ -548,6 +551,24 @@ impl StallingPeer {
                             let _ = w.write_all(head.as_bytes()).await;
                             let _ = w.write_all(&bytes[..*n]).await;
                             let _ = w.flush().await;
+                            return;
+                        }
+                        if let Stall::Trickle = stall {
+                            let head = format!(
+                                "HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\n\
+                                 content-length: {}\r\n\r\n",
+                                bytes.len()
+                            );
+                            let w = s.get_mut();
+                            let _ = w.write_all(head.as_bytes()).await;
+                            let mut pace =
+                                tokio::time::interval(std::time::Duration::from_millis(100));
+                            for b in bytes.iter() {
+                                pace.tick().await;
+                                if w.write_all(&[*b]).await.is_err() {
+                                    return;
+                                }
+                            }
                             return;
                         }
                         if let Stall::After(n) = stall {

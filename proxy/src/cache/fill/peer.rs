@@ -42,8 +42,9 @@ pub(super) async fn resume(
     digest: &Digest,
     path: &str,
     (from, size): (u64, u64),
+    used: &[std::net::SocketAddr],
 ) -> Option<(Ask, Incoming)> {
-    let owner = prev.peers.owner(digest)?;
+    let owner = prev.peers.owner_among_unused(digest, used)?;
     let why = match prev.peers.get(owner, path, Some(from)).await {
         Ok(r)
             if r.status() == StatusCode::PARTIAL_CONTENT

@@ -85,6 +85,12 @@ pub(super) struct Resumable<'a> {
     peers_used: Vec<std::net::SocketAddr>,
     /// Bytes that came from the upstream.
     from_upstream: u64,
+    /// The peer that broke off, and why, until the next call asks the
+    /// digest's next owner for the rest.
+    switch: Option<(Ask, Error)>,
+    /// Since when, and how many bytes, the peer has sent: a peer must
+    /// bring [`PROGRESS`] bytes in each `--upstream-timeout`.
+    window: (tokio::time::Instant, u64),
     size: u64,
     /// Bytes handed out.
     pos: u64,
@@ -134,6 +140,8 @@ impl<'a> Resumable<'a> {
             peer_broke: false,
             peers_used,
             from_upstream: 0,
+            switch: None,
+            window: (tokio::time::Instant::now(), 0),
             size,
             pos: 0,
             skip: 0,
@@ -148,6 +156,9 @@ impl<'a> Resumable<'a> {
     /// resume: the moment to put what the caller holds where its readers
     /// see it.
     pub(super) async fn next(&mut self) -> Result<Option<Bytes>, Error> {
+        if let Some((prev, why)) = self.switch.take() {
+            self.next_owner(prev, why).await;
+        }
         if let Some(why) = self.cut.take() {
             self.resume(why).await?;
         }
@@ -171,6 +182,8 @@ impl<'a> Resumable<'a> {
         let Some(body) = &mut self.body else {
             return Err(Error::Internal("a fill with neither upstream nor sibling"));
         };
+        // The peer sent too little for too long, without an error of its own.
+        let mut stalled = false;
         let why = loop {
             // A peer is waited on while it stays live (see `Peers::patiently`).
             let frame = match &self.peer {
@@ -182,7 +195,7 @@ impl<'a> Resumable<'a> {
                 Some(None) if self.pos == self.size => return Ok(None),
                 Some(None) => {
                     break Error::invalid(format!(
-                        "upstream body ended after {} of {} bytes",
+                        "the body ended after {} of {} bytes",
                         self.pos, self.size
                     ))
                 }
@@ -191,6 +204,10 @@ impl<'a> Resumable<'a> {
                         url: self.path.to_owned(),
                         cause: Cause::new(e),
                     })
+                }
+                None if self.peer.is_some() => {
+                    stalled = true;
+                    break stalled_peer(self.path);
                 }
                 None => {
                     break Error::from(UpstreamError::Timeout {
@@ -203,7 +220,19 @@ impl<'a> Resumable<'a> {
                 continue;
             };
             match &self.peer {
-                Some(ask) => ask.peers.received(chunk.len() as u64),
+                Some(ask) => {
+                    ask.peers.received(chunk.len() as u64);
+                    // A live peer that trickles is left like a silent one.
+                    let (since, n) = &mut self.window;
+                    *n += chunk.len() as u64;
+                    if since.elapsed() >= ask.peers.patience() {
+                        if *n < PROGRESS {
+                            stalled = true;
+                            break stalled_peer(self.path);
+                        }
+                        self.window = (tokio::time::Instant::now(), 0);
+                    }
+                }
                 None => {
                     self.from_upstream += chunk.len() as u64;
                     self.metrics
@@ -239,24 +268,41 @@ impl<'a> Resumable<'a> {
         };
         if let Some(ask) = self.peer.take() {
             let (digest, at, owner) = (self.digest, self.pos, ask.owner);
-            tracing::info!(%digest, %owner, at, error = %why, "the owner's body broke off");
-            ask.peers.fell_back(owner, Fallback::Broken);
-            // The digest's new owner, if another node, sends the rest: it
-            // is fetched once more for the cluster, not once per node.
-            if let Some((next, body)) =
-                super::peer::resume(&ask, digest, self.path, (at, self.size)).await
-            {
-                if self.peers_used.len() < MAX_PEERS {
-                    self.peers_used.push(next.owner);
-                    self.peer = Some(next);
-                    self.body = Some(body);
-                    return Ok(Some(Bytes::new()));
-                }
-            }
-            self.peer_broke = true;
+            tracing::info!(%digest, %owner, at, error = %why, "the owner's body broke off or stalled");
+            // A stall is no sign of death: the peer may wait on the uplink.
+            let reason = match stalled {
+                true => Fallback::Timeout,
+                false => Fallback::Broken,
+            };
+            ask.peers.fell_back(owner, reason);
+            // What came is handed out first; the next call asks on.
+            self.switch = Some((ask, why));
+            return Ok(Some(Bytes::new()));
         }
         self.cut = Some(why);
         Ok(Some(Bytes::new()))
+    }
+
+    /// After `prev` broke off: the rest from the digest's next owner among
+    /// the live peers this fill has not used, if that is another node (it
+    /// is fetched once more for the cluster, not once per node); otherwise
+    /// the upstream sends it (a cut for [`Resumable::resume`]).
+    async fn next_owner(&mut self, prev: Ask, why: Error) {
+        if self.peers_used.len() < MAX_PEERS {
+            let at = (self.pos, self.size);
+            let used = &self.peers_used;
+            if let Some((next, body)) =
+                super::peer::resume(&prev, self.digest, self.path, at, used).await
+            {
+                self.peers_used.push(next.owner);
+                self.peer = Some(next);
+                self.body = Some(body);
+                self.window = (tokio::time::Instant::now(), 0);
+                return;
+            }
+        }
+        self.peer_broke = true;
+        self.cut = Some(why);
     }
 
     /// Asks again from the first byte not handed out, until an answer comes
@@ -319,11 +365,13 @@ impl<'a> Resumable<'a> {
 }
 
 impl Resumable<'_> {
-    /// The peers to blame when the blob does not match its digest: those
-    /// that sent it, if they sent all of it.
+    /// The peer to blame when the blob does not match its digest: the one
+    /// that sent all of it. With several sources nobody knows whose bytes
+    /// were bad, and an honest peer that relayed the rest must not lose its
+    /// share of the digests for it.
     pub(super) fn blamed(&self) -> &[std::net::SocketAddr] {
-        match self.from_upstream {
-            0 => &self.peers_used,
+        match (self.from_upstream, self.peers_used.len()) {
+            (0, 1) => &self.peers_used,
             _ => &[],
         }
     }
@@ -346,6 +394,13 @@ impl Resumable<'_> {
             "{digest}: {total} bytes upstream, {size} announced first"
         )))
     }
+}
+
+/// A peer's body given up: too little came for too long.
+fn stalled_peer(path: &str) -> Error {
+    Error::invalid(format!(
+        "{path}: the peer sent too little for --upstream-timeout"
+    ))
 }
 
 /// Most peers one fill takes bytes from: the owner, and the owners after

@@ -5,6 +5,7 @@
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use sha2::{Digest as _, Sha256};
@@ -17,9 +18,11 @@ use crate::cache::growing::Growing;
 /// Upstream bytes gathered before one write to the temp file, when the
 /// budget allows: few large writes while memory is plentiful.
 const WRITE_BATCH: usize = 256 << 10;
-/// A batch older than this is written however small it is: on a slow
-/// uplink (or a slow owner, for the nodes that fill from this one) readers
-/// see bytes as they trickle in, not once per [`WRITE_BATCH`].
+/// A chunk that comes this long after the last batch was sent to disk is
+/// written at once however small the batch, and a batch's bytes are
+/// published as soon as they are on disk: on a slow uplink (or a slow owner,
+/// for the nodes that fill from this one) readers see bytes as they trickle
+/// in, not once per [`WRITE_BATCH`].
 const BATCH_AGE: std::time::Duration = std::time::Duration::from_millis(500);
 /// Bytes that all fills together may hold between the upstream socket and
 /// the temp file (gathering, or on their way to disk), whatever the number
@@ -48,21 +51,21 @@ pub(super) struct Sink {
 /// Writes a fill's chunks to its temp file in batches and tells the fill's
 /// readers each time more bytes are final. Every byte it holds is counted in
 /// [`BUFFERS`].
-pub(super) struct Writer<'f> {
-    fill: &'f Fill,
+pub(super) struct Writer {
+    fill: Arc<Fill>,
     /// Away while a batch is written.
     sink: Option<Sink>,
     pending: Option<JoinHandle<io::Result<Sink>>>,
     batch: Vec<Bytes>,
     batch_len: usize,
-    /// When the first chunk of `batch` came.
-    batch_since: Option<tokio::time::Instant>,
+    /// When the last batch was sent to disk.
+    last_batch: tokio::time::Instant,
     /// The budget held by `batch`; it goes with the batch to disk.
     batch_room: Option<SemaphorePermit<'static>>,
 }
 
-impl<'f> Writer<'f> {
-    pub(super) fn new(fill: &'f Fill, file: Growing, progress: File) -> Writer<'f> {
+impl Writer {
+    pub(super) fn new(fill: Arc<Fill>, file: Growing, progress: File) -> Writer {
         fill.set(Progress::Streaming {
             size: file.size(),
             written: file.readable(),
@@ -77,7 +80,7 @@ impl<'f> Writer<'f> {
             pending: None,
             batch: Vec::new(),
             batch_len: 0,
-            batch_since: None,
+            last_batch: tokio::time::Instant::now(),
             batch_room: None,
         }
     }
@@ -98,12 +101,9 @@ impl<'f> Writer<'f> {
         }
         self.batch_len += chunk.len();
         self.batch.push(chunk);
-        let since = *self
-            .batch_since
-            .get_or_insert_with(tokio::time::Instant::now);
         if self.batch_len >= WRITE_BATCH
             || BUFFERS.available_permits() < GATHER_FLOOR
-            || since.elapsed() >= BATCH_AGE
+            || self.last_batch.elapsed() >= BATCH_AGE
         {
             self.start_batch().await?;
         }
@@ -131,9 +131,10 @@ impl<'f> Writer<'f> {
         }
         let batch = std::mem::take(&mut self.batch);
         self.batch_len = 0;
-        self.batch_since = None;
+        self.last_batch = tokio::time::Instant::now();
         let room = self.batch_room.take();
         let mut sink = self.sink.take().expect("one batch at a time");
+        let fill = Arc::clone(&self.fill);
         self.pending = Some(tokio::task::spawn_blocking(move || {
             sink.file.append(&batch)?;
             for b in &batch {
@@ -143,6 +144,8 @@ impl<'f> Writer<'f> {
             // In place, in the file's only block: a full disk does not fail
             // it, and a failure only stalls a follower into the upstream.
             let _ = sink.progress.write_all_at(&written.to_le_bytes(), 0);
+            // Readers see the bytes now, not when the next batch starts.
+            fill.advance(sink.file.size(), sink.file.readable());
             // The bytes are on disk: their room goes back to the budget.
             drop((batch, room));
             Ok(sink)
@@ -155,10 +158,7 @@ impl<'f> Writer<'f> {
             return Ok(());
         };
         let sink = p.await.map_err(io::Error::other)??;
-        self.fill.set(Progress::Streaming {
-            size: sink.file.size(),
-            written: sink.file.readable(),
-        });
+        self.fill.advance(sink.file.size(), sink.file.readable());
         self.sink = Some(sink);
         Ok(())
     }
