@@ -208,9 +208,9 @@ impl Peers {
 
     /// Waits for `what` from `owner` while it stays live: every
     /// `--peer-timeout` without an answer, the owner's last probe is looked
-    /// at, and a dead or banned owner is given up at once. A live one (it
-    /// may itself wait for a slow uplink) is waited on for
-    /// `--upstream-timeout` at most.
+    /// at, and a dead or banned owner is given up at once (`Unreachable`).
+    /// A live one (it may itself wait for a slow uplink) is waited on for
+    /// `--upstream-timeout` at most (`Timeout`).
     pub async fn patiently<T>(
         &self,
         owner: SocketAddr,
@@ -221,7 +221,7 @@ impl Peers {
         loop {
             match tokio::time::timeout(self.timeout, &mut what).await {
                 Ok(t) => return Ok(t),
-                Err(_) if !self.members.is_live(owner) => return Err(Fallback::Timeout),
+                Err(_) if !self.members.is_live(owner) => return Err(Fallback::Unreachable),
                 Err(_) if start.elapsed() >= self.patience => return Err(Fallback::Timeout),
                 Err(_) => {}
             }

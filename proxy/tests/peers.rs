@@ -27,6 +27,7 @@
 //!   upstream's size contradicts it, the fill fails, the next pull is right;
 //! - the peer listener past its connection cap: 503 at once, and silent
 //!   connections are closed after --peer-timeout;
+//! - a range from a peer starts no fill on a node without the blob;
 //! - `serve` refuses peers without a listener or a usable secret.
 
 mod support;
@@ -1189,5 +1190,45 @@ fn a_live_peer_that_trickles_is_given_up_and_the_upstream_sends_the_rest() {
         );
         let cached = std::fs::read(node.proxy.cache_path(&d)).unwrap();
         assert_eq!(sha256_digest(&cached), d);
+    });
+}
+
+#[test]
+fn a_range_from_a_peer_starts_no_fill_on_a_node_without_the_blob() {
+    let rt = runtime();
+    let reg = Registry::start();
+    let ips = loopback_ips(35, 2);
+    let addrs = peer_addrs(&ips);
+    let (_secret_dir, secret) = secret_file();
+    let node = start_node(
+        ips[0],
+        addrs[0],
+        &peer_list(&addrs),
+        &secret,
+        &reg.url(),
+        &[],
+    );
+    let token = format!(
+        "Bearer {}",
+        std::fs::read_to_string(&secret).unwrap().trim()
+    );
+    let data = blob(1 << 20, 3500);
+    let d = reg.put_blob_files(REPO, &data);
+    let url = format!("{}/v2/{REPO}/blobs/{d}", node.peer_url());
+    rt.block_on(async {
+        // Peers ask with a range only to resume, and only from a node that
+        // has the blob or fills it: a fill from byte 0 would cross the
+        // uplink again while the asker waits.
+        let auth = ("authorization", token.as_str());
+        let (st, _, _) = send(Method::GET, &url, &[auth, ("range", "bytes=1000-")]).await;
+        assert_eq!(st, StatusCode::NOT_FOUND);
+        node.proxy.fills_done().await;
+        assert_eq!(ok_gets(&reg, &d, 0).await, 0, "no fill was started");
+        let (st, _, body) = send(Method::GET, &url, &[auth]).await;
+        assert_eq!(st, StatusCode::OK);
+        assert_eq!(sha256_digest(&body), d);
+        let (st, _, body) = send(Method::GET, &url, &[auth, ("range", "bytes=1000-")]).await;
+        assert_eq!(st, StatusCode::PARTIAL_CONTENT, "cached now");
+        assert_eq!(&body[..], &data[1000..]);
     });
 }

@@ -112,7 +112,11 @@ impl App {
                     resp.body(body).expect("valid response"),
                 ));
             }
-            if head {
+            // A HEAD starts nothing, nor does a range: peers ask for one
+            // only to resume, and only from a node that has the blob or is
+            // filling it (a fill from byte 0 for it would cross the uplink
+            // again while the asker waits).
+            if head || (h.contains_key(header::RANGE) && !self.cache.filling(&d)) {
                 return Err(Error::BlobUnknown(d.to_string()));
             }
             let sibling = match self.cache.filling(&d) {

@@ -88,9 +88,10 @@ pub(super) struct Resumable<'a> {
     /// The peer that broke off, and why, until the next call asks the
     /// digest's next owner for the rest.
     switch: Option<(Ask, Error)>,
-    /// Since when, and how many bytes, the peer has sent: a peer must
-    /// bring [`PROGRESS`] bytes in each `--upstream-timeout`.
-    window: (tokio::time::Instant, u64),
+    /// What the peer brought since the window started: a peer must bring
+    /// [`PROGRESS`] bytes (or the rest of the blob) for each
+    /// `--upstream-timeout` this fill waited on it.
+    window: Window,
     size: u64,
     /// Bytes handed out.
     pos: u64,
@@ -141,7 +142,7 @@ impl<'a> Resumable<'a> {
             peers_used,
             from_upstream: 0,
             switch: None,
-            window: (tokio::time::Instant::now(), 0),
+            window: Window::new(size),
             size,
             pos: 0,
             skip: 0,
@@ -187,7 +188,22 @@ impl<'a> Resumable<'a> {
         let why = loop {
             // A peer is waited on while it stays live (see `Peers::patiently`).
             let frame = match &self.peer {
-                Some(ask) => ask.peers.patiently(ask.owner, body.frame()).await.ok(),
+                Some(ask) => {
+                    let waiting = tokio::time::Instant::now();
+                    let frame = ask.peers.patiently(ask.owner, body.frame()).await;
+                    self.window.waited += waiting.elapsed();
+                    match frame {
+                        Ok(f) => Some(f),
+                        // Its probe failed: dead, not slow.
+                        Err(Fallback::Unreachable) => {
+                            break Error::invalid(format!(
+                                "{}: the peer stopped answering its probes",
+                                self.path
+                            ))
+                        }
+                        Err(_) => None,
+                    }
+                }
                 None => tokio::time::timeout(timeout, body.frame()).await.ok(),
             };
             let frame = match frame {
@@ -223,14 +239,15 @@ impl<'a> Resumable<'a> {
                 Some(ask) => {
                     ask.peers.received(chunk.len() as u64);
                     // A live peer that trickles is left like a silent one.
-                    let (since, n) = &mut self.window;
-                    *n += chunk.len() as u64;
-                    if since.elapsed() >= ask.peers.patience() {
-                        if *n < PROGRESS {
-                            stalled = true;
-                            break stalled_peer(self.path);
-                        }
-                        self.window = (tokio::time::Instant::now(), 0);
+                    if !self
+                        .window
+                        .kept_up(chunk.len() as u64, ask.peers.patience())
+                    {
+                        stalled = true;
+                        break stalled_peer(self.path);
+                    }
+                    if self.window.waited >= ask.peers.patience() {
+                        self.window = Window::new(self.size - self.pos);
                     }
                 }
                 None => {
@@ -275,9 +292,14 @@ impl<'a> Resumable<'a> {
                 false => Fallback::Broken,
             };
             ask.peers.fell_back(owner, reason);
-            // What came is handed out first; the next call asks on.
-            self.switch = Some((ask, why));
-            return Ok(Some(Bytes::new()));
+            if !stalled {
+                // What came is handed out first; the next call asks the
+                // digest's next owner. After a stall it does not: a live
+                // owner that stalls most likely waits on the same uplink.
+                self.switch = Some((ask, why));
+                return Ok(Some(Bytes::new()));
+            }
+            self.peer_broke = true;
         }
         self.cut = Some(why);
         Ok(Some(Bytes::new()))
@@ -297,7 +319,7 @@ impl<'a> Resumable<'a> {
                 self.peers_used.push(next.owner);
                 self.peer = Some(next);
                 self.body = Some(body);
-                self.window = (tokio::time::Instant::now(), 0);
+                self.window = Window::new(self.size - self.pos);
                 return;
             }
         }
@@ -393,6 +415,33 @@ impl Resumable<'_> {
         Err(Error::invalid(format!(
             "{digest}: {total} bytes upstream, {size} announced first"
         )))
+    }
+}
+
+/// How much a peer brought while this fill waited on it.
+struct Window {
+    /// Time spent waiting for the peer's frames (not for our own disk or
+    /// buffer budget).
+    waited: Duration,
+    bytes: u64,
+    /// What the blob had left when the window started.
+    left: u64,
+}
+
+impl Window {
+    fn new(left: u64) -> Window {
+        Window {
+            waited: Duration::ZERO,
+            bytes: 0,
+            left,
+        }
+    }
+
+    /// Counts `n` more bytes; whether the peer keeps up: [`PROGRESS`] bytes
+    /// (or all that was left) once `patience` has been spent waiting.
+    fn kept_up(&mut self, n: u64, patience: Duration) -> bool {
+        self.bytes += n;
+        self.waited < patience || self.bytes >= PROGRESS.min(self.left)
     }
 }
 
