@@ -1023,15 +1023,8 @@ fn a_peer_that_announces_a_larger_blob_is_banned_once_the_upstream_contradicts_i
     const LEN: usize = 2 << 20;
     let rt = runtime();
     let reg = Registry::start();
-    let ips = loopback_ips(32, 2);
-    let addrs = peer_addrs(&ips);
-    let (node_peer, fake_addr) = (addrs[0], addrs[1]);
-    let (d, data) = (3200..)
-        .map(|seed| blob(LEN, seed))
-        .map(|data| (sha256_digest(&data), data))
-        .find(|(d, _)| owner(d, &addrs) == fake_addr)
-        .unwrap();
-    reg.put_blob_files(REPO, &data);
+    let (node, [_, fake_addr], _secret) = node_beside_a_fake(&reg, 32, &[]);
+    let (d, data) = blob_owned_by(&reg, REPO, fake_addr, &[node.peer, fake_addr], (LEN, 3200));
     let lie = Stall::Oversized {
         extra: 64 << 20,
         n: LEN / 2,
@@ -1040,15 +1033,6 @@ fn a_peer_that_announces_a_larger_blob_is_banned_once_the_upstream_contradicts_i
         fake_addr,
         HashMap::from([(d.clone(), (data, lie))]),
     ));
-    let (_secret_dir, secret) = secret_file();
-    let node = start_node(
-        ips[0],
-        node_peer,
-        &peer_list(&addrs),
-        &secret,
-        &reg.url(),
-        &[],
-    );
     node.proxy.wait_learned_open();
     rt.block_on(async {
         wait_live(&[&node], 1).await;
@@ -1083,17 +1067,9 @@ fn the_peer_listener_refuses_past_its_cap_and_closes_silent_connections() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let rt = runtime();
     let reg = Registry::start();
-    let ips = loopback_ips(33, 2);
-    let addrs = peer_addrs(&ips);
-    let (_secret_dir, secret) = secret_file();
-    let _node = start_node(
-        ips[0],
-        addrs[0],
-        &peer_list(&addrs),
-        &secret,
-        &reg.url(),
-        &["--max-connections", "2", "--peer-timeout", "1s"],
-    );
+    let extra = ["--max-connections", "2", "--peer-timeout", "1s"];
+    let (node, _, (_dir, secret)) = node_beside_a_fake(&reg, 33, &extra);
+    let addrs = [node.peer];
     let token = std::fs::read_to_string(&secret).unwrap();
     rt.block_on(async {
         // Two connections that never send a head take the listener's places.
@@ -1148,28 +1124,13 @@ fn a_live_peer_that_trickles_is_given_up_and_the_upstream_sends_the_rest() {
     const LEN: usize = 1 << 20;
     let rt = runtime();
     let reg = Registry::start();
-    let ips = loopback_ips(34, 2);
-    let addrs = peer_addrs(&ips);
-    let (node_peer, fake_addr) = (addrs[0], addrs[1]);
-    let (d, data) = (3400..)
-        .map(|seed| blob(LEN, seed))
-        .map(|data| (sha256_digest(&data), data))
-        .find(|(d, _)| owner(d, &addrs) == fake_addr)
-        .unwrap();
-    reg.put_blob_files(REPO, &data);
+    let extra = ["--peer-timeout", "1s", "--upstream-timeout", "2s"];
+    let (node, [_, fake_addr], _secret) = node_beside_a_fake(&reg, 34, &extra);
+    let (d, data) = blob_owned_by(&reg, REPO, fake_addr, &[node.peer, fake_addr], (LEN, 3400));
     let fake = rt.block_on(StallingPeer::start(
         fake_addr,
         HashMap::from([(d.clone(), (data, Stall::Trickle))]),
     ));
-    let (_secret_dir, secret) = secret_file();
-    let node = start_node(
-        ips[0],
-        node_peer,
-        &peer_list(&addrs),
-        &secret,
-        &reg.url(),
-        &["--peer-timeout", "1s", "--upstream-timeout", "2s"],
-    );
     node.proxy.wait_learned_open();
     rt.block_on(async {
         wait_live(&[&node], 1).await;
@@ -1197,17 +1158,7 @@ fn a_live_peer_that_trickles_is_given_up_and_the_upstream_sends_the_rest() {
 fn a_range_from_a_peer_starts_no_fill_on_a_node_without_the_blob() {
     let rt = runtime();
     let reg = Registry::start();
-    let ips = loopback_ips(35, 2);
-    let addrs = peer_addrs(&ips);
-    let (_secret_dir, secret) = secret_file();
-    let node = start_node(
-        ips[0],
-        addrs[0],
-        &peer_list(&addrs),
-        &secret,
-        &reg.url(),
-        &[],
-    );
+    let (node, _, (_dir, secret)) = node_beside_a_fake(&reg, 35, &[]);
     let token = format!(
         "Bearer {}",
         std::fs::read_to_string(&secret).unwrap().trim()

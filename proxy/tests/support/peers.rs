@@ -113,6 +113,48 @@ pub fn peer_list(addrs: &[SocketAddr]) -> String {
         .join(",")
 }
 
+/// One real node on block `127.0.<block>.1`, whose `--peers` list also
+/// names `127.0.<block>.2`, where a test's fake peer listens: the node,
+/// the two peer addresses (the node's, the fake's) and the secret (keep
+/// its dir alive).
+pub fn node_beside_a_fake(
+    reg: &Registry,
+    block: u8,
+    extra: &[&str],
+) -> (Node, [SocketAddr; 2], (TempDir, PathBuf)) {
+    let ips = loopback_ips(block, 2);
+    let addrs = peer_addrs(&ips);
+    let secret = secret_file();
+    let node = start_node(
+        ips[0],
+        addrs[0],
+        &peer_list(&addrs),
+        &secret.1,
+        &reg.url(),
+        extra,
+    );
+    (node, [addrs[0], addrs[1]], secret)
+}
+
+/// A blob of `len` bytes (seeds from `seed` on) that `owner_addr` owns
+/// among `addrs` by the rendezvous rule, pushed to `reg`: its digest and
+/// bytes.
+pub fn blob_owned_by(
+    reg: &Registry,
+    repo: &str,
+    owner_addr: SocketAddr,
+    addrs: &[SocketAddr],
+    (len, seed): (usize, u64),
+) -> (String, Vec<u8>) {
+    let (d, data) = (seed..)
+        .map(|seed| super::blob(len, seed))
+        .map(|data| (super::sha256_digest(&data), data))
+        .find(|(d, _)| owner(d, addrs) == owner_addr)
+        .expect("some blob is owned by each address");
+    reg.put_blob_files(repo, &data);
+    (d, data)
+}
+
 /// Starts a node: API on `api_ip` (port 0), peer listener on `peer`,
 /// `--peers peers` (a list or `dns:NAME:PORT`), the secret in `secret`,
 /// `extra` flags added.
