@@ -12,11 +12,10 @@
 
 mod support;
 
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
-use support::regproxy_bin;
+use support::{compare, Compared};
 
 const NODES: u64 = 3;
 const CLIENTS: u64 = 2;
@@ -38,46 +37,29 @@ fn amplification(r: &Value) -> f64 {
 
 #[test]
 fn peers_fetch_each_blob_once_per_cluster_and_survive_a_killed_node() {
-    let regproxy = regproxy_bin();
-    let dir = tempfile::tempdir().expect("a temp dir");
-    let json = dir.path().join("cluster.json");
-    let svg = dir.path().join("cluster.svg");
-    let started = Instant::now();
-    let out = Command::new(env!("CARGO_BIN_EXE_loadtest"))
-        .args(["compare", "--scenarios", "cluster"])
-        .args(["--cluster-nodes", &NODES.to_string()])
-        .args(["--cluster-clients", &CLIENTS.to_string()])
-        .args(["--cluster-layers", "8MiB,1MiB", "--cluster-unique", "64KiB"])
-        .args(["--cluster-mbit", "100"])
-        .args(["--cluster-setups", "peers,no-peers,direct,peers-kill"])
-        .args(["--timeout", "30s", "--scenario-timeout", "60s"])
-        .arg("--regproxy-bin")
-        .arg(&regproxy)
-        .arg("--work-dir")
-        .arg(dir.path().join("work"))
-        .arg("--json")
-        .arg(&json)
-        .arg("--cluster-svg")
-        .arg(&svg)
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .expect("loadtest should start");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "the cluster scenario should finish without errors on the nodes that were not killed\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    let nodes = NODES.to_string();
+    let clients = CLIENTS.to_string();
+    let Compared { report, stdout } = compare(
+        &[
+            "--scenarios",
+            "cluster",
+            "--cluster-nodes",
+            &nodes,
+            "--cluster-clients",
+            &clients,
+            "--cluster-layers",
+            "8MiB,1MiB",
+            "--cluster-unique",
+            "64KiB",
+            "--cluster-mbit",
+            "100",
+            "--cluster-setups",
+            "peers,no-peers,direct,peers-kill",
+        ],
+        "--cluster-svg",
+        // About 20 s normally.
+        Duration::from_secs(300),
     );
-    // Not a measure of speed: a bound far above a normal run (about 20 s)
-    // that still catches a harness waiting out its timeouts.
-    assert!(
-        started.elapsed() < Duration::from_secs(300),
-        "a small cluster run should stay short, took {:?}",
-        started.elapsed()
-    );
-    let report: Value =
-        serde_json::from_slice(&std::fs::read(&json).expect("the JSON should be written"))
-            .expect("the JSON should parse");
     let cluster = &report["report"]["cluster"];
     assert_eq!(cluster["nodes"], NODES, "the report should say 3 nodes");
 
@@ -144,11 +126,6 @@ fn peers_fetch_each_blob_once_per_cluster_and_survive_a_killed_node() {
         );
     }
 
-    let svg = std::fs::read_to_string(&svg).expect("the chart should be written");
-    assert!(
-        svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"),
-        "the chart should be a whole SVG document"
-    );
     assert!(
         stdout.contains("peers on") && stdout.contains("peers off"),
         "the table should be printed:\n{stdout}"

@@ -12,10 +12,9 @@
 
 mod support;
 
-use support::regproxy_bin;
+use support::{compare, Compared};
 
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 
@@ -37,21 +36,18 @@ fn row<'a>(report: &'a Value, scenario: &str, target: &str) -> &'a Value {
 
 #[test]
 fn a_short_compare_verifies_everything_and_regproxy_fetches_once() {
-    let regproxy = regproxy_bin();
-    let dir = tempfile::tempdir().expect("a temp dir");
-    let json = dir.path().join("compare.json");
-    let svg = dir.path().join("compare.svg");
-    let started = Instant::now();
-    let out = Command::new(env!("CARGO_BIN_EXE_loadtest"))
-        .args(["compare", "--targets", "regproxy,nginx,distribution,direct"])
-        // Every scenario but `cluster`, which tests/cluster.rs runs.
-        .args([
+    let Compared { report, stdout } = compare(
+        &[
+            "--targets",
+            "regproxy,nginx,distribution,direct",
+            // Every scenario but `cluster`, which tests/cluster.rs runs.
             "--scenarios",
             "cold_concurrent,images_cold,images_warm,warm_single,warm_concurrent,\
              small_requests,uplink_node1,uplink_node2",
-        ])
-        .args(["--big", "2MiB", "--medium", "512KiB"])
-        .args([
+            "--big",
+            "2MiB",
+            "--medium",
+            "512KiB",
             "--cold-clients",
             "10",
             "--cold-repeat",
@@ -60,67 +56,38 @@ fn a_short_compare_verifies_everything_and_regproxy_fetches_once() {
             "8",
             "--repeat",
             "1",
-        ])
-        .args([
             "--images",
             "2",
             "--shared-layers",
             "1MiB",
             "--unique-layers",
             "512KiB,4KiB",
-        ])
-        .args([
             "--image-clients",
             "3",
             "--small-workers",
             "4",
             "--small-duration",
             "300ms",
-        ])
-        .args([
             "--uplink-mbit",
             "400",
             "--uplink-images",
             "2",
             "--uplink-shared",
             "1MiB",
-        ])
-        .args(["--uplink-unique", "256KiB", "--uplink-clients", "4"])
-        .args(["--timeout", "30s", "--scenario-timeout", "60s"])
-        .arg("--regproxy-bin")
-        .arg(&regproxy)
-        .arg("--work-dir")
-        .arg(dir.path().join("work"))
-        .arg("--json")
-        .arg(&json)
-        .arg("--svg")
-        .arg(&svg)
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .expect("loadtest should start");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "loadtest compare should finish without errors\nstdout:\n{stdout}\nstderr:\n{stderr}"
-    );
-    // Not a measure of speed (the machine may be loaded, or pinned to one
-    // core): a bound far above a normal run that still catches a harness
-    // waiting out its timeouts instead of finishing (32 rows of up to
-    // --scenario-timeout 60s each would take half an hour).
-    assert!(
-        started.elapsed() < Duration::from_secs(600),
-        "a short compare should stay short, took {:?}",
-        started.elapsed()
+            "--uplink-unique",
+            "256KiB",
+            "--uplink-clients",
+            "4",
+        ],
+        "--svg",
+        // 32 rows of up to --scenario-timeout 60s each would take half an hour.
+        Duration::from_secs(600),
     );
     assert!(
         stdout.contains("regproxy") && stdout.contains("×nginx"),
         "the table should be printed:\n{stdout}"
     );
 
-    let report: Value =
-        serde_json::from_slice(&std::fs::read(&json).expect("the JSON should be written"))
-            .expect("the JSON should parse");
     let all = report["report"]["rows"].as_array().expect("rows");
     assert_eq!(
         all.len(),
@@ -192,9 +159,4 @@ fn a_short_compare_verifies_everything_and_regproxy_fetches_once() {
             "a warm blob should come from regproxy's cache in {scenario}: {r}"
         );
     }
-    let svg = std::fs::read_to_string(&svg).expect("the SVG should be written");
-    assert!(
-        svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"),
-        "the chart should be a whole SVG document"
-    );
 }
