@@ -13,7 +13,13 @@ pub struct Uplink {
     pub upstream_ip: String,
 }
 
-fn run(args: &[&str]) -> anyhow::Result<()> {
+/// Runs a command (`ip`, `tc`) to its end; an error says which and why.
+pub(crate) fn run(args: &[&str]) -> anyhow::Result<()> {
+    output(args).map(|_| ())
+}
+
+/// Runs a command to its end and returns what it printed.
+pub(crate) fn output(args: &[&str]) -> anyhow::Result<String> {
     let out = Command::new(args[0])
         .args(&args[1..])
         .stdin(Stdio::null())
@@ -25,7 +31,7 @@ fn run(args: &[&str]) -> anyhow::Result<()> {
         args.join(" "),
         String::from_utf8_lossy(&out.stderr).trim()
     );
-    Ok(())
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 impl Uplink {

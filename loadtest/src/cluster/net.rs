@@ -17,9 +17,9 @@
 //! this process's id; everything is removed on drop, and what a killed run
 //! left is removed by the next one.
 
-use std::process::{Command, Stdio};
-
 use anyhow::{ensure, Context};
+
+use crate::netns::{output, run};
 
 /// One node on the LAN.
 #[derive(Debug, Clone)]
@@ -44,36 +44,6 @@ pub struct ClusterNet {
 
 /// The uplink's interface name, at both of its ends.
 const UPLINK_IF: &str = "up0";
-
-fn run(args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("running {}", args.join(" ")))?;
-    ensure!(
-        out.status.success(),
-        "`{}` failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    Ok(())
-}
-
-fn output(args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("running {}", args.join(" ")))?;
-    ensure!(
-        out.status.success(),
-        "`{}` failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
 
 /// A third octet K for 10.214.K.0/24 and 10.215.K.0/30 that no route of the
 /// root namespace uses yet, starting from one derived from the process id.
