@@ -287,14 +287,7 @@ def check_manifests(docs, job, uninstall_sh):
     admin_host, _, admin_port = admin_listen.rpartition(":")
     admin_port = int(admin_port) if admin_port.isdigit() else 0
     env_list = main_c.get("env", []) or []
-    env = {e["name"]: e for e in env_list}
-    order = [e["name"] for e in env_list]
-    var = admin_host[2:-1] if admin_host.startswith("$(") and admin_host.endswith(")") else None
-    field = env.get(var, {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") if var else None
-    # $(VAR) in an env value expands only to variables defined before it.
-    defined_before = var in order and (
-        "REGPROXY_ADMIN_LISTEN" not in order or order.index(var) < order.index("REGPROXY_ADMIN_LISTEN")
-    )
+    env, order, var, field, defined_before = host_var(env_list, admin_host, "REGPROXY_ADMIN_LISTEN")
     check(
         "the admin listen address is the node's own, from status.hostIP (defined before it is used)",
         field == "status.hostIP" and (defined_before or "--admin-listen" in f),
@@ -531,13 +524,7 @@ def check_peers(docs, ds, main_c, s, env_list, listen, admin_listen):
         f"{peers!r}, want {want!r}",
         key="peers-dns-name",
     )
-    env = {e["name"]: e for e in env_list}
-    order = [e["name"] for e in env_list]
-    var = peer_host[2:-1] if peer_host.startswith("$(") and peer_host.endswith(")") else None
-    field = env.get(var, {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") if var else None
-    before = var in order and (
-        "REGPROXY_PEER_LISTEN" not in order or order.index(var) < order.index("REGPROXY_PEER_LISTEN")
-    )
+    env, order, var, field, before = host_var(env_list, peer_host, "REGPROXY_PEER_LISTEN")
     check(
         "the peer listener is on the node's own address, from status.hostIP (defined before it is used): "
         "the address the other nodes resolve, and the one this node finds itself by among them",
@@ -787,6 +774,19 @@ def peer_get(addr, secret):
         return e.code, e.headers.get("WWW-Authenticate")
     except OSError as e:
         return str(e), None
+
+
+def host_var(env_list, host, used_by):
+    """For a listen host written `$(VAR)`: the container's env by name, the
+    names in order, VAR, the field VAR comes from (downward API), and whether
+    VAR is defined before `used_by` ($(VAR) in an env value expands only to
+    variables defined before it)."""
+    env = {e["name"]: e for e in env_list}
+    order = [e["name"] for e in env_list]
+    var = host[2:-1] if host.startswith("$(") and host.endswith(")") else None
+    field = env.get(var, {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") if var else None
+    before = var in order and (used_by not in order or order.index(var) < order.index(used_by))
+    return env, order, var, field, before
 
 
 def free_peer_listen(peers):

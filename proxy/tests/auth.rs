@@ -27,24 +27,7 @@ const BOB: (&str, &str) = ("bob", "bobs-pw");
 
 /// A registry whose every request needs alice's (or bob's) password.
 fn private_registry() -> (Registry, TempDir) {
-    let dir = temp_dir("htpasswd");
-    let file = dir.path().join("htpasswd");
-    let mut lines = Vec::new();
-    for (user, pw) in [(USER, PASSWORD), BOB] {
-        let out = Command::new("htpasswd")
-            .args(["-Bbn", user, pw])
-            .output()
-            .expect("htpasswd (apache2-utils) is installed");
-        assert!(out.status.success());
-        lines.extend_from_slice(out.stdout.trim_ascii_end());
-        lines.push(b'\n');
-    }
-    std::fs::write(&file, lines).unwrap();
-    let reg = Registry::start_with(&format!(
-        "auth:\n  htpasswd:\n    realm: test-realm\n    path: {}\n",
-        file.display()
-    ));
-    (reg, dir)
+    Registry::start_private(&[(USER, PASSWORD), BOB])
 }
 
 #[test]

@@ -699,23 +699,7 @@ pub async fn ok_gets(reg: &Registry, d: &str, expected: usize) -> usize {
 
 /// A registry whose every request needs alice's or bob's password.
 pub fn private_registry() -> (Registry, TempDir) {
-    let dir = temp_dir("htpasswd");
-    let file = dir.path().join("htpasswd");
-    let mut lines = Vec::new();
-    for (user, pw) in [ALICE, BOB] {
-        let out = Command::new("htpasswd")
-            .args(["-Bbn", user, pw])
-            .output()
-            .expect("htpasswd (apache2-utils) is installed");
-        lines.extend_from_slice(succeeded(out, "htpasswd").trim_ascii_end().as_bytes());
-        lines.push(b'\n');
-    }
-    std::fs::write(&file, lines).unwrap();
-    let reg = Registry::start_with(&format!(
-        "auth:\n  htpasswd:\n    realm: test-realm\n    path: {}\n",
-        file.display()
-    ));
-    (reg, dir)
+    Registry::start_private(&[ALICE, BOB])
 }
 
 /// GETs of blob `d` that the upstream answered 206 (a resume), once

@@ -74,6 +74,29 @@ impl Registry {
         Registry::start_config(extra, "", "http")
     }
 
+    /// A registry whose every request needs one of `users`' passwords
+    /// (htpasswd auth), and the dir of its htpasswd file (keep it alive).
+    pub fn start_private(users: &[(&str, &str)]) -> (Registry, TempDir) {
+        let dir = temp_dir("htpasswd");
+        let file = dir.path().join("htpasswd");
+        let mut lines = Vec::new();
+        for (user, pw) in users {
+            let out = Command::new("htpasswd")
+                .args(["-Bbn", user, pw])
+                .output()
+                .expect("htpasswd (apache2-utils) is installed");
+            assert!(out.status.success(), "htpasswd {user}: {out:?}");
+            lines.extend_from_slice(out.stdout.trim_ascii_end());
+            lines.push(b'\n');
+        }
+        std::fs::write(&file, lines).unwrap();
+        let reg = Registry::start_with(&format!(
+            "auth:\n  htpasswd:\n    realm: test-realm\n    path: {}\n",
+            file.display()
+        ));
+        (reg, dir)
+    }
+
     /// Serves HTTPS with `cert` and `key` (PEM files).
     pub fn start_tls(cert: &Path, key: &Path) -> Registry {
         let tls = format!(
