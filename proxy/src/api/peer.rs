@@ -95,6 +95,7 @@ impl App {
 
     async fn peer_blob(&self, h: &HeaderMap, name: &str, d: Digest, head: bool) -> PeerResult {
         let served = &self.metrics.peers.bytes_served;
+        let mut looked_again = false;
         for _ in 0..3 {
             if let Some(hit) = self.cache.get(&d, false).await {
                 let size = hit.data.len() as u64;
@@ -116,8 +117,16 @@ impl App {
             // only to resume, and only from a node that has the blob or is
             // filling it (a fill from byte 0 for it would cross the uplink
             // again while the asker waits).
-            if head || (h.contains_key(header::RANGE) && !self.cache.filling(&d)) {
+            if head {
                 return Err(Error::BlobUnknown(d.to_string()));
+            }
+            if h.contains_key(header::RANGE) && !self.cache.filling(&d) {
+                // The fill may have committed between the look above and
+                // this one: look in the cache once more before saying no.
+                if std::mem::replace(&mut looked_again, true) {
+                    return Err(Error::BlobUnknown(d.to_string()));
+                }
+                continue;
             }
             let sibling = match self.cache.filling(&d) {
                 true => None,
