@@ -43,6 +43,7 @@ mod disk;
 pub mod fill;
 mod growing;
 mod manifests;
+mod pinned;
 mod scan;
 pub mod shared;
 
@@ -90,6 +91,8 @@ pub struct Cache {
     fills: TaskTracker,
     /// The file system's free space, and whether it is full.
     disk: disk::Disk,
+    /// What eviction skips (see [`crate::pins`]).
+    pinned: pinned::Pinned,
 }
 
 /// Content opened from the cache.
@@ -149,6 +152,8 @@ impl Cache {
             own,
             tmp_seq: AtomicU64::new(0),
             fills: TaskTracker::new(),
+            // Before the eviction below: pins survive a smaller cap.
+            pinned: pinned::Pinned::load(root),
         };
         cache.metrics.cache_capacity.store(cap, Relaxed);
         let evicted = {
@@ -314,9 +319,13 @@ impl Cache {
     }
 
     /// Evicts least recently used entries until `need` more bytes fit under
-    /// the cap; returns the files to unlink.
+    /// the cap; returns the files to unlink. Evicts nothing for a `need`
+    /// that would not fit beside the pinned entries anyway.
     fn evict_until(&self, st: &mut State, need: u64) -> Vec<PathBuf> {
         let mut out = Vec::new();
+        if need > 0 && !self.pinned.could_fit(st, need, self.cap) {
+            return out;
+        }
         while st.committed + st.reserved + need > self.cap {
             if !self.evict_one(st, &mut out) {
                 break;
@@ -337,10 +346,14 @@ impl Cache {
         out
     }
 
-    /// Evicts the least recently used entry, adding its files to `out`;
-    /// false when the index is empty.
+    /// Evicts the least recently used entry that is not pinned, adding its
+    /// files to `out`; false when there is none.
     fn evict_one(&self, st: &mut State, out: &mut Vec<PathBuf>) -> bool {
-        let Some((d, e)) = st.index.pop_lru() else {
+        let Some((d, e)) = self
+            .pinned
+            .lru_unpinned(&st.index)
+            .and_then(|d| st.index.pop_entry(&d))
+        else {
             return false;
         };
         st.committed -= e.size;

@@ -50,6 +50,8 @@ pub struct App {
     node: Option<Arc<crate::node::Status>>,
     /// The other nodes asked before the upstream (`--peers`).
     peers: Option<Arc<crate::peers::Peers>>,
+    /// The pinned images and the prefetch file (see [`crate::pins`]).
+    pins: Option<Arc<crate::pins::Pins>>,
 }
 
 /// What a path asks for.
@@ -124,6 +126,7 @@ impl App {
             realms: Realms::default(),
             node: None,
             peers: None,
+            pins: None,
         }
     }
 
@@ -131,6 +134,17 @@ impl App {
     pub fn with_peers(mut self, peers: Option<Arc<crate::peers::Peers>>) -> App {
         self.peers = peers;
         self
+    }
+
+    /// With the pins (see [`crate::pins`]).
+    pub fn with_pins(mut self, pins: Arc<crate::pins::Pins>) -> App {
+        self.pins = Some(pins);
+        self
+    }
+
+    /// The pins, once set up.
+    pub fn pins(&self) -> Option<&Arc<crate::pins::Pins>> {
+        self.pins.as_ref()
     }
 
     /// With the node path's status (see [`crate::node::start`]).

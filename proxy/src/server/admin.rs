@@ -36,11 +36,13 @@ pub(super) async fn admin_loop(listener: Listener, app: Arc<App>, ready: Arc<Ato
 
 pub(super) fn admin_response(uri: &http::Uri, app: &App, ready: bool) -> Response<Body> {
     let (status, ctype, body) = match uri.path() {
-        "/metrics" => (
-            StatusCode::OK,
-            "text/plain; version=0.0.4",
-            app.metrics().render(),
-        ),
+        "/metrics" => {
+            let mut text = app.metrics().render();
+            if let Some(pins) = app.pins() {
+                pins.render_metrics(&mut text);
+            }
+            (StatusCode::OK, "text/plain; version=0.0.4", text)
+        }
         "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
         // Which process answers here (as on the API listener): how
         // `regproxy doctor` tells this proxy from whatever else answers on
