@@ -14,7 +14,8 @@
 //! whole, verified file. Eviction unlinks files (never truncates them), so a
 //! reader that has a file mapped keeps reading the bytes it was promised.
 //!
-//! Fills are in [`fill`], manifests stored whole in `manifests`, memory maps
+//! Fills are in [`fill`], manifests stored whole in `manifests`, eviction
+//! (which skips the digests [`crate::pins`] pins) in `pinned`, memory maps
 //! (and their `unsafe`) in `growing`, the index rebuilt from the disk in
 //! `scan`, room on the file system and whether it is full in `disk`, and
 //! what processes sharing the dir
@@ -344,29 +345,6 @@ impl Cache {
             }
         }
         out
-    }
-
-    /// Evicts the least recently used entry that is not pinned, adding its
-    /// files to `out`; false when there is none.
-    fn evict_one(&self, st: &mut State, out: &mut Vec<PathBuf>) -> bool {
-        let Some((d, e)) = self
-            .pinned
-            .lru_unpinned(&st.index)
-            .and_then(|d| st.index.pop_entry(&d))
-        else {
-            return false;
-        };
-        st.committed -= e.size;
-        st.open.pop(&d);
-        self.metrics.evictions.fetch_add(1, Relaxed);
-        self.metrics.evicted_bytes.fetch_add(e.size, Relaxed);
-        tracing::debug!(digest = %d, size = e.size, "evicted");
-        let p = self.path(&d);
-        if e.manifest {
-            out.push(type_path(&p));
-        }
-        out.push(p);
-        true
     }
 
     fn unlink(&self, paths: Vec<PathBuf>) {

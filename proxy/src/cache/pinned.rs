@@ -10,13 +10,13 @@
 //! `regproxy_pins_over_cap` is 1; the pins are kept.
 
 use std::collections::HashSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Mutex;
 
 use lru::LruCache;
 
-use super::{Cache, Entry, State};
+use super::{type_path, Cache, Entry, State};
 use crate::digest::Digest;
 
 /// The pinned set, and whether the pins are over the cap.
@@ -70,6 +70,29 @@ impl Pinned {
 }
 
 impl Cache {
+    /// Evicts the least recently used entry that is not pinned, adding its
+    /// files to `out`; false when there is none.
+    pub(super) fn evict_one(&self, st: &mut State, out: &mut Vec<PathBuf>) -> bool {
+        let Some((d, e)) = self
+            .pinned
+            .lru_unpinned(&st.index)
+            .and_then(|d| st.index.pop_entry(&d))
+        else {
+            return false;
+        };
+        st.committed -= e.size;
+        st.open.pop(&d);
+        self.metrics.evictions.fetch_add(1, Relaxed);
+        self.metrics.evicted_bytes.fetch_add(e.size, Relaxed);
+        tracing::debug!(digest = %d, size = e.size, "evicted");
+        let p = self.path(&d);
+        if e.manifest {
+            out.push(type_path(&p));
+        }
+        out.push(p);
+        true
+    }
+
     /// Replaces the pinned set: from now on eviction skips these digests.
     pub fn set_pinned(&self, set: HashSet<Digest>) {
         *self.pinned.set() = set;
