@@ -7,9 +7,9 @@
 //! - `file`: the prefetch file (`--prefetch-file`), `REF [PLATFORM] [pin]`.
 //! - `worker`: re-reads the file every [`POLL`] by content (a ConfigMap
 //!   update swaps a symlink, so mtimes say nothing) and prefetches new
-//!   entries in the background; re-runs the prefetch of pinned tags every
-//!   `--tag-ttl` (at least [`MIN_REVALIDATE`]); retries what failed with a
-//!   backoff.
+//!   entries in the background; re-runs the prefetch of a pinned tag
+//!   `--tag-ttl` (at least [`MIN_REVALIDATE`]) after its last one, when the
+//!   tag is due for revalidation; retries what failed with a backoff.
 //! - `admin`: `GET /admin/pins`, `POST /admin/unpin` and the metrics
 //!   `regproxy_offline_ready{ref,platform}` and `regproxy_pinned_bytes`.
 //! - `engine`: the prefetch engine ([`crate::prefetch`]) behind
@@ -65,7 +65,7 @@ pub struct Pins {
     wake: tokio::sync::Notify,
     /// `--prefetch-file`.
     prefetch_file: Option<PathBuf>,
-    /// How often pinned tags are revalidated.
+    /// How long after its last prefetch a pinned tag is revalidated.
     every: Duration,
 }
 
@@ -96,21 +96,20 @@ impl Pins {
         let path = store::path_in(dir);
         let pins = store::load(&path);
         cache.set_pinned(store::pinned_set(&pins));
-        let now = Instant::now();
-        let jobs = pins
-            .iter()
-            .filter(|p| !p.complete)
-            .filter_map(|p| Key::new(&p.reference, Some(&p.platform)).ok())
-            .map(|k| {
-                (
-                    k,
-                    Job {
-                        due: now,
-                        failures: 0,
-                    },
-                )
-            })
-            .collect();
+        let every = tag_ttl.max(MIN_REVALIDATE);
+        // Incomplete pins are fetched at once, pinned tags revalidated in a
+        // period.
+        let mut jobs = HashMap::new();
+        for p in &pins {
+            let Ok(k) = Key::new(&p.reference, Some(&p.platform)) else {
+                continue;
+            };
+            let wait = if p.complete { every } else { Duration::ZERO };
+            if !p.complete || k.is_tag() {
+                let job = jobs.entry(k).or_insert(Job::after(wait, 0));
+                job.due = job.due.min(Instant::now() + wait);
+            }
+        }
         Pins {
             path,
             cache,
@@ -122,7 +121,7 @@ impl Pins {
             write: Mutex::new(()),
             wake: tokio::sync::Notify::new(),
             prefetch_file,
-            every: tag_ttl.max(MIN_REVALIDATE),
+            every,
         }
     }
 

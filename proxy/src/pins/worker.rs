@@ -1,7 +1,8 @@
 //! The background work of [`Pins`]: the prefetch file's watcher, and one
 //! worker that runs the prefetches due, one at a time (at prefetch
 //! priority: the engine's requests are marked as a prefetch), revalidates
-//! pinned tags every period, and retries what failed with a backoff.
+//! each pinned tag a period after its last prefetch, and retries what
+//! failed with a backoff.
 
 use std::sync::Arc;
 
@@ -57,22 +58,18 @@ impl Pins {
         self.wake.notify_one();
     }
 
-    /// Makes every pinned tag due for a prefetch now.
-    fn revalidate(&self) {
+    /// Schedules what follows a prefetch of `key` that ended with its
+    /// pins `incomplete` or not, after `failures` failures before it: the
+    /// rest of an incomplete one soon, a pinned tag's revalidation in a
+    /// period (counted from now, so that the tag is past `--tag-ttl` then).
+    pub(super) fn after_fetch(&self, key: &Key, incomplete: bool, failures: u32) {
+        if incomplete {
+            return self.retry(key, failures + 1);
+        }
         let mut st = self.lock();
-        let now = Instant::now();
-        let keys: Vec<Key> = st
-            .pins
-            .iter()
-            .filter_map(|p| Key::new(&p.reference, Some(&p.platform)).ok())
-            .filter(Key::is_tag)
-            .collect();
-        for k in keys {
-            let job = st.jobs.entry(k).or_insert(Job {
-                due: now,
-                failures: 0,
-            });
-            job.due = job.due.min(now);
+        if key.is_tag() && st.pins.iter().any(|p| super::is(p, key)) {
+            st.jobs.insert(key.clone(), Job::after(self.every, 0));
+            self.wake.notify_one();
         }
     }
 
@@ -89,7 +86,7 @@ impl Pins {
         Some((key, job))
     }
 
-    fn next_due(&self) -> Option<Instant> {
+    pub(super) fn next_due(&self) -> Option<Instant> {
         self.lock().jobs.values().map(|j| j.due).min()
     }
 }
@@ -131,13 +128,8 @@ async fn watch(pins: Arc<Pins>, path: std::path::PathBuf, stop: CancellationToke
 
 /// Runs the prefetches due, one at a time, and the revalidation.
 async fn work(pins: Arc<Pins>, engine: Arc<dyn Engine>, stop: CancellationToken) {
-    let mut revalidate = Instant::now() + pins.every;
     loop {
         let now = Instant::now();
-        if now >= revalidate {
-            pins.revalidate();
-            revalidate = now + pins.every;
-        }
         if let Some((key, job)) = pins.take_due(now) {
             if !pins.wanted(&key) {
                 continue;
@@ -149,9 +141,8 @@ async fn work(pins: Arc<Pins>, engine: Arc<dyn Engine>, stop: CancellationToken)
             match got {
                 Ok(got) => {
                     tracing::info!(%key, top = %got.top, bytes = got.bytes, "prefetched");
-                    if pins.fetched(&key, None, &got).await {
-                        pins.retry(&key, job.failures + 1);
-                    }
+                    let incomplete = pins.fetched(&key, None, &got).await;
+                    pins.after_fetch(&key, incomplete, job.failures);
                 }
                 Err(e) => {
                     let failures = job.failures + 1;
@@ -166,9 +157,7 @@ async fn work(pins: Arc<Pins>, engine: Arc<dyn Engine>, stop: CancellationToken)
         pins.over_cap();
         let next = pins
             .next_due()
-            .unwrap_or(revalidate)
-            .min(revalidate)
-            .min(now + POLL);
+            .map_or(now + POLL, |due| due.min(now + POLL));
         tokio::select! {
             _ = tokio::time::sleep_until(next) => {}
             _ = pins.wake.notified() => {}
