@@ -6,34 +6,21 @@ use std::fmt::Write;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::{header, Response, StatusCode};
+use http::{Response, StatusCode};
 use serde_json::{json, Value};
 
 use super::{Key, Pins};
 use crate::api::App;
 use crate::body::Body;
 use crate::metrics::label_value;
-
-fn answer(status: StatusCode, v: &Value) -> Response<Body> {
-    let mut r = Response::new(Body::full(Bytes::from(v.to_string())));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        http::HeaderValue::from_static("application/json"),
-    );
-    r
-}
-
-fn refused(status: StatusCode, why: &str) -> Response<Body> {
-    answer(status, &json!({ "error": why }))
-}
+use crate::server::admin_api::{error, json_response};
 
 /// `GET /admin/pins`: `{"pins":[{ref, platform, source, top, digests,
 /// previous, bytes, complete, offline_ready}]}`, `digests` and `previous`
 /// counted.
 pub async fn admin_pins(app: &Arc<App>, _body: Bytes) -> Response<Body> {
     let Some(pins) = app.pins() else {
-        return refused(StatusCode::SERVICE_UNAVAILABLE, "pins are not set up");
+        return error(StatusCode::SERVICE_UNAVAILABLE, "pins are not set up");
     };
     let list: Vec<Value> = pins
         .list()
@@ -52,7 +39,7 @@ pub async fn admin_pins(app: &Arc<App>, _body: Bytes) -> Response<Body> {
             })
         })
         .collect();
-    answer(StatusCode::OK, &json!({ "pins": list }))
+    json_response(StatusCode::OK, &json!({ "pins": list }))
 }
 
 /// `POST /admin/unpin` `{"refs":[..]}` → `{"removed":[..], "not_pinned":
@@ -61,7 +48,7 @@ pub async fn admin_pins(app: &Arc<App>, _body: Bytes) -> Response<Body> {
 /// pinned until its line goes, and is listed under `in_file`.
 pub async fn admin_unpin(app: &Arc<App>, body: Bytes) -> Response<Body> {
     let Some(pins) = app.pins() else {
-        return refused(StatusCode::SERVICE_UNAVAILABLE, "pins are not set up");
+        return error(StatusCode::SERVICE_UNAVAILABLE, "pins are not set up");
     };
     #[derive(serde::Deserialize)]
     struct Ask {
@@ -70,7 +57,7 @@ pub async fn admin_unpin(app: &Arc<App>, body: Bytes) -> Response<Body> {
     let ask: Ask = match serde_json::from_slice(&body) {
         Ok(a) => a,
         Err(e) => {
-            return refused(
+            return error(
                 StatusCode::BAD_REQUEST,
                 &format!("expected {{\"refs\":[...]}}: {e}"),
             )
@@ -80,7 +67,7 @@ pub async fn admin_unpin(app: &Arc<App>, body: Bytes) -> Response<Body> {
     for r in &ask.refs {
         match Key::new(r, None) {
             Ok(k) => keys.push((r, k.reference)),
-            Err(e) => return refused(StatusCode::BAD_REQUEST, &e),
+            Err(e) => return error(StatusCode::BAD_REQUEST, &e),
         }
     }
     let (mut removed, mut not_pinned, mut in_file) = (vec![], vec![], vec![]);
@@ -95,7 +82,7 @@ pub async fn admin_unpin(app: &Arc<App>, body: Bytes) -> Response<Body> {
             not_pinned.push(given);
         }
     }
-    answer(
+    json_response(
         StatusCode::OK,
         &json!({ "removed": removed, "not_pinned": not_pinned, "in_file": in_file }),
     )

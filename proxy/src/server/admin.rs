@@ -1,7 +1,8 @@
 //! The admin endpoints, on the admin listener and on the probe socket:
 //! `/metrics`, `/healthz`, `/readyz` (not ready while shutting down, or
 //! while a node-path check fails), and
-//! [`crate::instance::PATH`].
+//! [`crate::instance::PATH`]. On the admin listener only, `/admin/...` goes
+//! to [`super::admin_api`].
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -23,8 +24,14 @@ pub(super) async fn admin_loop(listener: Listener, app: Arc<App>, ready: Arc<Ato
         let (stream, _, permit) = listener.accept(app.metrics()).await;
         let (app, ready) = (Arc::clone(&app), Arc::clone(&ready));
         let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-            let resp = admin_response(req.uri(), &app, ready.load(Ordering::SeqCst));
-            async move { Ok::<_, std::convert::Infallible>(resp) }
+            let (app, ready) = (Arc::clone(&app), Arc::clone(&ready));
+            async move {
+                let resp = match req.uri().path().starts_with("/admin/") {
+                    true => super::admin_api::handle(&app, req).await,
+                    false => admin_response(req.uri(), &app, ready.load(Ordering::SeqCst)),
+                };
+                Ok::<_, std::convert::Infallible>(resp)
+            }
         });
         let conn = listener.http1().serve_connection(TokioIo::new(stream), svc);
         tokio::spawn(async move {
@@ -38,6 +45,7 @@ pub(super) fn admin_response(uri: &http::Uri, app: &App, ready: bool) -> Respons
     let (status, ctype, body) = match uri.path() {
         "/metrics" => {
             let mut text = app.metrics().render();
+            app.budget().render(&mut text);
             if let Some(pins) = app.pins() {
                 pins.render_metrics(&mut text);
             }
