@@ -88,12 +88,17 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         let patience = config.upstream.timeout;
         crate::peers::Peers::new(p, patience, resolver.clone(), Arc::clone(&metrics))
     });
-    let app = Arc::new(
-        App::new(cache, upstream, tags, auth, metrics)
-            .with_node(node)
-            .with_peers(peers.clone())
-            .with_admin_token(config.admin_token.clone()),
+    let app = App::new(cache, upstream, tags, auth, metrics)
+        .with_node(node)
+        .with_peers(peers.clone())
+        .with_admin_token(config.admin_token.clone());
+    let pins = crate::pins::Pins::open(
+        &config.cache_dir,
+        Arc::clone(app.cache()),
+        config.prefetch_file.clone(),
+        config.tag_ttl,
     );
+    let app = Arc::new(app.with_pins(Arc::new(pins)));
     if let Some(peers) = peers {
         tokio::spawn(peers.run());
     }

@@ -230,3 +230,98 @@ fn failures_back_off_to_a_bound() {
     assert_eq!(backoff(1), POLL * 2);
     assert_eq!(backoff(40), MAX_BACKOFF);
 }
+
+/// Puts an image of its ref's bytes in the cache; fails for refs of `bad`.
+struct Fake {
+    cache: Arc<Cache>,
+    runs: Mutex<Vec<Key>>,
+}
+
+impl Engine for Fake {
+    fn run<'a>(&'a self, key: &'a Key) -> futures_util::future::BoxFuture<'a, Result<Got, String>> {
+        Box::pin(async move {
+            self.runs.lock().unwrap().push(key.clone());
+            if key.reference.starts_with("team/bad") {
+                return Err("no such image".into());
+            }
+            let parts = [
+                format!("{}-manifest", key.reference),
+                format!("{}-layer", key.reference),
+            ];
+            let mut digests = Vec::new();
+            for p in &parts {
+                let d = Digest::of(p.as_bytes());
+                let b = Bytes::copy_from_slice(p.as_bytes());
+                self.cache.put_manifest(d.clone(), "t".into(), b).await;
+                digests.push(d);
+            }
+            Ok(Got {
+                top: digests[0].clone(),
+                digests,
+                bytes: parts.iter().map(|p| p.len() as u64).sum(),
+            })
+        })
+    }
+}
+
+async fn until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !f() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "waited in vain until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_worker_follows_the_file_and_retries_what_failed() {
+    let n = node(1 << 20);
+    let list = n.dir.parent().unwrap().join("prefetch.list");
+    std::fs::write(
+        &list,
+        "team/a:v1 linux/amd64 pin\nteam/bad:v1 linux/amd64\n",
+    )
+    .unwrap();
+    let c = Arc::clone(&n.cache);
+    let pins = Arc::new(Pins::open(&n.dir, c, Some(list.clone()), Duration::ZERO));
+    let fake = Arc::new(Fake {
+        cache: Arc::clone(&n.cache),
+        runs: Mutex::default(),
+    });
+    let stop = tokio_util::sync::CancellationToken::new();
+    pins.start(fake.clone(), stop.clone());
+    until("a is pinned whole", || {
+        pins.list()
+            .first()
+            .is_some_and(|p| p.complete && pins.offline_ready(p))
+    })
+    .await;
+    until("bad was tried", || {
+        fake.runs
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|k| k.reference == "team/bad:v1")
+    })
+    .await;
+    let retry = pins.lock().jobs.get(&key("team/bad:v1")).copied();
+    let retry = retry.expect("a failed prefetch is tried again");
+    assert_eq!(retry.failures, 1);
+    assert!(retry.due > Instant::now() + POLL / 2, "after a backoff");
+
+    std::fs::write(&list, "team/b:v1 linux/amd64 pin\n").unwrap();
+    until("b replaced a", || {
+        let l = pins.list();
+        l.len() == 1 && l[0].reference == "team/b:v1" && l[0].complete
+    })
+    .await;
+    assert!(!n.cache.is_pinned(&Digest::of(b"team/a:v1-layer")));
+    assert!(n.cache.is_pinned(&Digest::of(b"team/b:v1-layer")));
+    assert!(
+        !pins.wanted(&key("team/bad:v1")),
+        "a line removed is no longer retried"
+    );
+    stop.cancel();
+}
