@@ -147,8 +147,9 @@ impl Pins {
     /// key gets its digests, and one from `source` is made if there is none.
     /// Returns whether a pin of the key is incomplete (to be fetched again).
     pub async fn fetched(self: &Arc<Self>, key: &Key, source: Option<Source>, got: &Got) -> bool {
-        let incomplete = {
+        let (incomplete, changed) = {
             let mut st = self.lock();
+            let before = st.pins.clone();
             if let Some(source) = source {
                 let has = st.pins.iter().any(|p| p.source == source && is(p, key));
                 if !has {
@@ -161,10 +162,15 @@ impl Pins {
                 self.apply(p, got);
                 incomplete |= !p.complete;
             }
-            self.cache.set_pinned(store::pinned_set(&st.pins));
-            incomplete
+            let changed = st.pins != before;
+            if changed {
+                self.cache.set_pinned(store::pinned_set(&st.pins));
+            }
+            (incomplete, changed)
         };
-        self.save().await;
+        if changed {
+            self.save().await;
+        }
         incomplete
     }
 
