@@ -73,6 +73,24 @@ impl Pins {
         }
     }
 
+    /// Schedules a prefetch of every pin with content missing from the
+    /// cache (removed by `cache verify`, say) that has none scheduled.
+    fn heal(&self) {
+        let missing: Vec<Key> = self
+            .list()
+            .iter()
+            .filter(|p| !p.digests.is_empty() && !self.offline_ready(p))
+            .filter_map(|p| Key::new(&p.reference, Some(&p.platform)).ok())
+            .collect();
+        let mut st = self.lock();
+        for k in missing {
+            if let std::collections::hash_map::Entry::Vacant(e) = st.jobs.entry(k) {
+                tracing::info!(key = %e.key(), "pinned content is missing from the cache; fetching it again");
+                e.insert(Job::after(POLL, 1));
+            }
+        }
+    }
+
     /// Takes the job due first, if it is due by `now`.
     fn take_due(&self, now: Instant) -> Option<(Key, Job)> {
         let mut st = self.lock();
@@ -153,8 +171,11 @@ async fn work(pins: Arc<Pins>, engine: Arc<dyn Engine>, stop: CancellationToken)
             continue;
         }
         // Committed fills change what the pins hold: the over-cap state
-        // follows within a poll.
-        pins.over_cap();
+        // follows within a poll. Over the cap, incomplete pins wait for
+        // their (slower) retries.
+        if !pins.over_cap() {
+            pins.heal();
+        }
         let next = pins
             .next_due()
             .map_or(now + POLL, |due| due.min(now + POLL));
