@@ -172,6 +172,13 @@ pub async fn run(
     let (cached, missing): (Vec<_>, Vec<_>) =
         blobs.iter().partition(|(d, _)| app.cache().contains(d));
     let cached_bytes: u64 = cached.iter().map(|(_, s)| s).sum();
+    // Such a blob would stream through uncached: the uplink spent for nothing.
+    let cap = app.cache().capacity();
+    if let Some((d, size)) = missing.iter().find(|(_, size)| *size > cap) {
+        return Err(format!(
+            "blob {d} ({size} bytes) is larger than the cache (--cache-size {cap} bytes)"
+        ));
+    }
     events(Event::Resolved {
         digest: top.to_string(),
         manifest: image,
@@ -344,4 +351,58 @@ async fn refused(resp: Response<Body>, what: &str) -> Result<Response<Body>, Str
             .to_owned(),
     };
     Err(format!("{what}: {status} {detail}").trim_end().to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: &str = "sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    const B: &str = "sha256:bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
+    const C: &str = "sha256:cccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccc";
+
+    fn index() -> Manifest {
+        let json = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": [
+                {"digest": A, "size": 1, "platform": {"os": "unknown", "architecture": "unknown"}},
+                {"digest": B, "size": 1, "platform": {"os": "linux", "architecture": "arm", "variant": "v6"}},
+                {"digest": C, "size": 1, "platform": {"os": "linux", "architecture": "arm64", "variant": "v8"}},
+                {"digest": A, "size": 1, "platform": {"os": "linux", "architecture": "arm64"}},
+            ]
+        });
+        parse("", json.to_string().as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn the_platforms_manifest_is_chosen_from_an_index() {
+        let m = index();
+        let want = |p| choose(&m.manifests, &Platform::parse(p).unwrap());
+        assert_eq!(
+            want("linux/arm64").unwrap().to_string(),
+            C,
+            "the first of equals"
+        );
+        assert_eq!(want("linux/arm/v7").unwrap().to_string(), B, "v7 runs v6");
+        let err = want("linux/amd64").unwrap_err();
+        assert_eq!(
+            err,
+            "the index has no manifest for linux/amd64 (it has unknown/unknown, \
+             linux/arm/v6, linux/arm64/v8, linux/arm64)"
+        );
+    }
+
+    #[test]
+    fn schema_1_is_refused() {
+        let v1 = br#"{"schemaVersion": 1, "name": "a", "fsLayers": []}"#;
+        let err = parse(
+            "application/vnd.docker.distribution.manifest.v1+prettyjws",
+            v1,
+        )
+        .err()
+        .unwrap();
+        assert!(err.contains("schema 1"), "{err}");
+        assert!(parse("", b"<html>").is_err());
+    }
 }

@@ -292,9 +292,10 @@ async fn progress_shows_as_bars_on_a_terminal_and_lines_in_a_pipe() {
     wait_until(
         || {
             pane = tmux.pane();
+            // A bar with a rate and an ETA, once there are two samples.
             bar = bar.take().or_else(|| {
                 pane.lines()
-                    .find(|l| l.starts_with("team/big:v1 [") && l.contains(" MiB"))
+                    .find(|l| l.starts_with("team/big:v1 [") && l.contains(" ETA "))
                     .map(str::to_owned)
             });
             pane.contains("exit=")
@@ -305,8 +306,8 @@ async fn progress_shows_as_bars_on_a_terminal_and_lines_in_a_pipe() {
     let bar =
         bar.unwrap_or_else(|| panic!("a progress bar was on the terminal; at the end:\n{pane}"));
     assert!(
-        bar.contains("/24.0 MiB") && bar.contains("] "),
-        "the bar shows bytes done of the total: {bar}"
+        bar.contains("/24.0 MiB ") && bar.contains("] ") && bar.contains(" MiB/s ETA "),
+        "the bar shows bytes done of the total, the rate and the ETA: {bar}"
     );
     assert!(pane.contains("exit=0"), "the prefetch succeeded:\n{pane}");
     let done = pane
