@@ -284,8 +284,9 @@ async fn progress_shows_as_bars_on_a_terminal_and_lines_in_a_pipe() {
     let url = reg.url();
     push_image(&url, "team/big", "v1", 3, &[8 * MIB, 8 * MIB, 8 * MIB]).await;
     let piped = push_image(&url, "team/big", "v2", 4, &[8 * MIB, 4 * MIB]).await;
-    // Slow enough for the bar to be seen: 24 MiB at 8 MiB/s.
-    let node = Node::start(&url, &["--upstream-rate", "8MiB/s"]);
+    // Slow enough for the bar to be seen, on a loaded machine too: 24 MiB
+    // at 4 MiB/s, redrawn every 250 ms.
+    let node = Node::start(&url, &["--upstream-rate", "4MiB/s"]);
     let tmux = Tmux::start(&node.ctl_line("prefetch", &["team/big:v1"]));
     let mut bar = None;
     let mut pane = String::new();
@@ -340,6 +341,7 @@ async fn progress_shows_as_bars_on_a_terminal_and_lines_in_a_pipe() {
         "{out}"
     );
     assert!(lines.len() <= 11, "at most a line per tenth between: {out}");
+    eprintln!("in a pipe:\n{out}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -216,11 +216,9 @@ impl View {
                 let tenth = (done * 10).checked_div(total).unwrap_or(10);
                 if tenth > row.tenth && tenth < 10 {
                     row.tenth = tenth;
-                    plain = Some(format!(
-                        "{reference}: {}0% {}",
-                        tenth,
-                        progress(done, total)
-                    ));
+                    // A line per tenth passed, saying where it is.
+                    let percent = done * 100 / total.max(1);
+                    plain = Some(format!("{reference}: {percent}% {}", progress(done, total)));
                 }
             }
             Event::Done {
@@ -454,7 +452,7 @@ mod tests {
                     .as_str(),
                 "app:v1: 10% 4.0/40.0 MiB",
                 "app:v1: 20% 8.0/40.0 MiB",
-                "app:v1: 30% 13.0/40.0 MiB",
+                "app:v1: 32% 13.0/40.0 MiB",
                 "other: failed: manifest other:latest: 404 Not Found MANIFEST_UNKNOWN",
                 format!("app:v1: pinned {D} 40.0 MiB in 19s").as_str(),
             ],
