@@ -526,3 +526,43 @@ async fn a_pull_during_a_large_prefetch_gets_its_first_blob_before_it_ends() {
     );
     assert!(pulled < ended, "the pull ended before the prefetch");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_prefetch_stops_when_its_client_hangs_up() {
+    let reg = Registry::start();
+    let url = reg.url();
+    let img = push_image(&url, "team/six", "v1", 9, &[4 * MIB; 6]).await;
+    // Three blobs at a time at 4 MiB/s: the fourth layer cannot start
+    // within the first second.
+    let node = Node::start(&url, &["--upstream-rate", "4MiB/s"]);
+    let mut child = node
+        .ctl("prefetch", &["--json", "team/six:v1"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut events = Stream::of(child.stdout.take().unwrap());
+    wait_until(
+        || {
+            events
+                .find(|e| e["event"] == "progress" && e["done"].as_u64() > Some(0))
+                .is_some()
+        },
+        "the prefetch's bytes flow",
+    )
+    .await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    wait_until(
+        || node.proxy.logs().contains("prefetch stopped"),
+        "the proxy saw its client hang up and stopped the prefetch",
+    )
+    .await;
+    let fetched = node.proxy.settled(&reg).await;
+    for d in &img.layers[3..] {
+        assert_eq!(reg.blob_gets(d), 0, "{d} was not started after the hang-up");
+    }
+    for d in &img.layers[..2] {
+        assert!(node.cached(d), "the fill of {d}, started before, finished");
+    }
+    eprintln!("blob GETs of the 7 blobs once the client hung up: {fetched}");
+}
