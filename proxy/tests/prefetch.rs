@@ -2,8 +2,8 @@
 //! binary: only the node's platform of an index is fetched, the progress
 //! shows as bars in a real terminal (tmux) and as plain lines in a pipe, a
 //! missing image fails the command, `--prefetch-auth-file` opens a private
-//! upstream, and a client's pull under `--upstream-rate` is not held
-//! behind a large prefetch.
+//! upstream, a client's pull under `--upstream-rate` is not held behind a
+//! large prefetch, and a prefetch whose client hangs up stops.
 
 mod support;
 
