@@ -55,6 +55,8 @@ pub struct App {
     admin_token: Option<String>,
     /// The pinned images and the prefetch file (see [`crate::pins`]).
     pins: Option<Arc<crate::pins::Pins>>,
+    /// What prefetches send as `Authorization` (`--prefetch-auth-file`).
+    prefetch_auth: Option<HeaderValue>,
 }
 
 /// What a path asks for.
@@ -131,6 +133,7 @@ impl App {
             peers: None,
             admin_token: None,
             pins: None,
+            prefetch_auth: None,
         }
     }
 
@@ -267,6 +270,17 @@ impl App {
                 e.into_response()
             }
         }
+    }
+
+    /// With the credential prefetches send (see [`crate::prefetch`]).
+    pub fn with_prefetch_auth(mut self, cred: Option<HeaderValue>) -> App {
+        self.prefetch_auth = cred;
+        self
+    }
+
+    /// The credential prefetches send (`--prefetch-auth-file`), if any.
+    pub fn prefetch_auth(&self) -> Option<&HeaderValue> {
+        self.prefetch_auth.as_ref()
     }
 
     /// The node cache.
