@@ -32,11 +32,13 @@ use crate::cache::Cache;
 use crate::digest::Digest;
 
 mod admin;
+mod engine;
 pub mod file;
 pub mod store;
 mod worker;
 
 pub use admin::{admin_pins, admin_unpin};
+pub use engine::{pin_fetched, start};
 pub use file::Key;
 pub use store::{Pin, Source};
 pub use worker::{Engine, Got};

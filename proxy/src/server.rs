@@ -161,7 +161,15 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         write_atomically(path, ready.to_string().as_bytes())
             .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
     }
-    server.run(Arc::clone(&app), shutdown_signal()).await;
+    // The pins' background prefetches stop when shutdown starts: a fill
+    // they would start then would only hold up the drain.
+    let stop = tokio_util::sync::CancellationToken::new();
+    crate::pins::start(&app, stop.clone());
+    let shutdown = async move {
+        shutdown_signal().await;
+        stop.cancel();
+    };
+    server.run(Arc::clone(&app), shutdown).await;
     app.save_allowed().await;
     // Fills past the grace period and their commits end only with the
     // runtime: the lock is held until the process exits, so that no
