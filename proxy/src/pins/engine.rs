@@ -34,18 +34,6 @@ fn got(f: &Fetched) -> Got {
     }
 }
 
-/// The key of a prefetch target.
-fn key(t: &Target) -> Key {
-    let sep = match t.tag_or_digest {
-        crate::digest::Reference::Tag(_) => ':',
-        crate::digest::Reference::Digest(_) => '@',
-    };
-    Key {
-        reference: format!("{}{sep}{}", t.name, t.tag_or_digest),
-        platform: t.platform.to_string(),
-    }
-}
-
 /// Pins what a completed prefetch of `t` fetched, for `source`. An image
 /// the cache could not keep all of is fetched again in the background.
 pub async fn pin_fetched(
@@ -55,7 +43,7 @@ pub async fn pin_fetched(
     source: Source,
 ) -> Result<(), String> {
     let pins = app.pins().ok_or("pins are not set up")?;
-    let k = key(t);
+    let k = Key::of(t);
     let incomplete = pins.fetched(&k, Some(source), &got(f)).await;
     pins.after_fetch(&k, incomplete, 0);
     Ok(())

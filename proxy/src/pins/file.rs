@@ -3,7 +3,8 @@
 //! Parsed strictly: a line that is not of that shape is reported with its
 //! number and skipped, and the others are used.
 
-use crate::digest::{validate_name, Reference};
+use crate::digest::Reference;
+use crate::prefetch::Target;
 
 /// What identifies an image to fetch: its ref, the registry host dropped,
 /// and the platform.
@@ -16,21 +17,22 @@ pub struct Key {
 }
 
 impl Key {
-    /// The key of `reference` for `platform` (the node's when `None`).
+    /// The key of `reference` for `platform` (the node's when `None`),
+    /// parsed as a prefetch parses them.
     pub fn new(reference: &str, platform: Option<&str>) -> Result<Key, String> {
-        let (name, r) = split_ref(reference)?;
-        let platform = match platform {
-            Some(p) => check_platform(p)?.to_owned(),
-            None => node_platform(),
+        Target::parse(reference, platform).map(|t| Key::of(&t))
+    }
+
+    /// The key of a prefetch's target.
+    pub fn of(t: &Target) -> Key {
+        let sep = match t.tag_or_digest {
+            Reference::Tag(_) => ':',
+            Reference::Digest(_) => '@',
         };
-        let reference = match r {
-            Reference::Tag(t) => format!("{name}:{t}"),
-            Reference::Digest(d) => format!("{name}@{d}"),
-        };
-        Ok(Key {
-            reference,
-            platform,
-        })
+        Key {
+            reference: format!("{}{sep}{}", t.name, t.tag_or_digest),
+            platform: t.platform.to_string(),
+        }
     }
 
     /// Whether the ref names a tag, which may move.
@@ -79,64 +81,6 @@ pub fn parse(text: &str) -> (Vec<Entry>, Vec<String>) {
     (entries, errors)
 }
 
-/// `[HOST[:PORT]/]NAME(:TAG|@DIGEST)` → the name and the tag (`latest`
-/// when there is none) or digest. A first component with a `.` or `:`, or
-/// `localhost`, is the registry host and is dropped: this proxy has one
-/// upstream.
-pub fn split_ref(s: &str) -> Result<(String, Reference), String> {
-    let bad = |e: crate::error::Error| format!("`{s}`: {e}");
-    let (path, reference) = match s.split_once('@') {
-        Some((path, d)) => {
-            // `NAME:TAG@DIGEST`: the digest decides.
-            let path = match path.rsplit_once(':') {
-                Some((p, t)) if !t.contains('/') => p,
-                _ => path,
-            };
-            let r = Reference::parse(d).map_err(bad)?;
-            if !matches!(r, Reference::Digest(_)) {
-                return Err(format!("`{s}`: `{d}` is not a digest"));
-            }
-            (path, r)
-        }
-        None => match s.rsplit_once(':') {
-            Some((p, t)) if !t.contains('/') => (p, Reference::parse(t).map_err(bad)?),
-            _ => (s, Reference::Tag("latest".into())),
-        },
-    };
-    let name = match path.split_once('/') {
-        Some((host, rest)) if host.contains(['.', ':']) || host == "localhost" => rest,
-        _ => path,
-    };
-    validate_name(name).map_err(bad)?;
-    Ok((name.to_owned(), reference))
-}
-
-/// `os/arch[/variant]`, each part lower-case letters, digits, `.`, `_`, `-`.
-fn check_platform(p: &str) -> Result<&str, String> {
-    let parts: Vec<&str> = p.split('/').collect();
-    let ok = (2..=3).contains(&parts.len())
-        && parts.iter().all(|w| {
-            !w.is_empty()
-                && w.bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
-        });
-    if ok {
-        Ok(p)
-    } else {
-        Err(format!("`{p}` is not a platform (os/arch[/variant])"))
-    }
-}
-
-/// This node's platform, as images name it.
-pub fn node_platform() -> String {
-    let arch = match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        other => other,
-    };
-    format!("linux/{arch}")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -169,7 +113,15 @@ mod tests {
         assert!(k("team/app:").is_err(), "an empty tag is no tag");
         assert!(k("team/app@v1").is_err(), "after @ comes a digest");
         assert!(k("").is_err());
-        assert_eq!(Key::new("app", None).unwrap().platform, node_platform());
+        assert_eq!(
+            Key::new("app", None).unwrap().platform,
+            crate::prefetch::Platform::node().to_string()
+        );
+        assert_eq!(
+            Key::new("app", Some("linux/arm64")).unwrap().platform,
+            "linux/arm64/v8",
+            "platforms are normalized as a prefetch normalizes them"
+        );
     }
 
     #[test]
@@ -187,7 +139,7 @@ team/x linux pin
 team/y linux/amd64 pin extra
 ";
         let (entries, errors) = parse(text);
-        let here = node_platform();
+        let here = crate::prefetch::Platform::node().to_string();
         assert_eq!(
             entries,
             vec![
