@@ -377,7 +377,7 @@ fn a_node_with_a_low_rate_gets_a_blob_from_its_peer_at_lan_speed() {
         );
         assert!(owner.metric0(UPSTREAM_BYTES).await >= LEN as u64);
         assert_eq!(
-            asker.metric0("regproxy_budget_wait_seconds_total{lane=\"pull\"}:ms").await,
+            asker.metric0("regproxy_budget_wait_milliseconds_total{lane=\"pull\"}").await,
             0,
             "the asking node's pulls should never have waited for its budget"
         );

@@ -427,12 +427,24 @@ impl SetupCtx<'_> {
 }
 
 /// `POST /admin/prefetch {"refs":[reference]}` to regproxy's admin
-/// listener, its NDJSON answer read to the end (at most `within`).
+/// listener, its NDJSON answer read to the end (at most `within`): it went
+/// well when no line has an error and the last is
+/// `{"event":"summary","ok":1,"failed":0}`.
 pub async fn prefetch(admin: &str, token: &str, reference: &str, within: Duration) -> Prefetched {
     let started = Instant::now();
     let mut p = Prefetched::default();
     match tokio::time::timeout(within, prefetch_lines(admin, token, reference, &mut p)).await {
-        Ok(Ok(())) => p.ok = p.error.is_none(),
+        Ok(Ok(())) => {
+            let summary = p.last.as_ref().filter(|l| l["event"] == "summary");
+            match summary {
+                Some(s) if s["failed"] == 0 => p.ok = p.error.is_none(),
+                _ => {
+                    p.error.get_or_insert_with(|| {
+                        format!("the prefetch's answer ended without a summary: {:?}", p.last)
+                    });
+                }
+            }
+        }
         Ok(Err(e)) => p.error = Some(format!("{e:#}")),
         Err(_) => p.error = Some(format!("the prefetch did not end within {within:?}")),
     }

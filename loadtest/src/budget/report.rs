@@ -31,8 +31,9 @@ pub fn table(b: &BudgetReport) -> String {
     let _ = writeln!(
         s,
         "pull s: the rollout pull (every client, every blob verified); ×alone: that ÷ the pull without a prefetch; \
-         pull Mbit/s: the rollout's bytes over that time; prefetch MiB in pull: what regproxy took from the upstream \
-         for the prefetch while the pull ran; prefetch s: until the prefetch's answer ended"
+         pull Mbit/s: the rollout's bytes over that time; pf MiB: what regproxy took from the upstream beyond the \
+         rollout's blobs (the prefetch's share) while the pull ran; pf s: until the prefetch's answer ended (! failed); \
+         up MiB: blob bytes the upstream sent in the setup (its access log)"
     );
     let _ = writeln!(
         s,
@@ -43,7 +44,7 @@ pub fn table(b: &BudgetReport) -> String {
         "×alone",
         "pull Mbit/s",
         "pull p99",
-        "pf MiB/pull",
+        "pf MiB",
         "pf s",
         "up MiB",
         "ok",

@@ -217,8 +217,7 @@ impl Proxy {
 }
 
 /// The metrics of the regproxy whose admin endpoint is `admin`, as
-/// name{labels} → value; a value with a fraction (seconds) in milliseconds,
-/// its name given a `:ms` suffix (`regproxy_budget_wait_seconds_total{lane="pull"}:ms`).
+/// name{labels} → value.
 pub async fn metrics_at(admin: SocketAddr) -> HashMap<String, u64> {
     let (status, _, body) = get(&format!("http://{admin}/metrics"), &[]).await;
     assert_eq!(status, StatusCode::OK);
@@ -227,14 +226,8 @@ pub async fn metrics_at(admin: SocketAddr) -> HashMap<String, u64> {
         .lines()
         .filter(|l| !l.starts_with('#'))
         .filter_map(|l| {
-            let (k, v) = l.rsplit_once(' ')?;
-            Some(match v.parse() {
-                Ok(n) => (k.to_owned(), n),
-                Err(_) => {
-                    let secs: f64 = v.parse().unwrap_or_else(|e| panic!("{l}: {e}"));
-                    (format!("{k}:ms"), (secs * 1000.0).round() as u64)
-                }
-            })
+            l.rsplit_once(' ')
+                .map(|(k, v)| (k.to_owned(), v.parse().unwrap()))
         })
         .collect()
 }
