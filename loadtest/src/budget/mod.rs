@@ -440,7 +440,10 @@ pub async fn prefetch(admin: &str, token: &str, reference: &str, within: Duratio
                 Some(s) if s["failed"] == 0 => p.ok = p.error.is_none(),
                 _ => {
                     p.error.get_or_insert_with(|| {
-                        format!("the prefetch's answer ended without a summary: {:?}", p.last)
+                        format!(
+                            "the prefetch's answer ended without a summary: {:?}",
+                            p.last
+                        )
                     });
                 }
             }
