@@ -148,8 +148,10 @@ fn a_rate_of_20_mbit_on_a_100_mbit_link_holds_the_upstream_to_21_mbit() {
             log.span >= 10.0,
             "3 × 12 MiB at 20 Mbit/s should take over 10 s (15 s at the rate): {log:?}"
         );
+        // A connection that closes between two samples takes what it got
+        // acknowledged since the last one with it: 1 % allowed for.
         assert!(
-            capped.acked >= 3 * (12 << 20),
+            capped.acked as f64 >= 0.99 * (3 * (12 << 20)) as f64,
             "the sampler should have seen the blobs' bytes acknowledged ({} bytes)",
             capped.acked
         );
