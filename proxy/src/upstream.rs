@@ -73,13 +73,15 @@ pub struct Upstream {
 }
 
 /// The receive buffer of upstream connections under a budget of `rate`
-/// bytes per second: 100 ms of the rate, at least 128 KiB and at most 4 MiB.
-/// It holds what the upstream may send ahead of the budget, and it lets one
-/// connection reach the rate over a round trip of up to 100 ms (128 KiB: a
-/// 10 Mbit/s uplink at 100 ms). Set once at start: a rate first set later,
-/// through the admin API, shapes with the kernel's autotuned buffers.
+/// bytes per second: 50 ms of the rate, at least 64 KiB and at most 4 MiB
+/// (the kernel doubles it). It holds what the upstream sends at link speed
+/// before the budget can slow it, on every new connection at once; and it
+/// bounds one connection to about 2 × the buffer per round trip: the full
+/// rate up to about 100 ms, half of it at 200 ms, where the several layers
+/// of a pull share it. Set once at start: a rate set later through the
+/// admin API shapes with the buffers the kernel tunes.
 pub fn recv_buffer(rate: u64) -> usize {
-    (rate / 10).clamp(128 << 10, 4 << 20) as usize
+    (rate / 20).clamp(64 << 10, 4 << 20) as usize
 }
 
 /// Bytes of a response that can be on their way into this node ahead of
