@@ -69,6 +69,8 @@ PEER_SECRET_MIN = 16
 PREFETCH_CONFIGMAP = "regproxy-prefetch"
 PREFETCH_KEY = "prefetch.txt"
 ADMIN_TOKEN_SECRET = "regproxy-admin-token"
+# regproxy refuses a shorter admin token (after trimming whitespace).
+ADMIN_TOKEN_MIN = 16
 OPERATOR_FILES = ["deploy/base/peer-secret", "deploy/base/admin-token"]
 CLI_VARS = ["REGPROXY_ADMIN", "REGPROXY_ADMIN_TOKEN_FILE"]
 ADMIN_COMMANDS = [["rate"], ["prefetch"], ["pin"], ["unpin"], ["cache", "ls"], ["cache", "rm"], ["cache", "verify"]]
@@ -579,9 +581,9 @@ def check_admin_prefetch(docs, spec, main_c, s, env_list, admin_listen, peer_sec
     )
     token = (t["value"] or b"").strip()
     check(
-        "the rendered admin token is not empty (regproxy refuses an empty token file) and is not the peer "
-        "secret (a node that holds the peer secret gets no admin rights with it)",
-        token and token != peer_secret,
+        f"the rendered admin token is printable ASCII without spaces, at least {ADMIN_TOKEN_MIN} bytes (regproxy "
+        "refuses anything else), and is not the peer secret (whoever holds that gets no admin rights with it)",
+        len(token) >= ADMIN_TOKEN_MIN and all(0x21 <= b <= 0x7E for b in token) and token != peer_secret,
         f"{len(token)} bytes, same as the peer secret: {token == peer_secret}",
         key="admin-token-value",
     )
@@ -1358,6 +1360,10 @@ MUTATIONS = [
     ("the admin token in a Secret of a fixed name (a new token would not restart serve)", "admin-token-generated",
      lambda d: _rename(d, "Secret", _volume_of(d, ADMIN_TOKEN_SECRET)["secret"]["secretName"], ADMIN_TOKEN_SECRET)),
     ("an admin token of whitespace only", "admin-token-value", lambda d: _secret_value(d, b" \n", ADMIN_TOKEN_SECRET)),
+    ("an admin token of 15 bytes", "admin-token-value",
+     lambda d: _secret_value(d, b" 0123456789abcde\n", ADMIN_TOKEN_SECRET)),
+    ("an admin token with a space in it", "admin-token-value",
+     lambda d: _secret_value(d, b"0123456789 abcdef0123456789", ADMIN_TOKEN_SECRET)),
     ("the admin token equal to the peer secret", "admin-token-value",
      lambda d: _secret_value(d, base64.b64decode(list(by_kind(
          d, "Secret", _peer_volume(d)["secret"]["secretName"])["data"].values())[0]), ADMIN_TOKEN_SECRET)),
