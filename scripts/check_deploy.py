@@ -1,8 +1,10 @@
-"""Checks the rendered deploy/ manifests for what issues 4, 9 and 11 ask of
-them, beyond the schema: the DaemonSet, its rollout, the node path it keeps,
-the Services, the namespace's Pod Security level, the peers (the headless
-Service, the shared secret, the peer listener), and that the uninstall Job
-undoes exactly what regproxy writes on a node.
+"""Checks the rendered deploy/ manifests for what issues 4, 9, 11 and 12 ask
+of them, beyond the schema: the DaemonSet, its rollout, the node path it
+keeps, the Services, the namespace's Pod Security level, the peers (the
+headless Service, the shared secret, the peer listener), the prefetch list
+(a ConfigMap mounted as a directory), the admin token (a generated Secret,
+its file never in git) and the admin commands' variables, and that the
+uninstall Job undoes exactly what regproxy writes on a node.
 
 Usage: check_deploy.py BASE.yaml SYSADMIN_DIR REGPROXY_BINARY [COMPONENTS.yaml]
 (COMPONENTS.yaml: deploy/ rendered with its optional components.)
@@ -14,7 +16,11 @@ back; and runs the probes' commands, which must fail while no `serve`
 answers on the probe socket and pass against one that does; and starts
 `serve` with the DaemonSet's peer settings and the rendered secret: the peer
 port refuses a request without the secret and answers one with it, and a
-missing or short secret stops serve at start. Then a
+missing or short secret stops serve at start; and starts `serve` with the
+DaemonSet's admin token, prefetch list (and, with COMPONENTS.yaml, upstream
+rate and prefetch credential): the admin API refuses a request without the
+token, answers one with it and the rate the manifests set, and `regproxy
+rate` with the pod's variables reaches it. Then a
 self-test: each check below that guards against a known
 mistake is shown to fail on the rendered manifests with that mistake made.
 Prints one line per check and closes with "N passed, N failed".
@@ -859,6 +865,7 @@ def run_commands(binary, ctx, comp=None):
 
     run_probes(binary, main_c, s.get("--probe-socket"))
     run_peer(binary, ctx["peer"])
+    run_admin(binary, ctx["admin"], comp)
 
     with tempfile.TemporaryDirectory() as tmp:
         node = Path(tmp)
@@ -1082,6 +1089,153 @@ def run_peer(binary, peer):
                 check("the peer port answers 401 with a wrong secret", status == 401, str(status))
                 status, _ = peer_get(addr, peer["secret"])
                 check("the peer port answers GET /v2/ with the rendered secret", status == 200, str(status))
+        finally:
+            stop(serve)
+
+
+RATE_UNITS = {"bit": 1 / 8, "kbit": 1e3 / 8, "Mbit": 1e6 / 8, "Gbit": 1e9 / 8, "B": 1, "kB": 1e3, "KB": 1e3,
+              "MB": 1e6, "GB": 1e9, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
+
+
+def rate_bytes(rate):
+    """`20Mbit/s` -> 2500000 (bytes per second), for what the manifests
+    write; None for anything else."""
+    rate = (rate or "off").strip()
+    if rate in ("off", "0"):
+        return 0
+    if rate.isdigit():
+        return int(rate)
+    number, unit = rate.removesuffix("/s"), None
+    for u in sorted(RATE_UNITS, key=len, reverse=True):
+        if number.endswith(u):
+            number, unit = number[: -len(u)].strip(), u
+            break
+    try:
+        return round(float(number) * RATE_UNITS[unit]) if unit else None
+    except ValueError:
+        return None
+
+
+def admin_get(addr, path, token):
+    """GET on the admin listener, with `Authorization: Bearer token` unless
+    None; (status, body as JSON or None)."""
+    req = urllib.request.Request(f"http://{addr}{path}")
+    if token is not None:
+        req.add_header("Authorization", "Bearer " + token.decode())
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            status, body = r.status, r.read()
+    except urllib.error.HTTPError as e:
+        status, body = e.code, e.read()
+    except OSError as e:
+        return str(e), None
+    try:
+        return status, json.loads(body)
+    except ValueError:
+        return status, body.decode(errors="replace")
+
+
+def run_admin(binary, admin, comp):
+    """`serve` with the DaemonSet's admin and prefetch settings as the pod
+    has them: the rendered token in a 0400 file, the rendered prefetch.txt
+    in a directory, and with the components' render also its upstream rate
+    and prefetch credential. The admin API refuses a request without the
+    token and answers one with it, the rate in force is the one the
+    manifests set, and the CLI with the DaemonSet's variables reaches it. A
+    token file missing or too short stops serve at start with one line."""
+    with tempfile.TemporaryDirectory() as tmp:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            admin_addr = f"127.0.0.1:{probe.getsockname()[1]}"
+        token_file = Path(f"{tmp}/admin/token")
+        token_file.parent.mkdir()
+        prefetch = Path(f"{tmp}/prefetch/{PREFETCH_KEY}")
+        prefetch.parent.mkdir()
+        prefetch.write_text(admin["prefetch"] or "")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("REGPROXY_")}
+        env.update({
+            "REGPROXY_ADMIN_LISTEN": admin_addr,
+            "REGPROXY_ADMIN_TOKEN_FILE": str(token_file),
+            "REGPROXY_PREFETCH_FILE": str(prefetch),
+        })
+        rate = admin["rate"]
+        if comp:
+            rate = comp["settings"].get("--upstream-rate")
+            env["REGPROXY_UPSTREAM_RATE"] = rate
+            auth = Path(f"{tmp}/auth/config.json")
+            auth.parent.mkdir()
+            auth.write_bytes(comp["auth"] or b"")
+            auth.chmod(0o400)
+            env["REGPROXY_PREFETCH_AUTH_FILE"] = str(auth)
+        elif rate:
+            env["REGPROXY_UPSTREAM_RATE"] = rate
+        args = ["--listen=127.0.0.1:0", "--upstream=http://127.0.0.1:9", f"--cache-dir={tmp}/cache",
+                "--log-format=text"]
+        for what, content in (("missing", None), ("shorter than 16 characters", b" 0123456789abcde\n")):
+            token_file.unlink(missing_ok=True)
+            if content is not None:
+                token_file.write_bytes(content)
+            try:
+                r = subprocess.run([str(binary), "serve", *args], env=env, capture_output=True, text=True,
+                                   timeout=20)
+                code, err = r.returncode, r.stderr.strip().splitlines()
+            except subprocess.TimeoutExpired:
+                code, err = "timeout", []
+            check(
+                f"`regproxy serve` with the admin token file {what} exits 2 with one line",
+                code == 2 and len(err) == 1,
+                f"exit {code}: {err}",
+            )
+        token_file.unlink(missing_ok=True)
+        token_file.write_bytes(admin["token"] or b"")
+        token_file.chmod(0o400)
+        token = (admin["token"] or b"").strip()
+        want = rate_bytes(rate)
+        serve, log, started = serve_until_listening(binary, args, env)
+        try:
+            check(
+                "`regproxy serve` starts with the DaemonSet's admin token, prefetch list"
+                + (", upstream rate and prefetch credential" if comp else ""),
+                started,
+                " | ".join(log[-3:]),
+            )
+            if not started:
+                return
+            status, body = admin_get(admin_addr, "/admin/rate", None)
+            check("the admin API answers 401 without the token", status == 401, f"{status} {body}")
+            status, body = admin_get(admin_addr, "/admin/rate", b"x" * len(token))
+            check("the admin API answers 401 with a wrong token", status == 401, f"{status} {body}")
+            status, body = admin_get(admin_addr, "/admin/rate", token)
+            check(
+                f"GET /admin/rate with the rendered token answers the rate the manifests set "
+                f"({rate or 'none'}: {want} bytes/s)",
+                status == 200 and isinstance(body, dict) and body.get("rate") == want,
+                f"{status} {body}",
+            )
+            status, body = admin_get(admin_addr, "/metrics", None)
+            check(
+                f"/metrics needs no token, and shows regproxy_upstream_rate_bytes {want}",
+                status == 200 and f"\nregproxy_upstream_rate_bytes {want}\n" in f"\n{body}",
+                f"{status}",
+            )
+            cli = {**env, "REGPROXY_ADMIN": f"http://{admin_addr}"}
+            r = subprocess.run([str(binary), "rate", "--json"], env=cli, capture_output=True, text=True, timeout=30)
+            try:
+                answer = json.loads(r.stdout)
+            except ValueError:
+                answer = None
+            check(
+                "`regproxy rate` with REGPROXY_ADMIN and REGPROXY_ADMIN_TOKEN_FILE (the pod's variables) asks "
+                "that serve",
+                r.returncode == 0 and isinstance(answer, dict) and answer.get("rate") == want,
+                f"exit {r.returncode}: {r.stdout.strip()} {r.stderr.strip()}",
+            )
+            wrong = Path(f"{tmp}/wrong-token")
+            wrong.write_bytes(b"y" * max(len(token), ADMIN_TOKEN_MIN))
+            r = subprocess.run([str(binary), "rate"], env={**cli, "REGPROXY_ADMIN_TOKEN_FILE": str(wrong)},
+                               capture_output=True, text=True, timeout=30)
+            check("`regproxy rate` with another token is refused (exit 1)", r.returncode == 1,
+                  f"exit {r.returncode}: {r.stderr.strip()}")
         finally:
             stop(serve)
 
