@@ -39,6 +39,7 @@ use crate::digest::Digest;
 use crate::metrics::Metrics;
 use crate::upstream::Upstream;
 
+pub mod admin;
 mod disk;
 pub mod fill;
 mod growing;

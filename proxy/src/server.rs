@@ -13,6 +13,7 @@ use tokio::net::TcpListener;
 use tracing::Instrument;
 
 mod admin;
+pub mod admin_api;
 mod listener;
 pub mod probe;
 mod sockets;
@@ -60,6 +61,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("cannot set up the upstream resolver: {e}"))?;
     refuse_self_upstream(&config, &resolver).await?;
     let mut upstream = Upstream::new(&config.upstream, resolver.clone(), Arc::clone(&metrics))?;
+    upstream.set_budget(Arc::new(crate::budget::Budget::new(config.upstream_rate)));
     let dir = config.cache_dir.clone();
     let (cap, m) = (config.cache_size, Arc::clone(&metrics));
     let primary = lock.is_primary();
@@ -90,7 +92,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let app = Arc::new(
         App::new(cache, upstream, tags, auth, metrics)
             .with_node(node)
-            .with_peers(peers.clone()),
+            .with_peers(peers.clone())
+            .with_admin_token(config.admin_token.clone()),
     );
     if let Some(peers) = peers {
         tokio::spawn(peers.run());

@@ -24,6 +24,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
 use crate::body::Body;
+use crate::budget::Budget;
 use crate::config::UpstreamConfig;
 use crate::error::{Cause, Error, UpstreamError, Wait};
 use crate::metrics::Metrics;
@@ -65,6 +66,8 @@ pub struct Upstream {
     resolver: Resolver,
     /// This proxy's own listen addresses, which no redirect may lead to.
     own: Vec<SocketAddr>,
+    /// `--upstream-rate`: what every reader of an upstream body takes from.
+    budget: Arc<Budget>,
 }
 
 impl Upstream {
@@ -133,6 +136,7 @@ impl Upstream {
             metrics,
             resolver,
             own: Vec::new(),
+            budget: Arc::new(Budget::new(0)),
         })
     }
 
@@ -140,6 +144,16 @@ impl Upstream {
     /// are bound: redirects to those addresses are refused.
     pub fn set_own_addrs(&mut self, addrs: impl IntoIterator<Item = SocketAddr>) {
         self.own = addrs.into_iter().collect();
+    }
+
+    /// The uplink budget every reader of an upstream body takes from.
+    pub fn budget(&self) -> &Arc<Budget> {
+        &self.budget
+    }
+
+    /// Replaces the (unlimited) budget, before the client is shared.
+    pub fn set_budget(&mut self, budget: Arc<Budget>) {
+        self.budget = budget;
     }
 
     pub fn timeout(&self) -> Duration {
