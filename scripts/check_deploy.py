@@ -79,7 +79,8 @@ ADMIN_TOKEN_SECRET = "regproxy-admin-token"
 ADMIN_TOKEN_MIN = 16
 OPERATOR_FILES = ["deploy/base/peer-secret", "deploy/base/admin-token"]
 CLI_VARS = ["REGPROXY_ADMIN", "REGPROXY_ADMIN_TOKEN_FILE"]
-ADMIN_COMMANDS = [["rate"], ["prefetch"], ["pin"], ["unpin"], ["cache", "ls"], ["cache", "rm"], ["cache", "verify"]]
+# The admin commands (each `cache` subcommand the binary lists is one too).
+ADMIN_COMMANDS = [["rate"], ["prefetch"], ["pin"], ["unpin"], ["cache", "ls"]]
 REPO = Path(__file__).resolve().parent.parent
 
 state = {"results": [], "quiet": False}
@@ -834,7 +835,10 @@ def run_commands(binary, ctx, comp=None):
         not unread,
         f"not read: {unread}",
     )
-    for cmd in ADMIN_COMMANDS:
+    _, cache_help = help_of("cache")
+    listed = cache_help.partition("Commands:")[2].partition("\n\n")[0].split("\n")
+    cache_cmds = [["cache", line.split()[0]] for line in listed if line.strip() and line.split()[0] != "help"]
+    for cmd in ADMIN_COMMANDS + [c for c in cache_cmds if c not in ADMIN_COMMANDS]:
         code, cmd_help = help_of(*cmd)
         unread = [n for n in CLI_VARS if f"[env: {n}=" not in cmd_help]
         check(
