@@ -1105,11 +1105,13 @@ def rate_bytes(rate):
     """`20Mbit/s` -> 2500000 (bytes per second), for what the manifests
     write; None for anything else."""
     rate = (rate or "off").strip()
-    if rate in ("off", "0"):
+    if rate.lower() in ("off", "0", "unlimited"):
         return 0
-    if rate.isdigit():
-        return int(rate)
-    number, unit = rate.removesuffix("/s"), None
+    if not rate.endswith("/s"):
+        return None
+    number, unit = rate.removesuffix("/s").strip(), None
+    if number.isdigit():
+        return int(number)
     for u in sorted(RATE_UNITS, key=len, reverse=True):
         if number.endswith(u):
             number, unit = number[: -len(u)].strip(), u
