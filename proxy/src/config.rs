@@ -400,8 +400,6 @@ pub struct Config {
     pub ready_file: Option<PathBuf>,
     /// `--probe-socket`: the admin endpoints of this process alone.
     pub probe_socket: Option<PathBuf>,
-    /// `--upstream-rate` in bytes per second; 0: no limit.
-    pub upstream_rate: u64,
     pub prefetch_file: Option<PathBuf>,
     pub prefetch_auth_file: Option<PathBuf>,
     /// The contents of `--admin-token-file`, trimmed.
@@ -428,6 +426,8 @@ pub struct UpstreamConfig {
     pub timeout: Duration,
     /// Resumes of a broken blob download before its fill fails.
     pub retries: u32,
+    /// `--upstream-rate` in bytes per second at start; 0: no limit.
+    pub rate: u64,
 }
 
 /// How long the upstream's answers about who may read are used.
@@ -476,7 +476,6 @@ impl ServeArgs {
             cache_size: self.cache_size,
             ready_file: self.ready_file,
             probe_socket: self.probe_socket,
-            upstream_rate: self.upstream_rate,
             prefetch_file: self.prefetch_file,
             prefetch_auth_file: self.prefetch_auth_file,
             admin_token,
@@ -492,6 +491,7 @@ impl ServeArgs {
                 connect_timeout: self.connect_timeout,
                 timeout: self.upstream_timeout,
                 retries: self.upstream_retries,
+                rate: self.upstream_rate,
             },
             tag_ttl: self.tag_ttl,
             auth: AuthConfig {

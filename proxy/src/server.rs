@@ -61,7 +61,6 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("cannot set up the upstream resolver: {e}"))?;
     refuse_self_upstream(&config, &resolver).await?;
     let mut upstream = Upstream::new(&config.upstream, resolver.clone(), Arc::clone(&metrics))?;
-    upstream.set_budget(Arc::new(crate::budget::Budget::new(config.upstream_rate)));
     let dir = config.cache_dir.clone();
     let (cap, m) = (config.cache_size, Arc::clone(&metrics));
     let primary = lock.is_primary();

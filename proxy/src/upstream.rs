@@ -70,6 +70,16 @@ pub struct Upstream {
     budget: Arc<Budget>,
 }
 
+/// The receive buffer of upstream connections under a budget of `rate`
+/// bytes per second: 100 ms of the rate, at least 128 KiB and at most 4 MiB.
+/// It holds what the upstream may send ahead of the budget, and it lets one
+/// connection reach the rate over a round trip of up to 100 ms (128 KiB: a
+/// 10 Mbit/s uplink at 100 ms). Set once at start: a rate first set later,
+/// through the admin API, shapes with the kernel's autotuned buffers.
+pub fn recv_buffer(rate: u64) -> usize {
+    (rate / 10).clamp(128 << 10, 4 << 20) as usize
+}
+
 impl Upstream {
     /// The client `config` describes, resolving names with `resolver`. It
     /// adds this process's own `Via` token to every request.
@@ -112,6 +122,11 @@ impl Upstream {
         http.set_connect_timeout(Some(config.connect_timeout));
         http.set_nodelay(true);
         http.set_keepalive(Some(Duration::from_secs(60)));
+        if config.rate > 0 {
+            // A fixed receive window, or the kernel's autotuning lets the
+            // upstream run megabytes ahead of the budget into the buffers.
+            http.set_recv_buffer_size(Some(recv_buffer(config.rate)));
+        }
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http()
@@ -136,7 +151,7 @@ impl Upstream {
             metrics,
             resolver,
             own: Vec::new(),
-            budget: Arc::new(Budget::new(0)),
+            budget: Arc::new(Budget::new(config.rate)),
         })
     }
 
@@ -149,11 +164,6 @@ impl Upstream {
     /// The uplink budget every reader of an upstream body takes from.
     pub fn budget(&self) -> &Arc<Budget> {
         &self.budget
-    }
-
-    /// Replaces the (unlimited) budget, before the client is shared.
-    pub fn set_budget(&mut self, budget: Arc<Budget>) {
-        self.budget = budget;
     }
 
     pub fn timeout(&self) -> Duration {
