@@ -30,6 +30,7 @@ import base64
 import copy
 import json
 import os
+import re
 import socket
 import subprocess
 import threading
@@ -543,6 +544,14 @@ def check_admin_prefetch(docs, spec, main_c, s, env_list, admin_listen, peer_sec
         f"ConfigMaps: {[d['metadata']['name'] for d in docs if d['kind'] == 'ConfigMap']}",
         key="prefetch-configmap",
     )
+    bad = prefetch_lines_bad((cm or {}).get("data", {}).get(PREFETCH_KEY) or "")
+    check(
+        f"every line of {PREFETCH_KEY} is `REF [PLATFORM] [pin]` (a line that is not is skipped by serve, "
+        "with a warning in the log only)",
+        not bad,
+        "; ".join(bad),
+        key="prefetch-lines",
+    )
     path = s.get("--prefetch-file", "")
     f = volume_file(docs, spec, main_c, path)
     volumes = {v["name"]: v for v in spec.get("volumes", []) or []}
@@ -614,6 +623,33 @@ def check_admin_prefetch(docs, spec, main_c, s, env_list, admin_listen, peer_sec
         "token": t["value"],
         "rate": s.get("--upstream-rate"),
     }
+
+
+PREFETCH_REF = re.compile(r"^[a-z0-9][a-z0-9._/:-]*(@sha256:[0-9a-f]{64})?$")
+PREFETCH_PLATFORM = re.compile(r"^[a-z0-9._-]+/[a-z0-9._-]+(/[a-z0-9._-]+)?$")
+
+
+def prefetch_lines_bad(text):
+    """The lines of a prefetch list that are not `REF [PLATFORM] [pin]`
+    (`#` starts a comment anywhere), each as "line N: why". The shape only:
+    serve's parser is the judge of a reference's finer grammar."""
+    bad = []
+    for n, line in enumerate(text.splitlines(), 1):
+        words = line.split("#", 1)[0].split()
+        if len(words) == 3 and words[2] != "pin":
+            why = f"`{words[2]}` is not `pin` (REF [PLATFORM] [pin], in that order)"
+        elif len(words) > 3:
+            why = "too many words"
+        elif words and not PREFETCH_REF.match(words[0]):
+            why = f"`{words[0]}` is not a reference ([HOST[:PORT]/]NAME[:TAG|@DIGEST], lower case)"
+        elif len(words) >= 2 and words[1] != "pin" and not PREFETCH_PLATFORM.match(words[1]):
+            why = f"`{words[1]}` is not a platform (os/arch[/variant]) nor `pin`"
+        elif len(words) == 3 and words[1] == "pin":
+            why = "`pin` before the platform"
+        else:
+            continue
+        bad.append(f"line {n}: {why}")
+    return bad
 
 
 def git_secret_files(repo):
@@ -1376,6 +1412,14 @@ def _rename(docs, kind, old, new):
             ref[field] = new
 
 
+def _prefetch_line(docs, line):
+    """The prefetch ConfigMap with good lines and then `line` added."""
+    data = by_kind(docs, "ConfigMap", PREFETCH_CONFIGMAP)["data"]
+    data[PREFETCH_KEY] += ("team/app:v2\nteam/base:stable pin  # a comment\n"
+                           "knative.registry.svc.cluster.local/team/db@sha256:" + "0" * 64 + " linux/arm64/v8 pin\n"
+                           + line + "\n")
+
+
 def _prefetch_subpath(docs):
     m = _mount_of(docs, "configMap")
     m["mountPath"] = m["mountPath"].rstrip("/") + "/" + PREFETCH_KEY
@@ -1495,6 +1539,13 @@ MUTATIONS = [
      "prefetch-configmap", lambda d: _rename(d, "ConfigMap", PREFETCH_CONFIGMAP, PREFETCH_CONFIGMAP + "-5t8k2f7h9m")),
     ("no prefetch ConfigMap in the render", "prefetch-configmap",
      lambda d: d.remove(by_kind(d, "ConfigMap", PREFETCH_CONFIGMAP))),
+    ("a prefetch line with `pin` before the platform", "prefetch-lines",
+     lambda d: _prefetch_line(d, "team/app:v1 pin linux/amd64")),
+    ("a prefetch line with a bare architecture for a platform", "prefetch-lines",
+     lambda d: _prefetch_line(d, "team/app:v1 amd64 pin")),
+    ("a prefetch line with four words", "prefetch-lines",
+     lambda d: _prefetch_line(d, "team/app:v1 linux/amd64 pin x")),
+    ("a prefetch line with an upper-case name", "prefetch-lines", lambda d: _prefetch_line(d, "Team/App:v1")),
     ("prefetch.txt mounted with subPath (never updated)", "prefetch-dir-mount", _prefetch_subpath),
     ("a second mount of the prefetch ConfigMap with subPath", "prefetch-dir-mount",
      lambda d: _main(d)["volumeMounts"].append(
