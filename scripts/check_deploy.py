@@ -20,7 +20,8 @@ missing or short secret stops serve at start; and starts `serve` with the
 DaemonSet's admin token, prefetch list (and, with COMPONENTS.yaml, upstream
 rate and prefetch credential): the admin API refuses a request without the
 token, answers one with it and the rate the manifests set, and `regproxy
-rate` with the pod's variables reaches it. Then a
+rate` with the pod's variables reaches it, and a prefetch credential that
+is not a docker config.json stops serve at start. Then a
 self-test: each check below that guards against a known
 mistake is shown to fail on the rendered manifests with that mistake made.
 Prints one line per check and closes with "N passed, N failed".
@@ -1231,6 +1232,25 @@ def run_admin(binary, admin, comp):
         token_file.unlink(missing_ok=True)
         token_file.write_bytes(admin["token"] or b"")
         token_file.chmod(0o400)
+        if comp:
+            # A credential serve cannot use stops it before anything is
+            # bound: a pod with a broken Secret fails loudly.
+            auth.chmod(0o600)
+            auth.write_bytes(b"user:password\n")
+            try:
+                r = subprocess.run([str(binary), "serve", *args], env=env, capture_output=True, text=True,
+                                   timeout=20)
+                code, err = r.returncode, r.stderr.strip().splitlines()
+            except subprocess.TimeoutExpired:
+                code, err = "timeout", []
+            check(
+                "`regproxy serve` with a prefetch credential that is not a docker config.json exits non-zero "
+                "with one line naming --prefetch-auth-file",
+                code not in (0, "timeout") and len(err) == 1 and "--prefetch-auth-file" in err[0],
+                f"exit {code}: {err}",
+            )
+            auth.write_bytes(comp["auth"] or b"")
+            auth.chmod(0o400)
         token = (admin["token"] or b"").strip()
         want = rate_bytes(rate)
         serve, log, started = serve_until_listening(binary, args, env)
