@@ -1,10 +1,13 @@
-"""Checks the rendered deploy/ manifests for what issues 4, 9 and 11 ask of
-them, beyond the schema: the DaemonSet, its rollout, the node path it keeps,
-the Services, the namespace's Pod Security level, the peers (the headless
-Service, the shared secret, the peer listener), and that the uninstall Job
-undoes exactly what regproxy writes on a node.
+"""Checks the rendered deploy/ manifests for what issues 4, 9, 11 and 12 ask
+of them, beyond the schema: the DaemonSet, its rollout, the node path it
+keeps, the Services, the namespace's Pod Security level, the peers (the
+headless Service, the shared secret, the peer listener), the prefetch list
+(a ConfigMap mounted as a directory), the admin token (a generated Secret,
+its file never in git) and the admin commands' variables, and that the
+uninstall Job undoes exactly what regproxy writes on a node.
 
-Usage: check_deploy.py BASE.yaml SYSADMIN_DIR REGPROXY_BINARY
+Usage: check_deploy.py BASE.yaml SYSADMIN_DIR REGPROXY_BINARY [COMPONENTS.yaml]
+(COMPONENTS.yaml: deploy/ rendered with its optional components.)
 With the binary it also checks that every setting and command the manifests
 use exists, and runs what serve writes on a node (as `regproxy hosts ...
 ensure` with the DaemonSet's name and address) and then the uninstall Job's
@@ -13,7 +16,12 @@ back; and runs the probes' commands, which must fail while no `serve`
 answers on the probe socket and pass against one that does; and starts
 `serve` with the DaemonSet's peer settings and the rendered secret: the peer
 port refuses a request without the secret and answers one with it, and a
-missing or short secret stops serve at start. Then a
+missing or short secret stops serve at start; and starts `serve` with the
+DaemonSet's admin token, prefetch list (and, with COMPONENTS.yaml, upstream
+rate and prefetch credential): the admin API refuses a request without the
+token, answers one with it and the rate the manifests set, and `regproxy
+rate` with the pod's variables reaches it, and a prefetch credential that
+is not a docker config.json stops serve at start. Then a
 self-test: each check below that guards against a known
 mistake is shown to fail on the rendered manifests with that mistake made.
 Prints one line per check and closes with "N passed, N failed".
@@ -21,7 +29,9 @@ Prints one line per check and closes with "N passed, N failed".
 
 import base64
 import copy
+import json
 import os
+import re
 import socket
 import subprocess
 import threading
@@ -59,6 +69,21 @@ PROBES = {
 PEER_SERVICE = "regproxy-peers"
 # regproxy refuses a shorter peer secret (after trimming whitespace).
 PEER_SECRET_MIN = 16
+
+# Issue 12: the prefetch list's ConfigMap (a fixed name: an edit updates the
+# mounted file in place) and the file in it; the generated Secrets whose
+# files are each operator's own, never in git; the CLI's variables, read by
+# the admin commands run in the pod, not by serve.
+PREFETCH_CONFIGMAP = "regproxy-prefetch"
+PREFETCH_KEY = "prefetch.txt"
+ADMIN_TOKEN_SECRET = "regproxy-admin-token"
+# regproxy refuses a shorter admin token (after trimming whitespace).
+ADMIN_TOKEN_MIN = 16
+OPERATOR_FILES = ["deploy/base/peer-secret", "deploy/base/admin-token"]
+CLI_VARS = ["REGPROXY_ADMIN", "REGPROXY_ADMIN_TOKEN_FILE"]
+# The admin commands (each `cache` subcommand the binary lists is one too).
+ADMIN_COMMANDS = [["rate"], ["prefetch"], ["pin"], ["unpin"], ["cache", "ls"]]
+REPO = Path(__file__).resolve().parent.parent
 
 state = {"results": [], "quiet": False}
 
@@ -119,6 +144,53 @@ def mounted(container, volumes, path):
     return host.rstrip("/") + path[len(mp):] or "/", vol
 
 
+def volume_file(docs, pod_spec, container, path):
+    """Where a file the container reads at `path` comes from, through the
+    deepest volume mount that holds it: a dict with the mount, the
+    ConfigMap or Secret volume source, the key of that object the file is
+    (None when none), the object in the render (None when not in it), the
+    file's mode, and its rendered value (bytes, None when the object has no
+    such key). A subPath mount of the file itself counts, with its subPath
+    as the key (the checks refuse it by name)."""
+    volumes = {v["name"]: v for v in pod_spec.get("volumes", []) or []}
+    mounts = [
+        m for m in container.get("volumeMounts", []) or []
+        if path and (path == m["mountPath"] or path.startswith(m["mountPath"].rstrip("/") + "/"))
+    ]
+    m = max(mounts, key=lambda m: len(m["mountPath"])) if mounts else {}
+    volume = volumes.get(m.get("name")) or {}
+    if "secret" in volume:
+        kind, source, name = "Secret", volume["secret"], volume["secret"].get("secretName")
+    elif "configMap" in volume:
+        kind, source, name = "ConfigMap", volume["configMap"], volume["configMap"].get("name")
+    else:
+        kind, source, name = None, {}, None
+    rel = m.get("subPath", "") if path == m.get("mountPath") else path[len(m.get("mountPath", "").rstrip("/")) + 1:]
+    items = source.get("items")
+    item = [i for i in items if i["path"] == rel] if items else [{"key": rel, "path": rel}]
+    key = item[0]["key"] if item and m else None
+    mode = (item[0].get("mode") if item and items else None) or source.get("defaultMode", 0o644)
+    obj = by_kind(docs, kind, name) if kind else None
+    data = (obj or {}).get("data") or {}
+    value = None
+    if key in data:
+        value = base64.b64decode(data[key]) if kind == "Secret" else data[key].encode()
+    return {"mount": m, "kind": kind, "source": source, "key": key, "object": obj, "keys": sorted(data),
+            "mode": mode, "value": value}
+
+
+def secret_file_ok(f):
+    """A file from a key of a Secret in the render, mounted read-only
+    without subPath, readable by its owner only."""
+    return (f["kind"] == "Secret" and f["object"] is not None and f["value"] is not None
+            and f["mount"].get("readOnly") is True and not f["mount"].get("subPath") and f["mode"] & 0o077 == 0)
+
+
+def describe(path, f):
+    return (f"{path!r} in mount {f['mount'] or None}, {f['kind']} {f['source'] or None}, key {f['key']!r} of "
+            f"{f['keys']}, mode {oct(f['mode'])}")
+
+
 def under_root(root, path):
     """A node path as the container sees it under --node-root."""
     return root.rstrip("/") + path if path.startswith("/") else None
@@ -145,8 +217,9 @@ def probe_seconds(p):
     return p.get("initialDelaySeconds", 0) + p.get("periodSeconds", 10) * p.get("failureThreshold", 3)
 
 
-def check_manifests(docs, job, uninstall_sh):
-    """Every check on the rendered manifests, the uninstall Job and script.
+def check_manifests(docs, job, uninstall_sh, git_files):
+    """Every check on the rendered manifests, the uninstall Job and script,
+    and the operator's files in git (`git_files`, from git_secret_files).
     Returns what run_commands needs."""
     ns = by_kind(docs, "Namespace", "registry")
     check("the namespace registry is created", ns)
@@ -453,7 +526,205 @@ def check_manifests(docs, job, uninstall_sh):
         key="uninstall-image",
     )
     peer = check_peers(docs, ds, main_c, s, env_list, listen, admin_listen)
-    return {"main": main_c, "settings": s, "inits": inits, "uninstall": [c for _, c in removes.values()], "peer": peer}
+    admin = check_admin_prefetch(docs, spec, main_c, s, env_list, admin_listen, peer["secret"])
+    check_git_files(git_files)
+    return {"main": main_c, "settings": s, "inits": inits, "uninstall": [c for _, c in removes.values()], "peer": peer,
+            "admin": admin}
+
+
+def check_admin_prefetch(docs, spec, main_c, s, env_list, admin_listen, peer_secret):
+    """Issue 12: the prefetch list from the ConfigMap regproxy-prefetch in a
+    directory mount, the admin token from a generated Secret, and the CLI
+    in the pod pointed at this node's admin listener. Returns what
+    run_admin needs."""
+    cm = by_kind(docs, "ConfigMap", PREFETCH_CONFIGMAP)
+    check(
+        f"the ConfigMap {PREFETCH_CONFIGMAP} with {PREFETCH_KEY} is in the render under that fixed name "
+        "(no kustomize hash suffix: an edit updates it in place and rolls no pod)",
+        cm is not None and PREFETCH_KEY in (cm.get("data") or {}),
+        f"ConfigMaps: {[d['metadata']['name'] for d in docs if d['kind'] == 'ConfigMap']}",
+        key="prefetch-configmap",
+    )
+    bad = prefetch_lines_bad((cm or {}).get("data", {}).get(PREFETCH_KEY) or "")
+    check(
+        f"every line of {PREFETCH_KEY} is `REF [PLATFORM] [pin]` (a line that is not is skipped by serve, "
+        "with a warning in the log only)",
+        not bad,
+        "; ".join(bad),
+        key="prefetch-lines",
+    )
+    path = s.get("--prefetch-file", "")
+    f = volume_file(docs, spec, main_c, path)
+    volumes = {v["name"]: v for v in spec.get("volumes", []) or []}
+    sub = [
+        m for m in main_c.get("volumeMounts", []) or []
+        if m.get("subPath")
+        and ((volumes.get(m["name"]) or {}).get("configMap") or {}).get("name") == PREFETCH_CONFIGMAP
+    ]
+    check(
+        f"REGPROXY_PREFETCH_FILE is {PREFETCH_KEY} of the ConfigMap {PREFETCH_CONFIGMAP}, in a directory mount of it, "
+        "read-only, never subPath (a subPath mount never receives a ConfigMap's updates)",
+        path
+        and "--prefetch-file" not in flags(main_c)
+        and f["kind"] == "ConfigMap"
+        and cm is not None
+        and f["object"] is cm
+        and f["key"] == PREFETCH_KEY
+        and f["value"] is not None
+        and f["mount"].get("readOnly") is True
+        and not f["mount"].get("subPath")
+        and not sub,
+        describe(path, f) + (f", subPath mounts {sub}" if sub else ""),
+        key="prefetch-dir-mount",
+    )
+
+    token_path = s.get("--admin-token-file", "")
+    t = volume_file(docs, spec, main_c, token_path)
+    name = (t["object"] or {}).get("metadata", {}).get("name", "")
+    suffix = name[len(ADMIN_TOKEN_SECRET) + 1:] if name.startswith(ADMIN_TOKEN_SECRET + "-") else ""
+    check(
+        "REGPROXY_ADMIN_TOKEN_FILE is a key of a Secret in the render, mounted read-only (no subPath), "
+        "readable by its owner only",
+        token_path and secret_file_ok(t) and "--admin-token-file" not in flags(main_c),
+        describe(token_path, t),
+        key="admin-token-mount",
+    )
+    check(
+        f"the admin token's Secret is made by kustomize's secretGenerator ({ADMIN_TOKEN_SECRET}-<hash>): a new "
+        "token is a new name, which rolls the pods (serve reads the token at start)",
+        len(suffix) == 10 and suffix.isalnum(),
+        f"Secret {name!r}",
+        key="admin-token-generated",
+    )
+    token = (t["value"] or b"").strip()
+    check(
+        f"the rendered admin token is printable ASCII without spaces, at least {ADMIN_TOKEN_MIN} bytes (regproxy "
+        "refuses anything else), and is not the peer secret (whoever holds that gets no admin rights with it)",
+        len(token) >= ADMIN_TOKEN_MIN and all(0x21 <= b <= 0x7E for b in token) and token != peer_secret,
+        f"{len(token)} bytes, same as the peer secret: {token == peer_secret}",
+        key="admin-token-value",
+    )
+
+    # The CLI in the pod (`kubectl exec ... -- /regproxy cache ls`) asks
+    # REGPROXY_ADMIN with the token REGPROXY_ADMIN_TOKEN_FILE names: this
+    # node's admin listener, which is on the node's address, not loopback.
+    url = s.get("--admin", "")
+    want = f"http://{admin_listen}"
+    host = admin_listen.rpartition(":")[0]
+    _, order, var, field, before = host_var(env_list, host, "REGPROXY_ADMIN")
+    check(
+        f"REGPROXY_ADMIN is the admin listener, {want} (HOST_IP defined before it), so that the admin commands "
+        "run in the pod reach this node's serve",
+        url == want and field == "status.hostIP" and before,
+        f"REGPROXY_ADMIN {url!r}, want {want!r}, env order {order}",
+        key="admin-cli-url",
+    )
+    return {
+        "prefetch": (cm or {}).get("data", {}).get(PREFETCH_KEY),
+        "token": t["value"],
+        "rate": s.get("--upstream-rate"),
+    }
+
+
+PREFETCH_REF = re.compile(r"^[a-z0-9][a-z0-9._/:-]*(@sha256:[0-9a-f]{64})?$")
+PREFETCH_PLATFORM = re.compile(r"^[a-z0-9._-]+/[a-z0-9._-]+(/[a-z0-9._-]+)?$")
+
+
+def prefetch_lines_bad(text):
+    """The lines of a prefetch list that are not `REF [PLATFORM] [pin]`
+    (`#` starts a comment anywhere), each as "line N: why". The shape only:
+    serve's parser is the judge of a reference's finer grammar."""
+    bad = []
+    for n, line in enumerate(text.splitlines(), 1):
+        words = line.split("#", 1)[0].split()
+        if len(words) == 3 and words[2] != "pin":
+            why = f"`{words[2]}` is not `pin` (REF [PLATFORM] [pin], in that order)"
+        elif len(words) > 3:
+            why = "too many words"
+        elif words and not PREFETCH_REF.match(words[0]):
+            why = f"`{words[0]}` is not a reference ([HOST[:PORT]/]NAME[:TAG|@DIGEST], lower case)"
+        elif len(words) >= 2 and words[1] != "pin" and not PREFETCH_PLATFORM.match(words[1]):
+            why = f"`{words[1]}` is not a platform (os/arch[/variant]) nor `pin`"
+        elif len(words) == 3 and words[1] == "pin":
+            why = "`pin` before the platform"
+        else:
+            continue
+        bad.append(f"line {n}: {why}")
+    return bad
+
+
+def git_secret_files(repo):
+    """Every file a secretGenerator under deploy/ reads, as (path from the
+    repository's root, tracked by git, ignored by git); None outside a git
+    work tree (a release tarball)."""
+    if subprocess.run(["git", "-C", str(repo), "rev-parse", "--is-inside-work-tree"],
+                      capture_output=True).returncode != 0:
+        return None
+    out = []
+    for k in sorted(repo.glob("deploy/**/kustomization.yaml")):
+        for g in (yaml.safe_load(k.read_text()) or {}).get("secretGenerator") or []:
+            for entry in g.get("files") or []:
+                path = os.path.relpath(os.path.normpath(k.parent / entry.split("=", 1)[-1]), repo)
+                tracked = subprocess.run(["git", "-C", str(repo), "ls-files", "--", path],
+                                         capture_output=True, text=True).stdout.strip() != ""
+                ignored = subprocess.run(["git", "-C", str(repo), "check-ignore", "-q", path]).returncode == 0
+                out.append((path, tracked, ignored))
+    return out
+
+
+def check_git_files(files):
+    """The secrets' values are never in git: each file a secretGenerator
+    reads (the peer secret, the admin token, the prefetch credential) is
+    ignored and untracked."""
+    if files is None:
+        check("the generated Secrets' files are not in git (no git work tree here: nothing to check)", True)
+        return
+    paths = [p for p, _, _ in files]
+    bad = [(p, "tracked" if tracked else "not ignored") for p, tracked, ignored in files if tracked or not ignored]
+    check(
+        f"every file a secretGenerator reads is ignored by git and untracked, {', '.join(OPERATOR_FILES)} "
+        "among them: no secret's value is ever committed",
+        all(p in paths for p in OPERATOR_FILES) and not bad,
+        f"files {paths}, wrong: {bad}",
+        key="secrets-not-in-git",
+    )
+
+
+def check_components(docs):
+    """deploy/ with its optional components (deploy/components): the
+    prefetch credential a docker config.json from a Secret of type
+    kubernetes.io/dockerconfigjson mounted read-only, the uplink budget set."""
+    ds = by_kind(docs, "DaemonSet", "regproxy")
+    spec = ds["spec"]["template"]["spec"]
+    main_c = [c for c in spec["containers"] if c["name"] == "regproxy"][0]
+    s = settings(main_c)
+    path = s.get("--prefetch-auth-file", "")
+    f = volume_file(docs, spec, main_c, path)
+    check(
+        "with components/prefetch-auth, REGPROXY_PREFETCH_AUTH_FILE is a key of a Secret in the render of type "
+        "kubernetes.io/dockerconfigjson, mounted read-only (no subPath), readable by its owner only",
+        path and secret_file_ok(f) and f["object"].get("type") == "kubernetes.io/dockerconfigjson"
+        and f["key"] == ".dockerconfigjson",
+        describe(path, f) + f", type {(f['object'] or {}).get('type')!r}",
+        key="prefetch-auth-mount",
+    )
+    try:
+        auths = json.loads(f["value"] or b"").get("auths")
+    except (ValueError, AttributeError):
+        auths = None
+    check(
+        "the rendered prefetch credential is a docker config.json with an `auths` entry",
+        isinstance(auths, dict) and auths,
+        f"auths: {auths!r}"[:200],
+        key="prefetch-auth-json",
+    )
+    check(
+        "with components/upstream-rate, REGPROXY_UPSTREAM_RATE is set",
+        s.get("--upstream-rate") and "--upstream-rate" not in flags(main_c),
+        str(s.get("--upstream-rate")),
+        key="upstream-rate-set",
+    )
+    return {"main": main_c, "settings": s, "auth": f["value"]}
 
 
 def port_of(addr):
@@ -550,34 +821,15 @@ def check_peers(docs, ds, main_c, s, env_list, listen, admin_listen):
 
     # The secret: a file from a Secret in the render, read-only, root's only.
     path = s.get("--peer-secret-file", "")
-    volumes = {v["name"]: v for v in pod["spec"].get("volumes", [])}
-    mounts = [
-        m for m in main_c.get("volumeMounts", []) or []
-        if path.startswith(m["mountPath"].rstrip("/") + "/")
-    ]
-    m = max(mounts, key=lambda m: len(m["mountPath"])) if mounts else {}
-    vol = (volumes.get(m.get("name")) or {}).get("secret") or {}
-    rel = path[len(m.get("mountPath", "").rstrip("/")) + 1:] if m else ""
-    items = vol.get("items")
-    item = [i for i in items if i["path"] == rel] if items else [{"key": rel, "path": rel}]
-    key_name = item[0]["key"] if item else None
-    mode = (item[0].get("mode") if item and items else None) or vol.get("defaultMode", 0o644)
-    secret = by_kind(docs, "Secret", vol.get("secretName"))
-    data = (secret or {}).get("data") or {}
+    f = volume_file(docs, pod["spec"], main_c, path)
     check(
         "REGPROXY_PEER_SECRET_FILE is a key of a Secret in the render, mounted read-only (no subPath), "
         "readable by its owner only",
-        path
-        and secret is not None
-        and key_name in data
-        and m.get("readOnly") is True
-        and not m.get("subPath")
-        and mode & 0o077 == 0
-        and "--peer-secret-file" not in flags(main_c),
-        f"{path!r} in mount {m}, volume {vol}, key {key_name!r} of {sorted(data)}, mode {oct(mode)}",
+        path and secret_file_ok(f) and "--peer-secret-file" not in flags(main_c),
+        describe(path, f),
         key="peer-secret-mount",
     )
-    value = base64.b64decode(data.get(key_name, "") or "").strip() if key_name else b""
+    value = (f["value"] or b"").strip()
     check(
         f"the rendered peer secret is printable ASCII without spaces, at least {PEER_SECRET_MIN} bytes "
         "(regproxy refuses anything else)",
@@ -601,7 +853,7 @@ def check_peers(docs, ds, main_c, s, env_list, listen, admin_listen):
     }
 
 
-def run_commands(binary, ctx):
+def run_commands(binary, ctx, comp=None):
     """The manifests' own settings and commands, run by the real binary."""
     main_c, s = ctx["main"], ctx["settings"]
 
@@ -613,8 +865,24 @@ def run_commands(binary, ctx):
     unknown = [k for k in flags(main_c) if k.startswith("--") and f"{k} " not in serve_help and f"{k}=" not in serve_help]
     check("every flag the DaemonSet passes to `regproxy serve` exists", not unknown, f"unknown: {unknown}")
     env_names = [e["name"] for e in main_c.get("env", []) if e["name"].startswith("REGPROXY_")]
-    unread = [n for n in env_names if f"[env: {n}=" not in serve_help]
-    check("`regproxy serve` reads every REGPROXY_* variable the DaemonSet sets", not unread, f"not read: {unread}")
+    unread = [n for n in env_names if f"[env: {n}=" not in serve_help and n not in CLI_VARS]
+    check(
+        "`regproxy serve` reads every REGPROXY_* variable the DaemonSet sets (but REGPROXY_ADMIN, the admin "
+        "commands' own)",
+        not unread,
+        f"not read: {unread}",
+    )
+    _, cache_help = help_of("cache")
+    listed = cache_help.partition("Commands:")[2].partition("\n\n")[0].split("\n")
+    cache_cmds = [["cache", line.split()[0]] for line in listed if line.strip() and line.split()[0] != "help"]
+    for cmd in ADMIN_COMMANDS + [c for c in cache_cmds if c not in ADMIN_COMMANDS]:
+        code, cmd_help = help_of(*cmd)
+        unread = [n for n in CLI_VARS if f"[env: {n}=" not in cmd_help]
+        check(
+            f"`regproxy {' '.join(cmd)}` reads {' and '.join(CLI_VARS)}, which the DaemonSet sets for it",
+            code == 0 and not unread,
+            f"exit {code}, not read: {unread}",
+        )
     code, doctor_help = help_of("doctor")
     want = [env_flag(n) for n in env_names if env_flag(n) in DOCTOR_SETTINGS + DOCTOR_OPTIONAL]
     missing = [k for k in want if f"{k} " not in doctor_help and f"{k}=" not in doctor_help]
@@ -638,6 +906,7 @@ def run_commands(binary, ctx):
 
     run_probes(binary, main_c, s.get("--probe-socket"))
     run_peer(binary, ctx["peer"])
+    run_admin(binary, ctx["admin"], comp)
 
     with tempfile.TemporaryDirectory() as tmp:
         node = Path(tmp)
@@ -865,6 +1134,174 @@ def run_peer(binary, peer):
             stop(serve)
 
 
+RATE_UNITS = {"bit": 1 / 8, "kbit": 1e3 / 8, "Mbit": 1e6 / 8, "Gbit": 1e9 / 8, "B": 1, "kB": 1e3, "KB": 1e3,
+              "MB": 1e6, "GB": 1e9, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
+
+
+def rate_bytes(rate):
+    """`20Mbit/s` -> 2500000 (bytes per second), for what the manifests
+    write; None for anything else."""
+    rate = (rate or "off").strip()
+    if rate.lower() in ("off", "0", "unlimited"):
+        return 0
+    if not rate.endswith("/s"):
+        return None
+    number, unit = rate.removesuffix("/s").strip(), None
+    if number.isdigit():
+        return int(number)
+    for u in sorted(RATE_UNITS, key=len, reverse=True):
+        if number.endswith(u):
+            number, unit = number[: -len(u)].strip(), u
+            break
+    try:
+        return round(float(number) * RATE_UNITS[unit]) if unit else None
+    except ValueError:
+        return None
+
+
+def admin_get(addr, path, token):
+    """GET on the admin listener, with `Authorization: Bearer token` unless
+    None; (status, body as JSON or None)."""
+    req = urllib.request.Request(f"http://{addr}{path}")
+    if token is not None:
+        req.add_header("Authorization", "Bearer " + token.decode())
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            status, body = r.status, r.read()
+    except urllib.error.HTTPError as e:
+        status, body = e.code, e.read()
+    except OSError as e:
+        return str(e), None
+    try:
+        return status, json.loads(body)
+    except ValueError:
+        return status, body.decode(errors="replace")
+
+
+def run_admin(binary, admin, comp):
+    """`serve` with the DaemonSet's admin and prefetch settings as the pod
+    has them: the rendered token in a 0400 file, the rendered prefetch.txt
+    in a directory, and with the components' render also its upstream rate
+    and prefetch credential. The admin API refuses a request without the
+    token and answers one with it, the rate in force is the one the
+    manifests set, and the CLI with the DaemonSet's variables reaches it. A
+    token file missing or too short stops serve at start with one line."""
+    with tempfile.TemporaryDirectory() as tmp:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            admin_addr = f"127.0.0.1:{probe.getsockname()[1]}"
+        token_file = Path(f"{tmp}/admin/token")
+        token_file.parent.mkdir()
+        prefetch = Path(f"{tmp}/prefetch/{PREFETCH_KEY}")
+        prefetch.parent.mkdir()
+        prefetch.write_text(admin["prefetch"] or "")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("REGPROXY_")}
+        env.update({
+            "REGPROXY_ADMIN_LISTEN": admin_addr,
+            "REGPROXY_ADMIN_TOKEN_FILE": str(token_file),
+            "REGPROXY_PREFETCH_FILE": str(prefetch),
+        })
+        rate = admin["rate"]
+        if comp:
+            rate = comp["settings"].get("--upstream-rate")
+            env["REGPROXY_UPSTREAM_RATE"] = rate
+            auth = Path(f"{tmp}/auth/config.json")
+            auth.parent.mkdir()
+            auth.write_bytes(comp["auth"] or b"")
+            auth.chmod(0o400)
+            env["REGPROXY_PREFETCH_AUTH_FILE"] = str(auth)
+        elif rate:
+            env["REGPROXY_UPSTREAM_RATE"] = rate
+        args = ["--listen=127.0.0.1:0", "--upstream=http://127.0.0.1:9", f"--cache-dir={tmp}/cache",
+                "--log-format=text"]
+        for what, content in (("missing", None), ("shorter than 16 characters", b" 0123456789abcde\n")):
+            token_file.unlink(missing_ok=True)
+            if content is not None:
+                token_file.write_bytes(content)
+            try:
+                r = subprocess.run([str(binary), "serve", *args], env=env, capture_output=True, text=True,
+                                   timeout=20)
+                code, err = r.returncode, r.stderr.strip().splitlines()
+            except subprocess.TimeoutExpired:
+                code, err = "timeout", []
+            check(
+                f"`regproxy serve` with the admin token file {what} exits 2 with one line",
+                code == 2 and len(err) == 1,
+                f"exit {code}: {err}",
+            )
+        token_file.unlink(missing_ok=True)
+        token_file.write_bytes(admin["token"] or b"")
+        token_file.chmod(0o400)
+        if comp:
+            # A credential serve cannot use stops it before anything is
+            # bound: a pod with a broken Secret fails loudly.
+            auth.chmod(0o600)
+            auth.write_bytes(b"user:password\n")
+            try:
+                r = subprocess.run([str(binary), "serve", *args], env=env, capture_output=True, text=True,
+                                   timeout=20)
+                code, err = r.returncode, r.stderr.strip().splitlines()
+            except subprocess.TimeoutExpired:
+                code, err = "timeout", []
+            check(
+                "`regproxy serve` with a prefetch credential that is not a docker config.json exits non-zero "
+                "with one line naming --prefetch-auth-file",
+                code not in (0, "timeout") and len(err) == 1 and "--prefetch-auth-file" in err[0],
+                f"exit {code}: {err}",
+            )
+            auth.write_bytes(comp["auth"] or b"")
+            auth.chmod(0o400)
+        token = (admin["token"] or b"").strip()
+        want = rate_bytes(rate)
+        serve, log, started = serve_until_listening(binary, args, env)
+        try:
+            check(
+                "`regproxy serve` starts with the DaemonSet's admin token, prefetch list"
+                + (", upstream rate and prefetch credential" if comp else ""),
+                started,
+                " | ".join(log[-3:]),
+            )
+            if not started:
+                return
+            status, body = admin_get(admin_addr, "/admin/rate", None)
+            check("the admin API answers 401 without the token", status == 401, f"{status} {body}")
+            status, body = admin_get(admin_addr, "/admin/rate", b"x" * len(token))
+            check("the admin API answers 401 with a wrong token", status == 401, f"{status} {body}")
+            status, body = admin_get(admin_addr, "/admin/rate", token)
+            check(
+                f"GET /admin/rate with the rendered token answers the rate the manifests set "
+                f"({rate or 'none'}: {want} bytes/s)",
+                status == 200 and isinstance(body, dict) and body.get("rate") == want,
+                f"{status} {body}",
+            )
+            status, body = admin_get(admin_addr, "/metrics", None)
+            check(
+                f"/metrics needs no token, and shows regproxy_upstream_rate_bytes {want}",
+                status == 200 and f"\nregproxy_upstream_rate_bytes {want}\n" in f"\n{body}",
+                f"{status}",
+            )
+            cli = {**env, "REGPROXY_ADMIN": f"http://{admin_addr}"}
+            r = subprocess.run([str(binary), "rate", "--json"], env=cli, capture_output=True, text=True, timeout=30)
+            try:
+                answer = json.loads(r.stdout)
+            except ValueError:
+                answer = None
+            check(
+                "`regproxy rate` with REGPROXY_ADMIN and REGPROXY_ADMIN_TOKEN_FILE (the pod's variables) asks "
+                "that serve",
+                r.returncode == 0 and isinstance(answer, dict) and answer.get("rate") == want,
+                f"exit {r.returncode}: {r.stdout.strip()} {r.stderr.strip()}",
+            )
+            wrong = Path(f"{tmp}/wrong-token")
+            wrong.write_bytes(b"y" * max(len(token), ADMIN_TOKEN_MIN))
+            r = subprocess.run([str(binary), "rate"], env={**cli, "REGPROXY_ADMIN_TOKEN_FILE": str(wrong)},
+                               capture_output=True, text=True, timeout=30)
+            check("`regproxy rate` with another token is refused (exit 1)", r.returncode == 1,
+                  f"exit {r.returncode}: {r.stderr.strip()}")
+        finally:
+            stop(serve)
+
+
 # --- self-test: each guard fails on the manifests with its mistake made ---
 
 def _ds(docs):
@@ -936,7 +1373,7 @@ def _peers_svc(docs):
 
 
 def _peer_volume(docs):
-    return [v for v in _pod(docs)["volumes"] if "secret" in v][0]
+    return _volume_of(docs, "regproxy-peer-secret")
 
 
 def _peer_mount(docs):
@@ -944,8 +1381,9 @@ def _peer_mount(docs):
     return [m for m in _main(docs)["volumeMounts"] if m["name"] == name][0]
 
 
-def _secret_value(docs, value):
-    secret = by_kind(docs, "Secret", _peer_volume(docs)["secret"]["secretName"])
+def _secret_value(docs, value, source="regproxy-peer-secret"):
+    """Every key of the Secret named `source`-<hash> set to `value`."""
+    secret = by_kind(docs, "Secret", _volume_of(docs, source)["secret"]["secretName"])
     for k in secret["data"]:
         secret["data"][k] = base64.b64encode(value).decode()
 
@@ -954,12 +1392,63 @@ def _short_secret(docs):
     _secret_value(docs, b"  short-secret\n")
 
 
-def _host_ip_after_peer_listen(docs):
+def _host_ip_after(docs, name):
+    """HOST_IP moved to just after the variable `name` that uses it."""
     c = _main(docs)
     host_ip = [e for e in c["env"] if e["name"] == "HOST_IP"]
     rest = [e for e in c["env"] if e["name"] != "HOST_IP"]
-    at = [e["name"] for e in rest].index("REGPROXY_PEER_LISTEN") + 1
+    at = [e["name"] for e in rest].index(name) + 1
     c["env"] = rest[:at] + host_ip + rest[at:]
+
+
+def _drop_env(docs, name):
+    c = _main(docs)
+    c["env"] = [e for e in c["env"] if e["name"] != name]
+
+
+def _volume_of(docs, source):
+    """The pod's volume of a ConfigMap ("configMap": the prefetch list's) or
+    of the Secret whose name starts with `source`."""
+    for v in _pod(docs)["volumes"]:
+        if source == "configMap" and v.get("configMap", {}).get("name", "").startswith(PREFETCH_CONFIGMAP):
+            return v
+        if v.get("secret", {}).get("secretName", "").startswith(source):
+            return v
+    raise KeyError(source)
+
+
+def _mount_of(docs, source):
+    name = _volume_of(docs, source)["name"]
+    return [m for m in _main(docs)["volumeMounts"] if m["name"] == name][0]
+
+
+def _rename(docs, kind, old, new):
+    """Renames an object and the pod's references to it."""
+    by_kind(docs, kind, old)["metadata"]["name"] = new
+    for v in _pod(docs)["volumes"]:
+        ref = v.get("configMap") if kind == "ConfigMap" else v.get("secret")
+        field = "name" if kind == "ConfigMap" else "secretName"
+        if ref and ref.get(field) == old:
+            ref[field] = new
+
+
+def _prefetch_line(docs, line):
+    """The prefetch ConfigMap with good lines and then `line` added."""
+    data = by_kind(docs, "ConfigMap", PREFETCH_CONFIGMAP)["data"]
+    data[PREFETCH_KEY] += ("team/app:v2\nteam/base:stable pin  # a comment\n"
+                           "knative.registry.svc.cluster.local/team/db@sha256:" + "0" * 64 + " linux/arm64/v8 pin\n"
+                           + line + "\n")
+
+
+def _prefetch_subpath(docs):
+    m = _mount_of(docs, "configMap")
+    m["mountPath"] = m["mountPath"].rstrip("/") + "/" + PREFETCH_KEY
+    m["subPath"] = PREFETCH_KEY
+
+
+def _git_file(files, path, **change):
+    """The git facts with one file's tracked/ignored changed."""
+    return [(p, change.get("tracked", t), change.get("ignored", i)) if p == path else (p, t, i) for p, t, i in files]
 
 
 MUTATIONS = [
@@ -1047,7 +1536,8 @@ MUTATIONS = [
      lambda d: _env(d, "REGPROXY_PEER_LISTEN", "127.0.0.2:5001")),
     ("the peer listener on 0.0.0.0 (the node would not find itself among the peers)", "peer-listen-host-ip",
      lambda d: _env(d, "REGPROXY_PEER_LISTEN", "0.0.0.0:5001")),
-    ("HOST_IP defined after REGPROXY_PEER_LISTEN", "peer-listen-host-ip", _host_ip_after_peer_listen),
+    ("HOST_IP defined after REGPROXY_PEER_LISTEN", "peer-listen-host-ip",
+     lambda d: _host_ip_after(d, "REGPROXY_PEER_LISTEN")),
     ("the peer listener on the admin port", "peer-port-distinct",
      lambda d: _env(d, "REGPROXY_PEER_LISTEN", "$(HOST_IP):9477")),
     ("the peer port declared as a containerPort", "no-host-ports-with-surge",
@@ -1064,6 +1554,79 @@ MUTATIONS = [
      lambda d: _secret_value(d, b"0123456789 abcdef0123456789")),
     ("the upstream (and so the peers' name) resolved through /etc/hosts first", "peers-resolver",
      lambda d: _env(d, "REGPROXY_UPSTREAM_RESOLVER", "system")),
+    # The prefetch list, the admin token, the CLI (issue 12).
+    ("the prefetch ConfigMap with a hash suffix (an edit would be a new name and roll the pods)",
+     "prefetch-configmap", lambda d: _rename(d, "ConfigMap", PREFETCH_CONFIGMAP, PREFETCH_CONFIGMAP + "-5t8k2f7h9m")),
+    ("no prefetch ConfigMap in the render", "prefetch-configmap",
+     lambda d: d.remove(by_kind(d, "ConfigMap", PREFETCH_CONFIGMAP))),
+    ("a prefetch line with `pin` before the platform", "prefetch-lines",
+     lambda d: _prefetch_line(d, "team/app:v1 pin linux/amd64")),
+    ("a prefetch line with a bare architecture for a platform", "prefetch-lines",
+     lambda d: _prefetch_line(d, "team/app:v1 amd64 pin")),
+    ("a prefetch line with four words", "prefetch-lines",
+     lambda d: _prefetch_line(d, "team/app:v1 linux/amd64 pin x")),
+    ("a prefetch line with an upper-case name", "prefetch-lines", lambda d: _prefetch_line(d, "Team/App:v1")),
+    ("prefetch.txt mounted with subPath (never updated)", "prefetch-dir-mount", _prefetch_subpath),
+    ("a second mount of the prefetch ConfigMap with subPath", "prefetch-dir-mount",
+     lambda d: _main(d)["volumeMounts"].append(
+         {"name": _volume_of(d, "configMap")["name"], "mountPath": "/etc/prefetch.txt", "subPath": PREFETCH_KEY})),
+    ("REGPROXY_PREFETCH_FILE outside the ConfigMap's mount", "prefetch-dir-mount",
+     lambda d: _env(d, "REGPROXY_PREFETCH_FILE", "/var/lib/regproxy/prefetch.txt")),
+    ("REGPROXY_PREFETCH_FILE naming a file the ConfigMap does not hold", "prefetch-dir-mount",
+     lambda d: _env(d, "REGPROXY_PREFETCH_FILE", _mount_of(d, "configMap")["mountPath"] + "/list.txt")),
+    ("no REGPROXY_PREFETCH_FILE", "prefetch-dir-mount", lambda d: _drop_env(d, "REGPROXY_PREFETCH_FILE")),
+    ("the prefetch ConfigMap mounted writable", "prefetch-dir-mount",
+     lambda d: _mount_of(d, "configMap").pop("readOnly")),
+    ("the admin token mounted writable", "admin-token-mount",
+     lambda d: _mount_of(d, ADMIN_TOKEN_SECRET).pop("readOnly")),
+    ("the admin token readable by everyone (mode 0644)", "admin-token-mount",
+     lambda d: _set(_volume_of(d, ADMIN_TOKEN_SECRET)["secret"], "defaultMode", 0o644)),
+    ("the admin token mounted with subPath", "admin-token-mount",
+     lambda d: _mount_of(d, ADMIN_TOKEN_SECRET).update(mountPath="/etc/regproxy-admin/token", subPath="token")),
+    ("REGPROXY_ADMIN_TOKEN_FILE naming a file the Secret does not hold", "admin-token-mount",
+     lambda d: _env(d, "REGPROXY_ADMIN_TOKEN_FILE", _mount_of(d, ADMIN_TOKEN_SECRET)["mountPath"] + "/admin-token")),
+    ("the admin token volume naming a Secret not in the render", "admin-token-mount",
+     lambda d: _set(_volume_of(d, ADMIN_TOKEN_SECRET)["secret"], "secretName", "regproxy-admin")),
+    ("no REGPROXY_ADMIN_TOKEN_FILE", "admin-token-mount", lambda d: _drop_env(d, "REGPROXY_ADMIN_TOKEN_FILE")),
+    ("the admin token in a Secret of a fixed name (a new token would not restart serve)", "admin-token-generated",
+     lambda d: _rename(d, "Secret", _volume_of(d, ADMIN_TOKEN_SECRET)["secret"]["secretName"], ADMIN_TOKEN_SECRET)),
+    ("an admin token of whitespace only", "admin-token-value", lambda d: _secret_value(d, b" \n", ADMIN_TOKEN_SECRET)),
+    ("an admin token of 15 bytes", "admin-token-value",
+     lambda d: _secret_value(d, b" 0123456789abcde\n", ADMIN_TOKEN_SECRET)),
+    ("an admin token with a space in it", "admin-token-value",
+     lambda d: _secret_value(d, b"0123456789 abcdef0123456789", ADMIN_TOKEN_SECRET)),
+    ("the admin token equal to the peer secret", "admin-token-value",
+     lambda d: _secret_value(d, base64.b64decode(list(by_kind(
+         d, "Secret", _peer_volume(d)["secret"]["secretName"])["data"].values())[0]), ADMIN_TOKEN_SECRET)),
+    ("REGPROXY_ADMIN on loopback (the admin listener is on the node's address)", "admin-cli-url",
+     lambda d: _env(d, "REGPROXY_ADMIN", "http://127.0.0.1:9477")),
+    ("REGPROXY_ADMIN on another port", "admin-cli-url", lambda d: _env(d, "REGPROXY_ADMIN", "http://$(HOST_IP):9478")),
+    ("HOST_IP defined after REGPROXY_ADMIN", "admin-cli-url", lambda d: _host_ip_after(d, "REGPROXY_ADMIN")),
+    ("no REGPROXY_ADMIN", "admin-cli-url", lambda d: _drop_env(d, "REGPROXY_ADMIN")),
+]
+GIT_MUTATIONS = [
+    ("deploy/base/admin-token tracked by git", "secrets-not-in-git",
+     lambda g: _git_file(g, "deploy/base/admin-token", tracked=True)),
+    ("deploy/base/admin-token not ignored (its .gitignore line gone)", "secrets-not-in-git",
+     lambda g: _git_file(g, "deploy/base/admin-token", ignored=False)),
+    ("the prefetch credential tracked by git", "secrets-not-in-git",
+     lambda g: _git_file(g, "deploy/components/prefetch-auth/prefetch-auth.json", tracked=True)),
+    ("the admin token's generator reading another, tracked file", "secrets-not-in-git",
+     lambda g: [x for x in g if x[0] != "deploy/base/admin-token"] + [("deploy/base/token.txt", True, False)]),
+]
+COMPONENT_MUTATIONS = [
+    ("the prefetch credential mounted writable", "prefetch-auth-mount",
+     lambda d: _mount_of(d, "regproxy-prefetch-auth").pop("readOnly")),
+    ("the prefetch credential readable by everyone (mode 0644)", "prefetch-auth-mount",
+     lambda d: _set(_volume_of(d, "regproxy-prefetch-auth")["secret"], "defaultMode", 0o644)),
+    ("the prefetch credential in an Opaque Secret", "prefetch-auth-mount",
+     lambda d: _set(by_kind(d, "Secret", _volume_of(d, "regproxy-prefetch-auth")["secret"]["secretName"]),
+                    "type", "Opaque")),
+    ("no REGPROXY_PREFETCH_AUTH_FILE", "prefetch-auth-mount", lambda d: _drop_env(d, "REGPROXY_PREFETCH_AUTH_FILE")),
+    ("a prefetch credential that is not JSON", "prefetch-auth-json",
+     lambda d: _secret_value(d, b"user:password\n", "regproxy-prefetch-auth")),
+    ("a prefetch credential without auths", "prefetch-auth-json", lambda d: _secret_value(d, b'{"credsStore":"desktop"}', "regproxy-prefetch-auth")),
+    ("no REGPROXY_UPSTREAM_RATE", "upstream-rate-set", lambda d: _drop_env(d, "REGPROXY_UPSTREAM_RATE")),
 ]
 JOB_MUTATIONS = [
     ("the uninstall Job with a fixed image", "uninstall-image",
@@ -1079,11 +1642,13 @@ def _set_all_images(job, image):
     return job
 
 
-def quiet_run(docs, job, sh):
+def quiet_run(run):
+    """The failed check keys of `run()`, printing nothing; or an error when
+    a check breaks outright."""
     saved = state["results"], state["quiet"]
     state["results"], state["quiet"] = [], True
     try:
-        check_manifests(docs, job, sh)
+        run()
         return [k for k, ok in state["results"] if not ok], None
     except Exception as e:  # a mutation that breaks a check outright
         return None, f"{type(e).__name__}: {e}"
@@ -1091,15 +1656,29 @@ def quiet_run(docs, job, sh):
         state["results"], state["quiet"] = saved
 
 
-def self_test(docs, job, sh):
-    failed, err = quiet_run(copy.deepcopy(docs), copy.deepcopy(job), sh)
+def self_test(docs, job, sh, git_files, comp_docs):
+    def base(d, j, s, g):
+        return lambda: check_manifests(d, j, s, g)
+
+    failed, err = quiet_run(base(copy.deepcopy(docs), copy.deepcopy(job), sh, git_files))
     check("self-test: the unmodified manifests pass every check", failed == [] and not err, err or str(failed))
-    cases = [(w, k, lambda d, j, s, m=m: (m(d), d, j, s)[1:]) for w, k, m in MUTATIONS]
-    cases += [(w, k, lambda d, j, s, m=m: (d, *m(j, s))) for w, k, m in JOB_MUTATIONS]
+    cases = [(w, k, lambda d, j, s, g, m=m: base(*(m(d), d, j, s, g)[1:])) for w, k, m in MUTATIONS]
+    cases += [(w, k, lambda d, j, s, g, m=m: base(d, *m(j, s), g)) for w, k, m in JOB_MUTATIONS]
+    cases += [(w, k, lambda d, j, s, g, m=m: base(d, j, s, m(copy.deepcopy(git_files or [])))) for w, k, m in GIT_MUTATIONS]
     for what, key, mutate in cases:
-        d, j, s = mutate(copy.deepcopy(docs), copy.deepcopy(job), sh)
-        failed, err = quiet_run(d, j, s)
+        failed, err = quiet_run(mutate(copy.deepcopy(docs), copy.deepcopy(job), sh, git_files))
         check(f"self-test: {what} fails the check {key!r}", not err and key in failed, err or f"failed: {failed}")
+    if comp_docs is None:
+        return
+    failed, err = quiet_run(lambda: check_components(copy.deepcopy(comp_docs)))
+    check("self-test: the unmodified manifests with components pass every check", failed == [] and not err,
+          err or str(failed))
+    for what, key, mutate in COMPONENT_MUTATIONS:
+        d = copy.deepcopy(comp_docs)
+        mutate(d)
+        failed, err = quiet_run(lambda: check_components(d))
+        check(f"self-test: with components, {what} fails the check {key!r}", not err and key in failed,
+              err or f"failed: {failed}")
 
 
 def main():
@@ -1107,10 +1686,18 @@ def main():
     sysadmin = Path(sys.argv[2])
     job = yaml.safe_load((sysadmin / "uninstall-job.yaml").read_text())
     sh = (sysadmin / "uninstall.sh").read_text()
+    comp_docs = [d for d in yaml.safe_load_all(Path(sys.argv[4]).read_text()) if d] if len(sys.argv) > 4 else None
+    git_files = git_secret_files(REPO)
 
-    ctx = check_manifests(docs, job, sh)
-    run_commands(Path(sys.argv[3]), ctx)
-    self_test(docs, job, sh)
+    ctx = check_manifests(docs, job, sh, git_files)
+    comp = None
+    if comp_docs is not None:
+        failed, err = quiet_run(lambda: check_manifests(copy.deepcopy(comp_docs), job, sh, git_files))
+        check("deploy/ with its components (deploy/components) passes every check deploy/ passes",
+              failed == [] and not err, err or str(failed))
+        comp = check_components(comp_docs)
+    run_commands(Path(sys.argv[3]), ctx, comp)
+    self_test(docs, job, sh, git_files, comp_docs)
 
     oks = [ok for _, ok in state["results"]]
     passed, failed = oks.count(True), oks.count(False)

@@ -53,11 +53,12 @@ kubectl -n registry logs -l app.kubernetes.io/name=regproxy-uninstall --all-cont
 
 if $all; then
   echo "3/3 deleting the registry and the namespace"
-  if [ -f ../deploy/base/peer-secret ]; then
+  if [ -f ../deploy/base/peer-secret ] && [ -f ../deploy/base/admin-token ]; then
     kubectl delete -k ../deploy --ignore-not-found
   else
-    # deploy/ does not render without the peers' secret file (made on the
-    # machine that installed it); everything it creates is in the namespace.
+    # deploy/ does not render without the peers' secret and the admin token
+    # files (made on the machine that installed it); everything it creates
+    # is in the namespace.
     kubectl delete namespace registry --ignore-not-found
   fi
 else
