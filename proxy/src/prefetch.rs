@@ -168,7 +168,10 @@ pub async fn run(
         }
     }
     digests.extend(blobs.iter().map(|(d, _)| d.clone()));
-    let total: u64 = blobs.iter().map(|(_, s)| s).sum();
+    let total = blobs
+        .iter()
+        .try_fold(0u64, |sum, (_, s)| sum.checked_add(*s))
+        .ok_or("the manifest's sizes add up past 2^64 bytes")?;
     let (cached, missing): (Vec<_>, Vec<_>) =
         blobs.iter().partition(|(d, _)| app.cache().contains(d));
     let cached_bytes: u64 = cached.iter().map(|(_, s)| s).sum();
@@ -306,6 +309,9 @@ async fn blob(
     }
     if got != size {
         return Err(format!("{what}: {got} bytes, the manifest says {size}"));
+    }
+    if !app.cache().contains(d) {
+        return Err(format!("{what}: fetched, but not kept in the cache"));
     }
     Ok(())
 }

@@ -163,7 +163,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     }
     // The pins' background prefetches stop when shutdown starts: a fill
     // they would start then would only hold up the drain.
-    let stop = tokio_util::sync::CancellationToken::new();
+    let stop = app.stopping().clone();
     crate::pins::start(&app, stop.clone());
     let shutdown = async move {
         shutdown_signal().await;

@@ -89,12 +89,18 @@ pub fn parse_rate(s: &str) -> Result<u64, UnitError> {
         let bits = n
             .checked_mul(mult)
             .ok_or_else(|| UnitError::SizeTooLarge(t.into()))?;
-        return Ok(bits / 8);
+        // `7bit/s` is not a whole byte a second, and 0 would mean no limit.
+        return match bits / 8 {
+            0 => Err(not_a_rate()),
+            bytes => Ok(bytes),
+        };
     }
-    parse_size(per).map_err(|e| match e {
-        UnitError::SizeTooLarge(_) => e,
-        _ => not_a_rate(),
-    })
+    match parse_size(per) {
+        Ok(0) => Err(not_a_rate()),
+        Ok(bytes) => Ok(bytes),
+        Err(e @ UnitError::SizeTooLarge(_)) => Err(e),
+        Err(_) => Err(not_a_rate()),
+    }
 }
 
 /// A rate for people: `20.0 Mbit/s` (decimal bits, as links are sold), or
@@ -147,7 +153,9 @@ mod tests {
         assert_eq!(parse_rate(" 10 Mbit/s "), Ok(1_250_000));
         assert_eq!(parse_rate("off"), Ok(0));
         assert_eq!(parse_rate("0"), Ok(0));
-        for bad in ["20Mbit", "fast", "1.5MiB/s", "5Xbit/s", "/s", "-1MiB/s", ""] {
+        for bad in [
+            "20Mbit", "fast", "1.5MiB/s", "5Xbit/s", "/s", "-1MiB/s", "", "7bit/s", "0MiB/s",
+        ] {
             assert!(parse_rate(bad).is_err(), "{bad} should be refused");
         }
         assert_eq!(format_rate(2_500_000), "20.0 Mbit/s");

@@ -57,6 +57,9 @@ pub struct App {
     pins: Option<Arc<crate::pins::Pins>>,
     /// What prefetches send as `Authorization` (`--prefetch-auth-file`).
     prefetch_auth: Option<HeaderValue>,
+    /// Cancelled when shutdown starts: this proxy's own prefetches stop,
+    /// and [`App::fetch`] starts nothing more.
+    stopping: tokio_util::sync::CancellationToken,
 }
 
 /// What a path asks for.
@@ -134,6 +137,7 @@ impl App {
             admin_token: None,
             pins: None,
             prefetch_auth: None,
+            stopping: tokio_util::sync::CancellationToken::new(),
         }
     }
 
@@ -250,6 +254,10 @@ impl App {
         };
         parts.headers = headers;
         parts.extensions.insert(Prefetching);
+        // A fill started now would only hold up the drain.
+        if self.stopping.is_cancelled() {
+            return Error::ShuttingDown.into_response();
+        }
         let head = parts.method == Method::HEAD;
         if parts.method != Method::GET && !head {
             return Error::MethodNotAllowed(parts.method).into_response();
@@ -281,6 +289,11 @@ impl App {
     /// The credential prefetches send (`--prefetch-auth-file`), if any.
     pub fn prefetch_auth(&self) -> Option<&HeaderValue> {
         self.prefetch_auth.as_ref()
+    }
+
+    /// Cancelled when shutdown starts (see [`App::fetch`]).
+    pub fn stopping(&self) -> &tokio_util::sync::CancellationToken {
+        &self.stopping
     }
 
     /// The node cache.

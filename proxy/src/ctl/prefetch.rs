@@ -90,7 +90,8 @@ pub async fn prefetch(args: PrefetchArgs, pin: bool) -> Result<bool, CtlError> {
     Ok(failed == 0)
 }
 
-/// `regproxy unpin`: `Ok(false)` when a ref was not pinned.
+/// `regproxy unpin`: `Ok(false)` when a ref was not pinned, or is still
+/// pinned by the prefetch file.
 pub async fn unpin(args: UnpinArgs) -> Result<bool, CtlError> {
     let admin = Admin::new(&args.admin)?;
     let body = json!({"refs": args.refs});
@@ -117,7 +118,8 @@ pub async fn unpin(args: UnpinArgs) -> Result<bool, CtlError> {
             println!("{r}: was not pinned");
         }
     }
-    Ok(list("not_pinned").is_empty())
+    // A ref the file still pins is not unpinned: say so in the exit code.
+    Ok(list("not_pinned").is_empty() && list("in_file").is_empty())
 }
 
 /// One image's line.

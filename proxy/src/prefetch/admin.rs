@@ -58,6 +58,8 @@ pub async fn admin_prefetch(app: &Arc<App>, body: Bytes) -> Response<Body> {
         tokio::select! {
             _ = all(&app, targets, req.pin, &tx) => {}
             _ = tx.closed() => tracing::info!("the prefetch's client hung up; prefetch stopped"),
+            // The stream ends without its summary: the client says so.
+            _ = app.stopping().cancelled() => tracing::info!("shutting down; prefetch stopped"),
         }
     });
     let lines = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)).map(Ok::<_, BoxError>);
