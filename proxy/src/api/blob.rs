@@ -150,10 +150,7 @@ impl App {
                 }
                 Err(Failure::Error(e)) => Err(e),
                 // A prefetch is for the cache: no room, no download.
-                Err(Failure::Uncached) if prefetching => Err(Error::disk(
-                    "keep a prefetched blob beside what is cached and pinned",
-                    std::io::ErrorKind::StorageFull.into(),
-                )),
+                Err(Failure::Uncached) if prefetching => Err(Error::NoRoom),
                 Err(Failure::Uncached) => self
                     .blob_uncached(parts, &path, d)
                     .await
