@@ -20,7 +20,9 @@
 //! what processes sharing the dir
 //! during a handover see of each other in [`shared`]: a miss looks on disk
 //! before it fetches (a sibling may have committed it), and a fill another
-//! process runs is followed rather than fetched again.
+//! process runs is followed rather than fetched again. What an admin sees
+//! and does (`regproxy cache ls|rm|verify`) is in [`admin`], with what it
+//! knows beyond the index (repositories seen, responses in flight) in `seen`.
 
 use std::collections::HashMap;
 use std::fs::{self, File};
@@ -39,15 +41,18 @@ use crate::digest::Digest;
 use crate::metrics::Metrics;
 use crate::upstream::Upstream;
 
+pub mod admin;
 mod disk;
 pub mod fill;
 mod growing;
 mod manifests;
 mod scan;
+mod seen;
 pub mod shared;
 
 pub use fill::{Failure, Fill, FillRequest};
 use growing::Growing;
+pub use seen::Serving;
 
 /// A committed entry in the index.
 #[derive(Clone, Copy, Debug)]
@@ -58,6 +63,8 @@ struct Entry {
     /// Which commit of this digest the entry is: a reader that found the
     /// file gone drops the entry it looked up, never one committed since.
     generation: u64,
+    /// Last looked up (or committed); the file's mtime after a restart.
+    used: SystemTime,
 }
 
 struct State {
@@ -90,6 +97,8 @@ pub struct Cache {
     fills: TaskTracker,
     /// The file system's free space, and whether it is full.
     disk: disk::Disk,
+    /// Repositories seen and responses in flight, for the admin.
+    book: seen::Book,
 }
 
 /// Content opened from the cache.
@@ -149,6 +158,7 @@ impl Cache {
             own,
             tmp_seq: AtomicU64::new(0),
             fills: TaskTracker::new(),
+            book: seen::Book::default(),
         };
         cache.metrics.cache_capacity.store(cap, Relaxed);
         let evicted = {
@@ -201,7 +211,9 @@ impl Cache {
     /// What the index holds for `d`, before any file is opened.
     fn lookup(&self, d: &Digest, manifest: bool) -> Option<Lookup> {
         let mut st = self.lock();
-        let e = *st.index.get(d)?;
+        let e = st.index.get_mut(d)?;
+        e.used = SystemTime::now();
+        let e = *e;
         if manifest && !e.manifest {
             return None;
         }
@@ -426,6 +438,7 @@ impl Cache {
                     size,
                     manifest: media_type.is_some(),
                     generation,
+                    used: SystemTime::now(),
                 },
             );
             st.committed += size;

@@ -34,6 +34,7 @@ impl App {
                 let (status, start, end) = ranged(&parts.headers, size)?;
                 let resp = blob_response(status, &d, start, end, size);
                 let body = self.cached_body(hit.data.slice(start as usize..end as usize), head);
+                let body = self.cache.serving(&d, name).hold(body);
                 return Ok((Outcome::Hit, resp.body(body).expect("valid response")));
             }
             if head {
@@ -104,6 +105,7 @@ impl App {
                     let stream =
                         fill.reader(start, end, Arc::clone(&self.metrics.served_cache_bytes));
                     let body = Body::stream(stream, Some(end - start));
+                    let body = self.cache.serving(&d, name).hold(body);
                     let outcome = if leader {
                         Outcome::Miss
                     } else {

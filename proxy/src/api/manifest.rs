@@ -88,7 +88,10 @@ impl App {
                 let grant = self.authorize(parts, name, &d, true).await?;
                 self.vouch(parts, name, grant, &hit.data);
                 let resp = manifest_response(&d, &media_type, hit.data.len());
-                let body = self.cached_body(hit.data, head);
+                let body = self
+                    .cache
+                    .serving(&d, name)
+                    .hold(self.cached_body(hit.data, head));
                 return Ok((Outcome::Hit, resp.body(body).expect("valid response")));
             }
         }
@@ -99,6 +102,7 @@ impl App {
                 .map(|r| (Outcome::Passthrough, r));
         }
         if let Some((media_type, bytes)) = self.manifest_from_owner(parts, name, &d).await? {
+            self.cache.seen(&d, name);
             let resp = manifest_response(&d, &media_type, bytes.len());
             let body = Body::full(bytes);
             return Ok((Outcome::Miss, resp.body(body).expect("valid response")));
@@ -204,6 +208,7 @@ impl App {
         self.cache
             .put_manifest(digest.clone(), media_type.clone(), bytes.clone())
             .await;
+        self.cache.seen(&digest, name);
         Ok(Fetched::Manifest {
             digest,
             media_type,
@@ -366,7 +371,10 @@ impl App {
         let grant = self.authorize(parts, name, &d, true).await?;
         self.vouch(parts, name, grant, &data);
         let resp = manifest_response(&d, &media_type, data.len());
-        let body = self.cached_body(data, head);
+        let body = self
+            .cache
+            .serving(&d, name)
+            .hold(self.cached_body(data, head));
         Ok((outcome, resp.body(body).expect("valid response")))
     }
 }

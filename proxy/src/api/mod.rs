@@ -139,6 +139,15 @@ impl App {
         self
     }
 
+    // TEMPORARY until the lead's skeleton lands on main.
+    pub fn cache(&self) -> &Arc<Cache> {
+        &self.cache
+    }
+
+    pub fn tags(&self) -> &Arc<Tags> {
+        &self.tags
+    }
+
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
     }
