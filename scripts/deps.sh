@@ -22,6 +22,7 @@ PKGS=(
   util-linux        # unshare: the tests' dockerd gets its own /etc/hosts; taskset (--stress)
   procps            # kill: stopping test and benchmark processes with SIGTERM
   stress-ng         # scripts/test.sh --stress: a CPU hog beside the suite
+  tmux              # tests/prefetch.rs: the progress bars as a terminal shows them
 )
 
 missing=()

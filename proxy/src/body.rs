@@ -15,6 +15,7 @@ use futures_util::Stream;
 use http_body::{Body as _, Frame, SizeHint};
 use hyper::body::Incoming;
 
+use crate::budget::Budget;
 use crate::error::{Cause, Error, UpstreamError, Wait};
 use crate::metrics::Metrics;
 
@@ -55,6 +56,7 @@ enum Kind {
     Upstream {
         body: Incoming,
         metrics: Arc<Metrics>,
+        budget: Arc<Budget>,
         idle: Idle,
     },
 }
@@ -156,11 +158,18 @@ impl Body {
     }
 
     /// An upstream body for a client; `idle` is the longest silence allowed.
-    pub fn upstream(body: Incoming, metrics: Arc<Metrics>, idle: Duration) -> Body {
+    /// Its bytes are charged to `budget` in [`crate::budget::Lane::Meta`]: never held.
+    pub fn upstream(
+        body: Incoming,
+        metrics: Arc<Metrics>,
+        budget: Arc<Budget>,
+        idle: Duration,
+    ) -> Body {
         Body {
             kind: Kind::Upstream {
                 body,
                 metrics,
+                budget,
                 idle: Idle::new(idle),
             },
         }
@@ -208,6 +217,7 @@ impl http_body::Body for Body {
             Kind::Upstream {
                 body,
                 metrics,
+                budget,
                 idle,
             } => {
                 let silent = |after| {
@@ -226,6 +236,7 @@ impl http_body::Body for Body {
                 if let Poll::Ready(Some(Ok(f))) = &polled {
                     let n = f.data_ref().map_or(0, |d| d.len() as u64);
                     metrics.upstream_bytes.fetch_add(n, Ordering::Relaxed);
+                    budget.charge(n);
                     metrics
                         .served_upstream_bytes
                         .fetch_add(n, Ordering::Relaxed);

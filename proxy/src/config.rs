@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use http::Uri;
 
-use crate::units::{parse_duration, parse_size};
+use crate::units::{parse_duration, parse_rate, parse_size};
 
 /// regproxy: a pull-through caching registry proxy for every node of a cluster.
 #[derive(Debug, Parser)]
@@ -37,6 +37,18 @@ pub enum Command {
     /// Ask this pod's own `serve` (its `--probe-socket`) for `/healthz` or
     /// `/readyz`: exit 0 on 200. For kubelet's exec probes.
     Probe(crate::server::probe::ProbeArgs),
+    /// Ask a running proxy (`--admin`) to fetch images for this node's
+    /// platform now, with a progress bar per image; exit 1 if one failed.
+    Prefetch(crate::ctl::prefetch::PrefetchArgs),
+    /// Prefetch images and pin them: never evicted, revalidated, kept
+    /// for restarts without the upstream.
+    Pin(crate::ctl::prefetch::PrefetchArgs),
+    /// Unpin images pinned with `regproxy pin`.
+    Unpin(crate::ctl::prefetch::UnpinArgs),
+    /// See and manage what a running proxy has cached: `ls`, `rm`, `verify`.
+    Cache(crate::ctl::cache::CacheArgs),
+    /// Show or change a running proxy's upstream rate (`--upstream-rate`).
+    Rate(crate::ctl::RateArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -78,6 +90,28 @@ pub struct ServeArgs {
     /// listener), atomically: how a supervisor or a test learns a port 0.
     #[arg(long, env = "REGPROXY_READY_FILE")]
     pub ready_file: Option<PathBuf>,
+
+    /// Most bytes per second this node takes from the upstream, across all
+    /// fills: `10Mbit/s`, `5MiB/s`; `off`: no limit. Bytes from peers do
+    /// not count. Changed live with `regproxy rate` (`PUT /admin/rate`).
+    #[arg(long, env = "REGPROXY_UPSTREAM_RATE", default_value = "off", value_parser = parse_rate)]
+    pub upstream_rate: u64,
+
+    /// Images to prefetch in the background, one `REF [PLATFORM] [pin]` per
+    /// line; read again whenever its content changes (a mounted ConfigMap).
+    #[arg(long, env = "REGPROXY_PREFETCH_FILE")]
+    pub prefetch_file: Option<PathBuf>,
+
+    /// The credential prefetches send upstream, a docker `config.json`;
+    /// without it they are anonymous.
+    #[arg(long, env = "REGPROXY_PREFETCH_AUTH_FILE")]
+    pub prefetch_auth_file: Option<PathBuf>,
+
+    /// A file holding the token that the admin API (`/admin/...` on
+    /// `--admin-listen`) requires as `Authorization: Bearer`; without it
+    /// those endpoints answer 403. `/metrics` and the probes need none.
+    #[arg(long, env = "REGPROXY_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
 
     /// Longest a connection, on either listener, may wait for a whole request
     /// head: a new connection, and a kept-alive one between requests (hyper
@@ -366,6 +400,10 @@ pub struct Config {
     pub ready_file: Option<PathBuf>,
     /// `--probe-socket`: the admin endpoints of this process alone.
     pub probe_socket: Option<PathBuf>,
+    pub prefetch_file: Option<PathBuf>,
+    pub prefetch_auth_file: Option<PathBuf>,
+    /// The contents of `--admin-token-file`, trimmed.
+    pub admin_token: Option<String>,
     pub limits: crate::server::Limits,
     pub shutdown_grace: Duration,
     pub upstream: UpstreamConfig,
@@ -388,6 +426,8 @@ pub struct UpstreamConfig {
     pub timeout: Duration,
     /// Resumes of a broken blob download before its fill fails.
     pub retries: u32,
+    /// `--upstream-rate` in bytes per second at start; 0: no limit.
+    pub rate: u64,
 }
 
 /// How long the upstream's answers about who may read are used.
@@ -425,6 +465,10 @@ impl ServeArgs {
                     .into());
             }
         }
+        let admin_token = match &self.admin_token_file {
+            Some(p) => Some(read_token(p)?),
+            None => None,
+        };
         Ok(Config {
             listen: self.listen,
             admin_listen: self.admin_listen,
@@ -432,6 +476,9 @@ impl ServeArgs {
             cache_size: self.cache_size,
             ready_file: self.ready_file,
             probe_socket: self.probe_socket,
+            prefetch_file: self.prefetch_file,
+            prefetch_auth_file: self.prefetch_auth_file,
+            admin_token,
             limits: crate::server::Limits {
                 header_read_timeout: self.header_read_timeout,
                 max_connections: self.max_connections,
@@ -444,6 +491,7 @@ impl ServeArgs {
                 connect_timeout: self.connect_timeout,
                 timeout: self.upstream_timeout,
                 retries: self.upstream_retries,
+                rate: self.upstream_rate,
             },
             tag_ttl: self.tag_ttl,
             auth: AuthConfig {
@@ -458,6 +506,21 @@ impl ServeArgs {
             peers,
         })
     }
+}
+
+/// The admin token in `path`: its contents without surrounding white
+/// space, at least 16 characters, none of them white space or control.
+pub fn read_token(path: &std::path::Path) -> Result<String, String> {
+    let raw = std::fs::read_to_string(path)
+        .map_err(|e| format!("--admin-token-file {}: {e}", path.display()))?;
+    let token = raw.trim();
+    if token.len() < 16 || token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!(
+            "--admin-token-file {}: the token must be one word of at least 16 characters",
+            path.display()
+        ));
+    }
+    Ok(token.to_owned())
 }
 
 /// Highest `--max-connections`: far past what one node's clients need, and

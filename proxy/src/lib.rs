@@ -28,6 +28,9 @@
 //! - [`lock`]: one primary process per cache dir, an exclusive `flock`; a
 //!   successor on the same address serves beside it and takes over.
 //! - [`instance`]: this process's id among those sharing a cache dir.
+//! - [`budget`]: `--upstream-rate`, a token bucket over the bytes taken
+//!   from the upstream, with lanes: manifests first, then fills a client
+//!   waits on, then prefetches.
 //! - [`peers`]: the other nodes' proxies (`--peers`): one owner per digest
 //!   by rendezvous hashing, asked on a miss before the upstream; who is
 //!   live, and who is banned for bad bytes. `api/peer` serves them.
@@ -43,14 +46,20 @@
 //! `regproxy_node_path_ok`; `regproxy doctor` runs the checks once;
 //! `regproxy sysctl` sets the handover sysctl).
 //!
+//! The admin API (`server/admin_api`, on `--admin-listen`, with
+//! `--admin-token-file`) and its commands, [`ctl`]: `prefetch`, `pin`,
+//! `unpin`, `cache ls|rm|verify`, `rate`.
+//!
 //! [`fuzzing`] holds the fuzz targets' bodies (`fuzz/`, `scripts/fuzz.sh`).
 #![deny(unsafe_code)]
 
 pub mod api;
 pub mod auth;
 pub mod body;
+pub mod budget;
 pub mod cache;
 pub mod config;
+pub mod ctl;
 pub mod digest;
 pub mod error;
 #[doc(hidden)]
@@ -62,6 +71,8 @@ pub mod lock;
 pub mod metrics;
 pub mod node;
 pub mod peers;
+pub mod pins;
+pub mod prefetch;
 pub mod resolve;
 pub mod server;
 pub mod tags;

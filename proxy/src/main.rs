@@ -58,6 +58,11 @@ fn main() -> anyhow::Result<()> {
                 std::process::exit(1);
             }
         },
+        cmd @ (Command::Prefetch(_)
+        | Command::Pin(_)
+        | Command::Unpin(_)
+        | Command::Cache(_)
+        | Command::Rate(_)) => std::process::exit(regproxy::ctl::main(cmd)),
         Command::Hosts(args) => {
             // One line on stderr, for the init container's log.
             if let Err(e) = regproxy::hosts::run(args) {

@@ -348,7 +348,7 @@ fn weight(d: &Digest, peer: &SocketAddr) -> u64 {
     u64::from_be_bytes(out[..8].try_into().expect("32 bytes"))
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
     }

@@ -13,6 +13,7 @@ use tokio::net::TcpListener;
 use tracing::Instrument;
 
 mod admin;
+pub mod admin_api;
 mod listener;
 pub mod probe;
 mod sockets;
@@ -90,7 +91,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let app = Arc::new(
         App::new(cache, upstream, tags, auth, metrics)
             .with_node(node)
-            .with_peers(peers.clone()),
+            .with_peers(peers.clone())
+            .with_admin_token(config.admin_token.clone()),
     );
     if let Some(peers) = peers {
         tokio::spawn(peers.run());

@@ -1,4 +1,4 @@
-//! Sizes and durations as people write them on a command line or in an env
+//! Sizes, rates and durations as people write them on a command line or in an env
 //! var, one grammar each for regproxy and loadtest.
 //!
 //! A size is a whole number and an optional unit, case-insensitive, with
@@ -23,6 +23,8 @@ pub enum UnitError {
     SizeTooLarge(String),
     #[error("the size list `{0}` has an empty item")]
     EmptyListItem(String),
+    #[error("`{0}` is not a rate such as 20Mbit/s, 5MiB/s or off")]
+    NotARate(String),
     #[error("`{input}` is not a duration such as 30s, 300ms, 5m or 1h: {source}")]
     NotADuration {
         input: String,
@@ -61,6 +63,54 @@ pub fn parse_size(s: &str) -> Result<u64, UnitError> {
         .ok_or_else(|| UnitError::SizeTooLarge(s.into()))
 }
 
+/// Parses a rate in bytes per second: a size per second with bits or bytes,
+/// `20Mbit/s`, `800kbit/s`, `1Gbit/s` (decimal bits), `5MiB/s`, `1MB/s` (a
+/// size as [`parse_size`] reads it, per second); `0`, `off` and `unlimited`
+/// are 0, no limit.
+pub fn parse_rate(s: &str) -> Result<u64, UnitError> {
+    let t = s.trim();
+    if matches!(t.to_ascii_lowercase().as_str(), "0" | "off" | "unlimited") {
+        return Ok(0);
+    }
+    let not_a_rate = || UnitError::NotARate(t.into());
+    let per = t.strip_suffix("/s").ok_or_else(not_a_rate)?.trim_end();
+    let lower = per.to_ascii_lowercase();
+    if let Some(num) = lower.strip_suffix("bit") {
+        let split = num.find(|c: char| !c.is_ascii_digit()).unwrap_or(num.len());
+        let (n, unit) = num.split_at(split);
+        let n: u64 = n.parse().map_err(|_| not_a_rate())?;
+        let mult: u64 = match unit.trim() {
+            "" => 1,
+            "k" => 1000,
+            "m" => 1000u64.pow(2),
+            "g" => 1000u64.pow(3),
+            _ => return Err(not_a_rate()),
+        };
+        let bits = n
+            .checked_mul(mult)
+            .ok_or_else(|| UnitError::SizeTooLarge(t.into()))?;
+        return Ok(bits / 8);
+    }
+    parse_size(per).map_err(|e| match e {
+        UnitError::SizeTooLarge(_) => e,
+        _ => not_a_rate(),
+    })
+}
+
+/// A rate for people: `20.0 Mbit/s` (decimal bits, as links are sold), or
+/// `unlimited` for 0.
+pub fn format_rate(bytes_per_s: u64) -> String {
+    if bytes_per_s == 0 {
+        return "unlimited".into();
+    }
+    let bits = bytes_per_s as f64 * 8.0;
+    match bits {
+        b if b >= 1e9 => format!("{:.1} Gbit/s", b / 1e9),
+        b if b >= 1e6 => format!("{:.1} Mbit/s", b / 1e6),
+        b => format!("{:.1} kbit/s", b / 1e3),
+    }
+}
+
 /// Parses a comma-separated list of sizes, `48MiB,16MiB`; an empty (or
 /// blank) string is the empty list, an empty item in a list is refused.
 pub fn parse_size_list(s: &str) -> Result<Vec<u64>, UnitError> {
@@ -86,6 +136,23 @@ pub fn parse_duration(s: &str) -> Result<Duration, UnitError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rates_parse_bits_and_bytes_per_second() {
+        assert_eq!(parse_rate("20Mbit/s"), Ok(2_500_000));
+        assert_eq!(parse_rate("800kbit/s"), Ok(100_000));
+        assert_eq!(parse_rate("1Gbit/s"), Ok(125_000_000));
+        assert_eq!(parse_rate("5MiB/s"), Ok(5 << 20));
+        assert_eq!(parse_rate("1MB/s"), Ok(1_000_000));
+        assert_eq!(parse_rate(" 10 Mbit/s "), Ok(1_250_000));
+        assert_eq!(parse_rate("off"), Ok(0));
+        assert_eq!(parse_rate("0"), Ok(0));
+        for bad in ["20Mbit", "fast", "1.5MiB/s", "5Xbit/s", "/s", "-1MiB/s", ""] {
+            assert!(parse_rate(bad).is_err(), "{bad} should be refused");
+        }
+        assert_eq!(format_rate(2_500_000), "20.0 Mbit/s");
+        assert_eq!(format_rate(0), "unlimited");
+    }
 
     #[test]
     fn sizes_parse_decimal_binary_and_plain() {

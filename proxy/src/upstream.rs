@@ -24,6 +24,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
 use crate::body::Body;
+use crate::budget::Budget;
 use crate::config::UpstreamConfig;
 use crate::error::{Cause, Error, UpstreamError, Wait};
 use crate::metrics::Metrics;
@@ -65,6 +66,18 @@ pub struct Upstream {
     resolver: Resolver,
     /// This proxy's own listen addresses, which no redirect may lead to.
     own: Vec<SocketAddr>,
+    /// `--upstream-rate`: what every reader of an upstream body takes from.
+    budget: Arc<Budget>,
+}
+
+/// The receive buffer of upstream connections under a budget of `rate`
+/// bytes per second: 100 ms of the rate, at least 128 KiB and at most 4 MiB.
+/// It holds what the upstream may send ahead of the budget, and it lets one
+/// connection reach the rate over a round trip of up to 100 ms (128 KiB: a
+/// 10 Mbit/s uplink at 100 ms). Set once at start: a rate first set later,
+/// through the admin API, shapes with the kernel's autotuned buffers.
+pub fn recv_buffer(rate: u64) -> usize {
+    (rate / 10).clamp(128 << 10, 4 << 20) as usize
 }
 
 impl Upstream {
@@ -109,6 +122,11 @@ impl Upstream {
         http.set_connect_timeout(Some(config.connect_timeout));
         http.set_nodelay(true);
         http.set_keepalive(Some(Duration::from_secs(60)));
+        if config.rate > 0 {
+            // A fixed receive window, or the kernel's autotuning lets the
+            // upstream run megabytes ahead of the budget into the buffers.
+            http.set_recv_buffer_size(Some(recv_buffer(config.rate)));
+        }
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http()
@@ -133,6 +151,7 @@ impl Upstream {
             metrics,
             resolver,
             own: Vec::new(),
+            budget: Arc::new(Budget::new(config.rate)),
         })
     }
 
@@ -140,6 +159,11 @@ impl Upstream {
     /// are bound: redirects to those addresses are refused.
     pub fn set_own_addrs(&mut self, addrs: impl IntoIterator<Item = SocketAddr>) {
         self.own = addrs.into_iter().collect();
+    }
+
+    /// The uplink budget every reader of an upstream body takes from.
+    pub fn budget(&self) -> &Arc<Budget> {
+        &self.budget
     }
 
     pub fn timeout(&self) -> Duration {

@@ -10,6 +10,7 @@ use http::{Method, Response, StatusCode};
 use super::{Answer, App};
 use crate::auth::Credential;
 use crate::body::Body;
+use crate::budget::Prefetching;
 use crate::cache::fill::{self, FillRequest};
 use crate::cache::{Failure, Join};
 use crate::digest::Digest;
@@ -27,6 +28,8 @@ impl App {
         // Why the last round gave nothing, if every round does.
         const VANISHED: &str = "the blob vanished from the cache as it was committed";
         let mut last = Error::Internal(VANISHED);
+        // A prefetch's fill yields to clients' on the uplink budget.
+        let prefetching = parts.extensions.get::<Prefetching>().is_some();
         for _ in 0..3 {
             if let Some(hit) = self.cache.get(&d, false).await {
                 self.authorize(parts, name, &d, false).await?;
@@ -74,9 +77,15 @@ impl App {
                 }
                 Join::Follower(f) => {
                     self.authorize(parts, name, &d, false).await?;
+                    if !prefetching {
+                        f.wanted();
+                    }
                     (f, false)
                 }
                 Join::Leader(f) => {
+                    if prefetching {
+                        f.prefetching();
+                    }
                     if let Some(peers) = &self.peers {
                         peers.counted_owner(owner.is_some());
                     }
@@ -185,6 +194,7 @@ impl App {
             size,
             self.upstream.timeout(),
             Arc::clone(&self.metrics),
+            Arc::clone(self.upstream.budget()),
         );
         Ok(blob_response(StatusCode::OK, &d, 0, size, size)
             .body(Body::stream(stream, Some(size)))

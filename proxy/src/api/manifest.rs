@@ -185,6 +185,7 @@ impl App {
         self.metrics
             .upstream_bytes
             .fetch_add(bytes.len() as u64, Relaxed);
+        self.upstream.budget().charge(bytes.len() as u64);
         let digest = Digest::of(&bytes);
         let announced = p
             .headers

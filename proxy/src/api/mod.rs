@@ -24,6 +24,7 @@ use hyper::body::Incoming;
 
 use crate::auth::{Auth, Credential};
 use crate::body::Body;
+use crate::budget::Prefetching;
 use crate::cache::Cache;
 use crate::digest::{validate_name, Digest, Reference};
 use crate::error::{Error, Origin};
@@ -50,6 +51,8 @@ pub struct App {
     node: Option<Arc<crate::node::Status>>,
     /// The other nodes asked before the upstream (`--peers`).
     peers: Option<Arc<crate::peers::Peers>>,
+    /// `--admin-token-file`'s token; without it the admin API is off.
+    admin_token: Option<String>,
 }
 
 /// What a path asks for.
@@ -124,6 +127,7 @@ impl App {
             realms: Realms::default(),
             node: None,
             peers: None,
+            admin_token: None,
         }
     }
 
@@ -134,18 +138,19 @@ impl App {
     }
 
     /// With the node path's status (see [`crate::node::start`]).
-    pub fn with_node(mut self, node: Option<Arc<crate::node::Status>>) -> App {
-        self.node = node;
+    pub fn with_admin_token(mut self, token: Option<String>) -> App {
+        self.admin_token = token;
         self
     }
 
-    // TEMPORARY until the lead's skeleton lands on main.
-    pub fn cache(&self) -> &Arc<Cache> {
-        &self.cache
+    /// The token the admin API requires; `None`: the admin API is off.
+    pub fn admin_token(&self) -> Option<&str> {
+        self.admin_token.as_deref()
     }
 
-    pub fn tags(&self) -> &Arc<Tags> {
-        &self.tags
+    pub fn with_node(mut self, node: Option<Arc<crate::node::Status>>) -> App {
+        self.node = node;
+        self
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -209,6 +214,59 @@ impl App {
             .or_insert(HeaderValue::from_static(API_VERSION_VALUE));
         crate::error::ensure_challenge(resp.status(), resp.headers_mut());
         resp
+    }
+
+    /// This proxy's own `GET` or `HEAD` of a manifest or a blob (a
+    /// prefetch): the same authorization, cache, single-flight fills and
+    /// peers as a client's, marked [`Prefetching`] so that its fills yield
+    /// to clients' on the uplink budget. Anything else is a 404.
+    pub async fn fetch(
+        self: &Arc<Self>,
+        method: Method,
+        path: &str,
+        headers: HeaderMap,
+    ) -> Response<Body> {
+        let req = Request::builder().method(method).uri(path).body(());
+        let Ok((mut parts, ())) = req.map(Request::into_parts) else {
+            return Error::NotFound.into_response();
+        };
+        parts.headers = headers;
+        parts.extensions.insert(Prefetching);
+        let head = parts.method == Method::HEAD;
+        if parts.method != Method::GET && !head {
+            return Error::MethodNotAllowed(parts.method).into_response();
+        }
+        let answer = match route(parts.uri.path()) {
+            Ok(Route::Blob(name, d)) => self.blob(&parts, name, d, head).await,
+            Ok(Route::Manifest(name, Reference::Digest(d))) => {
+                self.manifest_by_digest(&parts, name, d, head).await
+            }
+            Ok(Route::Manifest(name, Reference::Tag(t))) => self.tag(&parts, name, &t, head).await,
+            Ok(_) => Err(Error::NotFound),
+            Err(e) => Err(e),
+        };
+        match answer {
+            Ok((_, resp)) => resp,
+            Err(e) => {
+                tracing::debug!(path, error = %e, "prefetch request refused");
+                e.into_response()
+            }
+        }
+    }
+
+    /// The node cache.
+    pub fn cache(&self) -> &Arc<Cache> {
+        &self.cache
+    }
+
+    /// Tag → digest.
+    pub fn tags(&self) -> &Arc<Tags> {
+        &self.tags
+    }
+
+    /// The uplink budget (`--upstream-rate`).
+    pub fn budget(&self) -> &Arc<crate::budget::Budget> {
+        self.upstream.budget()
     }
 
     async fn dispatch(&self, parts: &Parts, body: Incoming) -> (Kind, Answer) {

@@ -208,7 +208,12 @@ impl App {
             // on as is would read as this node's bug.
             return Error::status(parts.uri.path(), p.status).into_response();
         }
-        let body = Body::upstream(body, Arc::clone(&self.metrics), self.upstream.timeout());
+        let body = Body::upstream(
+            body,
+            Arc::clone(&self.metrics),
+            Arc::clone(self.upstream.budget()),
+            self.upstream.timeout(),
+        );
         self.relayed(parts, p.status, &p.headers, body)
     }
 

@@ -32,6 +32,7 @@ use super::{type_path, Cache, State};
 use crate::api::App;
 use crate::body::Body;
 use crate::digest::{validate_name, Digest, Reference};
+use crate::server::admin_api::{error, json_response};
 
 mod verify;
 
@@ -51,11 +52,13 @@ pub enum Refused {
 impl Refused {
     fn response(&self) -> Response<Body> {
         match self {
-            Refused::NotCached(what) => error(StatusCode::NOT_FOUND, format!("not cached: {what}")),
-            Refused::InUse(why) => error(StatusCode::CONFLICT, format!("in use: {why}")),
+            Refused::NotCached(what) => {
+                error(StatusCode::NOT_FOUND, &format!("not cached: {what}"))
+            }
+            Refused::InUse(why) => error(StatusCode::CONFLICT, &format!("in use: {why}")),
             Refused::Pinned(d) => error(
                 StatusCode::CONFLICT,
-                format!("{d} is pinned; unpin it first"),
+                &format!("{d} is pinned; unpin it first"),
             ),
         }
     }
@@ -223,13 +226,13 @@ pub async fn admin_rm(app: &Arc<App>, body: Bytes) -> Response<Body> {
     let Some(target) = target else {
         return error(
             StatusCode::BAD_REQUEST,
-            "expected {\"target\": DIGEST or REF}".into(),
+            "expected {\"target\": DIGEST or REF}",
         );
     };
     let (top, tag) = match Digest::parse(&target) {
         Ok(d) => (d, None),
         Err(_) => match parse_ref(&target) {
-            Err(e) => return error(StatusCode::BAD_REQUEST, e),
+            Err(e) => return error(StatusCode::BAD_REQUEST, &e),
             Ok((name, Reference::Digest(d))) => {
                 let _ = name;
                 (d, None)
@@ -237,11 +240,11 @@ pub async fn admin_rm(app: &Arc<App>, body: Bytes) -> Response<Body> {
             Ok((name, Reference::Tag(t))) => match app.tags().get(&name, &t) {
                 Some((e, _)) => match Digest::parse(&e.digest) {
                     Ok(d) => (d, Some((name, t))),
-                    Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+                    Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
                 },
                 None => {
                     let msg = format!("no tag {name}:{t} is remembered");
-                    return error(StatusCode::NOT_FOUND, msg);
+                    return error(StatusCode::NOT_FOUND, &msg);
                 }
             },
         },
@@ -263,7 +266,7 @@ pub async fn admin_rm(app: &Arc<App>, body: Bytes) -> Response<Body> {
         // A tag whose manifest is gone from the cache: forgetting it is all.
         Ok(Err(Refused::NotCached(_))) if tag.is_some() => Vec::new(),
         Ok(Err(r)) => return r.response(),
-        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
     };
     if let Some((name, t)) = &tag {
         app.tags().remove(name, t).await;
@@ -289,7 +292,7 @@ pub async fn admin_verify(app: &Arc<App>, body: Bytes) -> Response<Body> {
                 Value::Number(n) => n
                     .as_u64()
                     .ok_or_else(|| format!("rate {n} is no whole number")),
-                Value::String(s) => parse_rate(s),
+                Value::String(s) => crate::units::parse_rate(s).map_err(|e| e.to_string()),
                 other => Err(format!("rate {other} is no rate such as \"50MiB/s\"")),
             },
             Err(e) => Err(format!("expected {{\"rate\": ...}}: {e}")),
@@ -297,17 +300,14 @@ pub async fn admin_verify(app: &Arc<App>, body: Bytes) -> Response<Body> {
     };
     let rate = match rate {
         Ok(r) => r,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e),
     };
     match verify::start(Arc::clone(app.cache()), rate) {
         Some(body) => Response::builder()
             .header(header::CONTENT_TYPE, "application/x-ndjson")
             .body(body)
             .expect("valid response"),
-        None => error(
-            StatusCode::CONFLICT,
-            "a cache verify is running already".into(),
-        ),
+        None => error(StatusCode::CONFLICT, "a cache verify is running already"),
     }
 }
 
@@ -338,18 +338,6 @@ pub fn parse_ref(s: &str) -> Result<(String, Reference), String> {
 
 fn ok(v: Value) -> Response<Body> {
     json_response(StatusCode::OK, &v)
-}
-
-fn error(status: StatusCode, msg: String) -> Response<Body> {
-    json_response(status, &json!({ "error": msg }))
-}
-
-fn json_response(status: StatusCode, v: &Value) -> Response<Body> {
-    Response::builder()
-        .status(status)
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(Body::full(format!("{v}\n")))
-        .expect("valid response")
 }
 
 #[cfg(test)]
@@ -414,7 +402,7 @@ mod tests {
         );
         let pins = HashSet::from([a.clone()]);
         assert_eq!(
-            c.remove(&[a.clone()], &pins),
+            c.remove(std::slice::from_ref(&a), &pins),
             Err(Refused::Pinned(a.clone()))
         );
         drop(held);
@@ -427,9 +415,4 @@ mod tests {
         assert_eq!(m.cache_bytes.load(std::sync::atomic::Ordering::Relaxed), 0);
         assert!(matches!(c.remove(&[a], &none), Err(Refused::NotCached(_))));
     }
-}
-
-// TEMPORARY until units::parse_rate lands on main.
-fn parse_rate(s: &str) -> Result<u64, String> {
-    crate::units::parse_size(s.trim().trim_end_matches("/s")).map_err(|e| e.to_string())
 }

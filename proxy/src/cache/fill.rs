@@ -15,7 +15,7 @@
 
 use std::fs::File;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -30,6 +30,7 @@ use super::growing::Growing;
 use super::shared::SiblingFill;
 use super::{Cache, Stored};
 use crate::body::BoxError;
+use crate::budget::Lane;
 use crate::digest::Digest;
 use crate::error::{Error, UpstreamError};
 use crate::metrics::{Fallback, Metrics};
@@ -109,6 +110,9 @@ impl Failure {
 pub struct Fill {
     pub digest: Digest,
     progress: watch::Sender<Progress>,
+    /// Whether a client waits on it ([`Lane::Pull`]) or only a prefetch
+    /// does ([`Lane::Prefetch`]), for the uplink budget.
+    wanted: AtomicBool,
 }
 
 impl Fill {
@@ -116,6 +120,26 @@ impl Fill {
         Fill {
             digest,
             progress: watch::Sender::new(Progress::Connecting),
+            wanted: AtomicBool::new(true),
+        }
+    }
+
+    /// A client waits on this fill (it leads it or follows it): from now on
+    /// its upstream bytes are a pull's.
+    pub fn wanted(&self) {
+        self.wanted.store(true, Relaxed);
+    }
+
+    /// Only a prefetch waits on this fill, so far.
+    pub fn prefetching(&self) {
+        self.wanted.store(false, Relaxed);
+    }
+
+    /// The budget's lane for this fill's upstream bytes now.
+    pub fn lane(&self) -> Lane {
+        match self.wanted.load(Relaxed) {
+            true => Lane::Pull,
+            false => Lane::Prefetch,
         }
     }
 
@@ -286,7 +310,7 @@ pub(super) async fn run(
         };
         let (file, progress) = guard.reserve(size).await?;
         tracing::debug!(%digest, size, "fill started");
-        let mut src = Resumable::new(&upstream, &path, &req, digest, &metrics, (size, first));
+        let mut src = Resumable::new(&upstream, &path, &req, &fill, &metrics, (size, first));
         let sink = copy(&mut src, Writer::new(Arc::clone(&fill), file, progress))
             .await
             .map_err(|e| write_failed(&cache, &fill, size, e))?;

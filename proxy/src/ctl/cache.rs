@@ -73,7 +73,9 @@ pub async fn run(a: CacheArgs) -> Result<bool, CtlError> {
 }
 
 async fn ls(a: &AdminArgs, sort: Sort) -> Result<bool, CtlError> {
-    let answer = Admin::new(a)?.json(Method::GET, "/admin/cache", None).await?;
+    let answer = Admin::new(a)?
+        .json(Method::GET, "/admin/cache", None)
+        .await?;
     if a.json {
         println!("{answer}");
     } else {
@@ -123,7 +125,9 @@ async fn verify(a: &AdminArgs, rate: &str) -> Result<bool, CtlError> {
             return Ok(!bad && !errors);
         }
     }
-    Err(CtlError::Broken("the verify ended without its report".into()))
+    Err(CtlError::Broken(
+        "the verify ended without its report".into(),
+    ))
 }
 
 /// One line of `verify`'s output for people.
@@ -169,7 +173,11 @@ fn event(v: &Value) -> String {
                 k => format!("{k} corrupt entries removed"),
             };
             for e in errors {
-                s += &format!("\ncould not read {}: {}", text(&e["digest"]), text(&e["error"]));
+                s += &format!(
+                    "\ncould not read {}: {}",
+                    text(&e["digest"]),
+                    text(&e["error"])
+                );
             }
             s
         }
@@ -302,7 +310,7 @@ mod tests {
         assert_eq!(human(1536), "1.5 KiB");
         assert_eq!(human(10 << 30), "10.0 GiB");
         assert_eq!(ago(100, 88), "12s ago");
-        assert_eq!(ago(10_000, 10_000 - 3 * 3600), "3h ago");
+        assert_eq!(ago(20_000, 20_000 - 3 * 3600), "3h ago");
     }
 
     #[test]
@@ -332,7 +340,10 @@ mod tests {
         assert_eq!(rows(Sort::Digest), vec!['a', 'b', 'c']);
         assert_eq!(rows(Sort::Repo), vec!['b', 'a', 'c'], "team/a, team/b, x");
         let t = table(&answer, Sort::LastUse, 100);
-        assert!(t.contains("team/a:v1,latest"), "tags go with their repository:\n{t}");
+        assert!(
+            t.contains("team/a:v1,latest"),
+            "tags go with their repository:\n{t}"
+        );
         assert!(t.contains("3.0 MiB") && t.contains("10s ago"), "{t}");
         assert!(
             t.ends_with("3 entries, 3.0 MiB (of 1.0 GiB)\n"),

@@ -81,6 +81,7 @@ fn app(cache_dir: &std::path::Path) -> Arc<App> {
         connect_timeout: Duration::from_secs(1),
         timeout: Duration::from_secs(2),
         retries: 0,
+        rate: 0,
     };
     let resolver = crate::resolve::Resolver::new(config.resolver).expect("a resolver");
     let upstream = crate::upstream::Upstream::new(&config, resolver, Arc::clone(&metrics))

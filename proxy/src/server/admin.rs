@@ -1,7 +1,8 @@
 //! The admin endpoints, on the admin listener and on the probe socket:
 //! `/metrics`, `/healthz`, `/readyz` (not ready while shutting down, or
 //! while a node-path check fails), and
-//! [`crate::instance::PATH`].
+//! [`crate::instance::PATH`]. On the admin listener only, `/admin/...` goes
+//! to [`super::admin_api`].
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -23,8 +24,14 @@ pub(super) async fn admin_loop(listener: Listener, app: Arc<App>, ready: Arc<Ato
         let (stream, _, permit) = listener.accept(app.metrics()).await;
         let (app, ready) = (Arc::clone(&app), Arc::clone(&ready));
         let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-            let resp = admin_response(req.uri(), &app, ready.load(Ordering::SeqCst));
-            async move { Ok::<_, std::convert::Infallible>(resp) }
+            let (app, ready) = (Arc::clone(&app), Arc::clone(&ready));
+            async move {
+                let resp = match req.uri().path().starts_with("/admin/") {
+                    true => super::admin_api::handle(&app, req).await,
+                    false => admin_response(req.uri(), &app, ready.load(Ordering::SeqCst)),
+                };
+                Ok::<_, std::convert::Infallible>(resp)
+            }
         });
         let conn = listener.http1().serve_connection(TokioIo::new(stream), svc);
         tokio::spawn(async move {
@@ -36,11 +43,11 @@ pub(super) async fn admin_loop(listener: Listener, app: Arc<App>, ready: Arc<Ato
 
 pub(super) fn admin_response(uri: &http::Uri, app: &App, ready: bool) -> Response<Body> {
     let (status, ctype, body) = match uri.path() {
-        "/metrics" => (
-            StatusCode::OK,
-            "text/plain; version=0.0.4",
-            app.metrics().render(),
-        ),
+        "/metrics" => (StatusCode::OK, "text/plain; version=0.0.4", {
+            let mut m = app.metrics().render();
+            app.budget().render(&mut m);
+            m
+        }),
         "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
         // Which process answers here (as on the API listener): how
         // `regproxy doctor` tells this proxy from whatever else answers on

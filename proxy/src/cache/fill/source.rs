@@ -11,7 +11,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use super::sibling::Tail;
-use super::{Failure, FillRequest};
+use super::{Failure, Fill, FillRequest};
 use crate::digest::Digest;
 use crate::error::{Cause, Error, UpstreamError, Wait};
 use crate::metrics::{Fallback, Metrics};
@@ -70,6 +70,8 @@ pub(super) struct Resumable<'a> {
     path: &'a str,
     req: &'a FillRequest,
     digest: &'a Digest,
+    /// Its lane for the budget, which may change as clients join.
+    fill: &'a Fill,
     metrics: &'a Metrics,
     /// Where the bytes come from until it fails: another process's fill.
     tail: Option<Tail>,
@@ -119,7 +121,7 @@ impl<'a> Resumable<'a> {
         upstream: &'a Upstream,
         path: &'a str,
         req: &'a FillRequest,
-        digest: &'a Digest,
+        fill: &'a Fill,
         metrics: &'a Metrics,
         (size, first): (u64, First),
     ) -> Resumable<'a> {
@@ -133,7 +135,8 @@ impl<'a> Resumable<'a> {
             upstream,
             path,
             req,
-            digest,
+            digest: &fill.digest,
+            fill,
             metrics,
             tail,
             body,
@@ -255,6 +258,10 @@ impl<'a> Resumable<'a> {
                     self.metrics
                         .upstream_bytes
                         .fetch_add(chunk.len() as u64, Relaxed);
+                    // Before the next read: while it waits, TCP holds the
+                    // sender back.
+                    let lane = self.fill.lane();
+                    self.upstream.budget().take(chunk.len() as u64, lane).await;
                 }
             }
             if self.skip > 0 {

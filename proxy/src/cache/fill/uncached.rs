@@ -12,6 +12,7 @@ use hyper::body::Incoming;
 use sha2::{Digest as _, Sha256};
 
 use crate::body::BoxError;
+use crate::budget::{Budget, Lane};
 use crate::digest::Digest;
 use crate::error::{Cause, Error, UpstreamError, Wait};
 use crate::metrics::Metrics;
@@ -25,6 +26,7 @@ pub fn verified_stream(
     size: u64,
     timeout: Duration,
     metrics: Arc<Metrics>,
+    budget: Arc<Budget>,
 ) -> impl futures_util::Stream<Item = Result<Bytes, BoxError>> + Send + 'static {
     struct St {
         body: Incoming,
@@ -43,6 +45,7 @@ pub fn verified_stream(
     stream::unfold(st, move |mut st| {
         let digest = digest.clone();
         let metrics = Arc::clone(&metrics);
+        let budget = Arc::clone(&budget);
         async move {
             if st.done {
                 return None;
@@ -67,6 +70,8 @@ pub fn verified_stream(
                     Ok(Some(Ok(f))) => {
                         let Ok(chunk) = f.into_data() else { continue };
                         st.seen += chunk.len() as u64;
+                        // A client waits on this body: a pull.
+                        budget.take(chunk.len() as u64, Lane::Pull).await;
                         st.hasher.update(&chunk);
                         metrics
                             .upstream_bytes

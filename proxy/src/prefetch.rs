@@ -1,0 +1,14 @@
+//! Placeholder until issue 12's prefetch lands (the helper replaces this file).
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Response, StatusCode};
+
+use crate::api::App;
+use crate::body::Body;
+use crate::server::admin_api::error;
+
+pub async fn admin_prefetch(_app: &Arc<App>, _body: Bytes) -> Response<Body> {
+    error(StatusCode::NOT_IMPLEMENTED, "prefetch is being built")
+}
