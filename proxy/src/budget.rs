@@ -174,19 +174,19 @@ impl Budget {
 
     /// The budget's lines in the Prometheus text format.
     pub fn render(&self, out: &mut String) {
-        let secs = |a: &AtomicU64| a.load(Relaxed) as f64 / 1e9;
+        let ms = |a: &AtomicU64| a.load(Relaxed) / 1_000_000;
         let _ = write!(
             out,
             "# HELP regproxy_upstream_rate_bytes The upstream budget in bytes per second (--upstream-rate); 0: no limit.\n\
              # TYPE regproxy_upstream_rate_bytes gauge\n\
              regproxy_upstream_rate_bytes {}\n\
-             # HELP regproxy_budget_wait_seconds_total Time fills waited for the upstream budget, by lane.\n\
-             # TYPE regproxy_budget_wait_seconds_total counter\n\
-             regproxy_budget_wait_seconds_total{{lane=\"pull\"}} {:.3}\n\
-             regproxy_budget_wait_seconds_total{{lane=\"prefetch\"}} {:.3}\n",
+             # HELP regproxy_budget_wait_milliseconds_total Time fills waited for the upstream budget, by lane.\n\
+             # TYPE regproxy_budget_wait_milliseconds_total counter\n\
+             regproxy_budget_wait_milliseconds_total{{lane=\"pull\"}} {}\n\
+             regproxy_budget_wait_milliseconds_total{{lane=\"prefetch\"}} {}\n",
             self.rate(),
-            secs(&self.waited_pull),
-            secs(&self.waited_prefetch),
+            ms(&self.waited_pull),
+            ms(&self.waited_prefetch),
         );
     }
 }
