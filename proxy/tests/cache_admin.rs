@@ -187,6 +187,7 @@ async fn ls_shows_what_a_pull_just_put_there() {
         n.cli(&["ls", "--sort", "size"]).await,
         "cache ls --sort size",
     );
+    eprintln!("cache ls --sort size said:\n{table}");
     let lines: Vec<&str> = table.lines().collect();
     assert!(lines[0].starts_with("DIGEST"), "a header first:\n{table}");
     assert!(
@@ -225,7 +226,7 @@ async fn verify_removes_a_blob_corrupted_on_disk_and_the_next_pull_refetches_it(
     drop(f);
     let fills = n.proxy.metric("regproxy_fills_total").await;
 
-    let out = n.cli(&["verify", "--rate", "100MiB/s", "--json"]).await;
+    let out = n.cli(&["verify", "--rate", "2MiB/s", "--json"]).await;
     assert_eq!(
         out.status.code(),
         Some(1),
@@ -238,7 +239,23 @@ async fn verify_removes_a_blob_corrupted_on_disk_and_the_next_pull_refetches_it(
         .collect();
     let report = lines.last().unwrap();
     assert_eq!(report["event"], "report");
+    eprintln!(
+        "verify --json said:\n{}",
+        lines
+            .iter()
+            .map(Value::to_string)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     assert_eq!(report["checked"], 4, "every entry was re-hashed");
+    let (read, seconds) = (
+        report["bytes"].as_u64().unwrap(),
+        report["seconds"].as_f64().unwrap(),
+    );
+    assert!(
+        seconds >= read as f64 / f64::from(2 << 20),
+        "reads are paced to the rate: {read} bytes in {seconds} s at 2 MiB/s"
+    );
     assert_eq!(
         report["bad"],
         serde_json::json!([bad]),
@@ -252,6 +269,7 @@ async fn verify_removes_a_blob_corrupted_on_disk_and_the_next_pull_refetches_it(
     assert_eq!(n.proxy.metric("regproxy_cache_verify_bad_total").await, 1);
 
     let again = succeeded(n.cli(&["verify"]).await, "a second verify finds nothing");
+    eprintln!("cache verify said:\n{again}");
     assert!(
         again.contains("checked 3 entries") && again.contains("nothing corrupt"),
         "{again}"

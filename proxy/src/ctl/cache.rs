@@ -138,7 +138,10 @@ fn event(v: &Value) -> String {
             "verifying {} entries, {}, at {}",
             n("entries"),
             human(n("bytes")),
-            crate::units::format_rate(n("rate"))
+            match n("rate") {
+                0 => "no rate limit".to_owned(),
+                r => format!("{}/s", human(r)),
+            }
         ),
         "progress" => format!(
             "checked {}/{} entries, {} of {}",
