@@ -85,13 +85,12 @@ impl App {
         if let Some(hit) = self.cache.get(&d, true).await {
             let media_type = hit.media_type.unwrap_or_default();
             if accepts(&parts.headers, &media_type) {
+                let serving = self.cache.serving(&d);
                 let grant = self.authorize(parts, name, &d, true).await?;
+                self.cache.seen(&d, name);
                 self.vouch(parts, name, grant, &hit.data);
                 let resp = manifest_response(&d, &media_type, hit.data.len());
-                let body = self
-                    .cache
-                    .serving(&d, name)
-                    .hold(self.cached_body(hit.data, head));
+                let body = serving.hold(self.cached_body(hit.data, head));
                 return Ok((Outcome::Hit, resp.body(body).expect("valid response")));
             }
         }
@@ -354,6 +353,7 @@ impl App {
                 .map(|r| (Outcome::Passthrough, r));
         }
         let d = Digest::parse(&e.digest)?;
+        let serving = self.cache.serving(&d);
         let (data, media_type) = match self.cache.get(&d, true).await {
             Some(hit) => (
                 hit.data,
@@ -370,12 +370,10 @@ impl App {
             },
         };
         let grant = self.authorize(parts, name, &d, true).await?;
+        self.cache.seen(&d, name);
         self.vouch(parts, name, grant, &data);
         let resp = manifest_response(&d, &media_type, data.len());
-        let body = self
-            .cache
-            .serving(&d, name)
-            .hold(self.cached_body(data, head));
+        let body = serving.hold(self.cached_body(data, head));
         Ok((outcome, resp.body(body).expect("valid response")))
     }
 }

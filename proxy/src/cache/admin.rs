@@ -388,7 +388,7 @@ mod tests {
                 .await;
         }
         let none = HashSet::new();
-        let held = c.serving(&b, "r");
+        let held = c.serving(&b);
         assert!(
             matches!(
                 c.remove(&[a.clone(), b.clone()], &none),

@@ -62,26 +62,23 @@ pub struct Serving {
 }
 
 impl Cache {
-    /// A client is served `d` under repository `name`: remembered for
-    /// `cache ls`. The guard, held by the response body ([`Serving::hold`]),
-    /// keeps `cache rm` off `d` while the body is being sent.
-    pub fn serving(self: &Arc<Self>, d: &Digest, name: &str) -> Serving {
-        let mut book = self.book.lock();
-        *book.serving.entry(d.clone()).or_default() += 1;
-        self.seen_in(&mut book, d, name);
+    /// A response is about to send `d`: until the guard drops (held by its
+    /// body, [`Serving::hold`]), `cache rm` leaves `d` alone. Taken right
+    /// after the cache lookup; a removal between the two takes nothing from
+    /// the response, which has the file mapped already.
+    pub fn serving(self: &Arc<Self>, d: &Digest) -> Serving {
+        *self.book.lock().serving.entry(d.clone()).or_default() += 1;
         Serving {
             cache: Arc::clone(self),
             digest: d.clone(),
         }
     }
 
-    /// Remembers that `d` was served under `name`, without a guard (the
-    /// answer has no body that reads the cache).
+    /// Remembers that a client was given `d` under repository `name` (once
+    /// it was authorized), for `cache ls`.
     pub fn seen(&self, d: &Digest, name: &str) {
-        self.seen_in(&mut self.book.lock(), d, name);
-    }
-
-    fn seen_in(&self, book: &mut Inner, d: &Digest, name: &str) {
+        let mut book = self.book.lock();
+        let book = &mut *book;
         if let Some(repos) = book.seen.get_mut(d) {
             if let Some(i) = repos.iter().position(|r| r == name) {
                 // Already the most recent: the common case, no allocation.
@@ -182,7 +179,7 @@ mod tests {
         let c =
             Arc::new(Cache::open(&tmp.path().join("c"), 1 << 20, Arc::default(), true).unwrap());
         let d = Digest::of(b"x");
-        let body = c.serving(&d, "a").hold(Body::full(&b"xyz"[..]));
+        let body = c.serving(&d).hold(Body::full(&b"xyz"[..]));
         assert_eq!(
             c.book.lock().serving.get(&d),
             Some(&1),
@@ -194,10 +191,11 @@ mod tests {
             c.book.lock().serving.is_empty(),
             "the guard drops at the end of its body"
         );
-        let dropped = c.serving(&d, "b").hold(Body::full(&b"xyz"[..]));
+        let dropped = c.serving(&d).hold(Body::full(&b"xyz"[..]));
         drop(dropped);
         assert!(c.book.lock().serving.is_empty(), "and when it is dropped");
 
+        c.seen(&d, "a");
         for i in 0..REPOS_PER_DIGEST + 2 {
             c.seen(&d, &format!("r{i}"));
         }
