@@ -71,19 +71,31 @@ fn pinned(cache: &Cache, d: &Digest) -> bool {
     false
 }
 
+/// A committed entry as `cache ls` shows it.
+struct Listed {
+    digest: Digest,
+    size: u64,
+    manifest: bool,
+    used: SystemTime,
+    /// Least recent first.
+    repositories: Vec<String>,
+}
+
 impl Cache {
-    /// Every committed entry, most recently used first, with its size,
-    /// whether it is a manifest, its last use and the repositories seen.
-    fn entries(&self) -> Vec<(Digest, u64, bool, SystemTime, Vec<String>)> {
+    /// Every committed entry, most recently used first.
+    fn entries(&self) -> Vec<Listed> {
         let rows: Vec<_> = {
             let st = self.lock();
             st.index.iter().map(|(d, e)| (d.clone(), *e)).collect()
         };
         let book = self.book.lock();
         rows.into_iter()
-            .map(|(d, e)| {
-                let repos = book.seen.get(&d).cloned().unwrap_or_default();
-                (d, e.size, e.manifest, e.used, repos)
+            .map(|(digest, e)| Listed {
+                repositories: book.seen.get(&digest).cloned().unwrap_or_default(),
+                digest,
+                size: e.size,
+                manifest: e.manifest,
+                used: e.used,
             })
             .collect()
     }
@@ -196,20 +208,21 @@ pub async fn admin_ls(app: &Arc<App>, _body: Bytes) -> Response<Body> {
     let entries: Vec<Value> = cache
         .entries()
         .into_iter()
-        .map(|(d, size, manifest, used, repositories)| {
-            bytes += size;
-            let mut tags = tags.remove(&d.to_string()).unwrap_or_default();
+        .map(|e| {
+            bytes += e.size;
+            let digest = e.digest.to_string();
+            let mut tags = tags.remove(&digest).unwrap_or_default();
             tags.sort();
-            let unix = used.duration_since(UNIX_EPOCH).map_or(0, |t| t.as_secs());
+            let unix = e.used.duration_since(UNIX_EPOCH).map_or(0, |t| t.as_secs());
             json!({
-                "digest": d.to_string(),
-                "size": size,
-                "kind": if manifest { "manifest" } else { "blob" },
-                "repositories": repositories,
+                "digest": digest,
+                "size": e.size,
+                "kind": if e.manifest { "manifest" } else { "blob" },
+                "repositories": e.repositories,
                 "tags": tags,
-                "last_use": humantime::format_rfc3339_seconds(used).to_string(),
+                "last_use": humantime::format_rfc3339_seconds(e.used).to_string(),
                 "last_use_unix": unix,
-                "pinned": pinned(cache, &d),
+                "pinned": pinned(cache, &e.digest),
             })
         })
         .collect();
@@ -233,10 +246,7 @@ pub async fn admin_rm(app: &Arc<App>, body: Bytes) -> Response<Body> {
         Ok(d) => (d, None),
         Err(_) => match parse_ref(&target) {
             Err(e) => return error(StatusCode::BAD_REQUEST, &e),
-            Ok((name, Reference::Digest(d))) => {
-                let _ = name;
-                (d, None)
-            }
+            Ok((_, Reference::Digest(d))) => (d, None),
             Ok((name, Reference::Tag(t))) => match app.tags().get(&name, &t) {
                 Some((e, _)) => match Digest::parse(&e.digest) {
                     Ok(d) => (d, Some((name, t))),
