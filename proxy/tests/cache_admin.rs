@@ -4,6 +4,7 @@
 
 mod support;
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Output;
 
@@ -41,9 +42,7 @@ impl Node {
     async fn start(layer_sizes: &[usize]) -> Node {
         let reg = Registry::start();
         let cache = temp_dir("cache-admin");
-        let token_dir = temp_dir("admin-token");
-        let token_file = token_dir.path().join("token");
-        std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+        let (token_dir, token_file) = token_file();
         let proxy = Proxy::start(
             &reg.url(),
             &cache.path().join("c"),
@@ -109,7 +108,7 @@ impl Node {
         serde_json::from_str(&out).unwrap()
     }
 
-    /// An admin API request with the token (or `token`), its status and body.
+    /// An admin API request with `token`: its status and JSON body.
     async fn admin(
         &self,
         method: Method,
@@ -117,16 +116,37 @@ impl Node {
         token: Option<&str>,
         body: &str,
     ) -> (StatusCode, Value) {
-        let mut h = vec![("content-type", "application/json".to_owned())];
-        if let Some(t) = token {
-            h.push(("authorization", format!("Bearer {t}")));
-        }
-        let h: Vec<(&str, &str)> = h.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        let url = format!("http://{}{path}", self.proxy.admin);
-        let (st, _, b) = request(method, &url, &h, Bytes::from(body.to_owned())).await;
-        let b = b.unwrap();
-        (st, serde_json::from_slice(&b).unwrap_or(Value::Null))
+        admin_request(self.proxy.admin, method, path, token, body).await
     }
+}
+
+/// An admin API request to `admin` with `token`: its status and JSON body.
+async fn admin_request(
+    admin: SocketAddr,
+    method: Method,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> (StatusCode, Value) {
+    let mut h = vec![("content-type", "application/json".to_owned())];
+    if let Some(t) = token {
+        h.push(("authorization", format!("Bearer {t}")));
+    }
+    let h: Vec<(&str, &str)> = h.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let url = format!("http://{admin}{path}");
+    let (st, _, b) = request(method, &url, &h, Bytes::from(body.to_owned())).await;
+    (
+        st,
+        serde_json::from_slice(&b.unwrap()).unwrap_or(Value::Null),
+    )
+}
+
+/// A token file with [`TOKEN`], in a dir to keep alive.
+fn token_file() -> (TempDir, PathBuf) {
+    let dir = temp_dir("admin-token");
+    let file = dir.path().join("token");
+    std::fs::write(&file, format!("{TOKEN}\n")).unwrap();
+    (dir, file)
 }
 
 fn entry<'a>(ls: &'a Value, digest: &str) -> Option<&'a Value> {
@@ -379,6 +399,54 @@ async fn rm_refuses_a_blob_being_served_and_removes_it_once_idle() {
         before - (40 << 20),
         "the cache's bytes drop by the blob's"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rm_refuses_a_blob_being_filled_and_the_fill_completes() {
+    let reg = Registry::start();
+    let gate = Gate::start(reg.addr).await;
+    let data = blob(4 << 20, 90);
+    let d = reg.put_blob_files("team/fill", &data);
+    let cache = temp_dir("cache-admin");
+    let (_token_dir, token) = token_file();
+    let proxy = Proxy::start(
+        &gate.url(),
+        &cache.path().join("c"),
+        &["--admin-token-file", token.to_str().unwrap()],
+    );
+    proxy.wait_learned_open();
+
+    // A pull stalled half-way by the gate: the blob is being filled.
+    gate.hold_after(1 << 20);
+    let url = format!("{}/v2/team/fill/blobs/{d}", proxy.url());
+    let (u, d2) = (url.clone(), d.clone());
+    let pull = tokio::spawn(async move { get_verified(&u, &d2).await });
+    wait_until(|| gate.passed() >= 1 << 20, "the fill is under way").await;
+    let body = format!("{{\"target\":\"{d}\"}}");
+    let (st, answer) = admin_request(
+        proxy.admin,
+        Method::POST,
+        "/admin/cache/rm",
+        Some(TOKEN),
+        &body,
+    )
+    .await;
+    assert_eq!(
+        st,
+        StatusCode::CONFLICT,
+        "a blob being filled is not removed: {answer}"
+    );
+    assert!(
+        answer["error"].as_str().unwrap().contains("being filled"),
+        "{answer}"
+    );
+
+    gate.open();
+    pull.await
+        .unwrap()
+        .expect("the client of the fill gets the blob whole");
+    proxy.fills_done().await;
+    assert!(proxy.cache_path(&d).exists(), "the fill committed its blob");
 }
 
 #[tokio::test]

@@ -111,14 +111,14 @@ impl Cache {
         let mut st = self.lock();
         let mut cached = Vec::new();
         for d in ds {
+            if st.fills.contains_key(d) {
+                return Err(Refused::InUse(format!("{d} is being filled")));
+            }
             if let Some(n) = book.serving.get(d) {
                 let clients = if *n == 1 { "client" } else { "clients" };
                 return Err(Refused::InUse(format!(
                     "{d} is being sent to {n} {clients}"
                 )));
-            }
-            if st.fills.contains_key(d) {
-                return Err(Refused::InUse(format!("{d} is being filled")));
             }
             if st.index.contains(d) {
                 if pinned.contains(d) {
