@@ -20,9 +20,7 @@
 //! what processes sharing the dir
 //! during a handover see of each other in [`shared`]: a miss looks on disk
 //! before it fetches (a sibling may have committed it), and a fill another
-//! process runs is followed rather than fetched again. What an admin sees
-//! and does (`regproxy cache ls|rm|verify`) is in [`admin`], with what it
-//! knows beyond the index (repositories seen, responses in flight) in `seen`.
+//! process runs is followed rather than fetched again.
 
 use std::collections::HashMap;
 use std::fs::{self, File};
@@ -52,9 +50,8 @@ pub mod shared;
 
 pub use fill::{Failure, Fill, FillRequest};
 use growing::Growing;
-pub use seen::Serving;
 
-/// A committed entry in the index.
+/// A committed entry in the index (`used`: last looked up, or its file's mtime).
 #[derive(Clone, Copy, Debug)]
 struct Entry {
     size: u64,
@@ -63,7 +60,6 @@ struct Entry {
     /// Which commit of this digest the entry is: a reader that found the
     /// file gone drops the entry it looked up, never one committed since.
     generation: u64,
-    /// Last looked up (or committed); the file's mtime after a restart.
     used: SystemTime,
 }
 
@@ -97,7 +93,6 @@ pub struct Cache {
     fills: TaskTracker,
     /// The file system's free space, and whether it is full.
     disk: disk::Disk,
-    /// Repositories seen and responses in flight, for the admin.
     book: seen::Book,
 }
 
@@ -211,9 +206,7 @@ impl Cache {
     /// What the index holds for `d`, before any file is opened.
     fn lookup(&self, d: &Digest, manifest: bool) -> Option<Lookup> {
         let mut st = self.lock();
-        let e = st.index.get_mut(d)?;
-        e.used = SystemTime::now();
-        let e = *e;
+        let e = seen::used(st.index.get_mut(d)?);
         if manifest && !e.manifest {
             return None;
         }

@@ -17,12 +17,13 @@ use std::pin::Pin;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
+use std::time::SystemTime;
 
 use bytes::Bytes;
 use futures_util::Stream;
 use http_body::Body as _;
 
-use super::Cache;
+use super::{Cache, Entry};
 use crate::body::{Body, BoxError};
 use crate::digest::Digest;
 
@@ -32,6 +33,13 @@ pub const REPOS_PER_DIGEST: usize = 8;
 /// index are forgotten (the limit grows with the index).
 const SEEN_DIGESTS: usize = 50_000;
 
+/// Marks an entry used now; a copy of it.
+pub(super) fn used(e: &mut Entry) -> Entry {
+    e.used = SystemTime::now();
+    *e
+}
+
+/// Repositories seen and responses in flight, for the admin.
 #[derive(Default)]
 pub(super) struct Book {
     inner: Mutex<Inner>,

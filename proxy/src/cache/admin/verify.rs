@@ -52,7 +52,7 @@ pub(super) fn start(cache: Arc<Cache>, rate: u64) -> Option<Body> {
     tokio::spawn(
         async move {
             let _running = running;
-            run(&cache, rate, &tx).await;
+            run(&cache, rate, tx).await;
         }
         .instrument(span),
     );
@@ -98,7 +98,38 @@ enum Checked {
     Gone,
 }
 
-async fn run(cache: &Arc<Cache>, rate: u64, tx: &mpsc::Sender<Bytes>) {
+/// A run's reporting: where its lines go, and how far it got.
+struct Report {
+    tx: mpsc::Sender<Bytes>,
+    entries: usize,
+    total: u64,
+    /// Entries checked, and their bytes.
+    checked: u64,
+    bytes: u64,
+    last: Instant,
+}
+
+impl Report {
+    /// Sends a line; false once the client is gone.
+    async fn send(&self, v: Value) -> bool {
+        self.tx.send(Bytes::from(format!("{v}\n"))).await.is_ok()
+    }
+
+    /// `into` bytes of the entry being checked are read: a progress line
+    /// if the last is a second old, so that a large file shows progress
+    /// too. False once the client is gone.
+    async fn reading(&mut self, into: u64) -> bool {
+        if self.last.elapsed() < PROGRESS_EVERY {
+            return !self.tx.is_closed();
+        }
+        self.last = Instant::now();
+        let line = json!({"event": "progress", "checked": self.checked, "entries": self.entries,
+                          "bytes": self.bytes + into, "total_bytes": self.total});
+        self.send(line).await
+    }
+}
+
+async fn run(cache: &Arc<Cache>, rate: u64, tx: mpsc::Sender<Bytes>) {
     let list: Vec<(Digest, u64, u64)> = {
         let st = cache.lock();
         st.index
@@ -108,13 +139,17 @@ async fn run(cache: &Arc<Cache>, rate: u64, tx: &mpsc::Sender<Bytes>) {
     };
     let total: u64 = list.iter().map(|(_, s, _)| s).sum();
     let began = Instant::now();
-    let send = |v: Value| {
-        let line = Bytes::from(format!("{v}\n"));
-        async move { tx.send(line).await.is_ok() }
+    let mut report = Report {
+        tx,
+        entries: list.len(),
+        total,
+        checked: 0,
+        bytes: 0,
+        last: began,
     };
     tracing::info!(entries = list.len(), bytes = total, "cache verify started");
     let start = json!({"event": "start", "entries": list.len(), "bytes": total, "rate": rate});
-    if !send(start).await {
+    if !report.send(start).await {
         return;
     }
     let mut pace = Pace {
@@ -122,12 +157,12 @@ async fn run(cache: &Arc<Cache>, rate: u64, tx: &mpsc::Sender<Bytes>) {
         began,
         bytes: 0,
     };
-    let (mut checked, mut bytes, mut bad, mut errors) = (0u64, 0u64, Vec::new(), Vec::new());
-    let mut last = Instant::now();
+    let (mut bad, mut errors) = (Vec::new(), Vec::new());
     for (d, size, generation) in &list {
-        let found = match check(cache, d, *size, *generation, &mut pace, tx).await {
+        let entry = (d, *size, *generation);
+        let found = match check(cache, entry, &mut pace, &mut report).await {
             Ok(found) => found,
-            Err(e) if tx.is_closed() => {
+            Err(e) if report.tx.is_closed() => {
                 tracing::info!(error = %e, "cache verify stopped: its client hung up");
                 return;
             }
@@ -145,22 +180,16 @@ async fn run(cache: &Arc<Cache>, rate: u64, tx: &mpsc::Sender<Bytes>) {
                 tracing::warn!(digest = %d, size, why, removed, "cache verify: content no longer matches its digest");
                 bad.push(d.to_string());
                 let line = json!({"event": "bad", "digest": d.to_string(), "size": size, "why": why, "removed": removed});
-                if !send(line).await {
+                if !report.send(line).await {
                     return;
                 }
             }
         }
-        checked += 1;
-        bytes += size;
-        if last.elapsed() >= PROGRESS_EVERY {
-            last = Instant::now();
-            let line = json!({"event": "progress", "checked": checked, "entries": list.len(), "bytes": bytes, "total_bytes": total});
-            if !send(line).await {
-                return;
-            }
-        }
+        report.checked += 1;
+        report.bytes += size;
     }
     let seconds = began.elapsed().as_secs_f64();
+    let (checked, bytes) = (report.checked, report.bytes);
     tracing::info!(
         checked,
         bytes,
@@ -168,18 +197,16 @@ async fn run(cache: &Arc<Cache>, rate: u64, tx: &mpsc::Sender<Bytes>) {
         seconds,
         "cache verify done"
     );
-    let report = json!({"event": "report", "checked": checked, "bytes": bytes, "bad": bad, "errors": errors, "seconds": seconds});
-    send(report).await;
+    let line = json!({"event": "report", "checked": checked, "bytes": bytes, "bad": bad, "errors": errors, "seconds": seconds});
+    report.send(line).await;
 }
 
 /// Re-hashes entry `generation` of `d`, of `size` bytes.
 async fn check(
     cache: &Arc<Cache>,
-    d: &Digest,
-    size: u64,
-    generation: u64,
+    (d, size, generation): (&Digest, u64, u64),
     pace: &mut Pace,
-    tx: &mpsc::Sender<Bytes>,
+    report: &mut Report,
 ) -> io::Result<Checked> {
     let current = |c: &Cache| {
         c.lock()
@@ -209,9 +236,6 @@ async fn check(
     };
     let (mut hasher, mut buf, mut pos) = (Sha256::new(), vec![0u8; CHUNK], 0u64);
     loop {
-        if tx.is_closed() {
-            return Err(io::Error::other("the client hung up"));
-        }
         let f = Arc::clone(&file);
         let read = blocking(move || {
             let n = read_full(&f, &mut buf, pos)?;
@@ -229,6 +253,9 @@ async fn check(
         };
         pos += n as u64;
         pace.took(n as u64).await;
+        if !report.reading(pos).await {
+            return Err(io::Error::other("the client hung up"));
+        }
         if n < CHUNK || pos > size {
             break;
         }
@@ -328,6 +355,34 @@ mod tests {
         assert!(c.get(&good, true).await.is_some(), "the good one stays");
         assert_eq!(m.cache_verify_bad.load(Relaxed), 1);
         assert!(start(c, 0).is_some(), "a new run may start once one ended");
+    }
+
+    #[tokio::test]
+    async fn a_client_that_hangs_up_stops_the_run() {
+        let tmp = tempfile::tempdir().unwrap();
+        let c =
+            Arc::new(Cache::open(&tmp.path().join("c"), 8 << 20, Arc::default(), true).unwrap());
+        let big = vec![7u8; 3 * CHUNK];
+        c.put_manifest(Digest::of(&big), "t".into(), Bytes::from(big))
+            .await;
+        let mut body = start(Arc::clone(&c), 1 << 20).expect("no run yet");
+        let first = http_body_util::BodyExt::frame(&mut body)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            first.data_ref().unwrap().starts_with(b"{"),
+            "the start line"
+        );
+        drop(body);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while c.book.verifying.load(SeqCst) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the run ends once its client is gone"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     #[tokio::test(start_paused = true)]
