@@ -12,7 +12,7 @@
 //!   manifests that are cached, and theirs), whether or not other cached
 //!   images share them, and forgets the tag. All or nothing: 409 while any
 //!   of it is being sent to a client or filled, or is pinned.
-//! - `POST /admin/cache/verify` `{"rate": "50MiB/s"}`: see [`verify`].
+//! - `POST /admin/cache/verify` `{"rate": "50MiB/s"}`: see `verify`.
 //!
 //! Removal goes through the index (under its lock, files unlinked before it
 //! is released, so that no commit of the same digest lands in between): the
