@@ -71,7 +71,7 @@ pub struct Serving {
 
 impl Cache {
     /// A response is about to send `d`: until the guard drops (held by its
-    /// body, [`Serving::hold`]), `cache rm` leaves `d` alone. Taken right
+    /// body, `Serving::hold`), `cache rm` leaves `d` alone. Taken right
     /// after the cache lookup; a removal between the two takes nothing from
     /// the response, which has the file mapped already.
     pub fn serving(self: &Arc<Self>, d: &Digest) -> Serving {
