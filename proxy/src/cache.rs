@@ -184,6 +184,11 @@ impl Cache {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Whether `d` is committed in the index (its recency unchanged).
+    pub fn contains(&self, d: &Digest) -> bool {
+        self.lock().index.contains(d)
+    }
+
     /// Path of committed content for `d`.
     pub fn path(&self, d: &Digest) -> PathBuf {
         content_path(&self.root, d)

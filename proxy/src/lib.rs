@@ -49,6 +49,9 @@
 //! The admin API (`server/admin_api`, on `--admin-listen`, with
 //! `--admin-token-file`) and its commands, [`ctl`]: `prefetch`, `pin`,
 //! `unpin`, `cache ls|rm|verify`, `rate`.
+//! [`prefetch`] fetches an image into the cache in process, as a client
+//! would pull it (only the node's platform of an index), for
+//! `POST /admin/prefetch` and the pins.
 //!
 //! [`fuzzing`] holds the fuzz targets' bodies (`fuzz/`, `scripts/fuzz.sh`).
 #![deny(unsafe_code)]

@@ -53,6 +53,16 @@ pub fn init_tracing(log: &LogConfig) {
 
 /// Opens the cache, binds, and serves until SIGTERM or SIGINT.
 pub async fn serve(config: Config) -> anyhow::Result<()> {
+    // A bad credential file is a bad flag: said before anything is bound.
+    let prefetch_auth = match &config.prefetch_auth_file {
+        Some(path) => {
+            let host = config.upstream.url.authority().map_or("", |a| a.as_str());
+            let cred = crate::prefetch::authfile::load(path, host)
+                .map_err(|e| anyhow::anyhow!("--prefetch-auth-file {e}"))?;
+            Some(cred)
+        }
+        None => None,
+    };
     // Before anything else: nothing in the dir is touched unless it is ours.
     let lock = Arc::new(CacheLock::acquire(&config.cache_dir, config.listen)?);
     raise_fd_limit(2 * config.limits.max_connections as u64 + 1024);
@@ -92,7 +102,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         App::new(cache, upstream, tags, auth, metrics)
             .with_node(node)
             .with_peers(peers.clone())
-            .with_admin_token(config.admin_token.clone()),
+            .with_admin_token(config.admin_token.clone())
+            .with_prefetch_auth(prefetch_auth),
     );
     if let Some(peers) = peers {
         tokio::spawn(peers.run());

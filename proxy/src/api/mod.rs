@@ -53,6 +53,8 @@ pub struct App {
     peers: Option<Arc<crate::peers::Peers>>,
     /// `--admin-token-file`'s token; without it the admin API is off.
     admin_token: Option<String>,
+    /// What prefetches send as `Authorization` (`--prefetch-auth-file`).
+    prefetch_auth: Option<HeaderValue>,
 }
 
 /// What a path asks for.
@@ -128,6 +130,7 @@ impl App {
             node: None,
             peers: None,
             admin_token: None,
+            prefetch_auth: None,
         }
     }
 
@@ -252,6 +255,17 @@ impl App {
                 e.into_response()
             }
         }
+    }
+
+    /// With the credential prefetches send (see [`crate::prefetch`]).
+    pub fn with_prefetch_auth(mut self, cred: Option<HeaderValue>) -> App {
+        self.prefetch_auth = cred;
+        self
+    }
+
+    /// The credential prefetches send (`--prefetch-auth-file`), if any.
+    pub fn prefetch_auth(&self) -> Option<&HeaderValue> {
+        self.prefetch_auth.as_ref()
     }
 
     /// The node cache.

@@ -133,3 +133,42 @@ pub async fn push_manifest_as(
     let d = sha256_digest(&bytes);
     (bytes, d)
 }
+
+/// Pushes an OCI image index under `tag` whose entries are `(digest, size,
+/// "os/arch[/variant]")` of manifests already pushed; returns its digest.
+pub async fn push_index(
+    registry: &str,
+    repo: &str,
+    tag: &str,
+    manifests: &[(&str, usize, &str)],
+) -> String {
+    let entries: Vec<_> = manifests
+        .iter()
+        .map(|(digest, size, platform)| {
+            let mut p = platform.split('/');
+            let mut platform = serde_json::json!({"os": p.next(), "architecture": p.next()});
+            if let Some(v) = p.next() {
+                platform["variant"] = v.into();
+            }
+            serde_json::json!({
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "digest": digest, "size": size, "platform": platform,
+            })
+        })
+        .collect();
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": entries,
+    });
+    let bytes = serde_json::to_vec_pretty(&index).unwrap();
+    let (st, _, body) = request(
+        Method::PUT,
+        &format!("{registry}/v2/{repo}/manifests/{tag}"),
+        &[("content-type", "application/vnd.oci.image.index.v1+json")],
+        Bytes::from(bytes.clone()),
+    )
+    .await;
+    assert_eq!(st, StatusCode::CREATED, "index push: {body:?}");
+    sha256_digest(&bytes)
+}
