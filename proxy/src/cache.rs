@@ -432,12 +432,7 @@ impl Cache {
             st.next_generation += 1;
             let prev = st.index.put(
                 d.clone(),
-                Entry {
-                    size,
-                    manifest: media_type.is_some(),
-                    generation,
-                    used: SystemTime::now(),
-                },
+                Entry::new(size, media_type.is_some(), generation),
             );
             st.committed += size;
             if let Some(p) = prev {

@@ -33,6 +33,18 @@ pub const REPOS_PER_DIGEST: usize = 8;
 /// index are forgotten (the limit grows with the index).
 const SEEN_DIGESTS: usize = 50_000;
 
+impl Entry {
+    /// An entry committed now.
+    pub(super) fn new(size: u64, manifest: bool, generation: u64) -> Entry {
+        Entry {
+            size,
+            manifest,
+            generation,
+            used: SystemTime::now(),
+        }
+    }
+}
+
 /// Marks an entry used now; a copy of it.
 pub(super) fn used(e: &mut Entry) -> Entry {
     e.used = SystemTime::now();
