@@ -31,7 +31,7 @@ use serde_json::{json, Value};
 use super::{type_path, Cache, State};
 use crate::api::App;
 use crate::body::Body;
-use crate::digest::{validate_name, Digest, Reference};
+use crate::digest::{Digest, Reference};
 use crate::server::admin_api::{error, json_response};
 
 mod verify;
@@ -244,7 +244,7 @@ pub async fn admin_rm(app: &Arc<App>, body: Bytes) -> Response<Body> {
     };
     let (top, tag) = match Digest::parse(&target) {
         Ok(d) => (d, None),
-        Err(_) => match parse_ref(&target) {
+        Err(_) => match crate::prefetch::parse_ref(target.trim()) {
             Err(e) => return error(StatusCode::BAD_REQUEST, &e),
             Ok((_, Reference::Digest(d))) => (d, None),
             Ok((name, Reference::Tag(t))) => match app.tags().get(&name, &t) {
@@ -321,31 +321,6 @@ pub async fn admin_verify(app: &Arc<App>, body: Bytes) -> Response<Body> {
     }
 }
 
-/// `[HOST[:PORT]/]NAME[:TAG|@DIGEST]`: the repository and reference; the
-/// host is dropped (this proxy has one upstream), no reference is `latest`.
-pub fn parse_ref(s: &str) -> Result<(String, Reference), String> {
-    let s = s.trim();
-    let rest = match s.split_once('/') {
-        Some((host, rest)) if host.contains(['.', ':']) || host == "localhost" => rest,
-        _ => s,
-    };
-    let (name, reference) = if let Some((n, d)) = rest.split_once('@') {
-        (
-            n,
-            Reference::Digest(Digest::parse(d).map_err(|e| e.to_string())?),
-        )
-    } else {
-        match rest.rsplit_once(':') {
-            Some((n, t)) if !t.contains('/') => {
-                (n, Reference::parse(t).map_err(|e| e.to_string())?)
-            }
-            _ => (rest, Reference::Tag("latest".into())),
-        }
-    };
-    validate_name(name).map_err(|e| format!("{s}: {e}"))?;
-    Ok((name.to_owned(), reference))
-}
-
 fn ok(v: Value) -> Response<Body> {
     json_response(StatusCode::OK, &v)
 }
@@ -354,37 +329,6 @@ fn ok(v: Value) -> Response<Body> {
 mod tests {
     use super::*;
     use crate::metrics::Metrics;
-
-    const D: &str = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
-
-    #[test]
-    fn refs_parse_with_or_without_a_host() {
-        let tag = |t: &str| Reference::Tag(t.into());
-        assert_eq!(
-            parse_ref("alpine").unwrap(),
-            ("alpine".into(), tag("latest"))
-        );
-        assert_eq!(
-            parse_ref("team/app:v1").unwrap(),
-            ("team/app".into(), tag("v1"))
-        );
-        assert_eq!(
-            parse_ref("registry.example:5000/team/app:v1").unwrap(),
-            ("team/app".into(), tag("v1"))
-        );
-        assert_eq!(
-            parse_ref("localhost/app").unwrap(),
-            ("app".into(), tag("latest"))
-        );
-        let (name, r) = parse_ref(&format!("ghcr.io/a/b@{D}")).unwrap();
-        assert_eq!(
-            (name.as_str(), r),
-            ("a/b", Reference::Digest(Digest::parse(D).unwrap()))
-        );
-        for bad in ["", "Team/App", "a:b:c", "a@sha256:12", "a/../b"] {
-            assert!(parse_ref(bad).is_err(), "{bad} should be refused");
-        }
-    }
 
     #[tokio::test]
     async fn removal_is_all_or_nothing_and_keeps_the_index_true() {
