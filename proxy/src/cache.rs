@@ -14,7 +14,8 @@
 //! whole, verified file. Eviction unlinks files (never truncates them), so a
 //! reader that has a file mapped keeps reading the bytes it was promised.
 //!
-//! Fills are in [`fill`], manifests stored whole in `manifests`, memory maps
+//! Fills are in [`fill`], manifests stored whole in `manifests`, eviction
+//! (which skips the digests [`crate::pins`] pins) in `pinned`, memory maps
 //! (and their `unsafe`) in `growing`, the index rebuilt from the disk in
 //! `scan`, room on the file system and whether it is full in `disk`, and
 //! what processes sharing the dir
@@ -44,6 +45,7 @@ mod disk;
 pub mod fill;
 mod growing;
 mod manifests;
+mod pinned;
 mod scan;
 mod seen;
 pub mod shared;
@@ -94,6 +96,8 @@ pub struct Cache {
     /// The file system's free space, and whether it is full.
     disk: disk::Disk,
     book: seen::Book,
+    /// What eviction skips (see [`crate::pins`]).
+    pinned: pinned::Pinned,
 }
 
 /// Content opened from the cache.
@@ -154,6 +158,8 @@ impl Cache {
             tmp_seq: AtomicU64::new(0),
             fills: TaskTracker::new(),
             book: seen::Book::default(),
+            // Before the eviction below: pins survive a smaller cap.
+            pinned: pinned::Pinned::load(root),
         };
         cache.metrics.cache_capacity.store(cap, Relaxed);
         let evicted = {
@@ -324,9 +330,13 @@ impl Cache {
     }
 
     /// Evicts least recently used entries until `need` more bytes fit under
-    /// the cap; returns the files to unlink.
+    /// the cap; returns the files to unlink. Evicts nothing for a `need`
+    /// that would not fit beside the pinned entries anyway.
     fn evict_until(&self, st: &mut State, need: u64) -> Vec<PathBuf> {
         let mut out = Vec::new();
+        if need > 0 && !self.pinned.could_fit(st, need, self.cap) {
+            return out;
+        }
         while st.committed + st.reserved + need > self.cap {
             if !self.evict_one(st, &mut out) {
                 break;
@@ -345,25 +355,6 @@ impl Cache {
             }
         }
         out
-    }
-
-    /// Evicts the least recently used entry, adding its files to `out`;
-    /// false when the index is empty.
-    fn evict_one(&self, st: &mut State, out: &mut Vec<PathBuf>) -> bool {
-        let Some((d, e)) = st.index.pop_lru() else {
-            return false;
-        };
-        st.committed -= e.size;
-        st.open.pop(&d);
-        self.metrics.evictions.fetch_add(1, Relaxed);
-        self.metrics.evicted_bytes.fetch_add(e.size, Relaxed);
-        tracing::debug!(digest = %d, size = e.size, "evicted");
-        let p = self.path(&d);
-        if e.manifest {
-            out.push(type_path(&p));
-        }
-        out.push(p);
-        true
     }
 
     fn unlink(&self, paths: Vec<PathBuf>) {

@@ -34,6 +34,8 @@
 //! - [`peers`]: the other nodes' proxies (`--peers`): one owner per digest
 //!   by rendezvous hashing, asked on a miss before the upstream; who is
 //!   live, and who is banned for bad bytes. `api/peer` serves them.
+//! - [`pins`]: pinned images (`pins.json`), never evicted; the prefetch
+//!   file re-read by content, and the revalidation of pinned tags.
 //!
 //! Foundations: [`config`] (flags, each also an env var), [`units`] (sizes
 //! and durations, loadtest's too), [`digest`] (digests, names, references,

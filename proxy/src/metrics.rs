@@ -73,6 +73,8 @@ pub struct Metrics {
     pub uncached_no_room: AtomicU64,
     /// 1 while the cache disk is full (see `cache::disk`).
     pub cache_disk_full: AtomicU64,
+    /// 1 while the pins alone are more than the cap (see `cache::pinned`).
+    pub pins_over_cap: AtomicU64,
     pub tag_revalidations: AtomicU64,
     pub tags_stale_served: AtomicU64,
     pub auth_checks: AtomicU64,
@@ -367,6 +369,12 @@ impl Metrics {
             g(&self.cache_disk_full),
         );
         one(
+            "regproxy_pins_over_cap",
+            "gauge",
+            "1 while pinned images alone are more than --cache-size: they are kept, and what does not fit is served uncached.",
+            g(&self.pins_over_cap),
+        );
+        one(
             "regproxy_cache_commits_total",
             "counter",
             "Verified blobs and manifests committed to the cache.",
@@ -444,9 +452,30 @@ impl Metrics {
     }
 }
 
+/// `s` as a label value in the text format: backslash, double quote and
+/// line feed escaped.
+pub fn label_value(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(label_value("team/app:v1"), "team/app:v1");
+        assert_eq!(label_value("a\\b\"c\nd"), "a\\\\b\\\"c\\nd");
+    }
 
     #[test]
     fn render_lists_every_series() {

@@ -98,13 +98,18 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         let patience = config.upstream.timeout;
         crate::peers::Peers::new(p, patience, resolver.clone(), Arc::clone(&metrics))
     });
-    let app = Arc::new(
-        App::new(cache, upstream, tags, auth, metrics)
-            .with_node(node)
-            .with_peers(peers.clone())
-            .with_admin_token(config.admin_token.clone())
-            .with_prefetch_auth(prefetch_auth),
+    let app = App::new(cache, upstream, tags, auth, metrics)
+        .with_node(node)
+        .with_peers(peers.clone())
+        .with_admin_token(config.admin_token.clone())
+        .with_prefetch_auth(prefetch_auth);
+    let pins = crate::pins::Pins::open(
+        &config.cache_dir,
+        Arc::clone(app.cache()),
+        config.prefetch_file.clone(),
+        config.tag_ttl,
     );
+    let app = Arc::new(app.with_pins(Arc::new(pins)));
     if let Some(peers) = peers {
         tokio::spawn(peers.run());
     }
@@ -156,7 +161,15 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         write_atomically(path, ready.to_string().as_bytes())
             .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
     }
-    server.run(Arc::clone(&app), shutdown_signal()).await;
+    // The pins' background prefetches stop when shutdown starts: a fill
+    // they would start then would only hold up the drain.
+    let stop = tokio_util::sync::CancellationToken::new();
+    crate::pins::start(&app, stop.clone());
+    let shutdown = async move {
+        shutdown_signal().await;
+        stop.cancel();
+    };
+    server.run(Arc::clone(&app), shutdown).await;
     app.save_allowed().await;
     // Fills past the grace period and their commits end only with the
     // runtime: the lock is held until the process exits, so that no

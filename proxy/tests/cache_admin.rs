@@ -90,8 +90,13 @@ impl Node {
 
     /// `regproxy cache ARGS...` against this proxy's admin listener.
     async fn cli(&self, args: &[&str]) -> Output {
+        self.regproxy("cache", args).await
+    }
+
+    /// `regproxy COMMAND ARGS...` against this proxy's admin listener.
+    async fn regproxy(&self, command: &str, args: &[&str]) -> Output {
         let mut cmd = std::process::Command::new(regproxy_bin());
-        cmd.arg("cache")
+        cmd.arg(command)
             .args(args)
             .arg("--admin")
             .arg(format!("http://{}", self.proxy.admin))
@@ -450,9 +455,33 @@ async fn rm_refuses_a_blob_being_filled_and_the_fill_completes() {
 }
 
 #[tokio::test]
-async fn rm_of_a_ref_removes_its_manifest_blobs_and_tag() {
+async fn rm_of_a_ref_removes_its_manifest_blobs_and_tag_once_unpinned() {
     let n = Node::start(&[100_000, 200_000]).await;
     n.pull().await;
+    succeeded(n.regproxy("pin", &["team/app:v1"]).await, "regproxy pin");
+    let out = n.cli(&["rm", "team/app:v1"]).await;
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "pinned content is not removed: {out:?}"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("pinned; unpin it first"),
+        "{out:?}"
+    );
+    let ls = n.ls().await;
+    assert_eq!(ls["total"]["entries"], 4, "nothing was removed: {ls}");
+    for d in std::iter::once(&n.image.manifest).chain(&n.image.layers) {
+        assert_eq!(
+            entry(&ls, d).unwrap()["pinned"],
+            true,
+            "ls shows {d} pinned"
+        );
+    }
+    succeeded(
+        n.regproxy("unpin", &["team/app:v1"]).await,
+        "regproxy unpin",
+    );
     let out = succeeded(
         n.cli(&["rm", "registry.example:5000/team/app:v1"]).await,
         "cache rm REF",

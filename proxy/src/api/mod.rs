@@ -53,6 +53,8 @@ pub struct App {
     peers: Option<Arc<crate::peers::Peers>>,
     /// `--admin-token-file`'s token; without it the admin API is off.
     admin_token: Option<String>,
+    /// The pinned images and the prefetch file (see [`crate::pins`]).
+    pins: Option<Arc<crate::pins::Pins>>,
     /// What prefetches send as `Authorization` (`--prefetch-auth-file`).
     prefetch_auth: Option<HeaderValue>,
 }
@@ -130,6 +132,7 @@ impl App {
             node: None,
             peers: None,
             admin_token: None,
+            pins: None,
             prefetch_auth: None,
         }
     }
@@ -140,7 +143,18 @@ impl App {
         self
     }
 
-    /// With the node path's status (see [`crate::node::start`]).
+    /// With the pins (see [`crate::pins`]).
+    pub fn with_pins(mut self, pins: Arc<crate::pins::Pins>) -> App {
+        self.pins = Some(pins);
+        self
+    }
+
+    /// The pins, once set up.
+    pub fn pins(&self) -> Option<&Arc<crate::pins::Pins>> {
+        self.pins.as_ref()
+    }
+
+    /// With the admin API's token (`--admin-token-file`).
     pub fn with_admin_token(mut self, token: Option<String>) -> App {
         self.admin_token = token;
         self
@@ -151,6 +165,7 @@ impl App {
         self.admin_token.as_deref()
     }
 
+    /// With the node path's status (see [`crate::node::start`]).
     pub fn with_node(mut self, node: Option<Arc<crate::node::Status>>) -> App {
         self.node = node;
         self

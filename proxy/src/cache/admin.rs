@@ -64,11 +64,10 @@ impl Refused {
     }
 }
 
-/// Whether `d` is pinned: never while the index lock or the book's is held.
+/// Whether `d` is pinned (see [`crate::pins`]). Asked before the book's and
+/// the index's locks are taken: the pinned set has a lock of its own.
 fn pinned(cache: &Cache, d: &Digest) -> bool {
-    // Until the pins land (`Cache::is_pinned`), nothing is.
-    let _ = (cache, d);
-    false
+    cache.is_pinned(d)
 }
 
 /// A committed entry as `cache ls` shows it.

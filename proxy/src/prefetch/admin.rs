@@ -108,8 +108,8 @@ async fn one(app: &Arc<App>, t: Target, pin: bool, tx: &UnboundedSender<Bytes>) 
 }
 
 /// The one place a completed prefetch becomes a pin (`crate::pins`).
-async fn pin_fetched(_app: &Arc<App>, _t: &Target, _f: &Fetched) -> Result<(), String> {
-    Err("pinning is not in this build".into())
+async fn pin_fetched(app: &Arc<App>, t: &Target, f: &Fetched) -> Result<(), String> {
+    crate::pins::pin_fetched(app, t, f, crate::pins::Source::Api).await
 }
 
 fn line(v: serde_json::Value) -> Bytes {

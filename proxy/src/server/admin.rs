@@ -43,11 +43,14 @@ pub(super) async fn admin_loop(listener: Listener, app: Arc<App>, ready: Arc<Ato
 
 pub(super) fn admin_response(uri: &http::Uri, app: &App, ready: bool) -> Response<Body> {
     let (status, ctype, body) = match uri.path() {
-        "/metrics" => (StatusCode::OK, "text/plain; version=0.0.4", {
-            let mut m = app.metrics().render();
-            app.budget().render(&mut m);
-            m
-        }),
+        "/metrics" => {
+            let mut text = app.metrics().render();
+            app.budget().render(&mut text);
+            if let Some(pins) = app.pins() {
+                pins.render_metrics(&mut text);
+            }
+            (StatusCode::OK, "text/plain; version=0.0.4", text)
+        }
         "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
         // Which process answers here (as on the API listener): how
         // `regproxy doctor` tells this proxy from whatever else answers on
