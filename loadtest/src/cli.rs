@@ -332,7 +332,10 @@ async fn soak(a: SoakArgs) -> anyhow::Result<()> {
 
 async fn compare(a: CompareArgs) -> anyhow::Result<()> {
     for s in &a.params.scenarios {
-        if !compare::SCENARIOS.iter().any(|(id, _)| id == s) && s != compare::CLUSTER {
+        let known = compare::SCENARIOS.iter().any(|(id, _)| id == s)
+            || s == compare::CLUSTER
+            || s == compare::BUDGET;
+        if !known {
             bail!("unknown scenario {s:?}; see --help");
         }
     }
@@ -351,7 +354,9 @@ async fn compare(a: CompareArgs) -> anyhow::Result<()> {
         (true, &tools.registry),
         (on_targets && p.targets.contains(&Kind::Nginx), &tools.nginx),
         (
-            (on_targets && p.targets.contains(&Kind::Regproxy)) || p.wants(compare::CLUSTER),
+            (on_targets && p.targets.contains(&Kind::Regproxy))
+                || p.wants(compare::CLUSTER)
+                || p.wants_budget(),
             &tools.regproxy,
         ),
     ] {
@@ -380,6 +385,11 @@ async fn compare(a: CompareArgs) -> anyhow::Result<()> {
         print!("{}", crate::cluster::report::table(c));
         checks.extend(crate::cluster::report::checks(c));
     }
+    if let Some(b) = &report.budget {
+        println!();
+        print!("{}", crate::budget::report::table(b));
+        checks.extend(crate::budget::report::checks(b));
+    }
     println!();
     print!("{}", crate::report::checks_text(&checks));
     if let Some(path) = &a.json {
@@ -399,7 +409,11 @@ async fn compare(a: CompareArgs) -> anyhow::Result<()> {
         + report
             .cluster
             .as_ref()
-            .map_or(0, crate::cluster::report::errors);
+            .map_or(0, crate::cluster::report::errors)
+        + report
+            .budget
+            .as_ref()
+            .map_or(0, crate::budget::report::errors);
     if errors > 0 {
         bail!("{errors} requests failed or did not verify (see the errors column and the JSON)");
     }

@@ -34,7 +34,7 @@ pub struct Params {
     pub targets: Vec<Kind>,
     /// Run only these scenarios [default: all]: cold_concurrent, images_cold,
     /// images_warm, warm_single, warm_concurrent, small_requests, uplink_node1,
-    /// uplink_node2, cluster.
+    /// uplink_node2, cluster, budget.
     #[arg(long, value_delimiter = ',')]
     pub scenarios: Vec<String>,
     /// The big blob (warm single stream; cold concurrent).
@@ -81,7 +81,7 @@ pub struct Params {
     /// At most this many small requests per repetition.
     #[arg(long, default_value_t = 200_000)]
     pub small_max: u64,
-    /// Uplink rate in Mbit/s (0 leaves the uplink scenario out).
+    /// Uplink rate in Mbit/s (0 leaves the uplink and budget scenarios out).
     #[arg(long, default_value_t = 100)]
     pub uplink_mbit: u32,
     /// Images in the uplink's image set, `bench/edge-<i>:v1`.
@@ -107,6 +107,9 @@ pub struct Params {
     #[command(flatten)]
     #[serde(flatten)]
     pub cluster: crate::cluster::Params,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub budget: crate::budget::Params,
 }
 
 impl Params {
@@ -126,10 +129,18 @@ impl Params {
     pub fn wants_uplink(&self) -> bool {
         self.uplink_mbit > 0 && (self.wants("uplink_node1") || self.wants("uplink_node2"))
     }
+
+    /// Whether the budget scenario (on the same uplink) is part of this run.
+    pub fn wants_budget(&self) -> bool {
+        self.uplink_mbit > 0 && self.wants(BUDGET)
+    }
 }
 
 /// The cluster scenario's id (its results are [`Report::cluster`], not rows).
 pub const CLUSTER: &str = "cluster";
+
+/// The budget scenario's id (its results are [`Report::budget`], not rows).
+pub const BUDGET: &str = "budget";
 
 mod secs {
     pub fn serialize<S: serde::Serializer>(
@@ -248,6 +259,8 @@ pub struct Report {
     pub rows: Vec<Row>,
     /// The cluster scenario, when it ran.
     pub cluster: Option<crate::cluster::ClusterReport>,
+    /// The budget scenario, when it ran.
+    pub budget: Option<crate::budget::BudgetReport>,
 }
 
 impl Report {
@@ -264,6 +277,7 @@ struct Plan {
     loopback: Option<LoopbackPlan>,
     uplink_images: Vec<ImageSpec>,
     cluster_images: Vec<ImageSpec>,
+    budget_images: Vec<ImageSpec>,
 }
 
 /// The content of the loopback scenarios.
@@ -615,6 +629,11 @@ pub async fn run(params: Params, tools: Tools, work: PathBuf) -> anyhow::Result<
         } else {
             Vec::new()
         },
+        budget_images: if p.wants_budget() {
+            crate::budget::images(&p.budget)
+        } else {
+            Vec::new()
+        },
     })
     .await?;
 
@@ -633,6 +652,7 @@ pub async fn run(params: Params, tools: Tools, work: PathBuf) -> anyhow::Result<
     for img in loop_images
         .chain(&plan.uplink_images)
         .chain(&plan.cluster_images)
+        .chain(&plan.budget_images)
     {
         reg.push_image(img)
             .await
@@ -643,7 +663,7 @@ pub async fn run(params: Params, tools: Tools, work: PathBuf) -> anyhow::Result<
     drop(upstream);
 
     // The uplink: a namespace whose upstreams serve the same storage.
-    let uplink = if params.wants_uplink() {
+    let uplink = if params.wants_uplink() || params.wants_budget() {
         Some(Uplink::create(params.uplink_mbit)?)
     } else {
         None
@@ -709,6 +729,22 @@ pub async fn run(params: Params, tools: Tools, work: PathBuf) -> anyhow::Result<
     } else {
         None
     };
+    let budget = match &uplink {
+        Some(link) if p.wants_budget() => {
+            let env = crate::budget::Env {
+                tools: &tools,
+                work: &work,
+                storage: &storage,
+                uplink: link,
+                mbit: p.uplink_mbit,
+                timeout: p.timeout,
+                scenario_timeout: p.scenario_timeout,
+                layer_concurrency: p.layer_concurrency,
+            };
+            Some(crate::budget::run(&p.budget, &plan.budget_images, &env).await?)
+        }
+        _ => None,
+    };
     let mut rows = ctx.rows;
     // In the order of the table: by scenario, then by target.
     rows.sort_by_key(|r| {
@@ -723,6 +759,7 @@ pub async fn run(params: Params, tools: Tools, work: PathBuf) -> anyhow::Result<
         params,
         rows,
         cluster,
+        budget,
     })
 }
 

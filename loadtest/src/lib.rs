@@ -14,12 +14,15 @@
 //! - [`compare`]: the scenarios, run for every target in one run.
 //! - [`cluster`]: the `cluster` scenario: N nodes in network namespaces on one
 //!   LAN behind one shaped uplink, regproxy with peers on and off, and direct.
+//! - [`budget`]: the `budget` scenario: a rollout pull over the shaped uplink
+//!   while regproxy prefetches a large image, with and without `--upstream-rate`.
 //! - [`soak`]: `loadtest soak`, regproxy under mixed traffic and random
 //!   faults for a set time, every completed response checked by an oracle.
 //! - [`report`]: the table on stdout, the JSON, the SVG chart, and sizes for
 //!   humans (`256.0 MiB`). Sizes and durations on the command line are
 //!   `regproxy::units`, one grammar with the proxy.
 
+pub mod budget;
 pub mod cli;
 pub mod cluster;
 pub mod compare;

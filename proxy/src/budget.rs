@@ -3,10 +3,13 @@
 //!
 //! A reader of an upstream body takes tokens for each chunk after it arrives
 //! and before it reads the next, so while it waits the socket's buffer fills
-//! and TCP slows the sender: the shaping holds no bytes of its own. The
-//! bucket holds at most [`burst`] (64 KiB, or 50 ms at the rate), and may go
-//! into debt by one chunk, so over any few seconds the upstream sends at most
-//! the rate and one burst.
+//! and TCP slows the sender: the shaping holds no bytes of its own. What the
+//! buffers can hold is paid for as soon as it can arrive ([`Horizon`]): a
+//! blob fill is charged up to a window past what it has read, so a burst of
+//! new connections filling their buffers at link speed is paid for at once,
+//! not a window late. The bucket holds at most [`burst`] (64 KiB, or 50 ms
+//! at the rate), and may go into debt by one charge, so over any few seconds
+//! the upstream sends at most the rate and one burst.
 //!
 //! Lanes, so that a prefetch never delays a pull:
 //! - [`Lane::Meta`]: manifests and tag revalidations. Charged, never waits,
@@ -191,6 +194,39 @@ impl Budget {
     }
 }
 
+/// What one upstream response has been charged: bytes up to `window` past
+/// what was read (the socket's receive buffer and the client's read buffer
+/// hold that much), never past the response's length.
+#[derive(Debug)]
+pub struct Horizon {
+    len: u64,
+    window: u64,
+    read: u64,
+    charged: u64,
+}
+
+impl Horizon {
+    /// A response of `len` bytes on a connection that buffers `window`.
+    pub fn new(len: u64, window: u64) -> Horizon {
+        Horizon {
+            len,
+            window,
+            read: 0,
+            charged: 0,
+        }
+    }
+
+    /// `n` more bytes were read: the bytes to charge now.
+    pub fn read(&mut self, n: u64) -> u64 {
+        self.read += n;
+        // Past its length (a lying upstream): every byte read, at least.
+        let reach = (self.read + self.window).min(self.len).max(self.read);
+        let owed = reach.saturating_sub(self.charged);
+        self.charged += owed;
+        owed
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -245,6 +281,22 @@ mod tests {
             pull >= rate as f64 * 0.85,
             "the pull got only {pull} bytes/s"
         );
+    }
+
+    #[test]
+    fn a_horizon_charges_the_window_ahead_and_the_length_in_all() {
+        let mut h = Horizon::new(1000, 300);
+        assert_eq!(
+            h.read(100),
+            400,
+            "the first read pays for what is buffered behind it"
+        );
+        assert_eq!(h.read(100), 100);
+        assert_eq!(h.read(500), 500);
+        assert_eq!(h.read(300), 0, "the last window was paid for");
+        assert_eq!(h.read(50), 50, "bytes past the length are still charged");
+        let mut small = Horizon::new(10, 300);
+        assert_eq!(small.read(10), 10, "never more than the response");
     }
 
     #[tokio::test(start_paused = true)]

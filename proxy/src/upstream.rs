@@ -68,6 +68,8 @@ pub struct Upstream {
     own: Vec<SocketAddr>,
     /// `--upstream-rate`: what every reader of an upstream body takes from.
     budget: Arc<Budget>,
+    /// [`in_flight`] at the rate at start.
+    in_flight: u64,
 }
 
 /// The receive buffer of upstream connections under a budget of `rate`
@@ -78,6 +80,17 @@ pub struct Upstream {
 /// through the admin API, shapes with the kernel's autotuned buffers.
 pub fn recv_buffer(rate: u64) -> usize {
     (rate / 10).clamp(128 << 10, 4 << 20) as usize
+}
+
+/// Bytes of a response that can be on their way into this node ahead of
+/// its reader under a budget of `rate`: the receive buffer (the kernel
+/// doubles what is asked) and the client's read buffer. What the budget
+/// charges ahead ([`crate::budget::Horizon`]); 0 without a budget at start.
+pub fn in_flight(rate: u64) -> u64 {
+    match rate {
+        0 => 0,
+        r => 2 * recv_buffer(r) as u64 + READ_BUF as u64,
+    }
 }
 
 impl Upstream {
@@ -152,6 +165,7 @@ impl Upstream {
             resolver,
             own: Vec::new(),
             budget: Arc::new(Budget::new(config.rate)),
+            in_flight: in_flight(config.rate),
         })
     }
 
@@ -164,6 +178,11 @@ impl Upstream {
     /// The uplink budget every reader of an upstream body takes from.
     pub fn budget(&self) -> &Arc<Budget> {
         &self.budget
+    }
+
+    /// A horizon for a response of `len` bytes (see [`in_flight`]).
+    pub fn horizon(&self, len: u64) -> crate::budget::Horizon {
+        crate::budget::Horizon::new(len, self.in_flight)
     }
 
     pub fn timeout(&self) -> Duration {

@@ -9,7 +9,8 @@
 //! tests that kill processes at random moments). `http` and `order`
 //! are the test's own requests. This file keeps the waits and what all share.
 //! `peers` starts nodes with peers on (issue 11), and a fake peer and a
-//! DNS server of the test's own.
+//! DNS server of the test's own. `shaped` runs the registry behind a
+//! `tc`-shaped link and reads what it sent from its log (issue 12).
 //!
 //! Every test binary compiles this whole folder and uses a part of it, so
 //! what one binary leaves unused is not dead: each module is declared with
@@ -38,6 +39,8 @@ pub mod peers;
 mod proxy;
 #[allow(dead_code)]
 mod registry;
+#[allow(dead_code)]
+pub mod shaped;
 #[allow(dead_code)]
 pub mod stub;
 

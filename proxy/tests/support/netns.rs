@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 pub struct Netns {
     pub name: String,
     host_if: String,
+    ns_if: String,
     /// The root namespace's end of the link.
     pub host_ip: Ipv4Addr,
     /// The namespace's end of the link, where a peer inside listens.
@@ -88,6 +89,7 @@ impl Netns {
         let ns = Netns {
             name,
             host_if,
+            ns_if: ns_if.clone(),
             host_ip,
             ns_ip,
         };
@@ -121,6 +123,48 @@ impl Netns {
         in_ns(&["ip", "link", "set", &ns_if, "up"]);
         in_ns(&["ip", "link", "set", "lo", "up"]);
         ns
+    }
+
+    /// Shapes the link to `mbit` Mbit/s each way with `tc tbf` on both
+    /// ends' egress, as the load test's uplink does: what a program inside
+    /// sends to the root namespace crosses the namespace end's queue.
+    pub fn shape(&self, mbit: u32) {
+        let rate = format!("{mbit}mbit");
+        // The bucket holds at least one GSO super-packet (64 KiB).
+        let tbf = [
+            "root", "tbf", "rate", &rate, "burst", "256kb", "latency", "100ms",
+        ];
+        let mut host = vec!["tc", "qdisc", "add", "dev", &self.host_if];
+        host.extend_from_slice(&tbf);
+        must(&host);
+        let mut inside = vec![
+            "ip",
+            "netns",
+            "exec",
+            &self.name,
+            "tc",
+            "qdisc",
+            "add",
+            "dev",
+            &self.ns_if,
+        ];
+        inside.extend_from_slice(&tbf);
+        must(&inside);
+    }
+
+    /// Sets sysctl `key` to `value` inside the namespace (the `net.*` keys
+    /// that are per namespace, such as `net.ipv4.tcp_wmem`).
+    pub fn sysctl(&self, key: &str, value: &str) {
+        must(&[
+            "ip",
+            "netns",
+            "exec",
+            &self.name,
+            "sysctl",
+            "-q",
+            "-w",
+            &format!("{key}={value}"),
+        ]);
     }
 
     /// `program` to be run inside the namespace (`ip netns exec` execs it,

@@ -62,6 +62,8 @@ pub struct Registry {
     log: PathBuf,
     config: PathBuf,
     scheme: &'static str,
+    /// The network namespace it runs in, if not the root one.
+    netns: Option<String>,
 }
 
 impl Registry {
@@ -119,6 +121,7 @@ impl Registry {
             log,
             config,
             scheme,
+            netns: None,
         };
         // The port is free when picked, but another process may bind it
         // before the registry does: then the registry says so, and it is
@@ -146,6 +149,34 @@ impl Registry {
         r
     }
 
+    /// A registry run inside `ns`, listening on the namespace's end of its
+    /// link (port 5000: nothing else listens in a namespace of the test's
+    /// own), so that what it sends crosses the link.
+    pub fn start_in(ns: &super::netns::Netns) -> Registry {
+        let dir = temp_dir("upstream");
+        let config = dir.path().join("config.yml");
+        let addr = SocketAddr::from((ns.ns_ip, 5000));
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
+                dir.path().join("data").display(),
+            ),
+        )
+        .unwrap();
+        let mut r = Registry {
+            addr,
+            log: dir.path().join("registry.log"),
+            dir,
+            child: None,
+            config,
+            scheme: "http",
+            netns: Some(ns.name.clone()),
+        };
+        r.restart();
+        r
+    }
+
     /// Starts the registry (again) on the same address and storage.
     pub fn restart(&mut self) {
         match self.spawn() {
@@ -168,7 +199,16 @@ impl Registry {
             .open(&self.log)
             .unwrap();
         let from = out.metadata().unwrap().len() as usize;
-        let mut child = Command::new("docker-registry")
+        // `ip netns exec` execs the program: the child's pid is the registry's.
+        let mut cmd = match &self.netns {
+            None => Command::new("docker-registry"),
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "docker-registry"]);
+                c
+            }
+        };
+        let mut child = cmd
             .arg("serve")
             .arg(&self.config)
             .stdin(Stdio::null())

@@ -12,6 +12,7 @@ use hyper::body::Incoming;
 
 use super::sibling::Tail;
 use super::{Failure, Fill, FillRequest};
+use crate::budget::Horizon;
 use crate::digest::Digest;
 use crate::error::{Cause, Error, UpstreamError, Wait};
 use crate::metrics::{Fallback, Metrics};
@@ -87,6 +88,8 @@ pub(super) struct Resumable<'a> {
     peers_used: Vec<std::net::SocketAddr>,
     /// Bytes that came from the upstream.
     from_upstream: u64,
+    /// What the budget was charged for the upstream's current response.
+    horizon: Horizon,
     /// The peer that broke off, and why, until the next call asks the
     /// digest's next owner for the rest.
     switch: Option<(Ask, Error)>,
@@ -144,6 +147,7 @@ impl<'a> Resumable<'a> {
             peer_broke: false,
             peers_used,
             from_upstream: 0,
+            horizon: upstream.horizon(size),
             switch: None,
             window: Window::new(size),
             size,
@@ -260,8 +264,11 @@ impl<'a> Resumable<'a> {
                         .fetch_add(chunk.len() as u64, Relaxed);
                     // Before the next read: while it waits, TCP holds the
                     // sender back.
-                    let lane = self.fill.lane();
-                    self.upstream.budget().take(chunk.len() as u64, lane).await;
+                    let owed = self.horizon.read(chunk.len() as u64);
+                    if owed > 0 {
+                        let lane = self.fill.lane();
+                        self.upstream.budget().take(owed, lane).await;
+                    }
                 }
             }
             if self.skip > 0 {
@@ -377,12 +384,14 @@ impl<'a> Resumable<'a> {
                     let total = content_range(r.headers()).and_then(|(_, n)| n);
                     self.same_size(total)?;
                     self.skip = 0;
+                    self.horizon = self.upstream.horizon(self.size - from);
                     self.body = Some(r.into_body());
                     return Ok(());
                 }
                 Ok(r) if r.status() == StatusCode::OK => {
                     self.same_size(content_length(r.headers()))?;
                     self.skip = from;
+                    self.horizon = self.upstream.horizon(self.size);
                     self.body = Some(r.into_body());
                     return Ok(());
                 }
