@@ -289,6 +289,9 @@ pub async fn admin_rm(app: &Arc<App>, body: Bytes) -> Response<Body> {
     ok(json!({"removed": removed, "bytes": bytes, "untagged": untagged}))
 }
 
+/// The slowest `cache verify` rate, bytes per second.
+const MIN_VERIFY_RATE: u64 = 1 << 20;
+
 /// `POST /admin/cache/verify` `{"rate": "50MiB/s"}` (or bytes per second;
 /// `0`/`"off"`: unlimited): NDJSON progress, then the report.
 pub async fn admin_verify(app: &Arc<App>, body: Bytes) -> Response<Body> {
@@ -308,6 +311,11 @@ pub async fn admin_verify(app: &Arc<App>, body: Bytes) -> Response<Body> {
         }
     };
     let rate = match rate {
+        // Below it a run's 1 MiB steps sleep so long that it holds the one
+        // verify place for days, deaf to its client hanging up.
+        Ok(r) if r != 0 && r < MIN_VERIFY_RATE => {
+            return error(StatusCode::BAD_REQUEST, "a verify rate is at least 1MiB/s")
+        }
         Ok(r) => r,
         Err(e) => return error(StatusCode::BAD_REQUEST, &e),
     };
