@@ -47,12 +47,13 @@ mod growing;
 mod manifests;
 mod pinned;
 mod scan;
+mod seen;
 pub mod shared;
 
 pub use fill::{Failure, Fill, FillRequest};
 use growing::Growing;
 
-/// A committed entry in the index.
+/// A committed entry in the index (`used`: last looked up, or its file's mtime).
 #[derive(Clone, Copy, Debug)]
 struct Entry {
     size: u64,
@@ -61,6 +62,7 @@ struct Entry {
     /// Which commit of this digest the entry is: a reader that found the
     /// file gone drops the entry it looked up, never one committed since.
     generation: u64,
+    used: SystemTime,
 }
 
 struct State {
@@ -93,6 +95,7 @@ pub struct Cache {
     fills: TaskTracker,
     /// The file system's free space, and whether it is full.
     disk: disk::Disk,
+    book: seen::Book,
     /// What eviction skips (see [`crate::pins`]).
     pinned: pinned::Pinned,
 }
@@ -154,6 +157,7 @@ impl Cache {
             own,
             tmp_seq: AtomicU64::new(0),
             fills: TaskTracker::new(),
+            book: seen::Book::default(),
             // Before the eviction below: pins survive a smaller cap.
             pinned: pinned::Pinned::load(root),
         };
@@ -213,7 +217,7 @@ impl Cache {
     /// What the index holds for `d`, before any file is opened.
     fn lookup(&self, d: &Digest, manifest: bool) -> Option<Lookup> {
         let mut st = self.lock();
-        let e = *st.index.get(d)?;
+        let e = seen::used(st.index.get_mut(d)?);
         if manifest && !e.manifest {
             return None;
         }
@@ -419,11 +423,7 @@ impl Cache {
             st.next_generation += 1;
             let prev = st.index.put(
                 d.clone(),
-                Entry {
-                    size,
-                    manifest: media_type.is_some(),
-                    generation,
-                },
+                Entry::new(size, media_type.is_some(), generation),
             );
             st.committed += size;
             if let Some(p) = prev {

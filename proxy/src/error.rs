@@ -201,6 +201,10 @@ pub enum Error {
     Internal(&'static str),
     #[error("shutting down")]
     ShuttingDown,
+    /// A prefetch's blob that the cache has no room for beside the pinned
+    /// images and the fills in flight: a prefetch never streams uncached.
+    #[error("no room in this node's cache (--cache-size) to keep it")]
+    NoRoom,
 }
 
 impl Error {
@@ -242,7 +246,7 @@ impl Error {
         use Error::*;
         match self {
             Upstream(_) => Origin::Upstream,
-            LoopDetected | Disk { .. } | Internal(_) | ShuttingDown => Origin::Node,
+            LoopDetected | Disk { .. } | Internal(_) | ShuttingDown | NoRoom => Origin::Node,
             DigestInvalid(_)
             | NameInvalid(_)
             | TagInvalid(_)
@@ -290,6 +294,7 @@ impl Error {
             Disk { .. } | Internal(_) | ShuttingDown => {
                 (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE")
             }
+            NoRoom => (StatusCode::INSUFFICIENT_STORAGE, "UNAVAILABLE"),
         }
     }
 

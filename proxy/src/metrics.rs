@@ -65,6 +65,8 @@ pub struct Metrics {
     pub cache_capacity: AtomicU64,
     pub evictions: AtomicU64,
     pub evicted_bytes: AtomicU64,
+    /// Cached files `cache verify` found corrupt (and removed).
+    pub cache_verify_bad: AtomicU64,
     pub commits: AtomicU64,
     pub uncached_fills: AtomicU64,
     /// Of those, the fills not kept because the cache disk had no room.
@@ -407,6 +409,12 @@ impl Metrics {
             "counter",
             "Bytes evicted to stay under the cap.",
             g(&self.evicted_bytes),
+        );
+        one(
+            "regproxy_cache_verify_bad_total",
+            "counter",
+            "Cached files that `regproxy cache verify` found no longer matching their digest, and removed.",
+            g(&self.cache_verify_bad),
         );
         one(
             "regproxy_tag_revalidations_total",

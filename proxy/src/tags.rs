@@ -124,6 +124,15 @@ impl Tags {
         Some((r.entry.clone(), fresh))
     }
 
+    /// Every remembered tag: its repository, the tag and its entry.
+    pub fn all(&self) -> Vec<(String, String, TagEntry)> {
+        let st = self.lock();
+        st.map
+            .iter()
+            .map(|((n, t), r)| (n.clone(), t.clone(), r.entry.clone()))
+            .collect()
+    }
+
     /// Records what the upstream just said about a tag.
     pub async fn put(
         self: &Arc<Self>,

@@ -293,10 +293,11 @@ async fn progress_shows_as_bars_on_a_terminal_and_lines_in_a_pipe() {
     wait_until(
         || {
             pane = tmux.pane();
-            // A bar with a rate and an ETA, once there are two samples.
+            // A bar with a rate in MiB/s and an ETA, once bytes flow (the
+            // first samples may show the budget's first wait).
             bar = bar.take().or_else(|| {
                 pane.lines()
-                    .find(|l| l.starts_with("team/big:v1 [") && l.contains(" ETA "))
+                    .find(|l| l.starts_with("team/big:v1 [") && l.contains(" MiB/s ETA "))
                     .map(str::to_owned)
             });
             pane.contains("exit=")

@@ -32,11 +32,14 @@ impl App {
         let prefetching = parts.extensions.get::<Prefetching>().is_some();
         for _ in 0..3 {
             if let Some(hit) = self.cache.get(&d, false).await {
+                let serving = self.cache.serving(&d);
                 self.authorize(parts, name, &d, false).await?;
+                self.cache.seen(&d, name);
                 let size = hit.data.len() as u64;
                 let (status, start, end) = ranged(&parts.headers, size)?;
                 let resp = blob_response(status, &d, start, end, size);
                 let body = self.cached_body(hit.data.slice(start as usize..end as usize), head);
+                let body = serving.hold(body);
                 return Ok((Outcome::Hit, resp.body(body).expect("valid response")));
             }
             if head {
@@ -113,6 +116,8 @@ impl App {
                     let stream =
                         fill.reader(start, end, Arc::clone(&self.metrics.served_cache_bytes));
                     let body = Body::stream(stream, Some(end - start));
+                    let body = self.cache.serving(&d).hold(body);
+                    self.cache.seen(&d, name);
                     let outcome = if leader {
                         Outcome::Miss
                     } else {
@@ -150,10 +155,7 @@ impl App {
                 }
                 Err(Failure::Error(e)) => Err(e),
                 // A prefetch is for the cache: no room, no download.
-                Err(Failure::Uncached) if prefetching => Err(Error::disk(
-                    "keep a prefetched blob beside what is cached and pinned",
-                    std::io::ErrorKind::StorageFull.into(),
-                )),
+                Err(Failure::Uncached) if prefetching => Err(Error::NoRoom),
                 Err(Failure::Uncached) => self
                     .blob_uncached(parts, &path, d)
                     .await

@@ -85,10 +85,12 @@ impl App {
         if let Some(hit) = self.cache.get(&d, true).await {
             let media_type = hit.media_type.unwrap_or_default();
             if accepts(&parts.headers, &media_type) {
+                let serving = self.cache.serving(&d);
                 let grant = self.authorize(parts, name, &d, true).await?;
+                self.cache.seen(&d, name);
                 self.vouch(parts, name, grant, &hit.data);
                 let resp = manifest_response(&d, &media_type, hit.data.len());
-                let body = self.cached_body(hit.data, head);
+                let body = serving.hold(self.cached_body(hit.data, head));
                 return Ok((Outcome::Hit, resp.body(body).expect("valid response")));
             }
         }
@@ -99,6 +101,7 @@ impl App {
                 .map(|r| (Outcome::Passthrough, r));
         }
         if let Some((media_type, bytes)) = self.manifest_from_owner(parts, name, &d).await? {
+            self.cache.seen(&d, name);
             let resp = manifest_response(&d, &media_type, bytes.len());
             let body = Body::full(bytes);
             return Ok((Outcome::Miss, resp.body(body).expect("valid response")));
@@ -205,6 +208,7 @@ impl App {
         self.cache
             .put_manifest(digest.clone(), media_type.clone(), bytes.clone())
             .await;
+        self.cache.seen(&digest, name);
         Ok(Fetched::Manifest {
             digest,
             media_type,
@@ -349,6 +353,7 @@ impl App {
                 .map(|r| (Outcome::Passthrough, r));
         }
         let d = Digest::parse(&e.digest)?;
+        let serving = self.cache.serving(&d);
         let (data, media_type) = match self.cache.get(&d, true).await {
             Some(hit) => (
                 hit.data,
@@ -365,9 +370,10 @@ impl App {
             },
         };
         let grant = self.authorize(parts, name, &d, true).await?;
+        self.cache.seen(&d, name);
         self.vouch(parts, name, grant, &data);
         let resp = manifest_response(&d, &media_type, data.len());
-        let body = self.cached_body(data, head);
+        let body = serving.hold(self.cached_body(data, head));
         Ok((outcome, resp.body(body).expect("valid response")))
     }
 }

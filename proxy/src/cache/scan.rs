@@ -76,6 +76,7 @@ fn content(root: &Path, primary: bool) -> io::Result<Vec<(SystemTime, Digest, En
                             size: meta.len(),
                             manifest: false,
                             generation: 0,
+                            used: mtime,
                         },
                     ));
                 }
@@ -115,6 +116,7 @@ pub(super) fn rebuild(st: &mut State, found: Vec<(SystemTime, Digest, Entry)>, s
             // A `.type` renamed in just before the listing may be missed.
             Some(known) => {
                 e.manifest |= known.manifest;
+                e.used = e.used.max(known.used);
                 known.generation
             }
             None => {
@@ -165,5 +167,6 @@ pub(super) fn on_disk(content: &Path) -> Option<Entry> {
         size: meta.len(),
         manifest: super::type_path(content).is_file(),
         generation: 0,
+        used: meta.modified().unwrap_or_else(|_| SystemTime::now()),
     })
 }

@@ -99,6 +99,16 @@ async fn one(app: &Arc<App>, t: Target, pin: bool, tx: &UnboundedSender<Bytes>) 
             }
         }
     }
+    // Pinned or not, an image the cache could not keep whole failed.
+    if let Ok(f) = &r {
+        if !f.unkept.is_empty() {
+            let kept = if pin { "pinned, " } else { "" };
+            r = Err(format!(
+                "{kept}but {} of its blobs did not fit in the cache (--cache-size) and were not fetched",
+                f.unkept.len()
+            ));
+        }
+    }
     match &r {
         Ok(f) => {
             tracing::info!(reference = %t.reference, digest = %f.top, bytes = f.bytes, fetched = f.fetched, seconds = started.elapsed().as_secs_f64(), pin, "prefetched")
