@@ -19,7 +19,6 @@
 
 mod support;
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -39,16 +38,6 @@ fn runtime() -> tokio::runtime::Runtime {
         .build()
         .unwrap()
 }
-
-/// An admin token file (in a temp dir that lives as long as the handle).
-fn token_file() -> (TempDir, PathBuf) {
-    let dir = temp_dir("admin-token");
-    let path = dir.path().join("token");
-    std::fs::write(&path, format!("{TOKEN}\n")).unwrap();
-    (dir, path)
-}
-
-const TOKEN: &str = "budget-test-admin-token";
 
 /// What the upstream's log says it sent after byte `from` of its log:
 /// the successful blob GETs, and their rates.

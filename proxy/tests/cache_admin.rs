@@ -18,7 +18,6 @@ use support::handover::get_verified;
 use support::*;
 
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-const TOKEN: &str = "an-admin-token-of-the-test";
 
 /// A registry, a proxy in front of it with an admin token, and the image
 /// `team/app:v1` (a config and two layers) pushed to the registry.
@@ -144,14 +143,6 @@ async fn admin_request(
         st,
         serde_json::from_slice(&b.unwrap()).unwrap_or(Value::Null),
     )
-}
-
-/// A token file with [`TOKEN`], in a dir to keep alive.
-fn token_file() -> (TempDir, PathBuf) {
-    let dir = temp_dir("admin-token");
-    let file = dir.path().join("token");
-    std::fs::write(&file, format!("{TOKEN}\n")).unwrap();
-    (dir, file)
 }
 
 fn entry<'a>(ls: &'a Value, digest: &str) -> Option<&'a Value> {

@@ -14,8 +14,6 @@ use http::{Method, StatusCode};
 use serde_json::{json, Value};
 use support::*;
 
-const TOKEN: &str = "pins-test-admin-token";
-
 /// A config the node's platform runs.
 fn config(seed: u64) -> Vec<u8> {
     json!({"architecture": "amd64", "os": "linux", "seed": seed,
@@ -42,14 +40,6 @@ async fn push_image(reg: &Registry, repo: &str, tag: &str, seed: u64, sizes: &[u
         digest,
         layers: layers.iter().map(|l| sha256_digest(l)).collect(),
     }
-}
-
-/// The admin token file, kept while the test runs.
-fn token_file() -> (TempDir, PathBuf) {
-    let dir = temp_dir("admin-token");
-    let path = dir.path().join("token");
-    std::fs::write(&path, format!("{TOKEN}\n")).unwrap();
-    (dir, path)
 }
 
 fn start(upstream: &str, cache: &Path, token: &Path, args: &[&str]) -> Proxy {

@@ -342,3 +342,14 @@ pub fn temp_files(cache_dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     walk(&cache_dir.join("tmp"), &mut out);
     out
 }
+
+/// The admin token the tests start proxies with (`--admin-token-file`).
+pub const TOKEN: &str = "an-admin-token-of-the-test";
+
+/// A file holding [`TOKEN`], in a temp dir that lives as long as the handle.
+pub fn token_file() -> (TempDir, PathBuf) {
+    let dir = temp_dir("admin-token");
+    let path = dir.path().join("token");
+    std::fs::write(&path, format!("{TOKEN}\n")).unwrap();
+    (dir, path)
+}
