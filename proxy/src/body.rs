@@ -21,9 +21,12 @@ use crate::metrics::Metrics;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Largest slice of a mapped file handed to hyper at once: large enough that
-/// per-frame work vanishes, small enough to interleave connections fairly.
-const MAPPED_CHUNK: usize = 4 << 20;
+/// Largest slice of a mapped file handed to hyper at once. A slice of a
+/// registered mapping leaves by `sendfile` and costs no memory, and each
+/// write takes only what the socket has room for, so connections still
+/// interleave; fewer, larger frames mean fewer flushes, each of which ends
+/// a `TCP_CORK` (see [`crate::sendfile`]).
+const MAPPED_CHUNK: usize = 32 << 20;
 
 pub struct Body {
     kind: Kind,

@@ -264,7 +264,7 @@ impl Cache {
         // mapped (not on every hit of a mapped one); failing to set it only
         // costs accuracy of the LRU order after a restart.
         let _ = file.set_modified(SystemTime::now());
-        let data = growing::map_committed(&file)?;
+        let data = growing::map_committed(file)?;
         let media_type = if manifest {
             Some(fs::read_to_string(type_path(&path))?)
         } else {

@@ -11,6 +11,8 @@
 //! - [`api`]: the OCI routes. `App` holds the owners below; `api/authorize`
 //!   asks the upstream before cached content goes out, `api/manifest`
 //!   revalidates a tag under its single-flight, `api/relay` passes the rest.
+//! - [`sendfile`]: the socket under every client connection; the bytes of
+//!   cache hits (slices of registered memory maps) leave by `sendfile(2)`.
 //! - [`error`]: typed errors with their origin (client, upstream, this
 //!   node), and the one place where they become OCI error responses.
 //!
@@ -79,6 +81,7 @@ pub mod peers;
 pub mod pins;
 pub mod prefetch;
 pub mod resolve;
+pub mod sendfile;
 pub mod server;
 pub mod tags;
 pub mod units;

@@ -50,6 +50,9 @@ pub struct Metrics {
     requests: [[AtomicU64; 5]; 5],
     /// Body bytes sent to clients out of the node cache (including followers of a fill).
     pub served_cache_bytes: Arc<AtomicU64>,
+    /// Of those, the bytes sent from the cache file by `sendfile(2)` (see
+    /// [`crate::sendfile`]).
+    pub sendfile_bytes: Arc<AtomicU64>,
     /// Body bytes relayed from upstream without going through the cache.
     pub served_upstream_bytes: AtomicU64,
     /// Body bytes received from upstream.
@@ -306,6 +309,12 @@ impl Metrics {
             "counter",
             "Body bytes sent to clients from the node cache.",
             g(&self.served_cache_bytes),
+        );
+        one(
+            "regproxy_sendfile_bytes_total",
+            "counter",
+            "Body bytes sent to clients from cache files by sendfile(2), without a copy.",
+            g(&self.sendfile_bytes),
         );
         one(
             "regproxy_served_upstream_bytes_total",

@@ -413,6 +413,8 @@ async fn accept_loop(
             c = listener.accept(app.metrics()) => c,
         };
         let _ = stream.set_nodelay(true);
+        // Hits' bytes leave by `sendfile` (see `crate::sendfile`).
+        let sent = Arc::clone(&app.metrics().sendfile_bytes);
         let app = Arc::clone(app);
         let started = Arc::new(tokio::sync::Notify::new());
         let started2 = Arc::clone(&started);
@@ -436,7 +438,8 @@ async fn accept_loop(
                 Ok::<_, std::convert::Infallible>(resp)
             }
         });
-        let conn = listener.http1().serve_connection(TokioIo::new(stream), svc);
+        let io = TokioIo::new(crate::sendfile::Conn::new(stream, sent));
+        let conn = listener.http1().serve_connection(io, svc);
         let stop = conns.stop.clone();
         conns.tracker.spawn(
             async move {

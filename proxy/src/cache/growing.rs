@@ -22,11 +22,17 @@ use std::os::unix::fs::FileExt;
 use bytes::Bytes;
 
 /// Maps a committed cache file read-only as `Bytes`.
-pub(super) fn map_committed(file: &File) -> io::Result<Bytes> {
+/// The mapping is registered for `sendfile` (see [`crate::sendfile`]).
+pub(super) fn map_committed(file: File) -> io::Result<Bytes> {
     let len = file.metadata()?.len();
-    // For `map`'s SAFETY: a committed file is never written after its
-    // rename, and eviction unlinks it, so the whole file is final.
-    map(file, len)
+    if len == 0 {
+        return Ok(Bytes::new());
+    }
+    // For `mmap`'s SAFETY: a committed file is never written after its
+    // rename, and eviction unlinks it, so the whole file is final; and so
+    // `sendfile` of it sends the bytes the mapping holds.
+    let m = mmap(&file, len)?;
+    Ok(crate::sendfile::Mapped::bytes(m, file))
 }
 
 /// A fill's temp file: its final size is set before it is mapped, and its
@@ -97,19 +103,23 @@ impl Growing {
 
 /// Maps the first `len` bytes of `file` read-only; an empty file is an empty
 /// buffer (a zero-length mapping is an error).
-#[allow(unsafe_code)]
 fn map(file: &File, len: u64) -> io::Result<Bytes> {
     if len == 0 {
         return Ok(Bytes::new());
     }
+    Ok(Bytes::from_owner(mmap(file, len)?))
+}
+
+/// Maps the first `len` (> 0) bytes of `file` read-only.
+#[allow(unsafe_code)]
+fn mmap(file: &File, len: u64) -> io::Result<memmap2::Mmap> {
     // SAFETY: a mapping is undefined behaviour only if bytes that a `&[u8]`
     // into it covers change, or the file shrinks under it. The callers above
     // hold that for both kinds of file: committed content is never written
     // and never truncated; a temp file is sized before this call, owned by
     // its `Growing`, written only by `Growing::append` at offsets past every
     // slice `Growing::readable` has handed out, and never truncated.
-    let m = unsafe { memmap2::MmapOptions::new().len(len as usize).map(file)? };
-    Ok(Bytes::from_owner(m))
+    unsafe { memmap2::MmapOptions::new().len(len as usize).map(file) }
 }
 
 #[cfg(test)]
