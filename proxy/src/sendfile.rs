@@ -276,3 +276,6 @@ impl AsyncWrite for Conn {
         Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+mod tests;
