@@ -148,8 +148,8 @@ impl Raw {
     /// Reads what has arrived into the buffer; false once the peer has
     /// closed (end of stream, or a reset).
     async fn more(&mut self) -> bool {
-        let mut chunk = vec![0u8; 256 << 10];
-        let read = tokio::time::timeout(PATIENCE, self.s.read(&mut chunk))
+        self.buf.reserve(256 << 10);
+        let read = tokio::time::timeout(PATIENCE, self.s.read_buf(&mut self.buf))
             .await
             .unwrap_or_else(|_| {
                 panic!(
@@ -157,13 +157,7 @@ impl Raw {
                     String::from_utf8_lossy(&self.buf[..self.buf.len().min(200)])
                 )
             });
-        match read {
-            Ok(0) | Err(_) => false,
-            Ok(n) => {
-                self.buf.extend_from_slice(&chunk[..n]);
-                true
-            }
-        }
+        matches!(read, Ok(n) if n > 0)
     }
 
     /// Exactly `n` bytes.
