@@ -159,6 +159,17 @@ fn plan(bufs: &[IoSlice<'_>]) -> (Plan, Option<Arc<File>>) {
     (p, None)
 }
 
+/// A loopback connection (the node's own runtime) gets Reno, which every
+/// kernel has and lets anyone set, whatever the node's default congestion
+/// control. With BBR, a common default, the kernel paces every flow with
+/// timers, loopback ones included: there is no link to probe, and the
+/// pacing only costs CPU and holds a hit below what the socket could take.
+/// Connections from elsewhere (peers) keep the node's choice. A failure only
+/// costs that.
+fn unpaced(stream: &TcpStream) {
+    let _ = rustix::net::sockopt::set_tcp_congestion(stream, "reno");
+}
+
 /// File bytes in one write from which [`Conn`] corks the socket: a smaller
 /// slice (a manifest, a small layer) goes out in one segment anyway, behind
 /// its head (`MSG_MORE`), and two `setsockopt` calls would only add to it.
@@ -177,6 +188,9 @@ pub struct Conn {
 
 impl Conn {
     pub fn new(stream: TcpStream, sent: Arc<AtomicU64>) -> Conn {
+        if stream.peer_addr().is_ok_and(|a| a.ip().is_loopback()) {
+            unpaced(&stream);
+        }
         Conn {
             stream,
             sent,
