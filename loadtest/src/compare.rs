@@ -191,6 +191,9 @@ pub struct Row {
     /// regproxy only: what its own `regproxy_upstream_bytes_total` grew by over
     /// all repetitions, a cross-check of the upstream's access log.
     pub proxy_upstream_bytes: Option<u64>,
+    /// regproxy only: what its `regproxy_sendfile_bytes_total` grew by over
+    /// all repetitions, the body bytes that left by `sendfile(2)`.
+    pub proxy_sendfile_bytes: Option<u64>,
     /// CPU seconds (user + system) of the target's processes per repetition.
     pub cpu_s: Option<f64>,
     /// CPU seconds of the target per GiB it served, over all repetitions:
@@ -370,6 +373,7 @@ struct Acc {
     cpu_s: Option<f64>,
     bytes: u64,
     proxy_upstream_bytes: Option<u64>,
+    proxy_sendfile_bytes: Option<u64>,
 }
 
 struct Ctx<'a> {
@@ -413,6 +417,10 @@ impl Ctx<'_> {
                 };
                 let sent_before = match &t.admin {
                     Some(a) => upstream_requests(a).await,
+                    None => None,
+                };
+                let sendfile_before = match &t.admin {
+                    Some(a) => sendfile_bytes(a).await,
                     None => None,
                 };
                 // After the scrapes of regproxy's metrics: they are not
@@ -467,6 +475,11 @@ impl Ctx<'_> {
                         *acc.proxy_upstream_bytes.get_or_insert(0) += after.saturating_sub(before);
                     }
                 }
+                if let (Some(a), Some(before)) = (&t.admin, sendfile_before) {
+                    if let Some(after) = sendfile_bytes(a).await {
+                        *acc.proxy_sendfile_bytes.get_or_insert(0) += after.saturating_sub(before);
+                    }
+                }
                 acc.usage.add(&usage);
                 if t.proc.is_some() {
                     let p = self.sampler.take();
@@ -480,7 +493,7 @@ impl Ctx<'_> {
         for (t, acc) in targets.iter().zip(accs) {
             let row = self.row(&spec, t.kind, acc);
             eprintln!(
-                "  {:<16} {:<12} {:>8.2}s {:>9.1} MiB/s  upstream GETs {:>3}{}  errors {}{}",
+                "  {:<24} {:<12} {:>8.2}s {:>9.1} MiB/s  upstream GETs {:>3}{}{}  errors {}{}",
                 row.scenario,
                 t.kind.to_string(),
                 row.wall_s,
@@ -491,6 +504,10 @@ impl Ctx<'_> {
                         " (access log {} B, regproxy's metric {b} B)",
                         row.upstream.bytes
                     ))
+                    .unwrap_or_default(),
+                row.proxy_sendfile_bytes
+                    .filter(|b| *b > 0)
+                    .map(|b| format!(", sendfile {}", crate::report::human(b)))
                     .unwrap_or_default(),
                 row.errors,
                 row.first_errors
@@ -551,6 +568,7 @@ impl Ctx<'_> {
             },
             memory: acc.peak,
             proxy_upstream_bytes: acc.proxy_upstream_bytes,
+            proxy_sendfile_bytes: acc.proxy_sendfile_bytes,
             cpu_s: acc.cpu_s.map(|c| c / reps as f64),
             cpu_s_per_gib: acc
                 .cpu_s
@@ -583,6 +601,14 @@ fn median(mut outs: Vec<Outcome>) -> Outcome {
 /// `regproxy_upstream_requests_total` of the regproxy at `admin`.
 async fn upstream_requests(admin: &str) -> Option<u64> {
     crate::registry::regproxy_metric(admin, "regproxy_upstream_requests_total")
+        .await
+        .ok()
+}
+
+/// `regproxy_sendfile_bytes_total` of the regproxy at `admin` (0 for a
+/// regproxy without it).
+async fn sendfile_bytes(admin: &str) -> Option<u64> {
+    crate::registry::regproxy_metric(admin, "regproxy_sendfile_bytes_total")
         .await
         .ok()
 }
