@@ -222,7 +222,7 @@ pub fn checks(report: &Report) -> Vec<Check> {
                     label(report, scenario)
                 ),
                 bar: "≤ 1.10".into(),
-                measured: format!("{x:.2} (ticks ±{:.0} %)", err * 100.0),
+                measured: format!("{x:.3} (ticks ±{:.1} %)", err * 100.0),
                 met: x <= 1.1,
             });
         }
@@ -580,7 +580,7 @@ pub fn svg(report: &Report) -> String {
     }
     let _ = writeln!(
         s,
-        r##"<text x="20" y="{}" font-size="10.5" fill="#555">Every blob verified at the client, by sha256 (discard: by its length). Each target started with a fresh cache; upstream: Distribution 2.8, one process per target on the same storage; same machine, same run.</text>"##,
+        r##"<text x="20" y="{}" font-size="10.5" fill="#555">Every blob verified at the client (sha256; discard: length). Each target started with a fresh cache; upstream: Distribution 2.8, one process per target on the same storage; same machine, same run.</text>"##,
         h - 14.0
     );
     s.push_str("</svg>\n");
@@ -628,6 +628,7 @@ mod tests {
             amplification: 0.0,
             memory: None,
             proxy_upstream_bytes: None,
+            proxy_sendfile_bytes: None,
             cpu_s: Some(cpu_s),
             cpu_s_per_gib: Some(cpu_s),
         }
@@ -677,7 +678,7 @@ mod tests {
         let cpu = check(&c, &format!("{single}CPU s/GiB"));
         assert!(cpu.met, "1.05× nginx's CPU is within 1.1×: {cpu:?}");
         assert_eq!(
-            cpu.measured, "1.05 (ticks ±4 %)",
+            cpu.measured, "1.050 (ticks ±3.5 %)",
             "0.02 s of 1.155 and 1.1 s"
         );
         let many = "warm discard 32× 16 MiB: regproxy ";
