@@ -580,7 +580,7 @@ pub fn svg(report: &Report) -> String {
     }
     let _ = writeln!(
         s,
-        r##"<text x="20" y="{}" font-size="10.5" fill="#555">Every blob verified at the client (sha256; discard: length). Each target started with a fresh cache; upstream: Distribution 2.8, one process per target on the same storage; same machine, same run.</text>"##,
+        r##"<text x="20" y="{}" font-size="10.5" fill="#555">Every blob verified at the client (sha256; discard: its length). A fresh cache per target; upstream: Distribution 2.8, a process per target, one storage; one machine, one run.</text>"##,
         h - 14.0
     );
     s.push_str("</svg>\n");
