@@ -865,7 +865,12 @@ async fn loopback(
     }
     for id in ["images_cold", "images_warm"] {
         if p.wants(id) {
-            let spec = Spec::new(id, p.image_clients, image_distinct);
+            let mut spec = Spec::new(id, p.image_clients, image_distinct);
+            // The warm set is pulled again and again, like the other warm
+            // scenarios: one pull is 1.4 GiB, a few ticks of CPU.
+            if id == "images_warm" {
+                spec = spec.repeat(reps);
+            }
             ctx.scenario(spec, &targets, &upstreams, |_, addr| {
                 let refs = &image_refs;
                 async move {
