@@ -182,6 +182,7 @@ impl Conn {
             ready!(self.stream.poll_write_ready(cx))?;
             match self.stream.try_io(Interest::WRITABLE, &mut op) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 r => return Poll::Ready(r),
             }
         }
@@ -255,7 +256,14 @@ impl AsyncWrite for Conn {
             .try_io(Interest::WRITABLE, || self.send_file(&file, offset, mapped))
         {
             Ok(n) => Poll::Ready(Ok(wrote + n)),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Poll::Ready(Ok(wrote)),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) =>
+            {
+                Poll::Ready(Ok(wrote))
+            }
             Err(e) => Poll::Ready(Err(e)),
         }
     }
