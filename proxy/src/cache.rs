@@ -81,7 +81,7 @@ struct State {
 }
 
 /// How many cache files stay mapped between requests.
-const OPEN_FILES: usize = 1024;
+pub(crate) const OPEN_FILES: usize = 1024;
 
 pub struct Cache {
     root: PathBuf,

@@ -50,8 +50,8 @@ pub struct Metrics {
     requests: [[AtomicU64; 5]; 5],
     /// Body bytes sent to clients out of the node cache (including followers of a fill).
     pub served_cache_bytes: Arc<AtomicU64>,
-    /// Of those, the bytes sent from the cache file by `sendfile(2)` (see
-    /// [`crate::sendfile`]).
+    /// Bytes of cache files sent by `sendfile(2)` (see
+    /// [`crate::sendfile`]), to clients and to peers.
     pub sendfile_bytes: Arc<AtomicU64>,
     /// Body bytes relayed from upstream without going through the cache.
     pub served_upstream_bytes: AtomicU64,
@@ -313,7 +313,7 @@ impl Metrics {
         one(
             "regproxy_sendfile_bytes_total",
             "counter",
-            "Body bytes sent to clients from cache files by sendfile(2), without a copy.",
+            "Bytes of cache files sent to clients and peers by sendfile(2), without a copy.",
             g(&self.sendfile_bytes),
         );
         one(

@@ -31,14 +31,23 @@
 //!
 //! A client that stops reading: `sendfile` returns `EAGAIN`, and the write
 //! waits for the socket's readiness like any other; nothing is buffered in
-//! this process beyond the slice hyper already holds (a mapping).
-//! `regproxy_sendfile_bytes_total` counts the bytes that left this way.
+//! this process beyond the slice hyper already holds (a mapping). A client
+//! that hung up: `sendfile` cannot take `MSG_NOSIGNAL`, and needs none, as
+//! Rust's runtime ignores `SIGPIPE` (the write fails with `EPIPE`).
+//! A cache dir on a file system that cannot splice: the first failure says
+//! so once, and hits are written from their mappings from then on.
+//! `regproxy_sendfile_bytes_total` counts the bytes that left by
+//! `sendfile`, on the API and the peer listener.
+//!
+//! Each mapped file keeps its descriptor open while mapped (the cache keeps
+//! up to `cache::OPEN_FILES` of them): `serve` counts them in the open
+//! files it asks for.
 
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::task::{ready, Context, Poll};
 
@@ -98,15 +107,26 @@ fn regions_mut() -> std::sync::RwLockWriteGuard<'static, BTreeMap<usize, Region>
 
 /// The file and offset `buf`'s bytes are mapped from, if `buf` lies wholly
 /// in a registered mapping.
-fn source(buf: &[u8]) -> Option<(Arc<File>, u64)> {
+fn source(regions: &BTreeMap<usize, Region>, buf: &[u8]) -> Option<(Arc<File>, u64)> {
     if buf.is_empty() {
         return None;
     }
     let at = buf.as_ptr() as usize;
-    let regions = REGIONS.read().unwrap_or_else(|e| e.into_inner());
     let (&start, r) = regions.range(..=at).next_back()?;
     let offset = at - start;
     (offset.checked_add(buf.len())? <= r.len).then(|| (Arc::clone(&r.file), offset as u64))
+}
+
+/// Set for good once `sendfile` failed for a reason other than the socket:
+/// a cache dir on a file system that cannot splice. Hits are written from
+/// their mappings then, as before this path existed.
+static UNSUPPORTED: AtomicBool = AtomicBool::new(false);
+
+/// Whether `e`, from `sendfile`, says it cannot work here at all.
+fn unsupported(e: &io::Error) -> bool {
+    use rustix::io::Errno;
+    let errno = e.raw_os_error().map(Errno::from_raw_os_error);
+    matches!(errno, Some(Errno::INVAL | Errno::NOSYS | Errno::OPNOTSUPP))
 }
 
 /// How [`Conn`] writes a run of buffers: the plain ones before the first
@@ -122,8 +142,9 @@ pub(crate) struct Plan {
 
 /// The plan for `bufs` (see [`Plan`]), and the file of its mapped buffer.
 fn plan(bufs: &[IoSlice<'_>]) -> (Plan, Option<Arc<File>>) {
+    let regions = REGIONS.read().unwrap_or_else(|e| e.into_inner());
     for (i, b) in bufs.iter().enumerate() {
-        if let Some((file, offset)) = source(b) {
+        if let Some((file, offset)) = source(&regions, b) {
             let p = Plan {
                 plain: i,
                 file_offset: Some(offset),
@@ -138,6 +159,22 @@ fn plan(bufs: &[IoSlice<'_>]) -> (Plan, Option<Arc<File>>) {
     (p, None)
 }
 
+/// A loopback connection (the node's own runtime) gets Reno, which every
+/// kernel has and lets anyone set, whatever the node's default congestion
+/// control. With BBR, a common default, the kernel paces every flow with
+/// timers, loopback ones included: there is no link to probe, and the
+/// pacing only costs CPU and holds a hit below what the socket could take.
+/// Connections from elsewhere (peers) keep the node's choice. A failure only
+/// costs that.
+fn unpaced(stream: &TcpStream) {
+    let _ = rustix::net::sockopt::set_tcp_congestion(stream, "reno");
+}
+
+/// File bytes in one write from which [`Conn`] corks the socket: a smaller
+/// slice (a manifest, a small layer) goes out in one segment anyway, behind
+/// its head (`MSG_MORE`), and two `setsockopt` calls would only add to it.
+const CORK_FROM: usize = 64 << 10;
+
 /// A client connection's socket: mapped cache bytes leave by `sendfile`,
 /// everything else as from a plain [`TcpStream`].
 pub struct Conn {
@@ -151,6 +188,9 @@ pub struct Conn {
 
 impl Conn {
     pub fn new(stream: TcpStream, sent: Arc<AtomicU64>) -> Conn {
+        if stream.peer_addr().is_ok_and(|a| a.ip().is_loopback()) {
+            unpaced(&stream);
+        }
         Conn {
             stream,
             sent,
@@ -185,6 +225,13 @@ impl Conn {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 r => return Poll::Ready(r),
             }
+        }
+    }
+
+    /// Stops using `sendfile` in this process, saying why once.
+    fn give_up(&self, e: &io::Error) {
+        if !UNSUPPORTED.swap(true, Ordering::Relaxed) {
+            tracing::warn!(error = %e, "sendfile cannot send cache files here; hits are written from memory");
         }
     }
 
@@ -229,14 +276,25 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        if UNSUPPORTED.load(Ordering::Relaxed) {
+            return Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        }
         let (plan, file) = plan(bufs);
         let (Some(file), Some(offset)) = (file, plan.file_offset) else {
             return Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
         };
         let mapped = bufs[plan.plain].len();
-        self.cork(true);
+        if mapped >= CORK_FROM {
+            self.cork(true);
+        }
         if plan.plain == 0 {
-            return self.poll_io(cx, || self.send_file(&file, offset, mapped));
+            return match ready!(self.poll_io(cx, || self.send_file(&file, offset, mapped))) {
+                Err(e) if unsupported(&e) => {
+                    self.give_up(&e);
+                    Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+                }
+                r => Poll::Ready(r),
+            };
         }
         // The head before the file's bytes, held back (`MSG_MORE`) to share
         // their first packet.
@@ -262,6 +320,11 @@ impl AsyncWrite for Conn {
                     io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
                 ) =>
             {
+                Poll::Ready(Ok(wrote))
+            }
+            // The head is out; the next write takes the plain path.
+            Err(e) if unsupported(&e) => {
+                self.give_up(&e);
                 Poll::Ready(Ok(wrote))
             }
             Err(e) => Poll::Ready(Err(e)),

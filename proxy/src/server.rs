@@ -65,7 +65,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     };
     // Before anything else: nothing in the dir is touched unless it is ours.
     let lock = Arc::new(CacheLock::acquire(&config.cache_dir, config.listen)?);
-    raise_fd_limit(2 * config.limits.max_connections as u64 + 1024);
+    // Two listeners' connections, the mapped cache files (each keeps its
+    // descriptor for `sendfile`), and fills, upstream connections and the rest.
+    let open_files = 2 * config.limits.max_connections + crate::cache::OPEN_FILES + 1024;
+    raise_fd_limit(open_files as u64);
     let metrics = Arc::new(Metrics::default());
     let resolver = Resolver::new(config.upstream.resolver)
         .map_err(|e| anyhow::anyhow!("cannot set up the upstream resolver: {e}"))?;

@@ -38,8 +38,8 @@ pub fn migrates_queued_connections() -> Option<bool> {
     Some(v.trim() != "0")
 }
 
-/// Raises the soft limit of open files to the hard one: each connection, fill
-/// and upstream connection takes a descriptor, and container runtimes often
+/// Raises the soft limit of open files to the hard one: each connection, fill,
+/// upstream connection and mapped cache file takes a descriptor, and container runtimes often
 /// start processes with a soft limit of 1024. Warns when even the hard limit
 /// is below `want`.
 pub(super) fn raise_fd_limit(want: u64) {
@@ -56,8 +56,8 @@ pub(super) fn raise_fd_limit(want: u64) {
         tracing::warn!(
             limit = now,
             want,
-            "the open files limit is low for --max-connections on two listeners; \
-             connections past it fail to be accepted"
+            "the open files limit is low for --max-connections on two listeners and \
+             the cache's mapped files; connections past it fail to be accepted"
         );
     }
 }

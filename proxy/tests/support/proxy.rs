@@ -273,6 +273,34 @@ pub fn rss_anon(pid: u32) -> Option<u64> {
     Some(kib << 10)
 }
 
+/// CPU time process `pid` has used so far, user and system together
+/// (`utime` and `stime` in `/proc/<pid>/stat`, counted in `USER_HZ` ticks).
+pub fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command name, which is in parentheses and may
+    // hold anything: the first of them (index 0) is field 3, `state`, so
+    // `utime` (field 14) and `stime` (15) are at 11 and 12.
+    let fields: Vec<&str> = stat
+        .get(stat.rfind(')')? + 1..)?
+        .split_whitespace()
+        .collect();
+    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(Duration::from_secs_f64(ticks as f64 / user_hz() as f64))
+}
+
+/// The kernel's `USER_HZ`, the unit of CPU times in `/proc` (`getconf
+/// CLK_TCK`; 100 on every common Linux).
+fn user_hz() -> u64 {
+    static HZ: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *HZ.get_or_init(|| {
+        let out = Command::new("getconf").arg("CLK_TCK").output().unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .expect("getconf CLK_TCK prints the clock ticks per second")
+    })
+}
+
 /// Samples a process's `RssAnon` on a thread of its own, every few
 /// milliseconds, until dropped or asked for the peak.
 pub struct RssSampler {
