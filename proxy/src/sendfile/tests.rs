@@ -320,8 +320,8 @@ async fn a_registered_buffer_leaves_from_its_file_not_its_memory() {
 }
 
 #[tokio::test]
-async fn file_bytes_are_corked_until_the_flush() {
-    let m = mapped(&pattern(10_000, 8));
+async fn large_file_writes_are_corked_until_the_flush() {
+    let m = mapped(&pattern(2 * CORK_FROM, 8));
     let (mut conn, _client, _sent) = pair(None, None).await;
     let cork = |c: &Conn| rustix::net::sockopt::tcp_cork(&c.stream).unwrap();
     let n = poll_fn(|cx| Pin::new(&mut conn).poll_write(cx, b"plain"))
@@ -334,7 +334,13 @@ async fn file_bytes_are_corked_until_the_flush() {
         .await
         .unwrap();
     assert_eq!(n, 104);
-    assert!(cork(&conn), "file bytes wait for whole segments");
+    assert!(!cork(&conn), "a small file slice goes out behind its head");
+    let bufs = [IoSlice::new(b"head"), IoSlice::new(&m[..CORK_FROM])];
+    let n = poll_fn(|cx| Pin::new(&mut conn).poll_write_vectored(cx, &bufs))
+        .await
+        .unwrap();
+    assert!(n >= 4, "{n}");
+    assert!(cork(&conn), "large file slices wait for whole segments");
     poll_fn(|cx| Pin::new(&mut conn).poll_flush(cx))
         .await
         .unwrap();
