@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use crate::netns::Uplink;
 use crate::procs::{MemPeak, MemSampler, UpstreamUse};
-use crate::registry::Registry;
+use crate::registry::{BodyCheck, Registry};
 use crate::synth::{self, BlobSpec, ImageSetShape, ImageSpec, LAYER_TYPE};
 use crate::targets::{start_target, start_upstream, Kind, Target, Tools, Upstream};
 use crate::workload::{self, ImageRef, Outcome};
@@ -33,8 +33,9 @@ pub struct Params {
     )]
     pub targets: Vec<Kind>,
     /// Run only these scenarios [default: all]: cold_concurrent, images_cold,
-    /// images_warm, warm_single, warm_concurrent, small_requests, uplink_node1,
-    /// uplink_node2, cluster, budget.
+    /// images_warm, warm_single, warm_concurrent, warm_single_discard,
+    /// warm_concurrent_discard, small_requests, uplink_node1, uplink_node2,
+    /// cluster, budget.
     #[arg(long, value_delimiter = ',')]
     pub scenarios: Vec<String>,
     /// The big blob (warm single stream; cold concurrent).
@@ -49,6 +50,11 @@ pub struct Params {
     /// Clients GETting the warm medium blob at once.
     #[arg(long, default_value_t = 32)]
     pub warm_clients: usize,
+    /// Bytes each repetition of a discard scenario moves at least: its clients
+    /// GET their blob again and again until then, so that the targets' CPU
+    /// time, which /proc counts in 10 ms ticks, adds up to many ticks.
+    #[arg(long, default_value = "2GiB", value_parser = parse_size)]
+    pub discard_bytes: u64,
     /// Timed repetitions of each warm scenario (median reported); the small-request
     /// scenario runs at most 5.
     #[arg(long, default_value_t = 11)]
@@ -185,6 +191,9 @@ pub struct Row {
     /// regproxy only: what its own `regproxy_upstream_bytes_total` grew by over
     /// all repetitions, a cross-check of the upstream's access log.
     pub proxy_upstream_bytes: Option<u64>,
+    /// regproxy only: what its `regproxy_sendfile_bytes_total` grew by over
+    /// all repetitions, the body bytes that left by `sendfile(2)`.
+    pub proxy_sendfile_bytes: Option<u64>,
     /// CPU seconds (user + system) of the target's processes per repetition.
     pub cpu_s: Option<f64>,
     /// CPU seconds of the target per GiB it served, over all repetitions:
@@ -193,16 +202,29 @@ pub struct Row {
 }
 
 /// Scenario ids in run order, with what the table and chart call them.
-pub const SCENARIOS: [(&str, &str); 8] = [
+pub const SCENARIOS: [(&str, &str); 10] = [
     ("cold_concurrent", "cold N× big blob"),
     ("images_cold", "image set, cold"),
     ("images_warm", "image set, warm"),
     ("warm_single", "warm 1× big blob"),
     ("warm_concurrent", "warm N× medium blob"),
+    ("warm_single_discard", "warm 1× big blob, bytes discarded"),
+    (
+        "warm_concurrent_discard",
+        "warm N× medium blob, bytes discarded",
+    ),
     ("small_requests", "small requests"),
     ("uplink_node1", "uplink, node 1"),
     ("uplink_node2", "uplink, node 2"),
 ];
+
+/// GETs each client of a discard scenario makes in a row so that one
+/// repetition moves at least `total` bytes (`clients` clients, a blob of
+/// `size`): at least one.
+pub fn discard_rounds(total: u64, clients: usize, size: u64) -> usize {
+    let per_round = (clients as u64).saturating_mul(size).max(1);
+    total.div_ceil(per_round).max(1) as usize
+}
 
 /// The machine a run was made on.
 #[derive(Debug, Clone, Serialize)]
@@ -351,6 +373,7 @@ struct Acc {
     cpu_s: Option<f64>,
     bytes: u64,
     proxy_upstream_bytes: Option<u64>,
+    proxy_sendfile_bytes: Option<u64>,
 }
 
 struct Ctx<'a> {
@@ -388,7 +411,6 @@ impl Ctx<'_> {
                 let (t, upstream) = (&targets[i], &upstreams[i]);
                 self.sampler.watch(t.pid().into_iter().collect());
                 let mark = upstream.log.mark();
-                let cpu_before = t.pid().map(crate::procs::cpu_seconds);
                 let metric_before = match &t.admin {
                     Some(a) => crate::registry::regproxy_upstream_bytes(a).await.ok(),
                     None => None,
@@ -397,6 +419,14 @@ impl Ctx<'_> {
                     Some(a) => upstream_requests(a).await,
                     None => None,
                 };
+                let sendfile_before = match &t.admin {
+                    Some(a) => sendfile_bytes(a).await,
+                    None => None,
+                };
+                // After the scrapes of regproxy's metrics: they are not
+                // serving. The target idles between its repetitions, so the
+                // 10 ms ticks of /proc lost at one end are found at the next.
+                let cpu_before = t.pid().map(crate::procs::cpu_seconds);
                 let out = match tokio::time::timeout(
                     self.params.scenario_timeout,
                     run(rep, t.addr.clone()),
@@ -445,6 +475,11 @@ impl Ctx<'_> {
                         *acc.proxy_upstream_bytes.get_or_insert(0) += after.saturating_sub(before);
                     }
                 }
+                if let (Some(a), Some(before)) = (&t.admin, sendfile_before) {
+                    if let Some(after) = sendfile_bytes(a).await {
+                        *acc.proxy_sendfile_bytes.get_or_insert(0) += after.saturating_sub(before);
+                    }
+                }
                 acc.usage.add(&usage);
                 if t.proc.is_some() {
                     let p = self.sampler.take();
@@ -458,7 +493,7 @@ impl Ctx<'_> {
         for (t, acc) in targets.iter().zip(accs) {
             let row = self.row(&spec, t.kind, acc);
             eprintln!(
-                "  {:<16} {:<12} {:>8.2}s {:>9.1} MiB/s  upstream GETs {:>3}{}  errors {}{}",
+                "  {:<24} {:<12} {:>8.2}s {:>9.1} MiB/s  upstream GETs {:>3}{}{}  errors {}{}",
                 row.scenario,
                 t.kind.to_string(),
                 row.wall_s,
@@ -469,6 +504,10 @@ impl Ctx<'_> {
                         " (access log {} B, regproxy's metric {b} B)",
                         row.upstream.bytes
                     ))
+                    .unwrap_or_default(),
+                row.proxy_sendfile_bytes
+                    .filter(|b| *b > 0)
+                    .map(|b| format!(", sendfile {}", crate::report::human(b)))
                     .unwrap_or_default(),
                 row.errors,
                 row.first_errors
@@ -529,6 +568,7 @@ impl Ctx<'_> {
             },
             memory: acc.peak,
             proxy_upstream_bytes: acc.proxy_upstream_bytes,
+            proxy_sendfile_bytes: acc.proxy_sendfile_bytes,
             cpu_s: acc.cpu_s.map(|c| c / reps as f64),
             cpu_s_per_gib: acc
                 .cpu_s
@@ -561,6 +601,14 @@ fn median(mut outs: Vec<Outcome>) -> Outcome {
 /// `regproxy_upstream_requests_total` of the regproxy at `admin`.
 async fn upstream_requests(admin: &str) -> Option<u64> {
     crate::registry::regproxy_metric(admin, "regproxy_upstream_requests_total")
+        .await
+        .ok()
+}
+
+/// `regproxy_sendfile_bytes_total` of the regproxy at `admin` (0 for a
+/// regproxy without it).
+async fn sendfile_bytes(admin: &str) -> Option<u64> {
+    crate::registry::regproxy_metric(admin, "regproxy_sendfile_bytes_total")
         .await
         .ok()
 }
@@ -856,6 +904,32 @@ async fn loopback(
         })
         .await;
     }
+    let discard = [
+        ("warm_single_discard", big, 1),
+        ("warm_concurrent_discard", medium, p.warm_clients),
+    ];
+    for (id, blob, clients) in discard {
+        if !p.wants(id) {
+            continue;
+        }
+        let rounds = discard_rounds(p.discard_bytes, clients, blob.size);
+        let spec = Spec::new(id, clients, blob.size)
+            .blobs(vec![blob.digest.clone()])
+            .repeat(reps)
+            .primed(blob);
+        let gets = workload::BlobGets {
+            name: BLOB_REPO,
+            digest: &blob.digest,
+            size: blob.size,
+            clients,
+            rounds,
+            check: BodyCheck::Discard,
+        };
+        ctx.scenario(spec, &targets, &upstreams, |_, addr| async move {
+            workload::blob_gets(&addr, to, &gets).await
+        })
+        .await;
+    }
     if p.wants("small_requests") {
         let spec = Spec::new("small_requests", p.small_workers, 0).repeat(reps.min(5));
         ctx.scenario(spec, &targets, &upstreams, |_, addr| {
@@ -877,4 +951,20 @@ async fn loopback(
     drop(targets);
     drop(upstreams);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn discard_scenarios_repeat_their_gets_up_to_the_total() {
+        // 2 GiB: 8 GETs of 256 MiB in a row; 32 clients of 16 MiB, 4 each.
+        assert_eq!(discard_rounds(2 << 30, 1, 256 << 20), 8);
+        assert_eq!(discard_rounds(2 << 30, 32, 16 << 20), 4);
+        // At least the total, and at least one GET.
+        assert_eq!(discard_rounds(2 << 30, 3, 100 << 20), 7);
+        assert_eq!(discard_rounds(1, 32, 16 << 20), 1);
+        assert_eq!(discard_rounds(0, 0, 0), 1);
+    }
 }

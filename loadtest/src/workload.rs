@@ -1,5 +1,6 @@
 //! The client side of every scenario: N clients at once, each with its own
-//! connections like separate pods or nodes, every blob verified. Errors are
+//! connections like separate pods or nodes, every blob verified (hashed; in
+//! the discard scenarios, counted). Errors are
 //! counted and kept (the first few), never fatal: a scenario always reports.
 
 use std::time::{Duration, Instant};
@@ -8,17 +9,19 @@ use futures_util::stream::{self, StreamExt};
 use serde::Serialize;
 use tokio::task::JoinHandle;
 
-use crate::registry::{Fetched, Registry};
+use crate::registry::{BodyCheck, Fetched, Registry};
 use crate::stats::Latencies;
 
 /// What one scenario's clients saw.
 #[derive(Debug, Default)]
 pub struct Outcome {
     pub wall: Duration,
-    /// Verified payload bytes received (blobs and manifests).
+    /// Verified payload bytes received (blobs and manifests; discarded blobs
+    /// count when their length was right).
     pub bytes: u64,
     pub requests: u64,
-    /// Blobs whose bytes hashed to their digest.
+    /// Blobs whose bytes hashed to their digest (for discarding clients:
+    /// numbered their size), and manifests that did.
     pub verified: u64,
     pub errors: u64,
     pub first_errors: Vec<String>,
@@ -90,7 +93,8 @@ impl ImageRef {
     }
 }
 
-/// `clients` concurrent GETs of one blob, each on its own connection.
+/// `clients` concurrent GETs of one blob, each on its own connection, every
+/// body hashed.
 pub async fn concurrent_blob(
     addr: &str,
     timeout: Duration,
@@ -99,25 +103,60 @@ pub async fn concurrent_blob(
     size: u64,
     clients: usize,
 ) -> Outcome {
+    let gets = BlobGets {
+        name,
+        digest,
+        size,
+        clients,
+        rounds: 1,
+        check: BodyCheck::Hash,
+    };
+    blob_gets(addr, timeout, &gets).await
+}
+
+/// GETs of one blob by concurrent clients, for [`blob_gets`].
+#[derive(Debug, Clone, Copy)]
+pub struct BlobGets<'a> {
+    pub name: &'a str,
+    pub digest: &'a str,
+    pub size: u64,
+    /// Clients at once, each with its own connections.
+    pub clients: usize,
+    /// GETs each client makes one after the other (on its keep-alive
+    /// connection).
+    pub rounds: usize,
+    /// What each client does with the bytes.
+    pub check: BodyCheck,
+}
+
+/// `g.clients` clients at once, each GETting the blob `g.rounds` times in a
+/// row; the wall time runs until the last client is done.
+pub async fn blob_gets(addr: &str, timeout: Duration, g: &BlobGets<'_>) -> Outcome {
     let start = Instant::now();
-    let tasks: Vec<_> = (0..clients)
+    let tasks: Vec<_> = (0..g.clients)
         .map(|_| {
             let reg = Registry::new(addr, timeout);
-            let (name, digest) = (name.to_string(), digest.to_string());
-            tokio::spawn(async move { reg.get_blob(&name, &digest, size).await })
+            let (name, digest) = (g.name.to_string(), g.digest.to_string());
+            let BlobGets {
+                size,
+                rounds,
+                check,
+                ..
+            } = *g;
+            tokio::spawn(async move {
+                let mut out = Outcome::default();
+                for _ in 0..rounds.max(1) {
+                    out.requests += 1;
+                    match reg.get_blob_as(&name, &digest, size, check).await {
+                        Ok(f) => out.fetched(f),
+                        Err(e) => out.error(e),
+                    }
+                }
+                out
+            })
         })
         .collect();
-    let mut out = Outcome::default();
-    for t in tasks {
-        out.requests += 1;
-        match t.await {
-            Ok(Ok(f)) => out.fetched(f),
-            Ok(Err(e)) => out.error(e),
-            Err(e) => out.error(e.into()),
-        }
-    }
-    out.wall = start.elapsed();
-    out
+    join_clients(Outcome::default(), tasks, start).await
 }
 
 /// One client pulling `images` one after the other like a container runtime:

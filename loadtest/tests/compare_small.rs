@@ -43,7 +43,8 @@ fn a_short_compare_verifies_everything_and_regproxy_fetches_once() {
             // Every scenario but `cluster`, which tests/cluster.rs runs.
             "--scenarios",
             "cold_concurrent,images_cold,images_warm,warm_single,warm_concurrent,\
-             small_requests,uplink_node1,uplink_node2",
+             warm_single_discard,warm_concurrent_discard,small_requests,uplink_node1,\
+             uplink_node2",
             "--big",
             "2MiB",
             "--medium",
@@ -54,6 +55,9 @@ fn a_short_compare_verifies_everything_and_regproxy_fetches_once() {
             "2",
             "--warm-clients",
             "8",
+            // 4 GETs of the 2 MiB blob in a row; 2 each for 8 clients of 512 KiB.
+            "--discard-bytes",
+            "8MiB",
             "--repeat",
             "1",
             "--images",
@@ -80,7 +84,7 @@ fn a_short_compare_verifies_everything_and_regproxy_fetches_once() {
             "4",
         ],
         "--svg",
-        // 32 rows of up to --scenario-timeout 60s each would take half an hour.
+        // 40 rows of up to --scenario-timeout 60s each would take 40 minutes.
         Duration::from_secs(600),
     );
     assert!(
@@ -91,8 +95,8 @@ fn a_short_compare_verifies_everything_and_regproxy_fetches_once() {
     let all = report["report"]["rows"].as_array().expect("rows");
     assert_eq!(
         all.len(),
-        4 * 8,
-        "every target should report all eight scenarios"
+        4 * 10,
+        "every target should report all ten scenarios"
     );
     for r in all {
         assert_eq!(
@@ -152,7 +156,22 @@ fn a_short_compare_verifies_everything_and_regproxy_fetches_once() {
     }
     // The peers' own behaviour is reported, not asserted: this suite tests
     // regproxy and the harness.
-    for scenario in ["images_warm", "warm_single", "warm_concurrent"] {
+    for (scenario, gets) in [("warm_single_discard", 4), ("warm_concurrent_discard", 16)] {
+        for target in ["regproxy", "nginx", "distribution", "direct"] {
+            let r = row(&report, scenario, target);
+            assert_eq!(
+                r["requests"], gets,
+                "each discarding client should GET its blob until the total is moved: {r}"
+            );
+        }
+    }
+    for scenario in [
+        "images_warm",
+        "warm_single",
+        "warm_concurrent",
+        "warm_single_discard",
+        "warm_concurrent_discard",
+    ] {
         let r = row(&report, scenario, "regproxy");
         assert_eq!(
             r["upstream"]["blob_gets"], 0,
