@@ -23,13 +23,14 @@ use crate::error::Error;
 pub type Target = fn(&[u8]);
 
 /// Every target by name, as `fuzz/fuzz_targets/` and `fuzz/corpus/` name them.
-pub const TARGETS: [(&str, Target); 6] = [
+pub const TARGETS: [(&str, Target); 7] = [
     ("names", names),
     ("headers", headers),
     ("units", units),
     ("node_files", node_files),
     ("state", state),
     ("request", request),
+    ("conn", conn),
 ];
 
 /// This process's scratch directory (`$TMPDIR/regproxy-fuzz-<pid>`), made
@@ -462,3 +463,8 @@ fn json_strings(b: &[u8]) -> Vec<String> {
 
 mod request;
 pub use request::request;
+
+// ---- conn: raw bytes to hyper over the sendfile socket ----
+
+mod conn;
+pub use conn::conn;
