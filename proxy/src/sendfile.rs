@@ -327,7 +327,9 @@ impl AsyncWrite for Conn {
                 self.give_up(&e);
                 Poll::Ready(Ok(wrote))
             }
-            Err(e) => Poll::Ready(Err(e)),
+            // The head went out: say so. The next write starts with the
+            // file's bytes and meets the error again.
+            Err(_) => Poll::Ready(Ok(wrote)),
         }
     }
 
