@@ -415,14 +415,7 @@ async fn sigterm_lets_transfers_in_flight_finish() {
     // new connection, probes included), while the held transfer keeps the
     // proxy in its grace period.
     let (addr, admin) = (proxy.addr, proxy.admin);
-    wait_until(
-        || {
-            std::net::TcpStream::connect(addr).is_err()
-                && std::net::TcpStream::connect(admin).is_err()
-        },
-        "new connections are refused on both listeners",
-    )
-    .await;
+    wait_listeners_closed(addr, admin).await;
     gate.open();
 
     let (st, _, body) = pending.await.unwrap();

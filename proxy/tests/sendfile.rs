@@ -983,14 +983,7 @@ async fn sigterm_lets_a_slow_reader_midway_through_a_warm_blob_finish_it() {
     w.proxy.signal("-TERM");
     let termed = Instant::now();
     let admin = w.proxy.admin;
-    wait_until(
-        || {
-            std::net::TcpStream::connect(addr).is_err()
-                && std::net::TcpStream::connect(admin).is_err()
-        },
-        "new connections are refused on both listeners",
-    )
-    .await;
+    wait_listeners_closed(addr, admin).await;
     let digest = finish_reading(&mut c, MIB, len, h).await;
     assert_eq!(digest, d, "the body in flight completes, exact");
     c.closes("the connection is closed after the drained answer")

@@ -104,6 +104,20 @@ pub async fn wait_until(mut f: impl FnMut() -> bool, what: &str) {
     }
 }
 
+/// Waits until neither `addr` nor `admin` accepts a connection: a process
+/// shutting down closes its listeners at once.
+#[allow(dead_code)]
+pub async fn wait_listeners_closed(addr: std::net::SocketAddr, admin: std::net::SocketAddr) {
+    wait_until(
+        || {
+            std::net::TcpStream::connect(addr).is_err()
+                && std::net::TcpStream::connect(admin).is_err()
+        },
+        "new connections are refused on both listeners",
+    )
+    .await;
+}
+
 /// [`wait_until`] for a test without a runtime: blocks the thread.
 pub fn wait_blocking(mut f: impl FnMut() -> bool, what: &str) {
     let deadline = Instant::now() + PATIENCE;
